@@ -1,0 +1,3 @@
+from tinymim.cli import main
+
+raise SystemExit(main())

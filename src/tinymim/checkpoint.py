@@ -1,0 +1,146 @@
+"""Reading weights safely and writing training checkpoints atomically.
+
+Pickled checkpoints are only ever read with `torch.load(weights_only=True)`: a file that would run
+code while unpickling is refused. safetensors files are preferred for weights.
+"""
+from __future__ import annotations
+
+from tinymim.errors import TinymimError
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(TinymimError):
+    """A weights or checkpoint file that cannot be used, with what to do about it."""
+
+
+# checkpoint containers used by MAE, DeiT, timm and others
+_CONTAINER_KEYS = ("model", "state_dict", "model_state", "module", "student")
+# run-directory files holding the model a task produced
+RUN_WEIGHTS = ("student.safetensors", "encoder.safetensors", "model.safetensors")
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """torch.load that refuses pickled code and names the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load {path}: it holds pickled objects other than tensors and plain "
+            f"containers, which could run code ({str(e).splitlines()[0]}). If you trust the file, "
+            "convert it to safetensors yourself; tinymim never unpickles arbitrary objects.") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"cannot read {path}: the file is truncated or not a PyTorch checkpoint ({e})") from e
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat name -> tensor dict from a .safetensors/.pt/.pth file or a tinymim run directory."""
+    path = Path(path)
+    if path.is_dir():
+        for name in RUN_WEIGHTS:
+            if (path / name).is_file():
+                return load_state_dict(path / name)
+        raise CheckpointError(f"{path} is a directory without any of {', '.join(RUN_WEIGHTS)}; "
+                              "is the run finished?")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path}: truncated or not a safetensors file ({e})") from e
+    obj = safe_torch_load(path)
+    for key in _CONTAINER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        kind = type(obj).__name__ if not isinstance(obj, dict) else f"dict with keys {list(obj)[:6]}"
+        raise CheckpointError(
+            f"{path} is not a state dict (a mapping of parameter names to tensors), it holds a {kind}; "
+            f"pass a model checkpoint, e.g. MAE's mae_pretrain_vit_base.pth or a .safetensors file")
+    # strip DDP / compile prefixes
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
+              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+# keys of MAE pre-training checkpoints that belong to the decoder, never to the encoder
+_MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
+def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                     ignore_prefixes: tuple[str, ...] = _MAE_DECODER_PREFIXES) -> list[str]:
+    """Load a ViT state dict into a timm VisionTransformer; returns the keys set aside.
+
+    Decoder keys of MAE pre-training checkpoints are set aside and reported; position embeddings
+    are resized (bicubic, class token kept apart) when the patch grid differs. Every other mismatch
+    (a missing encoder key, a key of another architecture, a shape mismatch) is an error: no silent
+    partial loads.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    ignored = sorted(k for k in state if k.startswith(ignore_prefixes))
+    state = {k: v for k, v in state.items() if k not in ignored}
+    own = model.state_dict()
+    pe = state.get("pos_embed")
+    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape:
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        state["pos_embed"] = resample_abs_pos_embed(
+            pe, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    # a classifier the model does not have is not an encoder weight: set it aside too
+    head_like = [k for k in unexpected if k.split(".")[0] in ("head", "fc_norm", "head_dist")]
+    unexpected = [k for k in unexpected if k not in head_like]
+    bad_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or bad_shape:
+        lines = [f"{source} does not fit the model ({type(model).__name__}, "
+                 f"width {own['cls_token'].shape[-1] if 'cls_token' in own else '?'}, {len(model.blocks)} blocks):"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        if bad_shape:
+            lines.append("  shape mismatches: " + "; ".join(bad_shape[:4]))
+        lines.append("  check that the model config (name/sizes) matches the architecture the checkpoint was trained with")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return ignored + head_like

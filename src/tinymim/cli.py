@@ -1,0 +1,57 @@
+"""Command line: `tinymim <task> --config RECIPE.yaml --output RUN_DIR [section.key=value ...]`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tinymim.errors import TinymimError
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (defaults are used where it is silent)")
+    p.add_argument("--output", required=True, help="run directory; an existing one is resumed")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def cmd_distill(args) -> int:
+    from tinymim.tasks import distill
+
+    cfg = distill.load(args.config, args.overrides)
+    last = distill.run(cfg, args.output)
+    if last is not None:
+        print(f"done: {args.output}/student.safetensors (final loss {last['loss']:.4f})")
+    else:
+        print(f"{args.output} already holds a finished run; nothing to do")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinymim", description=__doc__)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("distill", help="TinyMIM relation-distillation pre-training of a student ViT")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_distill)
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from tinymim import __version__
+        print(__version__)
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except TinymimError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept and the same command resumes", file=sys.stderr)
+        return 130

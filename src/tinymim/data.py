@@ -1,0 +1,336 @@
+"""Images in, paired views out.
+
+Split of the work, chosen for speed and exact reproducibility:
+- Loader workers decode each image and apply the geometry that both views share
+  (RandomResizedCrop, bicubic, + horizontal flip), returning uint8 tensors, plus the random factors
+  of the student's color jitter.
+- On the training device, `paired_views` turns one uint8 batch into the teacher view (normalized)
+  and the student view (ColorJitter, then normalized), in one batched pass.
+
+Every random choice for a sample comes from a seed derived from (run seed, epoch, position in the
+epoch), never from worker or process RNG state, so the same samples get the same views whatever the
+number of workers or processes, and a resumed run sees exactly the data an uninterrupted one would.
+"""
+from __future__ import annotations
+
+from tinymim.errors import TinymimError
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.utils.data as tud
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+log = logging.getLogger(__name__)
+
+
+class DataError(TinymimError):
+    """Data that cannot be read, with what to do about it."""
+
+
+@dataclass
+class DataConfig:
+    # folder: an ImageFolder tree (ImageNet layout root/<class>/<image>); cifar10/cifar100: torchvision
+    # (downloaded into root when missing); synthetic: procedural images generated on the fly, offline
+    name: Literal["folder", "cifar10", "cifar100", "synthetic"] = "synthetic"
+    root: str | None = None
+    img_size: int = 224
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip: bool = True
+    color_jitter: float = 0.4  # brightness = contrast = saturation strength of the student view
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
+    num_workers: int = 8
+    subset: int | None = None  # use only the first N images (quick experiments)
+    synthetic_size: int = 2048
+    synthetic_classes: int = 10
+
+    def validate(self) -> None:
+        if self.name in ("folder",) and not self.root:
+            raise ValueError("data.root is needed for data.name=folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# image sources: each returns a PIL image and an integer label for an index, or raises
+
+
+class FolderImages(tud.Dataset):
+    """ImageNet-layout folder: root/<class>/<image>. Listing does not open the images."""
+
+    def __init__(self, root: str | Path):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"data root {self.root} does not exist; set data.root to a folder laid out as "
+                            "root/<class>/<image>.jpg (ImageNet's train/ folder)")
+        classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        if not classes:
+            raise DataError(f"no class folders in {self.root}; expected root/<class>/<image>.jpg")
+        self.classes = classes
+        index = {c: i for i, c in enumerate(classes)}
+        self.samples = make_dataset(str(self.root), index, extensions=IMG_EXTENSIONS, allow_empty=True)
+        if not self.samples:
+            raise DataError(f"no images in {self.root} (looked for {', '.join(IMG_EXTENSIONS)} files "
+                            "in its class folders)")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[i]
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()  # decode now, so a corrupt file fails here
+        return img.convert("RGB"), label
+
+    def describe(self, i: int) -> str:
+        return self.samples[i][0]
+
+
+class TorchvisionCIFAR(tud.Dataset):
+    def __init__(self, name: str, root: str | None):
+        from torchvision import datasets
+
+        cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+        root = root or str(Path.home() / ".cache" / "tinymim" / name)
+        try:
+            self.ds = cls(root, train=True, download=False)
+        except RuntimeError:
+            try:
+                self.ds = cls(root, train=True, download=True)
+            except Exception as e:  # noqa: BLE001 - any network failure
+                raise DataError(f"{name} is not in {root} and could not be downloaded ({e}); "
+                                f"download it on a connected machine into {root}, or use "
+                                "data.name=folder with an extracted copy") from e
+        self.classes = list(self.ds.classes)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def load(self, i: int) -> tuple[Image.Image, int]:
+        return self.ds[i]
+
+    def describe(self, i: int) -> str:
+        return f"cifar[{i}]"
+
+
+class SyntheticImages(tud.Dataset):
+    """Procedural images, offline and deterministic: class c draws oriented stripes of a
+    class-specific angle, frequency and palette over a noisy background, plus random blobs."""
+
+    def __init__(self, size: int = 2048, img_size: int = 32, num_classes: int = 10, seed: int = 0):
+        self.size, self.img_size, self.num_classes, self.seed = size, img_size, num_classes, seed
+        self.classes = [f"class_{c}" for c in range(num_classes)]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load(self, i: int) -> tuple[Image.Image, int]:
+        rng = np.random.default_rng((self.seed, i))
+        c = i % self.num_classes
+        s = self.img_size
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+        angle = math.pi * c / self.num_classes + rng.normal(0, 0.05)
+        freq = 2 + 3 * (c % 4) + rng.uniform(-0.3, 0.3)
+        wave = np.sin(2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle)) + rng.uniform(0, 6.3))
+        hue = np.array([math.cos(2 * math.pi * c / self.num_classes + k * 2.1) for k in range(3)], np.float32)
+        img = 0.5 + 0.35 * wave[..., None] * hue + rng.normal(0, 0.06, (s, s, 3))
+        for _ in range(rng.integers(1, 4)):  # blobs
+            cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.2)
+            mask = ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
+            img[mask] = rng.uniform(0, 1, 3)
+        return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), c
+
+    def describe(self, i: int) -> str:
+        return f"synthetic[{i}]"
+
+
+def build_source(cfg: DataConfig, seed: int = 0):
+    if cfg.name == "folder":
+        src = FolderImages(cfg.root)
+    elif cfg.name in ("cifar10", "cifar100"):
+        src = TorchvisionCIFAR(cfg.name, cfg.root)
+    else:
+        src = SyntheticImages(cfg.synthetic_size, cfg.img_size, cfg.synthetic_classes, seed)
+    if cfg.subset is not None:
+        if cfg.subset < 1:
+            raise DataError(f"data.subset must be positive, got {cfg.subset}")
+        src.samples_limit = min(cfg.subset, len(src))
+    return src
+
+
+# ---------------------------------------------------------------------------------------------
+# per-sample worker transform
+
+
+def random_resized_crop_params(rng: random.Random, width: int, height: int, scale, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, drawing from `rng` instead of global state."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height  # fallback: central crop
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class PairedViewDataset(tud.Dataset):
+    """Indexed by (index, sample_seed). Returns the shared crop as uint8 CxHxW, the student's jitter
+    factors (brightness, contrast, saturation) and their order, and the label. A sample that cannot
+    be read is replaced by the next readable one and reported in `skipped`."""
+
+    max_substitutions = 16
+
+    def __init__(self, source, cfg: DataConfig):
+        self.source, self.cfg = source, cfg
+        self.length = getattr(source, "samples_limit", None) or len(source)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, item):
+        index, sample_seed = item
+        rng = random.Random(sample_seed)
+        skipped = 0
+        for attempt in range(self.max_substitutions):
+            i = (index + attempt) % self.length
+            try:
+                img, label = self.source.load(i)
+                break
+            except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, not fatal
+                skipped += 1
+                log.warning("skipping unreadable image %s: %s", self.source.describe(i), e)
+        else:
+            raise DataError(f"{self.max_substitutions} consecutive images could not be read near index "
+                            f"{index}; is the dataset corrupt?")
+        s = self.cfg.img_size
+        top, left, h, w = random_resized_crop_params(rng, img.width, img.height, self.cfg.crop_scale)
+        img = TF.resized_crop(img, top, left, h, w, [s, s], InterpolationMode.BICUBIC)
+        if self.cfg.hflip and rng.random() < 0.5:
+            img = TF.hflip(img)
+        j = self.cfg.color_jitter
+        factors = [rng.uniform(max(0.0, 1 - j), 1 + j) for _ in range(3)]
+        order = list(range(3))
+        rng.shuffle(order)
+        return TF.pil_to_tensor(img), torch.tensor(factors), torch.tensor(order), label, skipped
+
+
+def collate(samples) -> dict:
+    images, factors, orders, labels, skipped = zip(*samples)
+    return {"image": torch.stack(images), "jitter": torch.stack(factors), "jitter_order": torch.stack(orders),
+            "label": torch.tensor(labels), "skipped": sum(skipped)}
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling: the same global batches for any number of processes, resumable mid-epoch
+
+
+class GlobalBatchSampler:
+    """Yields this rank's slice of each global batch of an epoch as (index, sample_seed) pairs.
+
+    The epoch's order is a permutation seeded by (seed, epoch); global batch t is positions
+    [t*G, (t+1)*G) of it, and rank r takes the r-th contiguous 1/world of that batch. Incomplete
+    final batches are dropped. `set_epoch(epoch, start_step)` resumes mid-epoch.
+    """
+
+    def __init__(self, length: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
+        if length < global_batch:
+            raise DataError(f"the dataset has {length} images, fewer than one global batch ({global_batch})")
+        self.length, self.global_batch, self.rank, self.world, self.seed = length, global_batch, rank, world, seed
+        self.local_batch = global_batch // world
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.length // self.global_batch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.length, generator=g).tolist()
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
+        for step in range(self.start_step, self.steps_per_epoch):
+            lo = step * self.global_batch + self.rank * self.local_batch
+            yield [(perm[p], base + p) for p in range(lo, lo + self.local_batch)]
+
+
+def build_loader(cfg: DataConfig, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 pin_memory: bool = False) -> tuple[tud.DataLoader, GlobalBatchSampler]:
+    source = build_source(cfg, seed)
+    dataset = PairedViewDataset(source, cfg)
+    sampler = GlobalBatchSampler(len(dataset), global_batch, rank, world, seed)
+    loader = tud.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
+                            pin_memory=pin_memory, persistent_workers=False,
+                            prefetch_factor=4 if cfg.num_workers else None)
+    return loader, sampler
+
+
+# ---------------------------------------------------------------------------------------------
+# on-device view construction
+
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    w = x.new_tensor(_GRAY).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Per-sample ColorJitter(brightness, contrast, saturation) on a float batch in [0, 1].
+
+    factors: B x 3 (brightness, contrast, saturation multipliers); order: B x 3, a permutation of
+    0..2 per sample giving the order the three adjustments are applied in (as torchvision does).
+    """
+    f = factors.to(x.dtype).view(-1, 3, 1, 1, 1)
+    for slot in range(3):
+        op = order[:, slot].view(-1, 1, 1, 1)
+        b = (x * f[:, 0]).clamp(0, 1)
+        c = (f[:, 1] * x + (1 - f[:, 1]) * _gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+        s = (f[:, 2] * x + (1 - f[:, 2]) * _gray(x)).clamp(0, 1)
+        x = torch.where(op == 0, b, torch.where(op == 1, c, s))
+    return x
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = x.new_tensor(mean).view(1, -1, 1, 1)
+    s = x.new_tensor(std).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def paired_views(batch: dict, cfg: DataConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher view, student view) as normalized float tensors on `device`."""
+    x = batch["image"].to(device, non_blocking=True).float().div_(255)
+    teacher = normalize(x, cfg.mean, cfg.std)
+    student = x
+    if cfg.color_jitter > 0:
+        student = color_jitter(x, batch["jitter"].to(device), batch["jitter_order"].to(device))
+    return teacher, normalize(student, cfg.mean, cfg.std)

@@ -1,0 +1,383 @@
+"""The training engine every tinymim task shares, readable top to bottom in `train()`.
+
+A task is a timm-style `TrainingTask`: a module whose forward takes a batch and returns a dict of
+named losses ("loss" is optimized, the others are logged), with `get_trainable_module()`,
+`prepare_distributed()` and `compile()` hooks, and `export(run_dir)` for its final weights.
+
+The engine owns: torchrun/DDP setup (gloo on CPU, nccl on GPU), seeding, AdamW with the MAE
+parameter groups, lr = blr x batch / 256 with per-iteration warmup + half-cycle cosine, gradient
+accumulation, fp32/bf16/fp16 autocast (GradScaler for fp16), optional torch.compile, a progress
+bar, metrics.jsonl (+ TensorBoard), atomic resumable checkpoints and the NaN guard.
+
+Run directory:  RUN_DIR/config.yaml, RUN_DIR/metrics.jsonl, RUN_DIR/checkpoints/last.pt, and the
+task's final weights. Running again on the same RUN_DIR resumes; a finished run says so and exits.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from tinymim.checkpoint import CheckpointError, atomic_save, safe_torch_load
+from tinymim.config import ConfigError, diff_configs
+from tinymim.errors import NonFiniteLossError
+
+log = logging.getLogger("tinymim")
+
+# keys that may change between a run and its resumption: they do not change the result
+RESUMABLE_CHANGES = ("train.progress", "train.log_every", "train.checkpoint_every", "train.tensorboard",
+                     "data.num_workers", "data.root", "train.device", "train.compile")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 4096  # global batch per optimizer step, over all processes and accumulation
+    accum_steps: int = 1
+    blr: float = 1.5e-4  # lr = blr x batch_size / 256, unless lr is given
+    lr: float | None = None
+    min_lr: float = 0.0
+    warmup_epochs: float = 15.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip_grad: float | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    compile: bool = False
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is there, else cpu
+    seed: int = 0
+    deterministic: bool = False
+    log_every: int = 20  # optimizer steps between metrics lines
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (also at every epoch end)
+    max_steps: int | None = None  # stop after this many optimizer steps in total (quick runs)
+    tensorboard: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.accum_steps < 1:
+            raise ValueError("batch_size and accum_steps must be positive")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed setup
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device: str = "auto") -> DistContext:
+    """Read torchrun's environment; one process without it."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistContext(rank, world, local_rank, dev)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                    *np_state[2:]], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def lr_for(cfg: TrainConfig) -> float:
+    return cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
+
+
+# ---------------------------------------------------------------------------------------------
+# run directory
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoint = self.path / "checkpoints" / "last.pt"
+
+    def check_config(self, config: dict) -> None:
+        """A resumed run must use the config it started with (bar settings that do not change results)."""
+        if not self.config.is_file():
+            return
+        old = yaml.safe_load(self.config.read_text())
+        diffs = [d for d in diff_configs(old, config) if not d.startswith(RESUMABLE_CHANGES)]
+        if diffs:
+            raise ConfigError(
+                f"{self.path} holds a run with a different config ({'; '.join(diffs)}); "
+                "choose a new --output directory, or repeat the original settings to resume")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metric lines logged after the checkpoint we resume from."""
+        if not self.metrics.is_file():
+            return
+        keep = [line for line in self.metrics.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics.write_text("".join(line + "\n" for line in keep))
+
+
+class MetricsLogger:
+    def __init__(self, run: RunDir, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.file = open(run.metrics, "a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError("train.tensorboard=true needs TensorBoard: pip install 'tinymim[tensorboard]'") from e
+            self.tb = SummaryWriter(str(run.path / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: dict, ctx: DistContext | None = None):
+    """Train `task` and write its run directory.
+
+    data_loader_fn(global_micro_batch, rank, world, seed) -> (loader, sampler); the sampler has
+    `set_epoch(epoch, start_step)` and `steps_per_epoch` (micro steps).
+    Returns the final metrics record, or None when the run had already finished.
+    """
+    ctx = ctx or setup_distributed(cfg.device)
+    run = RunDir(run_dir)
+
+    # a finished run says so and exits
+    resume = None
+    if run.checkpoint.is_file():
+        run.check_config(config)
+        resume = safe_torch_load(run.checkpoint)
+        if resume.get("finished"):
+            if ctx.is_main:
+                log.info("run in %s already finished (step %d); nothing to do", run.path, resume["global_step"])
+            return None
+    if ctx.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.config.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(cfg.seed + ctx.rank)
+
+    # data: the sampler slices each global micro batch among processes
+    micro_global = cfg.batch_size // cfg.accum_steps
+    if micro_global % ctx.world:
+        raise ConfigError(f"train.batch_size / accum_steps = {micro_global} is not divisible by {ctx.world} processes")
+    loader, sampler = data_loader_fn(micro_global, ctx.rank, ctx.world, cfg.seed)
+    updates_per_epoch = sampler.steps_per_epoch // cfg.accum_steps
+    if updates_per_epoch < 1:
+        raise ConfigError(f"one epoch holds fewer than {cfg.accum_steps} batches of {micro_global}; "
+                          "lower train.batch_size or accum_steps")
+    total_updates = updates_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_updates = min(total_updates, cfg.max_steps)
+
+    # model, optimizer, schedule, precision
+    import timm.optim
+    import timm.scheduler
+
+    task.to(ctx.device)
+    if cfg.compile:
+        task.compile()
+    if ctx.distributed:
+        task.prepare_distributed(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    trainable = task.get_trainable_module()
+    lr = lr_for(cfg)
+    optimizer = timm.optim.create_optimizer_v2(trainable, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
+                                               betas=tuple(cfg.betas))
+    warmup = int(round(cfg.warmup_epochs * updates_per_epoch))
+    scheduler = timm.scheduler.CosineLRScheduler(
+        optimizer, t_initial=max(1, updates_per_epoch * cfg.epochs - warmup), lr_min=cfg.min_lr,
+        warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
+
+    global_step = 0
+    if resume is not None:
+        task.load_trainable_state(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        global_step = resume["global_step"]
+        if resume["world"] == ctx.world:
+            set_rng_state(resume["rng"][ctx.rank])
+        else:  # RNG streams are per process; a new process count gets fresh, still seeded ones
+            seed_everything(cfg.seed + ctx.rank + 7919 * global_step)
+            if ctx.is_main:
+                log.warning("resuming with %d processes instead of %d: drop-path randomness will differ",
+                            ctx.world, resume["world"])
+        if ctx.is_main:
+            run.truncate_metrics(global_step)
+            log.info("resuming %s from step %d", run.path, global_step)
+    scheduler.step_update(global_step)
+
+    metrics = MetricsLogger(run, ctx.is_main, cfg.tensorboard)
+    bar = None
+    if ctx.is_main and cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_updates, initial=global_step, desc=task.name, unit="step", dynamic_ncols=True)
+
+    def save(finished: bool = False) -> None:
+        rng = [None] * ctx.world
+        if ctx.distributed:
+            dist.all_gather_object(rng, rng_state())
+        else:
+            rng = [rng_state()]
+        if ctx.is_main:
+            atomic_save({"model": task.trainable_state(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "global_step": global_step, "world": ctx.world, "rng": rng, "finished": finished,
+                         "config": config}, run.checkpoint)
+
+    window = {"t0": time.perf_counter(), "images": 0, "steps": 0, "sums": {}, "skipped": 0}
+    last = None
+    task.train()
+    try:
+        while global_step < total_updates:
+            epoch, step_in_epoch = divmod(global_step, updates_per_epoch)
+            sampler.set_epoch(epoch, step_in_epoch * cfg.accum_steps)
+            batches = iter(loader)
+            for _ in range(step_in_epoch, updates_per_epoch):
+                if global_step >= total_updates:
+                    break
+                # one optimizer step = accum_steps micro batches; DDP syncs grads on the last only
+                sums = {}
+                for micro in range(cfg.accum_steps):
+                    batch = next(batches)
+                    sync = micro == cfg.accum_steps - 1
+                    with (contextlib.nullcontext() if sync else task.no_sync()):
+                        with _autocast(ctx.device, cfg.precision):
+                            out = task(batch)
+                        scaler.scale(out["loss"] / cfg.accum_steps).backward()
+                    for k, v in out.items():
+                        if k.startswith("loss"):
+                            sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.accum_steps
+                    window["images"] += batch["image"].shape[0] * ctx.world
+                    window["skipped"] += batch["skipped"]
+                names = sorted(sums)
+                values = torch.stack([sums[k] for k in names])
+                if ctx.distributed:
+                    dist.all_reduce(values)
+                    values /= ctx.world
+                if not torch.isfinite(values).all():
+                    bad = {k: float(v) for k, v in zip(names, values)}
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {global_step + 1} (epoch {epoch}): {bad}. The last good "
+                        f"checkpoint, {run.checkpoint}, is kept. Lower the learning rate (train.blr), use "
+                        "train.precision=bf16 or fp32 instead of fp16, or set train.clip_grad.")
+                if cfg.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                scheduler.step_update(global_step)
+
+                for k, v in zip(names, values.tolist()):
+                    window["sums"][k] = window["sums"].get(k, 0.0) + v
+                window["steps"] += 1
+                if global_step % cfg.log_every == 0 or global_step == 1 or global_step == total_updates:
+                    elapsed = time.perf_counter() - window["t0"]
+                    skipped = torch.tensor(window["skipped"], dtype=torch.float64)
+                    if ctx.distributed:
+                        dist.all_reduce(skipped)
+                    last = {"step": global_step, "epoch": round(global_step / updates_per_epoch, 4),
+                            **{k: s / window["steps"] for k, s in window["sums"].items()},
+                            "lr": optimizer.param_groups[0]["lr"], "images_per_s": window["images"] / elapsed,
+                            "skipped_images": int(skipped)}
+                    metrics.log(last)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+                    if int(skipped) and ctx.is_main:
+                        log.warning("%d unreadable images skipped so far", int(skipped))
+                    window.update(t0=time.perf_counter(), images=0, steps=0, sums={})
+                if bar is not None:
+                    bar.update(1)
+                if global_step % cfg.checkpoint_every == 0 or global_step % updates_per_epoch == 0:
+                    if global_step < total_updates:
+                        save()
+        if ctx.is_main:
+            task.export(run.path)
+        save(finished=True)
+    finally:
+        metrics.close()
+        if bar is not None:
+            bar.close()
+    return last

@@ -1,0 +1,138 @@
+"""Vision Transformers for tinymim: timm's VisionTransformer, plus the three things TinyMIM needs.
+
+1. Any timm ViT by name (`vit_small_patch16_224`, ...) or custom sizes for small experiments.
+2. Per-block head counts: qkv weights do not depend on the head count, so a block can be told to
+   split its Q/K/V into a different number of heads (the student's relation block takes the
+   teacher's head count; `last_heads` in the public release).
+3. Running a model only up to block k (a teacher's later blocks are never needed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+from timm.models.vision_transformer import VisionTransformer
+
+CUSTOM = "vit_custom"
+
+
+@dataclass
+class ModelConfig:
+    """A ViT: a timm name (sizes may be overridden) or `vit_custom` with every size given."""
+
+    name: str = "vit_small_patch16_224"
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    # head count per block, 1-indexed block -> heads; weights are unaffected
+    block_heads: dict = field(default_factory=dict)
+    drop_path_rate: float = 0.0
+    # "linear": timm's ramp 0..rate over depth; "constant": rate in every block (TinyMIM pre-training)
+    drop_path_schedule: Literal["linear", "constant"] = "linear"
+    # load timm's pretrained weights for `name` (needs the network unless cached)
+    pretrained: bool = False
+
+    def validate(self) -> None:
+        if self.name == CUSTOM:
+            missing = [k for k in ("patch_size", "embed_dim", "depth", "num_heads")
+                       if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"model {CUSTOM} needs {', '.join(missing)}")
+        self.block_heads = {int(k): int(v) for k, v in self.block_heads.items()}
+
+
+def create_vit(cfg: ModelConfig, num_classes: int = 0, **extra) -> VisionTransformer:
+    """Build a timm VisionTransformer from a ModelConfig (no classifier head by default)."""
+    sizes = {k: getattr(cfg, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+             if getattr(cfg, k) is not None}
+    kwargs = dict(num_classes=num_classes, **sizes, **extra)
+    if cfg.drop_path_schedule == "linear":
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.name == CUSTOM:
+        model = VisionTransformer(**kwargs)
+    else:
+        if not cfg.name.startswith(("vit_", "hf-hub:", "hf_hub:", "local-dir:")):
+            raise ValueError(f"model {cfg.name!r} is not a ViT; use a timm vit_* name or {CUSTOM}")
+        try:
+            model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ValueError(f"unknown timm model {cfg.name!r}: see timm.list_models('vit_*')") from e
+            raise
+        except OSError as e:  # offline hub download
+            raise RuntimeError(
+                f"could not fetch pretrained weights for {cfg.name!r} ({e}); this needs the network "
+                "or a local checkpoint (teacher.checkpoint=PATH)") from e
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{cfg.name!r} built a {type(model).__name__}, not a timm VisionTransformer")
+    if cfg.drop_path_schedule == "constant":
+        set_drop_path(model, cfg.drop_path_rate)
+    for block_idx, heads in cfg.block_heads.items():
+        if not 1 <= block_idx <= len(model.blocks):
+            raise ValueError(f"block_heads names block {block_idx}, but the model has {len(model.blocks)} blocks")
+        set_block_heads(model.blocks[block_idx - 1], heads)
+    return model
+
+
+def set_drop_path(model: VisionTransformer, rate: float, blocks: range | None = None) -> None:
+    """Same drop-path rate in the given blocks (all by default)."""
+    for i in blocks if blocks is not None else range(len(model.blocks)):
+        b = model.blocks[i]
+        b.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
+        b.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+
+
+def set_block_heads(block: nn.Module, num_heads: int) -> None:
+    """Make a timm ViT block split its Q/K/V into `num_heads` heads (weights unchanged)."""
+    attn = block.attn
+    dim = attn.qkv.out_features // 3
+    if dim % num_heads:
+        raise ValueError(f"a block of width {dim} cannot be split into {num_heads} heads "
+                         f"({dim} is not divisible by {num_heads})")
+    if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
+        raise ValueError("blocks with qk_norm have per-head-size weights; their head count cannot change")
+    attn.num_heads = num_heads
+    attn.head_dim = dim // num_heads
+    attn.scale = attn.head_dim ** -0.5
+
+
+def block_heads(model: VisionTransformer) -> list[int]:
+    return [b.attn.num_heads for b in model.blocks]
+
+
+def num_tokens(model: VisionTransformer) -> int:
+    """Tokens entering the blocks: patches plus class/register tokens."""
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+def embed(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Image -> tokens entering block 1 (patch embedding, class token, position embedding)."""
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def tokens_before_block(model: VisionTransformer, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Run an image through blocks 1..k-1 (1-indexed) and return the tokens entering block k."""
+    if not 1 <= k <= len(model.blocks):
+        raise ValueError(f"block {k} does not exist: the model has blocks 1..{len(model.blocks)}")
+    x = embed(model, x)
+    for blk in model.blocks[: k - 1]:
+        x = blk(x)
+    return x
+
+
+def truncate(model: VisionTransformer, k: int) -> VisionTransformer:
+    """Drop every block after k and the final norm/head: a teacher never needs them."""
+    model.blocks = model.blocks[:k]
+    model.norm = nn.Identity()
+    model.fc_norm = nn.Identity()
+    model.head = nn.Identity()
+    return model

@@ -1,0 +1,87 @@
+"""Token relations of a ViT block and the TinyMIM relation-distillation loss.
+
+For block input tokens F (B x N x D): Q, K, V = norm1(F) W_qkv, split into M heads of size d = D/M.
+A relation between two of them is
+
+    R_AB = softmax(A B^T / sqrt(d))          shape B x M x N x N,   A, B in {Q, K, V}
+
+The loss for one relation is KL(teacher || student) summed over the last axis and averaged over
+batch, heads and query tokens:
+
+    L_AB = mean_{b,m,i} sum_j  t_ij (log t_ij - log s_ij)
+
+computed from log_softmax on both sides (the public release takes log(softmax(.)), which
+underflows in fp16; the value is the same). The total loss is the weighted sum over relations
+(TinyMIM: Q-K and V-V, weights 1). Without softmax the raw maps A B^T / sqrt(d) are compared by
+mean squared error (the paper's "w/o softmax" ablation does not state its loss).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+RELATION_NAMES = ("qk", "vv", "qq", "kk", "kq", "qv", "vq", "kv", "vk")
+
+
+def block_qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K, V (each B x M x N x d) of a timm ViT block for its input tokens x, M = block's heads."""
+    attn = block.attn
+    b, n, _ = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def relation_logits(qkv: tuple[torch.Tensor, ...], name: str) -> torch.Tensor:
+    """A B^T / sqrt(d) for relation `name` ("qk", "vv", ...): B x M x N x N, before softmax."""
+    if name not in RELATION_NAMES:
+        raise ValueError(f"unknown relation {name!r}; choose from {', '.join(RELATION_NAMES)}")
+    parts = dict(zip("qkv", qkv))
+    a, b = parts[name[0]], parts[name[1]]
+    return (a @ b.transpose(-2, -1)) * a.shape[-1] ** -0.5
+
+
+def relation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)) over the last axis, mean over all other axes."""
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
+
+
+def relation_mse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between raw relation maps (the without-softmax variant)."""
+    return F.mse_loss(student_logits.float(), teacher_logits.float())
+
+
+class RelationLoss(nn.Module):
+    """Sum of weighted relation losses between a teacher block and a student block.
+
+    Both blocks must split Q/K/V into the same number of heads (the student's relation block takes
+    the teacher's head count), so the maps have the same shape B x M x N x N.
+    """
+
+    def __init__(self, relations=("qk", "vv"), weights=None, softmax: bool = True):
+        super().__init__()
+        for name in relations:
+            if name not in RELATION_NAMES:
+                raise ValueError(f"unknown relation {name!r}; choose from {', '.join(RELATION_NAMES)}")
+        if not relations:
+            raise ValueError("at least one relation is needed")
+        self.relations = tuple(relations)
+        self.weights = tuple(weights) if weights else (1.0,) * len(self.relations)
+        if len(self.weights) != len(self.relations):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.relations)} relations")
+        self.criterion = relation_kl if softmax else relation_mse
+
+    def forward(self, teacher_qkv, student_qkv) -> dict[str, torch.Tensor]:
+        """Returns {"loss_qk": ..., "loss_vv": ..., "loss": weighted sum}."""
+        losses = {}
+        for name in self.relations:
+            t = relation_logits(teacher_qkv, name)
+            s = relation_logits(student_qkv, name)
+            if t.shape != s.shape:
+                raise ValueError(f"relation {name}: teacher map {tuple(t.shape)} vs student map {tuple(s.shape)}")
+            losses[f"loss_{name}"] = self.criterion(t, s)
+        losses["loss"] = sum(w * losses[f"loss_{n}"] for w, n in zip(self.weights, self.relations))
+        return losses

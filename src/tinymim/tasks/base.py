@@ -1,0 +1,49 @@
+"""What every tinymim task adds to timm's TrainingTask: DDP of its trainable part, no_sync for
+gradient accumulation, checkpoint state and final export."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from timm.task import TrainingTask
+
+
+class Task(TrainingTask):
+    name = "task"
+
+    def __init__(self, trainable: nn.Module):
+        super().__init__(verbose=False)
+        self.trainable_module = trainable  # what the optimizer updates; wrapped by DDP when distributed
+        self._ddp: nn.Module | None = None
+
+    def get_trainable_module(self, ema: bool = False) -> nn.Module:
+        return self.trainable_module
+
+    @property
+    def trainable_forward(self) -> nn.Module:
+        """The callable to run the trainable part through: DDP wrapper when distributed."""
+        return self._ddp if self._ddp is not None else self._compiled or self.trainable_module
+
+    _compiled: nn.Module | None = None
+
+    def prepare_distributed(self, device_ids=None, **ddp_kwargs) -> "Task":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # set outside nn.Module's registry: the wrapper must not appear as a second copy of the weights
+        object.__setattr__(self, "_ddp", DDP(self._compiled or self.trainable_module, device_ids=device_ids,
+                                             **ddp_kwargs))
+        return self
+
+    def no_sync(self):
+        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.trainable_module.state_dict()
+
+    def load_trainable_state(self, state: dict) -> None:
+        self.trainable_module.load_state_dict(state)
+
+    def export(self, run_dir: Path) -> None:
+        raise NotImplementedError
