@@ -42,16 +42,20 @@ def relation_logits(qkv: tuple[torch.Tensor, ...], name: str) -> torch.Tensor:
     return (a @ b.transpose(-2, -1)) * a.shape[-1] ** -0.5
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def relation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(teacher) || softmax(student)) over the last axis, mean over all other axes."""
-    t = F.log_softmax(teacher_logits.float(), dim=-1)
-    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(_at_least_fp32(teacher_logits), dim=-1)
+    s = F.log_softmax(_at_least_fp32(student_logits), dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
 
 
 def relation_mse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Mean squared error between raw relation maps (the without-softmax variant)."""
-    return F.mse_loss(student_logits.float(), teacher_logits.float())
+    return F.mse_loss(_at_least_fp32(student_logits), _at_least_fp32(teacher_logits))
 
 
 class RelationLoss(nn.Module):
