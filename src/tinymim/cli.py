@@ -26,6 +26,18 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_mae(args) -> int:
+    from tinymim.tasks import mae
+
+    cfg = mae.load(args.config, args.overrides)
+    last = mae.run(cfg, args.output)
+    if last is not None:
+        print(f"done: {args.output}/encoder.safetensors (final loss {last['loss']:.4f})")
+    else:
+        print(f"{args.output} already holds a finished run; nothing to do")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinymim", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -33,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="TinyMIM relation-distillation pre-training of a student ViT")
     _add_run_args(p)
     p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("mae", help="MAE pre-training of a ViT (a teacher for distillation)")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_mae)
     return parser
 
 

@@ -326,6 +326,12 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
+def plain_view(batch: dict, cfg: DataConfig, device: torch.device) -> torch.Tensor:
+    """The shared crop, normalized, as a float tensor on `device` (the teacher's view)."""
+    x = batch["image"].to(device, non_blocking=True).float().div_(255)
+    return normalize(x, cfg.mean, cfg.std)
+
+
 def paired_views(batch: dict, cfg: DataConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher view, student view) as normalized float tensors on `device`."""
     x = batch["image"].to(device, non_blocking=True).float().div_(255)

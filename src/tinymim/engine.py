@@ -381,3 +381,18 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
         if bar is not None:
             bar.close()
     return last
+
+
+def run_task(task, cfg, output: str | Path):
+    """Train a task whose config has `data` and `train` sections; the resolved config is saved."""
+    from dataclasses import asdict
+
+    from tinymim.data import build_loader
+
+    config = json.loads(json.dumps(asdict(cfg)))  # plain types only (YAML- and compare-friendly)
+
+    def loader_fn(batch, rank, world, seed):
+        return build_loader(cfg.data, batch, rank, world, seed,
+                            pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu")
+
+    return train(task, cfg.train, loader_fn, output, config)

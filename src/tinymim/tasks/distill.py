@@ -18,8 +18,8 @@ import torch.nn as nn
 import yaml
 
 from tinymim.checkpoint import load_state_dict, load_vit_weights, save_weights
-from tinymim.config import ConfigError, from_dict
-from tinymim.data import DataConfig, build_loader, paired_views
+from tinymim.config import ConfigError
+from tinymim.data import DataConfig, paired_views
 from tinymim.engine import TrainConfig
 from tinymim.models import ModelConfig, create_vit, num_tokens, tokens_before_block, truncate
 from tinymim.relations import RELATION_NAMES, RelationLoss, block_qkv
@@ -199,18 +199,7 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
 def run(cfg: DistillConfig, output: str):
     from tinymim import engine
 
-    task = build_distill_task(cfg)
-    config = _to_plain(cfg)
-
-    def loader_fn(batch, rank, world, seed):
-        return build_loader(cfg.data, batch, rank, world, seed,
-                            pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu")
-
-    return engine.train(task, cfg.train, loader_fn, output, config)
-
-
-def _to_plain(cfg) -> dict:
-    return json.loads(json.dumps(asdict(cfg)))
+    return engine.run_task(build_distill_task(cfg), cfg, output)
 
 
 def load(recipe, overrides) -> DistillConfig:
@@ -219,4 +208,3 @@ def load(recipe, overrides) -> DistillConfig:
     return load_config(DistillConfig, recipe, overrides)
 
 
-__all__ = ["DistillConfig", "DistillTask", "build_distill_task", "run", "from_dict"]

@@ -1,0 +1,151 @@
+"""MAE pre-training (He et al. 2022) of a timm ViT encoder, on the shared engine.
+
+Random masking of `mask_ratio` of the patches per image; the encoder sees only the visible ones (plus
+the class token); a light transformer decoder fills in mask tokens and predicts the pixels of every
+patch; the loss is the mean squared error on the masked patches, optionally against per-patch
+normalized pixels. Position embeddings are fixed 2-D sin-cos in encoder and decoder.
+The encoder is written out as a timm VisionTransformer state dict: RUN_DIR/encoder.safetensors.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+
+from tinymim.checkpoint import save_weights
+from tinymim.data import DataConfig, plain_view
+from tinymim.engine import TrainConfig
+from tinymim.models import ModelConfig, create_vit
+from tinymim.tasks.base import Task
+
+
+@dataclass
+class DecoderConfig:
+    embed_dim: int = 512
+    depth: int = 8
+    num_heads: int = 16
+
+
+@dataclass
+class MAEConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224"))
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    data: DataConfig = field(default_factory=lambda: DataConfig(color_jitter=0.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=800, batch_size=4096, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05))
+
+
+def sincos_pos_embed(grid: tuple[int, int], dim: int, num_prefix: int = 1) -> torch.Tensor:
+    """1 x (prefix + H*W) x dim fixed 2-D sin-cos table, zeros for the class token."""
+    table = build_sincos2d_pos_embed(list(grid), dim=dim)
+    return torch.cat([torch.zeros(num_prefix, dim), table]).unsqueeze(0)
+
+
+class MaskedAutoencoder(nn.Module):
+    def __init__(self, encoder: nn.Module, decoder: DecoderConfig, mask_ratio: float, norm_pix_loss: bool):
+        super().__init__()
+        if encoder.num_prefix_tokens != 1 or not encoder.has_class_token:
+            raise ValueError("MAE here expects a ViT with one class token and no register tokens")
+        self.encoder, self.mask_ratio, self.norm_pix_loss = encoder, mask_ratio, norm_pix_loss
+        grid, dim = encoder.patch_embed.grid_size, encoder.embed_dim
+        self.patch = encoder.patch_embed.patch_size[0]
+        with torch.no_grad():  # fixed sin-cos position embedding, as MAE
+            encoder.pos_embed.copy_(sincos_pos_embed(grid, dim))
+        encoder.pos_embed.requires_grad_(False)
+        self.decoder_embed = nn.Linear(dim, decoder.embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder.embed_dim))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(grid, decoder.embed_dim), persistent=False)
+        self.decoder_blocks = nn.ModuleList(Block(decoder.embed_dim, decoder.num_heads, mlp_ratio=4.0, qkv_bias=True)
+                                            for _ in range(decoder.depth))
+        self.decoder_norm = nn.LayerNorm(decoder.embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder.embed_dim, self.patch ** 2 * 3)
+        nn.init.normal_(self.mask_token, std=0.02)
+        # unused encoder parts get no gradient
+        for m in (encoder.fc_norm, encoder.head):
+            m.requires_grad_(False)
+
+    def patchify(self, img: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = img.shape
+        p = self.patch
+        x = img.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        x = enc.patch_embed(img) + enc.pos_embed[:, 1:]
+        b, n, d = x.shape
+        keep = int(n * (1 - self.mask_ratio))
+        shuffle = torch.rand(b, n, device=x.device).argsort(dim=1)
+        restore = shuffle.argsort(dim=1)
+        visible = shuffle[:, :keep]
+        x = x.gather(1, visible.unsqueeze(-1).expand(-1, -1, d))
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(b, -1, -1)
+        x = enc.norm(enc.blocks(torch.cat([cls, x], dim=1)))
+
+        y = self.decoder_embed(x)
+        e = y.shape[-1]
+        y_patches = torch.cat([y[:, 1:], self.mask_token.expand(b, n - keep, -1)], dim=1)
+        y_patches = y_patches.gather(1, restore.unsqueeze(-1).expand(-1, -1, e))
+        y = torch.cat([y[:, :1], y_patches], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            y = blk(y)
+        pred = self.decoder_pred(self.decoder_norm(y))[:, 1:]
+
+        target = self.patchify(img)
+        if self.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        mask = torch.ones(b, n, device=x.device)
+        mask[:, :keep] = 0
+        mask = mask.gather(1, restore)  # 1 = masked, in patch order
+        per_patch = ((pred.float() - target.float()) ** 2).mean(-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+
+class MAETask(Task):
+    name = "mae"
+
+    def __init__(self, mae: MaskedAutoencoder, data_cfg: DataConfig, config: MAEConfig | None = None):
+        super().__init__(mae)
+        self.mae, self.data_cfg, self.config = mae, data_cfg, config
+
+    def compile(self, backend: str = "inductor", mode=None, **kw):
+        object.__setattr__(self, "_compiled", torch.compile(self.mae, backend=backend, mode=mode, **kw))
+        return self._compiled
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"loss": self.trainable_forward(plain_view(batch, self.data_cfg, self.device))}
+
+    def export(self, run_dir: Path) -> None:
+        meta = {"format": "timm.VisionTransformer"}
+        if self.config is not None:
+            meta["model"] = json.dumps(asdict(self.config.model))
+        save_weights(self.mae.encoder.state_dict(), Path(run_dir) / "encoder.safetensors", meta)
+
+
+def build_mae_task(cfg: MAEConfig) -> MAETask:
+    if cfg.model.img_size is None:
+        cfg.model.img_size = cfg.data.img_size
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    encoder = create_vit(cfg.model)
+    return MAETask(MaskedAutoencoder(encoder, cfg.decoder, cfg.mask_ratio, cfg.norm_pix_loss), cfg.data, cfg)
+
+
+def run(cfg: MAEConfig, output: str):
+    from tinymim import engine
+
+    return engine.run_task(build_mae_task(cfg), cfg, output)
+
+
+def load(recipe, overrides) -> MAEConfig:
+    from tinymim.config import load_config
+
+    return load_config(MAEConfig, recipe, overrides)
