@@ -287,8 +287,11 @@ def build_loader(cfg: DataConfig, global_batch: int, rank: int = 0, world: int =
     source = build_source(cfg, seed)
     dataset = PairedViewDataset(source, cfg)
     sampler = GlobalBatchSampler(len(dataset), global_batch, rank, world, seed)
+    # the loader gets its own generator: starting an iterator must not consume the global RNG
+    # (drop path draws from it), or a run resumed mid-epoch would diverge from an uninterrupted one
     loader = tud.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
                             pin_memory=pin_memory, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(seed),
                             prefetch_factor=4 if cfg.num_workers else None)
     return loader, sampler
 

@@ -113,21 +113,22 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
+    """This process's RNG states as plain Python values (picklable anywhere, weights_only-loadable)."""
     np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
-                                                    *np_state[2:]], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(_to_tuple(state["python"]))
     n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def _to_tuple(x):
@@ -383,12 +384,18 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
     return last
 
 
-def run_task(task, cfg, output: str | Path):
-    """Train a task whose config has `data` and `train` sections; the resolved config is saved."""
+def run_task(build, cfg, output: str | Path):
+    """Build a task from a config with `data` and `train` sections and train it.
+
+    The model is built after seeding with train.seed, identically in every process (a random
+    teacher must be the same on every rank); the resolved config is saved with the run.
+    """
     from dataclasses import asdict
 
     from tinymim.data import build_loader
 
+    seed_everything(cfg.train.seed)
+    task = build(cfg)
     config = json.loads(json.dumps(asdict(cfg)))  # plain types only (YAML- and compare-friendly)
 
     def loader_fn(batch, rank, world, seed):

@@ -199,7 +199,7 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
 def run(cfg: DistillConfig, output: str):
     from tinymim import engine
 
-    return engine.run_task(build_distill_task(cfg), cfg, output)
+    return engine.run_task(build_distill_task, cfg, output)
 
 
 def load(recipe, overrides) -> DistillConfig:

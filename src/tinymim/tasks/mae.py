@@ -142,7 +142,7 @@ def build_mae_task(cfg: MAEConfig) -> MAETask:
 def run(cfg: MAEConfig, output: str):
     from tinymim import engine
 
-    return engine.run_task(build_mae_task(cfg), cfg, output)
+    return engine.run_task(build_mae_task, cfg, output)
 
 
 def load(recipe, overrides) -> MAEConfig:
