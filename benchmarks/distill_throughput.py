@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinymim.data import DataConfig
+from tinymim.engine import cpu_performance_settings
 from tinymim.models import ModelConfig
 from tinymim.tasks.distill import DistillConfig, TeacherConfig, build_distill_task
 
@@ -24,19 +25,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, sizes=(2048, 4096), seconds: float = 3.0) -> float:
+    """Best over sizes of the median FLOP/s of repeated n x n matmuls."""
     best = 0.0
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         a @ b  # warm-up
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
+        rates, t0 = [], time.perf_counter()
+        while time.perf_counter() - t0 < seconds or len(rates) < 3:
             t = time.perf_counter()
             a @ b
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            best = max(best, 2 * n**3 / (time.perf_counter() - t))
-            reps += 1
+            rates.append(2 * n**3 / (time.perf_counter() - t))
+        best = max(best, sorted(rates)[len(rates) // 2])
     return best
 
 
@@ -46,12 +48,13 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
-def build(batch: int, img: int, device: torch.device, compile_: bool):
+def build(batch: int, img: int, device: torch.device, compile_: bool, precision: str):
     cfg = DistillConfig(
         student=ModelConfig(name="vit_small_patch16_224", drop_path_rate=0.1, drop_path_schedule="constant"),
         teacher=TeacherConfig(model=ModelConfig(name="vit_base_patch16_224")),
         data=DataConfig(img_size=img))
     task = build_distill_task(cfg).to(device)
+    task.prepare(device, precision)
     if compile_:
         task.compile()
     opt = torch.optim.AdamW([p for p in task.get_trainable_module().parameters() if p.requires_grad],
@@ -82,15 +85,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile the teacher and the student")
+    ap.add_argument("--no-cpu-tuning", action="store_true",
+                    help="skip the engine's CPU settings (denormal flushing, allocator caching) for comparison")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu" and not args.no_cpu_tuning:
+        cpu_performance_settings()
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch}, {args.img}px, compile {args.compile}")
 
     rows = []
     for precision in args.precisions:
         peak = matmul_peak(DTYPES[precision], device)
-        task, opt, data = build(args.batch, args.img, device, args.compile)
+        task, opt, data = build(args.batch, args.img, device, args.compile, precision)
         for _ in range(args.warmup):
             step(task, opt, data, precision, device)
         with FlopCounterMode(display=False) as fc:

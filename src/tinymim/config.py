@@ -151,13 +151,26 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     return tree
 
 
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A YAML file, or the name of a built-in recipe such as `cifar10/distill_micro`."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES / recipe, RECIPES / f"{recipe}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.glob("*/*.yaml"))
+    raise ConfigError(f"recipe {recipe} not found: pass a YAML file or a built-in recipe ({', '.join(known)})")
+
+
 def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Defaults of `cls` <- YAML recipe <- command-line overrides."""
     tree: dict = {}
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path} not found; pass an existing YAML file to --config")
+        path = resolve_recipe(recipe)
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe {path} must hold a YAML mapping at the top level")

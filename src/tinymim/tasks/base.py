@@ -24,7 +24,9 @@ class Task(TrainingTask):
     @property
     def trainable_forward(self) -> nn.Module:
         """The callable to run the trainable part through: DDP wrapper when distributed."""
-        return self._ddp if self._ddp is not None else self._compiled or self.trainable_module
+        if self._ddp is not None:
+            return self._ddp
+        return self._compiled if self._compiled is not None else self.trainable_module
 
     _compiled: nn.Module | None = None
 
@@ -32,9 +34,12 @@ class Task(TrainingTask):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # set outside nn.Module's registry: the wrapper must not appear as a second copy of the weights
-        object.__setattr__(self, "_ddp", DDP(self._compiled or self.trainable_module, device_ids=device_ids,
+        object.__setattr__(self, "_ddp", DDP(self.trainable_forward, device_ids=device_ids,
                                              **ddp_kwargs))
         return self
+
+    def prepare(self, device: torch.device, precision: str) -> None:
+        """Last choices that depend on where and how the task runs (called by the engine)."""
 
     def no_sync(self):
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()

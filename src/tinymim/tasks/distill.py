@@ -113,16 +113,24 @@ class DistillTask(Task):
         self.data_cfg = data_cfg
         self.config = config
 
+    def prepare(self, device: torch.device, precision: str) -> None:
+        # On CPU, PyTorch's fused attention backward is 2-3x slower than plain matmul + softmax in
+        # bf16/fp16 (benchmarks/distill_throughput.py); the frozen teacher only runs forward.
+        explicit = device.type == "cpu" and precision in ("bf16", "fp16")
+        for blk in self.student.blocks:
+            blk.attn.fused_attn = not explicit
+
     def compile(self, backend: str = "inductor", mode=None, **kw):
         object.__setattr__(self, "_compiled", torch.compile(self.trainable_module, backend=backend, mode=mode, **kw))
         object.__setattr__(self, "_teacher_fn", torch.compile(self.teacher, backend=backend, mode=mode, **kw))
+        object.__setattr__(self, "_loss_fn", torch.compile(self.loss, backend=backend, mode=mode, **kw))
         return self._compiled
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         teacher_x, student_x = paired_views(batch, self.data_cfg, self.device)
         teacher_qkv = getattr(self, "_teacher_fn", self.teacher)(teacher_x)
         student_qkv = self.trainable_forward(student_x)
-        return self.loss(teacher_qkv, student_qkv)
+        return getattr(self, "_loss_fn", self.loss)(teacher_qkv, student_qkv)
 
     def export(self, run_dir: Path) -> None:
         meta = {"format": "timm.VisionTransformer"}
