@@ -70,3 +70,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and the same command resumes", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -82,13 +82,11 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
+    distributed: bool = False  # launched by torchrun: a process group and DDP, even for one process
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
 
 
 def setup_distributed(device: str = "auto") -> DistContext:
@@ -101,9 +99,11 @@ def setup_distributed(device: str = "auto") -> DistContext:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistContext(rank, world, local_rank, dev)
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if launched and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistContext(rank, world, local_rank, dev, launched)
 
 
 def cpu_performance_settings() -> None:
@@ -377,7 +377,8 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
                 window["steps"] += 1
                 if global_step % cfg.log_every == 0 or global_step == 1 or global_step == total_updates:
                     elapsed = time.perf_counter() - window["t0"]
-                    skipped = torch.tensor(window["skipped"], dtype=torch.float64)
+                    # on the device: nccl reduces only device tensors
+                    skipped = torch.tensor(float(window["skipped"]), device=ctx.device)
                     if ctx.distributed:
                         dist.all_reduce(skipped)
                     last = {"step": global_step, "epoch": round(global_step / updates_per_epoch, 4),

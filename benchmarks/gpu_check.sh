@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# GPU checks of the CUDA paths (bf16, fp16 + GradScaler, torch.compile, torchrun + nccl) and the
+# throughput benchmark at a GPU-sized batch. Usage: bash benchmarks/gpu_check.sh OUT_DIR
+set -uo pipefail
+out=${1:-gpu_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD/src
+py=${PYTHON:-python3}
+nvidia-smi -L
+$py -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
+tiny="student.name=vit_custom student.patch_size=4 student.embed_dim=96 student.depth=4 student.num_heads=3
+ teacher.model.name=vit_custom teacher.model.patch_size=4 teacher.model.embed_dim=192 teacher.model.depth=6
+ teacher.model.num_heads=6 data.name=synthetic data.img_size=32 data.synthetic_size=4096 data.num_workers=4
+ train.batch_size=256 train.epochs=2 train.warmup_epochs=0.5 train.blr=1e-3 train.progress=false train.log_every=8"
+for prec in bf16 fp16 fp32; do
+  echo "== distill $prec"
+  $py -m tinymim distill --output "$out/run_$prec" $tiny train.precision=$prec && tail -n 1 "$out/run_$prec/metrics.jsonl"
+done
+echo "== distill bf16 + compile"
+$py -m tinymim distill --output "$out/run_compile" $tiny train.precision=bf16 train.compile=true && tail -n 1 "$out/run_compile/metrics.jsonl"
+echo "== torchrun (nccl, 1 process) + resume of a finished run"
+$py -m torch.distributed.run --standalone --nproc_per_node=1 -m tinymim distill --output "$out/run_ddp" $tiny train.precision=bf16 \
+  && tail -n 1 "$out/run_ddp/metrics.jsonl" && $py -m tinymim distill --output "$out/run_ddp" $tiny train.precision=bf16
+echo "== throughput, ViT-B -> ViT-S 224px"
+$py benchmarks/distill_throughput.py --batch 128 --precisions bf16 fp32 --steps 10
+$py benchmarks/distill_throughput.py --batch 128 --precisions bf16 --steps 10 --compile
