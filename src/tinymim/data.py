@@ -163,10 +163,6 @@ def build_source(cfg: DataConfig, seed: int = 0):
         src = TorchvisionCIFAR(cfg.name, cfg.root)
     else:
         src = SyntheticImages(cfg.synthetic_size, cfg.img_size, cfg.synthetic_classes, seed)
-    if cfg.subset is not None:
-        if cfg.subset < 1:
-            raise DataError(f"data.subset must be positive, got {cfg.subset}")
-        src.samples_limit = min(cfg.subset, len(src))
     return src
 
 
@@ -204,7 +200,9 @@ class PairedViewDataset(tud.Dataset):
 
     def __init__(self, source, cfg: DataConfig):
         self.source, self.cfg = source, cfg
-        self.length = getattr(source, "samples_limit", None) or len(source)
+        if cfg.subset is not None and cfg.subset < 1:
+            raise DataError(f"data.subset must be positive, got {cfg.subset}")
+        self.length = min(cfg.subset or len(source), len(source))
 
     def __len__(self) -> int:
         return self.length

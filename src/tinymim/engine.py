@@ -282,6 +282,8 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
         task.prepare_distributed(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     trainable = task.get_trainable_module()
     lr = lr_for(cfg)
+    # timm's parameter groups: no weight decay on biases and 1-D (norm) parameters; the trainable
+    # module has no no_weight_decay() list, so cls_token/pos_embed are decayed, as in MAE and TinyMIM
     optimizer = timm.optim.create_optimizer_v2(trainable, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
                                                betas=tuple(cfg.betas))
     warmup = int(round(cfg.warmup_epochs * updates_per_epoch))
@@ -327,7 +329,7 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
                          "global_step": global_step, "world": ctx.world, "rng": rng, "finished": finished,
                          "config": config}, run.checkpoint)
 
-    window = {"t0": time.perf_counter(), "images": 0, "steps": 0, "sums": {}, "skipped": 0}
+    window = {"t0": time.perf_counter(), "images": 0, "steps": 0, "sums": {}, "skipped": 0, "reported_skips": 0}
     last = None
     task.train()
     try:
@@ -388,8 +390,9 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
                     metrics.log(last)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-                    if int(skipped) and ctx.is_main:
+                    if int(skipped) > window["reported_skips"] and ctx.is_main:
                         log.warning("%d unreadable images skipped so far", int(skipped))
+                    window["reported_skips"] = int(skipped)
                     window.update(t0=time.perf_counter(), images=0, steps=0, sums={})
                 if bar is not None:
                     bar.update(1)

@@ -1,0 +1,68 @@
+"""The shared engine: learning-rate schedule, parameter groups, accumulation, precisions."""
+import json
+import math
+
+import pytest
+import torch
+
+from tinymim.engine import run_task
+from tinymim.tasks.distill import build_distill_task
+
+from conftest import tiny_distill_config
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_is_linear_warmup_then_half_cycle_cosine_per_step(tmp_path):
+    # 256 images / batch 32 = 8 steps per epoch, 2 epochs, warmup 0.5 epoch = 4 steps
+    cfg = tiny_distill_config(epochs=2, warmup_epochs=0.5, blr=1e-3, batch_size=32, min_lr=0.0)
+    run_task(build_distill_task, cfg, tmp_path / "run")
+    peak = 1e-3 * 32 / 256  # lr = blr x batch / 256
+    total, warmup = 16, 4
+    for rec in metrics(tmp_path / "run"):
+        t = rec["step"]  # the lr logged after step t is the one step t+1 will use
+        expected = peak * t / warmup if t < warmup else \
+            peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+        assert rec["lr"] == pytest.approx(expected, rel=1e-6, abs=1e-12), t
+
+
+def test_parameter_groups():
+    import timm.optim
+
+    task = build_distill_task(tiny_distill_config())
+    opt = timm.optim.create_optimizer_v2(task.get_trainable_module(), opt="adamw", lr=1e-3, weight_decay=0.05,
+                                         betas=(0.9, 0.95))
+    names = {id(p): n for n, p in task.get_trainable_module().named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert "vit.blocks.0.attn.qkv.weight" in decayed and "vit.cls_token" in decayed
+    assert "vit.blocks.0.attn.qkv.bias" in plain and "vit.blocks.0.norm1.weight" in plain
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    # the relation block's unused parts are not optimized at all
+    assert not any(n.startswith(("vit.blocks.1.mlp", "vit.blocks.1.attn.proj", "vit.norm.")) for n in decayed | plain)
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    base = dict(epochs=1, batch_size=32, precision="fp32")
+    cfg_a = tiny_distill_config(**base)
+    cfg_a.student.drop_path_rate = 0.0
+    cfg_b = tiny_distill_config(**base, accum_steps=4)
+    cfg_b.student.drop_path_rate = 0.0
+    run_task(build_distill_task, cfg_a, tmp_path / "a")
+    run_task(build_distill_task, cfg_b, tmp_path / "b")
+    la = [r["loss"] for r in metrics(tmp_path / "a")]
+    lb = [r["loss"] for r in metrics(tmp_path / "b")]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precisions_train_on_cpu(tmp_path, precision):
+    cfg = tiny_distill_config(epochs=1, precision=precision, blr=5e-3)
+    cfg.data.synthetic_size = 512
+    run_task(build_distill_task, cfg, tmp_path / "run")
+    m = metrics(tmp_path / "run")
+    assert all(math.isfinite(r["loss"]) for r in m)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["finished"] and ckpt["scaler"] is not None
