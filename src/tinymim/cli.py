@@ -14,25 +14,23 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
-def cmd_distill(args) -> int:
-    from tinymim.tasks import distill
+# command -> (task module, the weights file it leaves, help)
+TASKS = {
+    "distill": ("tinymim.tasks.distill", "student.safetensors",
+                "TinyMIM relation-distillation pre-training of a student ViT"),
+    "mae": ("tinymim.tasks.mae", "encoder.safetensors", "MAE pre-training of a ViT (a teacher for distillation)"),
+}
 
-    cfg = distill.load(args.config, args.overrides)
-    last = distill.run(cfg, args.output)
+
+def cmd_train(args) -> int:
+    """Load the task's config (recipe + overrides), train it, say what was written."""
+    import importlib
+
+    module_name, weights, _ = TASKS[args.command]
+    task = importlib.import_module(module_name)
+    last = task.run(task.load(args.config, args.overrides), args.output)
     if last is not None:
-        print(f"done: {args.output}/student.safetensors (final loss {last['loss']:.4f})")
-    else:
-        print(f"{args.output} already holds a finished run; nothing to do")
-    return 0
-
-
-def cmd_mae(args) -> int:
-    from tinymim.tasks import mae
-
-    cfg = mae.load(args.config, args.overrides)
-    last = mae.run(cfg, args.output)
-    if last is not None:
-        print(f"done: {args.output}/encoder.safetensors (final loss {last['loss']:.4f})")
+        print(f"done: {args.output}/{weights} (final loss {last['loss']:.4f})")
     else:
         print(f"{args.output} already holds a finished run; nothing to do")
     return 0
@@ -42,12 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinymim", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("distill", help="TinyMIM relation-distillation pre-training of a student ViT")
-    _add_run_args(p)
-    p.set_defaults(func=cmd_distill)
-    p = sub.add_parser("mae", help="MAE pre-training of a ViT (a teacher for distillation)")
-    _add_run_args(p)
-    p.set_defaults(func=cmd_mae)
+    for name, (_, _, help_) in TASKS.items():
+        p = sub.add_parser(name, help=help_)
+        _add_run_args(p)
+        p.set_defaults(func=cmd_train)
     return parser
 
 
