@@ -66,3 +66,17 @@ def test_reduced_precisions_train_on_cpu(tmp_path, precision):
     assert all(math.isfinite(r["loss"]) for r in m)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["finished"] and ckpt["scaler"] is not None
+
+
+def test_teacher_linears_cast_once_give_identical_targets():
+    torch.manual_seed(0)
+    task = build_distill_task(tiny_distill_config())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = task.teacher(x)
+    task.prepare(torch.device("cpu"), "bf16")
+    assert task.teacher.vit.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert task.teacher.vit.blocks[0].norm1.weight.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after = task.teacher(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

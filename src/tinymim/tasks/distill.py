@@ -119,6 +119,14 @@ class DistillTask(Task):
         explicit = device.type == "cpu" and precision in ("bf16", "fp16")
         for blk in self.student.blocks:
             blk.attn.fused_attn = not explicit
+        # The frozen teacher's linear layers would be cast to the autocast dtype at every step;
+        # cast them once instead (same numbers: autocast runs them in that dtype anyway). Norms and
+        # embeddings stay fp32, so the residual stream stays fp32 as under plain autocast.
+        if precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            for m in self.teacher.modules():
+                if isinstance(m, nn.Linear):
+                    m.to(dtype)
 
     def compile(self, backend: str = "inductor", mode=None, **kw):
         object.__setattr__(self, "_compiled", torch.compile(self.trainable_module, backend=backend, mode=mode, **kw))
