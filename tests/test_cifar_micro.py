@@ -28,7 +28,8 @@ def mae_teacher(cifar_train, tmp_path_factory) -> Path:
 
 def test_mae_micro_leaves_an_encoder(mae_teacher):
     metrics = read_metrics(mae_teacher)
-    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert metrics[-1]["loss"] <= 0.7 * metrics[0]["loss"], (metrics[0]["loss"], metrics[-1]["loss"])
+    print(f"mae micro: loss {metrics[0]['loss']:.4f} -> {metrics[-1]['loss']:.4f} in {metrics[-1]['step']} steps")
     state = load_file(mae_teacher / "encoder.safetensors")
     assert not any(k.startswith("decoder") for k in state)
     vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, num_classes=0)
@@ -46,6 +47,7 @@ def test_distill_micro_loss_halves_in_first_epoch(mae_teacher, cifar_train, tmp_
     first, last = metrics[0], metrics[-1]
     assert last["epoch"] == pytest.approx(1.0)
     assert last["loss"] <= 0.5 * first["loss"], (first["loss"], last["loss"])
+    print(f"distill micro: loss {first['loss']:.4f} -> {last['loss']:.4f} in {last['step']} steps")
     assert {"step", "epoch", "loss", "loss_qk", "loss_vv", "lr", "images_per_s"} <= set(first)
     # run-directory contract
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from tinymim.errors import TinymimError
 
+import logging
 import os
 import pickle
 import tempfile
@@ -17,6 +18,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+
+log = logging.getLogger("tinymim")
 
 
 class CheckpointError(TinymimError):
@@ -103,32 +107,45 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dic
 
 # keys of MAE pre-training checkpoints that belong to the decoder, never to the encoder
 _MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
+# classifier-side modules of fine-tuned / TinyMIM*-T checkpoints: not part of the encoder
+_CLASSIFIER_MODULES = ("head", "head_dist", "fc_norm", "fc", "pre_logits")
 
 
 def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
                      ignore_prefixes: tuple[str, ...] = _MAE_DECODER_PREFIXES) -> list[str]:
     """Load a ViT state dict into a timm VisionTransformer; returns the keys set aside.
 
-    Decoder keys of MAE pre-training checkpoints are set aside and reported; position embeddings
-    are resized (bicubic, class token kept apart) when the patch grid differs. Every other mismatch
-    (a missing encoder key, a key of another architecture, a shape mismatch) is an error: no silent
-    partial loads.
+    Understands the official MAE layouts (pre-training: decoder keys and mask_token set aside;
+    fine-tuned: head/fc_norm set aside, and a final `norm` the global-pool checkpoint lacks stays at
+    its init) and released TinyMIM*-T checkpoints (distillation token and its position set aside,
+    head_dist/fc_norm/extra FC set aside). Position embeddings are resized (bicubic, class token kept
+    apart) when the patch grid differs. Any other mismatch (a missing encoder key, a key of another
+    architecture, a shape mismatch) is an error: no silent partial loads.
     """
     from timm.layers import resample_abs_pos_embed
 
-    ignored = sorted(k for k in state if k.startswith(ignore_prefixes))
-    state = {k: v for k, v in state.items() if k not in ignored}
+    state = dict(state)
     own = model.state_dict()
+    set_aside = sorted(k for k in state if k.startswith(ignore_prefixes))
+    if "dist_token" in state and "dist_token" not in own:  # TinyMIM*-T / DeiT: [cls, dist, patches]
+        set_aside.append("dist_token")
+        pe = state.get("pos_embed")
+        if pe is not None and pe.shape[1] == model.patch_embed.num_patches + 2:
+            state["pos_embed"] = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)
+    set_aside += sorted(k for k in state if k not in own and k.split(".")[0] in _CLASSIFIER_MODULES)
+    state = {k: v for k, v in state.items() if k not in set_aside}
     pe = state.get("pos_embed")
-    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape:
+    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape and pe.shape[-1] == own["pos_embed"].shape[-1]:
         prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-        state["pos_embed"] = resample_abs_pos_embed(
-            pe, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)
+        state["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(model.patch_embed.grid_size),
+                                                    num_prefix_tokens=prefix)
     missing = sorted(set(own) - set(state))
+    if any(k.startswith("fc_norm.") for k in set_aside):  # global-pool fine-tuned: no final per-token norm
+        kept = [k for k in missing if k.startswith("norm.")]
+        if kept:
+            log.info("%s has no final norm (global-pool fine-tuned layout); model.norm keeps its init", source)
+        missing = [k for k in missing if k not in kept]
     unexpected = sorted(set(state) - set(own))
-    # a classifier the model does not have is not an encoder weight: set it aside too
-    head_like = [k for k in unexpected if k.split(".")[0] in ("head", "fc_norm", "head_dist")]
-    unexpected = [k for k in unexpected if k not in head_like]
     bad_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or bad_shape:
@@ -142,5 +159,5 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
             lines.append("  shape mismatches: " + "; ".join(bad_shape[:4]))
         lines.append("  check that the model config (name/sizes) matches the architecture the checkpoint was trained with")
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    return ignored + head_like
+    model.load_state_dict(state, strict=False)
+    return set_aside

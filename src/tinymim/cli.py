@@ -36,6 +36,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tinymim import export
+
+    if args.format == "timm":
+        out = export.export_timm(args.source, args.output, args.model)
+        print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True)")
+    else:
+        diff = export.export_onnx(args.source, args.output, args.model)
+        print(f"wrote {args.output}: matches PyTorch within {diff:.1e} (onnxruntime, CPU)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinymim", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -44,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         _add_run_args(p)
         p.set_defaults(func=cmd_train)
+    p = sub.add_parser("export", help="write a trained model as a timm/hub folder or as ONNX")
+    p.add_argument("source", help="a run directory, or a weights file (then --model is needed)")
+    p.add_argument("--format", choices=["timm", "onnx"], default="timm")
+    p.add_argument("--output", required=True, help="folder (timm) or .onnx file")
+    p.add_argument("--model", help="timm architecture of a bare weights file, e.g. vit_small_patch16_224")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -1,0 +1,145 @@
+"""Teacher import from the official MAE / TinyMIM layouts, and export to timm and ONNX."""
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from tinymim.checkpoint import CheckpointError, load_state_dict, load_vit_weights
+from tinymim.engine import run_task
+from tinymim.models import create_vit
+from tinymim.tasks.distill import build_distill_task
+
+from conftest import tiny_distill_config, tiny_vit
+
+
+def encoder_state(dim=64, depth=3, heads=4, seed=0):
+    torch.manual_seed(seed)
+    return create_vit(tiny_vit(dim=dim, depth=depth, heads=heads)).state_dict()
+
+
+def mae_pretrain_checkpoint(path, enc):
+    """The official MAE pre-training layout: {'model': encoder keys + decoder_* + mask_token}."""
+    state = dict(enc)
+    state.update({"mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.randn(32, 64),
+                  "decoder_embed.bias": torch.zeros(32), "decoder_pos_embed": torch.zeros(1, 65, 32),
+                  "decoder_blocks.0.norm1.weight": torch.ones(32), "decoder_norm.weight": torch.ones(32),
+                  "decoder_pred.weight": torch.randn(48, 32), "decoder_pred.bias": torch.zeros(48)})
+    torch.save({"model": state, "optimizer": {}, "epoch": 799}, path)
+
+
+def assert_same_encoder(model, enc):
+    own = model.state_dict()
+    for k, v in enc.items():
+        assert torch.equal(own[k], v), k
+
+
+def test_official_mae_pretrain_layout_as_teacher(tmp_path, caplog):
+    enc = encoder_state()
+    mae_pretrain_checkpoint(tmp_path / "mae_pretrain_vit_tiny.pth", enc)
+    cfg = tiny_distill_config()
+    cfg.teacher.checkpoint = str(tmp_path / "mae_pretrain_vit_tiny.pth")
+    with caplog.at_level("INFO"):
+        task = build_distill_task(cfg)
+    # every encoder key used (the teacher is truncated after its target block = the last one here)
+    teacher = create_vit(tiny_vit(dim=64, depth=3, heads=4))
+    ignored = load_vit_weights(teacher, load_state_dict(tmp_path / "mae_pretrain_vit_tiny.pth"))
+    assert_same_encoder(teacher, enc)
+    assert set(ignored) == {"mask_token", "decoder_embed.weight", "decoder_embed.bias", "decoder_pos_embed",
+                            "decoder_blocks.0.norm1.weight", "decoder_norm.weight", "decoder_pred.weight",
+                            "decoder_pred.bias"}
+    assert "set aside 8 non-encoder keys" in caplog.text and "decoder_" in caplog.text
+    assert torch.equal(task.teacher.vit.blocks[2].attn.qkv.weight, enc["blocks.2.attn.qkv.weight"])
+
+
+def test_mae_finetuned_layout(tmp_path):
+    enc = encoder_state()
+    state = {k: v for k, v in enc.items() if not k.startswith("norm.")}  # global pool: fc_norm, no norm
+    state.update({"fc_norm.weight": torch.ones(64), "fc_norm.bias": torch.zeros(64),
+                  "head.weight": torch.randn(1000, 64), "head.bias": torch.zeros(1000)})
+    torch.save({"model": state}, tmp_path / "mae_finetuned.pth")
+    model = create_vit(tiny_vit(dim=64, depth=3, heads=4))
+    ignored = load_vit_weights(model, load_state_dict(tmp_path / "mae_finetuned.pth"))
+    assert set(ignored) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    assert_same_encoder(model, {k: v for k, v in enc.items() if not k.startswith("norm.")})
+
+
+def test_tinymim_t_layout_with_distillation_token(tmp_path):
+    enc = encoder_state()
+    cls_pos, patch_pos = enc["pos_embed"][:, :1], enc["pos_embed"][:, 1:]
+    state = dict(enc)
+    state.update({"dist_token": torch.randn(1, 1, 64),
+                  "pos_embed": torch.cat([cls_pos, torch.randn(1, 1, 64), patch_pos], 1),  # 1 + 1 + 64 = 66
+                  "head.weight": torch.randn(1000, 64), "head.bias": torch.zeros(1000),
+                  "head_dist.weight": torch.randn(1000, 64), "head_dist.bias": torch.zeros(1000),
+                  "fc_norm.weight": torch.ones(64), "fc_norm.bias": torch.zeros(64),
+                  "fc.weight": torch.randn(64, 64), "fc.bias": torch.zeros(64)})
+    assert state["pos_embed"].shape[1] == 66  # the 198-token layout at 32px/patch 4
+    torch.save({"model": state}, tmp_path / "tinymim_t.pth")
+    model = create_vit(tiny_vit(dim=64, depth=3, heads=4))
+    ignored = load_vit_weights(model, load_state_dict(tmp_path / "tinymim_t.pth"))
+    assert {"dist_token", "head_dist.weight", "fc.weight", "fc_norm.weight"} <= set(ignored)
+    assert_same_encoder(model, enc)  # pos_embed: the distillation token's position is dropped
+
+
+def test_position_embedding_is_resized_for_another_grid(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(encoder_state(), tmp_path / "w.safetensors")  # 32px / patch 4: 8x8 grid
+    model = create_vit(tiny_vit(dim=64, depth=3, heads=4, img=48))  # 12x12 grid
+    load_vit_weights(model, load_state_dict(tmp_path / "w.safetensors"))
+    assert model.pos_embed.shape == (1, 145, 64)
+    assert torch.equal(model.pos_embed[:, :1], encoder_state()["pos_embed"][:, :1])  # class token kept apart
+
+
+@pytest.fixture(scope="module")
+def distilled_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "distill"
+    run_task(build_distill_task, tiny_distill_config(max_steps=3), run)
+    return run
+
+
+def test_export_timm_folder_loads_with_plain_timm(distilled_run, tmp_path):
+    from tinymim.cli import main
+
+    out = tmp_path / "export"
+    assert main(["export", str(distilled_run), "--format", "timm", "--output", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_args"]["num_heads"] == 3 and "block_heads" not in json.dumps(cfg)
+    assert (out / "model.safetensors").is_file() and "tinymim" in (out / "README.md").read_text()
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0).eval()
+    # the same features as the student inside tinymim
+    student = create_vit(tiny_vit(dim=48, depth=2, heads=3))
+    student.load_state_dict(load_file(distilled_run / "student.safetensors"))
+    student.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (plain(x) - student(x)).abs().max().item() < 1e-5
+
+
+def test_export_onnx_matches_pytorch(distilled_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime as ort
+
+    from tinymim.export import build_exportable, export_onnx
+
+    diff = export_onnx(distilled_run, tmp_path / "student.onnx")
+    assert diff < 1e-4
+    model, _ = build_exportable(distilled_run)
+    x = torch.randn(5, 3, 32, 32)  # another batch size: the batch axis is dynamic
+    got = ort.InferenceSession(str(tmp_path / "student.onnx")).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(x).numpy()).max() < 1e-4
+
+
+def test_export_of_a_bare_checkpoint_needs_its_architecture(tmp_path):
+    from tinymim.errors import TinymimError
+    from tinymim.export import build_exportable
+
+    torch.save(encoder_state(), tmp_path / "w.pth")
+    with pytest.raises(TinymimError, match="--model"):
+        build_exportable(tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        build_exportable(tmp_path / "w.pth", "vit_small_patch16_224")
