@@ -143,3 +143,22 @@ def test_export_of_a_bare_checkpoint_needs_its_architecture(tmp_path):
         build_exportable(tmp_path / "w.pth")
     with pytest.raises(CheckpointError, match="does not fit"):
         build_exportable(tmp_path / "w.pth", "vit_small_patch16_224")
+
+
+def test_timm_pretrained_names_need_the_network(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tinymim.checkpoint import load_weights
+
+    # offline from the start (the hub library reads this when imported): a clear error, at once
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hub-cache"))
+    r = subprocess.run([sys.executable, "-m", "tinymim", "distill", "--output", str(tmp_path / "run"),
+                        "teacher.checkpoint=vit_base_patch16_224.mae", "data.img_size=224"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "could not fetch timm weights 'vit_base_patch16_224.mae'" in r.stderr
+    assert "needs the network" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_weights(tmp_path / "nothing-here.pth")

@@ -83,6 +83,27 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from whatever `spec` names: a .safetensors/.pth/.pt file (MAE, TinyMIM, timm or our
+    layouts), a tinymim run directory, or a timm name with pretrained weights
+    (`vit_base_patch16_224.mae`, `hf-hub:org/repo`), which needs the network or the hub cache."""
+    path = Path(spec)
+    if path.exists():
+        return load_state_dict(path)
+    name = str(spec)
+    import timm
+
+    if name.startswith(("hf-hub:", "hf_hub:")) or (timm.is_model(name.split(".")[0]) and "/" not in name):
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
+        except Exception as e:  # noqa: BLE001 - offline, unknown tag, hub errors: all end here
+            raise CheckpointError(
+                f"could not fetch timm weights {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "this needs the network (or the Hugging Face cache); on an offline machine download the "
+                "weights elsewhere and pass the file instead") from e
+    raise CheckpointError(f"checkpoint {spec} does not exist (neither a file, a run directory nor a timm model name)")
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
     path = Path(path)

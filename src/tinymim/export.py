@@ -19,7 +19,7 @@ import timm
 import torch
 import yaml
 
-from tinymim.checkpoint import CheckpointError, load_state_dict, load_vit_weights
+from tinymim.checkpoint import CheckpointError, load_vit_weights, load_weights
 from tinymim.errors import TinymimError
 from tinymim.models import CUSTOM, ModelConfig
 
@@ -57,7 +57,7 @@ def build_exportable(source: str | Path, model_name: str | None = None) -> tuple
     model_args = {k: getattr(model_cfg, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
                   if getattr(model_cfg, k) is not None}
     model = timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
-    ignored = load_vit_weights(model, load_state_dict(source), source=str(source))
+    ignored = load_vit_weights(model, load_weights(source), source=str(source))
     if ignored:
         log.info("export: set aside %d keys that are not part of the encoder (%s)", len(ignored), ", ".join(ignored[:5]))
     model.eval()

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from tinymim.checkpoint import load_state_dict, load_vit_weights, save_weights
+from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.config import ConfigError
 from tinymim.data import DataConfig, paired_views
 from tinymim.engine import TrainConfig
@@ -34,7 +34,8 @@ PAPER_TARGET_BLOCKS = {(1024, 24, 768): 18}
 @dataclass
 class TeacherConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224"))
-    # weights: .safetensors / .pth (MAE layout accepted) / a tinymim run directory; None = random init
+    # weights: .safetensors / .pth (MAE, TinyMIM layouts) / a tinymim run directory / a timm name with
+    # pretrained weights (vit_base_patch16_224.mae, hf-hub:...); None = random init
     checkpoint: str | None = None
     # 1-indexed block whose relations are the target; None = the paper's choice or the last block
     target_block: int | None = None
@@ -163,7 +164,7 @@ def build_teacher(cfg: TeacherConfig, img_size: int) -> nn.Module:
         cfg.model.block_heads = _run_dir_block_heads(cfg.checkpoint)
     teacher = create_vit(cfg.model)
     if cfg.checkpoint:
-        ignored = load_vit_weights(teacher, load_state_dict(cfg.checkpoint), source=f"teacher checkpoint {cfg.checkpoint}")
+        ignored = load_vit_weights(teacher, load_weights(cfg.checkpoint), source=f"teacher checkpoint {cfg.checkpoint}")
         if ignored:
             log.info("teacher checkpoint: set aside %d non-encoder keys (%s%s)", len(ignored),
                      ", ".join(ignored[:5]), " ..." if len(ignored) > 5 else "")
