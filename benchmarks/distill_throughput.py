@@ -76,6 +76,18 @@ def step(task, opt, data, precision, device):
     return out["loss"]
 
 
+def kernel_ceiling(task, opt, data, precision, device) -> float:
+    """Seconds per step spent inside matmul, attention and convolution kernels (CPU profiler):
+    the step time if every other op were free, hence the best fraction of peak reachable with them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(task, opt, data, precision, device)
+    heavy = ("aten::addmm", "aten::mm", "aten::bmm", "aten::mkldnn_convolution", "aten::convolution_backward")
+    return sum(e.self_cpu_time_total for e in prof.key_averages()
+               if e.key in heavy or "scaled_dot_product" in e.key) / 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
@@ -112,15 +124,18 @@ def main() -> None:
             loss.item()
             times.append(time.perf_counter() - t)
         sec = sorted(times)[len(times) // 2]  # median step
+        ceiling = kernel_ceiling(task, opt, data, precision, device) if device.type == "cpu" else float("nan")
         ips = args.batch / sec
         achieved = flops_per_img * ips
-        rows.append((precision, ips, flops_per_img / 1e9, achieved / 1e9, peak / 1e9, achieved / peak))
+        kernel_bound = flops_per_img * args.batch / ceiling / peak if ceiling == ceiling else float("nan")
+        rows.append((precision, ips, flops_per_img / 1e9, achieved / 1e9, peak / 1e9, achieved / peak, kernel_bound))
         print(f"  {precision}: median step {sec:.3f}s, loss {loss.item():.4f}", flush=True)
 
-    print("\n| precision | images/s | GFLOP/image | achieved GFLOP/s | matmul peak GFLOP/s | fraction of peak |")
-    print("|---|---|---|---|---|---|")
-    for p, ips, gf, ach, pk, frac in rows:
-        print(f"| {p} | {ips:.2f} | {gf:.1f} | {ach:.0f} | {pk:.0f} | {100 * frac:.1f}% |")
+    print("\n| precision | images/s | GFLOP/image | achieved GFLOP/s | matmul peak GFLOP/s | fraction of peak "
+          "| bound if only matmul/attention/conv kernels took time |")
+    print("|---|---|---|---|---|---|---|")
+    for p, ips, gf, ach, pk, frac, bound in rows:
+        print(f"| {p} | {ips:.2f} | {gf:.1f} | {ach:.0f} | {pk:.0f} | {100 * frac:.1f}% | {100 * bound:.1f}% |")
 
 
 if __name__ == "__main__":
