@@ -168,3 +168,14 @@ def test_changed_config_on_resume_is_refused(tmp_path):
         run_task(build_distill_task, tiny_distill_config(max_steps=2, blr=5e-3), tmp_path / "run")
     # settings that do not change the result may differ
     assert run_task(build_distill_task, tiny_distill_config(max_steps=2, log_every=7), tmp_path / "run") is None
+
+
+def test_cifar_offline_is_a_clear_error(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def no_network(self):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", no_network)
+    with pytest.raises(DataError, match="cifar10 is not in .* could not be downloaded.*data.name=folder"):
+        build_loader(DataConfig(name="cifar10", root=str(tmp_path / "cifar"), num_workers=0), 4)

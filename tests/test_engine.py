@@ -80,3 +80,9 @@ def test_teacher_linears_cast_once_give_identical_targets():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         after = task.teacher(x)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("tensorboard")
+    run_task(build_distill_task, tiny_distill_config(max_steps=2, tensorboard=True), tmp_path / "run")
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
