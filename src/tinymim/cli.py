@@ -19,6 +19,10 @@ TASKS = {
     "distill": ("tinymim.tasks.distill", "student.safetensors",
                 "TinyMIM relation-distillation pre-training of a student ViT"),
     "mae": ("tinymim.tasks.mae", "encoder.safetensors", "MAE pre-training of a ViT (a teacher for distillation)"),
+    "finetune": ("tinymim.tasks.finetune", "model.safetensors",
+                 "fine-tune a pre-trained (or randomly initialized) ViT for classification"),
+    "linprobe": ("tinymim.tasks.linprobe", "model.safetensors",
+                 "linear probe: a frozen backbone, BatchNorm + linear head"),
 }
 
 
@@ -30,7 +34,8 @@ def cmd_train(args) -> int:
     task = importlib.import_module(module_name)
     last = task.run(task.load(args.config, args.overrides), args.output)
     if last is not None:
-        print(f"done: {args.output}/{weights} (final loss {last['loss']:.4f})")
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("loss", "val_top1", "val_best")))
+        print(f"done: {args.output}/{weights} ({summary})")
     else:
         print(f"{args.output} already holds a finished run; nothing to do")
     return 0

@@ -99,16 +99,16 @@ class FolderImages(tud.Dataset):
 
 
 class TorchvisionCIFAR(tud.Dataset):
-    def __init__(self, name: str, root: str | None):
+    def __init__(self, name: str, root: str | None, train: bool = True):
         from torchvision import datasets
 
         cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
         root = root or str(Path.home() / ".cache" / "tinymim" / name)
         try:
-            self.ds = cls(root, train=True, download=False)
+            self.ds = cls(root, train=train, download=False)
         except RuntimeError:
             try:
-                self.ds = cls(root, train=True, download=True)
+                self.ds = cls(root, train=train, download=True)
             except Exception as e:  # noqa: BLE001 - any network failure
                 raise DataError(f"{name} is not in {root} and could not be downloaded ({e}); "
                                 f"download it on a connected machine into {root}, or use "

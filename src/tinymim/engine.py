@@ -51,7 +51,9 @@ class TrainConfig:
     min_lr: float = 0.0
     warmup_epochs: float = 15.0
     weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    optimizer: Literal["adamw", "lars", "sgd"] = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # adamw
+    momentum: float = 0.9  # lars, sgd
     clip_grad: float | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     compile: bool = False
@@ -228,7 +230,8 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: dict, ctx: DistContext | None = None):
+def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: dict, ctx: DistContext | None = None,
+          optimizer_kwargs: dict | None = None):
     """Train `task` and write its run directory.
 
     data_loader_fn(global_micro_batch, rank, world, seed) -> (loader, sampler); the sampler has
@@ -284,16 +287,18 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
     lr = lr_for(cfg)
     # timm's parameter groups: no weight decay on biases and 1-D (norm) parameters; the trainable
     # module has no no_weight_decay() list, so cls_token/pos_embed are decayed, as in MAE and TinyMIM
-    optimizer = timm.optim.create_optimizer_v2(trainable, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
-                                               betas=tuple(cfg.betas))
+    opt_args = {"betas": tuple(cfg.betas)} if cfg.optimizer == "adamw" else {"momentum": cfg.momentum}
+    optimizer = timm.optim.create_optimizer_v2(trainable, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
+                                               **opt_args, **(optimizer_kwargs or {}))
     warmup = int(round(cfg.warmup_epochs * updates_per_epoch))
     scheduler = timm.scheduler.CosineLRScheduler(
         optimizer, t_initial=max(1, updates_per_epoch * cfg.epochs - warmup), lr_min=cfg.min_lr,
         warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
 
-    global_step = 0
+    global_step, best = 0, float("-inf")
     if resume is not None:
+        best = resume.get("best", best)
         task.load_trainable_state(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -327,10 +332,11 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
             atomic_save({"model": task.trainable_state(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                          "global_step": global_step, "world": ctx.world, "rng": rng, "finished": finished,
+                         "best": best,
                          "config": config}, run.checkpoint)
 
     window = {"t0": time.perf_counter(), "images": 0, "steps": 0, "sums": {}, "skipped": 0, "reported_skips": 0}
-    last = None
+    last, last_eval = None, {}
     task.train()
     try:
         while global_step < total_updates:
@@ -373,6 +379,7 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
                 scheduler.step_update(global_step)
+                task.after_step(global_step)
 
                 for k, v in zip(names, values.tolist()):
                     window["sums"][k] = window["sums"].get(k, 0.0) + v
@@ -385,7 +392,7 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
                         dist.all_reduce(skipped)
                     last = {"step": global_step, "epoch": round(global_step / updates_per_epoch, 4),
                             **{k: s / window["steps"] for k, s in window["sums"].items()},
-                            "lr": optimizer.param_groups[0]["lr"], "images_per_s": window["images"] / elapsed,
+                            "lr": max(g["lr"] for g in optimizer.param_groups), "images_per_s": window["images"] / elapsed,
                             "skipped_images": int(skipped)}
                     metrics.log(last)
                     if bar is not None:
@@ -396,6 +403,24 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
                     window.update(t0=time.perf_counter(), images=0, steps=0, sums={})
                 if bar is not None:
                     bar.update(1)
+                if global_step % updates_per_epoch == 0 or global_step == total_updates:
+                    task.eval()
+                    with torch.no_grad(), _autocast(ctx.device, cfg.precision):
+                        result = task.evaluate()
+                    task.train()
+                    if result:
+                        record = {"step": global_step, "epoch": round(global_step / updates_per_epoch, 4),
+                                  **{f"val_{k}": v for k, v in result.items()}}
+                        if task.best_metric and result[task.best_metric] > best:
+                            best = result[task.best_metric]
+                            if ctx.is_main:
+                                task.export_best(run.path)
+                        record["val_best"] = best if task.best_metric else None
+                        metrics.log(record)
+                        last_eval = record
+                        if bar is not None:
+                            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                               for k, v in record.items()))
                 if global_step % cfg.checkpoint_every == 0 or global_step % updates_per_epoch == 0:
                     if global_step < total_updates:
                         save()
@@ -406,7 +431,7 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
         metrics.close()
         if bar is not None:
             bar.close()
-    return last
+    return {**(last or {}), **last_eval}
 
 
 def run_task(build, cfg, output: str | Path):

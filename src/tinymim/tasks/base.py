@@ -52,3 +52,15 @@ class Task(TrainingTask):
 
     def export(self, run_dir: Path) -> None:
         raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step (e.g. to update an EMA copy)."""
+
+    # evaluation at each epoch end (optional): a dict of metrics, reduced over processes
+    best_metric: str | None = None  # a key of evaluate()'s dict; higher is better
+
+    def evaluate(self) -> dict | None:
+        return None
+
+    def export_best(self, run_dir: Path) -> None:
+        """Called on the main process when evaluate()[best_metric] reaches a new best."""

@@ -1,0 +1,304 @@
+"""Fine-tuning a pre-trained ViT for classification: the MAE recipe (TINYMIM.md section 4).
+
+Layer-wise lr decay (timm's parameter groups: embeddings = layer 0, block j = layer j+1, head =
+layer L+1, scale decay^(L+1-layer)), drop path, mixup / cutmix, label smoothing, RandAugment and
+random erasing (timm's implementations), warmup + cosine, global average pooling + fc_norm or the
+class token, head init trunc-normal std 2e-5, optional model EMA. Evaluates top-1 / top-5 every
+epoch; keeps the last and the best weights (RUN_DIR/model.safetensors, RUN_DIR/best.safetensors).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.utils.data as tud
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
+from tinymim.config import ConfigError
+from tinymim.data import DataConfig, GlobalBatchSampler, build_source
+from tinymim.engine import TrainConfig
+from tinymim.models import CUSTOM, ModelConfig
+from tinymim.tasks.base import Task
+
+log = logging.getLogger("tinymim")
+
+
+def _posterize_zero_bits_compat() -> None:
+    """Pillow >= 12 refuses posterize(bits=0), which timm's 'PosterizeIncreasing' asks for at the top
+    magnitude (m9 + noise reaches 10): keep the old result, an image with every bit cleared."""
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment as aa
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        return
+    except ValueError:
+        pass
+    original = aa.posterize
+
+    def posterize(img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return original(img, bits_to_keep, **kwargs)
+
+    for name, fn in list(aa.NAME_TO_OP.items()):
+        if fn is original:
+            aa.NAME_TO_OP[name] = posterize
+
+
+_posterize_zero_bits_compat()
+
+
+@dataclass
+class ClassifyDataConfig(DataConfig):
+    """Labelled data: `root` (or cifar10/cifar100/synthetic) to train on, `val_root` to evaluate."""
+
+    val_root: str | None = None
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    eval_crop_pct: float = 0.875
+    color_jitter: float = 0.0  # ignored by timm when auto_augment is set, as in MAE
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224", drop_path_rate=0.1))
+    # pre-trained weights (run directory, file, timm name); None = random init, the from-scratch baseline
+    init: str | None = None
+    num_classes: int | None = None  # None: the training data's class count
+    global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens + fc_norm (MAE)
+    head_init_std: float = 2e-5
+    layer_decay: float = 0.65
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    ema_decay: float | None = None  # e.g. 0.9999; None = no EMA
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=100, batch_size=1024, blr=5e-4, warmup_epochs=5, min_lr=1e-6, weight_decay=0.05,
+        betas=[0.9, 0.999]))
+
+
+class ClassifyDataset(tud.Dataset):
+    """Indexed by (index, sample_seed): timm's training transform with every random choice seeded per
+    sample (same augmentation for any number of workers/processes); unreadable images are replaced
+    by the next readable one and counted."""
+
+    def __init__(self, source, transform, length: int | None = None):
+        self.source, self.transform = source, transform
+        self.length = min(length or len(source), len(source))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        skipped = 0
+        for attempt in range(16):
+            try:
+                img, label = self.source.load((index + attempt) % self.length)
+                break
+            except Exception as e:  # noqa: BLE001
+                skipped += 1
+                log.warning("skipping unreadable image %s: %s", self.source.describe(index + attempt), e)
+        else:
+            raise RuntimeError(f"16 consecutive unreadable images near index {index}")
+        if seed is None:
+            return self.transform(img), label, skipped
+        in_worker = tud.get_worker_info() is not None
+        with torch.random.fork_rng(devices=[], enabled=not in_worker):
+            state = random.getstate()
+            random.seed(seed)
+            torch.manual_seed(seed)
+            x = self.transform(img)
+            if not in_worker:
+                random.setstate(state)
+        return x, label, skipped
+
+
+def collate_classify(samples) -> dict:
+    x, y, skipped = zip(*samples)
+    return {"image": torch.stack(x), "label": torch.tensor(y), "skipped": sum(skipped)}
+
+
+def _source(cfg: ClassifyDataConfig, root: str | None, train: bool):
+    from dataclasses import replace
+
+    if cfg.name == "synthetic":  # a held-out synthetic split: other seeds
+        return build_source(replace(cfg), seed=0 if train else 1)
+    if cfg.name in ("cifar10", "cifar100"):
+        from tinymim.data import TorchvisionCIFAR
+        return TorchvisionCIFAR(cfg.name, root, train=train)
+    if not root:
+        raise ConfigError("data.val_root is needed to evaluate a folder dataset" if not train else "data.root is needed")
+    return build_source(replace(cfg, root=root))
+
+
+def build_classify_loaders(cfg: ClassifyDataConfig, batch: int, rank: int, world: int, seed: int):
+    train_tf = create_transform(cfg.img_size, is_training=True, scale=tuple(cfg.crop_scale),
+                                auto_augment=cfg.auto_augment, interpolation="bicubic", re_prob=cfg.reprob,
+                                re_mode="pixel", re_count=1, mean=tuple(cfg.mean), std=tuple(cfg.std),
+                                color_jitter=cfg.color_jitter or None)
+    train = ClassifyDataset(_source(cfg, cfg.root, True), train_tf, cfg.subset)
+    sampler = GlobalBatchSampler(len(train), batch, rank, world, seed)
+    loader = tud.DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_classify,
+                            generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
+                            prefetch_factor=4 if cfg.num_workers else None)
+    return loader, sampler, train.source
+
+
+def build_eval_loader(cfg: ClassifyDataConfig, batch: int, rank: int = 0, world: int = 1, root: str | None = None):
+    eval_tf = create_transform(cfg.img_size, is_training=False, interpolation="bicubic", crop_pct=cfg.eval_crop_pct,
+                               mean=tuple(cfg.mean), std=tuple(cfg.std))
+    source = _source(cfg, root or cfg.val_root, False)
+    ds = ClassifyDataset(source, eval_tf)
+    shard = tud.Subset(ds, range(rank, len(ds), world))  # each process a strided shard; sums are reduced
+    return tud.DataLoader(shard, batch_size=batch, num_workers=cfg.num_workers, collate_fn=collate_classify)
+
+
+def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    top = logits.topk(max(ks), dim=-1).indices
+    hit = top.eq(labels[:, None])
+    return [int(hit[:, :k].any(-1).sum()) for k in ks]
+
+
+class FinetuneTask(Task):
+    name = "finetune"
+    best_metric = "top1"
+
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, num_classes: int):
+        super().__init__(model)
+        self.model, self.cfg, self.num_classes = model, cfg, num_classes
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                               num_classes=num_classes)
+            self.criterion = SoftTargetCrossEntropy()
+        elif cfg.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.ema = None
+        self.eval_loader = None
+
+    def setup_model_ema(self) -> None:
+        if self.cfg.ema_decay:
+            from timm.utils import ModelEmaV3
+            object.__setattr__(self, "ema", ModelEmaV3(self.model, decay=self.cfg.ema_decay))
+
+    def after_step(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=step)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device, non_blocking=True)
+        if self.mixup is not None and self.training:
+            x, y = self.mixup(x, y)
+        logits = self.trainable_forward(x)
+        return {"loss": self.criterion(logits, y)}
+
+    def evaluate(self) -> dict | None:
+        if self.eval_loader is None:
+            return None
+        model = self.ema.module if self.ema is not None else self.model
+        correct1 = correct5 = total = 0
+        loss_sum = 0.0
+        for batch in self.eval_loader:
+            x, y = batch["image"].to(self.device), batch["label"].to(self.device)
+            logits = model(x).float()
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            c1, c5 = accuracy_counts(logits, y)
+            correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
+        sums = torch.tensor([correct1, correct5, total, loss_sum], dtype=torch.float64, device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        c1, c5, n, ls = sums.tolist()
+        return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": ls / n}
+
+    def export(self, run_dir: Path) -> None:
+        model = self.ema.module if self.ema is not None else self.model
+        save_weights(model.state_dict(), Path(run_dir) / "model.safetensors", {"format": "timm.VisionTransformer",
+                                                                                 "model": json.dumps(asdict(self.cfg.model))})
+
+    def export_best(self, run_dir: Path) -> None:
+        model = self.ema.module if self.ema is not None else self.model
+        save_weights(model.state_dict(), Path(run_dir) / "best.safetensors")
+
+
+def build_classifier(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
+    m = cfg.model
+    sizes = {k: getattr(m, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+             if getattr(m, k) is not None}
+    arch = "vit_base_patch16_224" if m.name == CUSTOM else m.name.split(".")[0]
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, global_pool=cfg.global_pool,
+                              fc_norm=cfg.global_pool == "avg", drop_path_rate=m.drop_path_rate, **sizes)
+    if cfg.init:
+        ignored = load_vit_weights(model, _encoder_only(load_weights(cfg.init), model),
+                                   source=f"init weights {cfg.init}")
+        if ignored:
+            log.info("init weights: set aside %s", ", ".join(ignored[:6]))
+    if num_classes:
+        with torch.no_grad():  # MAE: a fresh head, trunc-normal std 2e-5
+            nn.init.trunc_normal_(model.head.weight, std=cfg.head_init_std)
+            nn.init.zeros_(model.head.bias)
+    return model
+
+
+def _encoder_only(state: dict, model: nn.Module) -> dict:
+    """Pre-trained encoders come without this task's head and fc_norm (and maybe with a final norm
+    that global pooling does not use): those start fresh."""
+    own = model.state_dict()
+    fresh = {k: v for k, v in own.items() if k.startswith(("head.", "fc_norm.")) or
+             (k.startswith("norm.") and k not in state)}
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
+    if not isinstance(model.norm, nn.LayerNorm):  # avg pool + fc_norm: the per-token final norm is unused
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    return {**state, **fresh}
+
+
+def build_finetune_task(cfg: FinetuneConfig) -> FinetuneTask:
+    if cfg.model.img_size is None:
+        cfg.model.img_size = cfg.data.img_size
+    num_classes = cfg.num_classes
+    if num_classes is None:
+        num_classes = len(_source(cfg.data, cfg.data.root, True).classes)
+        cfg.num_classes = num_classes
+    task = FinetuneTask(build_classifier(cfg, num_classes), cfg, num_classes)
+    task.setup_model_ema()
+    return task
+
+
+def run(cfg: FinetuneConfig, output: str):
+    from tinymim import engine
+
+    engine.seed_everything(cfg.train.seed)
+    task = build_finetune_task(cfg)
+    config = json.loads(json.dumps(asdict(cfg)))
+
+    def loader_fn(batch, rank, world, seed):
+        loader, sampler, _ = build_classify_loaders(cfg.data, batch, rank, world, seed)
+        task.eval_loader = build_eval_loader(cfg.data, max(1, batch), rank, world)
+        return loader, sampler
+
+    return engine.train(task, cfg.train, loader_fn, output, config,
+                        optimizer_kwargs={"layer_decay": cfg.layer_decay})
+
+
+def load(recipe, overrides) -> FinetuneConfig:
+    from tinymim.config import load_config
+
+    return load_config(FinetuneConfig, recipe, overrides)
+
+

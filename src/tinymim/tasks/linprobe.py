@@ -1,0 +1,108 @@
+"""Linear probing (MAE protocol): a frozen backbone, BatchNorm without affine + a linear head.
+
+Only the head is trained (LARS by default, as MAE; SGD also works); the backbone stays in eval
+mode with no gradient, so its weights never change.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from tinymim.checkpoint import save_weights
+from tinymim.engine import TrainConfig
+from tinymim.models import ModelConfig
+from tinymim.tasks.finetune import (ClassifyDataConfig, FinetuneConfig, FinetuneTask, _source, build_classifier,
+                                    build_classify_loaders, build_eval_loader)
+
+
+@dataclass
+class LinearProbeConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224"))
+    init: str | None = None
+    num_classes: int | None = None
+    global_pool: Literal["avg", "token"] = "token"
+    data: ClassifyDataConfig = field(default_factory=lambda: ClassifyDataConfig(auto_augment=None, reprob=0.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=90, batch_size=16384, blr=0.1, warmup_epochs=10, weight_decay=0.0, optimizer="lars"))
+
+
+class ProbeModel(nn.Module):
+    """Frozen backbone -> BatchNorm1d(affine=False) -> Linear."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        self.head = nn.Sequential(nn.BatchNorm1d(backbone.num_features, affine=False, eps=1e-6),
+                                  nn.Linear(backbone.num_features, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+
+    def train(self, mode: bool = True) -> "ProbeModel":
+        super().train(mode)
+        self.backbone.eval()  # frozen: no drop path, no dropout, ever
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = self.backbone(x)
+        return self.head(feats.float())
+
+
+class LinearProbeTask(FinetuneTask):
+    name = "linprobe"
+
+    def __init__(self, probe: ProbeModel, cfg: FinetuneConfig, num_classes: int):
+        super().__init__(probe, cfg, num_classes)
+        self.trainable_module = probe.head  # the optimizer (and DDP) see the head only
+        self.probe = probe
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device, non_blocking=True)
+        with torch.no_grad():
+            feats = self.probe.backbone(x)
+        logits = self.trainable_forward(feats.float())
+        return {"loss": self.criterion(logits, y)}
+
+    def export(self, run_dir: Path) -> None:
+        save_weights(self.probe.state_dict(), Path(run_dir) / "model.safetensors")
+
+    def export_best(self, run_dir: Path) -> None:
+        save_weights(self.probe.state_dict(), Path(run_dir) / "best.safetensors")
+
+
+def build_linprobe_task(cfg: LinearProbeConfig) -> LinearProbeTask:
+    if cfg.model.img_size is None:
+        cfg.model.img_size = cfg.data.img_size
+    if cfg.num_classes is None:
+        cfg.num_classes = len(_source(cfg.data, cfg.data.root, True).classes)
+    ft = FinetuneConfig(model=cfg.model, init=cfg.init, num_classes=cfg.num_classes, global_pool=cfg.global_pool,
+                        mixup=0.0, cutmix=0.0, label_smoothing=0.0, data=cfg.data, train=cfg.train)
+    backbone = build_classifier(ft, 0)
+    return LinearProbeTask(ProbeModel(backbone, cfg.num_classes), ft, cfg.num_classes)
+
+
+def run(cfg: LinearProbeConfig, output: str):
+    from tinymim import engine
+
+    engine.seed_everything(cfg.train.seed)
+    task = build_linprobe_task(cfg)
+    config = json.loads(json.dumps(asdict(cfg)))
+
+    def loader_fn(batch, rank, world, seed):
+        loader, sampler, _ = build_classify_loaders(cfg.data, batch, rank, world, seed)
+        task.eval_loader = build_eval_loader(cfg.data, max(1, batch), rank, world)
+        return loader, sampler
+
+    return engine.train(task, cfg.train, loader_fn, output, config)
+
+
+def load(recipe, overrides) -> LinearProbeConfig:
+    from tinymim.config import load_config
+
+    return load_config(LinearProbeConfig, recipe, overrides)
