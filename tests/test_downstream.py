@@ -122,3 +122,16 @@ def test_knn_on_linearly_separable_features():
     assert acc > 95
     # and chance level when features carry no label information
     assert knn_accuracy(torch.randn(2000, dim, generator=g), ytr, xte, yte, num_classes) < 30
+
+
+def test_knn_monitoring_during_distillation(tmp_path):
+    from conftest import tiny_distill_config
+    from tinymim.tasks.distill import build_distill_task
+
+    cfg = tiny_distill_config(epochs=2)
+    cfg.knn.every_epochs, cfg.knn.name, cfg.knn.bank_size, cfg.knn.val_size = 2, "synthetic", 256, 128
+    run_task(build_distill_task, cfg, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in records if "val_knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [2.0]  # every 2 epochs: once
+    assert 0 <= knn[0]["val_knn_top1"] <= 100

@@ -34,7 +34,8 @@ def cmd_train(args) -> int:
     task = importlib.import_module(module_name)
     last = task.run(task.load(args.config, args.overrides), args.output)
     if last is not None:
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("loss", "val_top1", "val_best")))
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
+                            if k.startswith(("loss", "val_")) and isinstance(v, (int, float)))
         print(f"done: {args.output}/{weights} ({summary})")
     else:
         print(f"{args.output} already holds a finished run; nothing to do")

@@ -406,7 +406,7 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
                 if global_step % updates_per_epoch == 0 or global_step == total_updates:
                     task.eval()
                     with torch.no_grad(), _autocast(ctx.device, cfg.precision):
-                        result = task.evaluate()
+                        result = task.evaluate(-(-global_step // updates_per_epoch))
                     task.train()
                     if result:
                         record = {"step": global_step, "epoch": round(global_step / updates_per_epoch, 4),
@@ -415,7 +415,8 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
                             best = result[task.best_metric]
                             if ctx.is_main:
                                 task.export_best(run.path)
-                        record["val_best"] = best if task.best_metric else None
+                        if task.best_metric:
+                            record["val_best"] = best
                         metrics.log(record)
                         last_eval = record
                         if bar is not None:

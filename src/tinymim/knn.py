@@ -32,7 +32,8 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: to
     k = min(k, len(bank))
     scores = []
     for q in F.normalize(query.float(), dim=1).split(chunk):
-        sim, idx = (q @ bank.T).topk(k, dim=1)
+        with torch.autocast(q.device.type, enabled=False):  # full-precision similarities
+            sim, idx = (q @ bank.T).topk(k, dim=1)
         votes = torch.zeros(len(q), num_classes)
         votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
         scores.append(votes)
@@ -44,3 +45,60 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
     """Top-1 accuracy (%) of the weighted k-NN classifier."""
     pred = knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature).argmax(1)
     return 100.0 * (pred == test_labels).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# k-NN monitoring during pre-training, and the `tinymim knn` command
+
+from dataclasses import dataclass, field  # noqa: E402
+
+
+@dataclass
+class KNNMonitorConfig:
+    """k-NN accuracy of the model being pre-trained, every `every_epochs` epochs (0 = off)."""
+
+    every_epochs: int = 0
+    name: str = "folder"  # folder | cifar10 | cifar100 | synthetic (labelled data)
+    root: str | None = None  # the labelled bank (a training split)
+    val_root: str | None = None  # the queries (a validation split)
+    bank_size: int | None = 5000  # first N images of the bank (None: all)
+    val_size: int | None = 1000
+    img_size: int | None = None  # None: the training data's
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 256
+
+
+class KNNMonitor:
+    def __init__(self, cfg: KNNMonitorConfig, data_cfg):
+        from tinymim.tasks.finetune import ClassifyDataConfig
+
+        self.cfg = cfg
+        self.data = ClassifyDataConfig(
+            name=cfg.name, root=cfg.root, val_root=cfg.val_root, img_size=cfg.img_size or data_cfg.img_size,
+            mean=list(data_cfg.mean), std=list(data_cfg.std), num_workers=min(data_cfg.num_workers, 4),
+            eval_crop_pct=1.0 if (cfg.img_size or data_cfg.img_size) <= 64 else 0.875,
+            synthetic_size=getattr(data_cfg, "synthetic_size", 2048))
+        self.loaders = None
+
+    def _build(self) -> None:
+        from tinymim.tasks.finetune import build_eval_loader
+
+        bank = build_eval_loader(self.data, self.cfg.batch_size, root=self.data.root, split_train=True)
+        val = build_eval_loader(self.data, self.cfg.batch_size, root=self.data.val_root)
+        for loader, n in ((bank, self.cfg.bank_size), (val, self.cfg.val_size)):
+            if n is not None and n < len(loader.dataset):
+                loader.dataset.indices = list(loader.dataset.indices)[:n]
+        self.loaders = (bank, val)
+
+    def due(self, epoch: int) -> bool:
+        return self.cfg.every_epochs > 0 and epoch % self.cfg.every_epochs == 0
+
+    def __call__(self, features: torch.nn.Module, device: torch.device) -> dict:
+        if self.loaders is None:
+            self._build()
+        bank, val = self.loaders
+        fb, yb = extract_features(features, bank, device)
+        fv, yv = extract_features(features, val, device)
+        num_classes = int(max(yb.max(), yv.max())) + 1
+        return {"knn_top1": knn_accuracy(fb, yb, fv, yv, num_classes, self.cfg.k, self.cfg.temperature)}

@@ -136,3 +136,19 @@ def truncate(model: VisionTransformer, k: int) -> VisionTransformer:
     model.fc_norm = nn.Identity()
     model.head = nn.Identity()
     return model
+
+
+class TokenFeatures(nn.Module):
+    """Average of the patch tokens entering block k (1-indexed; k = depth + 1 means after the last
+    block and its final norm): a frozen-feature view of a ViT for k-NN and probes."""
+
+    def __init__(self, vit: VisionTransformer, block: int | None = None):
+        super().__init__()
+        self.vit, self.block = vit, block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block is None or self.block > len(self.vit.blocks):
+            tokens = self.vit.forward_features(x)
+        else:
+            tokens = tokens_before_block(self.vit, x, self.block)
+        return tokens[:, self.vit.num_prefix_tokens:].mean(1)

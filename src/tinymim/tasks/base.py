@@ -59,7 +59,8 @@ class Task(TrainingTask):
     # evaluation at each epoch end (optional): a dict of metrics, reduced over processes
     best_metric: str | None = None  # a key of evaluate()'s dict; higher is better
 
-    def evaluate(self) -> dict | None:
+    def evaluate(self, epoch: int) -> dict | None:
+        """Metrics after `epoch` epochs (1-based), or None when there is nothing to evaluate."""
         return None
 
     def export_best(self, run_dir: Path) -> None:

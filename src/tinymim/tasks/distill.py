@@ -21,7 +21,8 @@ from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.config import ConfigError
 from tinymim.data import DataConfig, paired_views
 from tinymim.engine import TrainConfig
-from tinymim.models import ModelConfig, create_vit, num_tokens, tokens_before_block, truncate
+from tinymim.knn import KNNMonitor, KNNMonitorConfig
+from tinymim.models import ModelConfig, TokenFeatures, create_vit, num_tokens, tokens_before_block, truncate
 from tinymim.relations import RELATION_NAMES, RelationLoss, block_qkv
 from tinymim.tasks.base import Task
 
@@ -61,6 +62,7 @@ class DistillConfig:
     loss: RelationLossConfig = field(default_factory=RelationLossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    knn: KNNMonitorConfig = field(default_factory=KNNMonitorConfig)
 
 
 class TeacherRelations(nn.Module):
@@ -140,6 +142,15 @@ class DistillTask(Task):
         teacher_qkv = getattr(self, "_teacher_fn", self.teacher)(teacher_x)
         student_qkv = self.trainable_forward(student_x)
         return getattr(self, "_loss_fn", self.loss)(teacher_qkv, student_qkv)
+
+    def evaluate(self, epoch: int) -> dict | None:
+        """k-NN accuracy of the student's features (patch tokens entering its relation block: the
+        blocks after it are not trained by distillation) when the k-NN monitor is due."""
+        if self.config is None or not self.config.knn.every_epochs or epoch % self.config.knn.every_epochs:
+            return None
+        if getattr(self, "_knn", None) is None:
+            object.__setattr__(self, "_knn", KNNMonitor(self.config.knn, self.data_cfg))
+        return self._knn(TokenFeatures(self.student, len(self.student.blocks)), self.device)
 
     def export(self, run_dir: Path) -> None:
         meta = {"format": "timm.VisionTransformer"}

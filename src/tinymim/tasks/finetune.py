@@ -158,10 +158,13 @@ def build_classify_loaders(cfg: ClassifyDataConfig, batch: int, rank: int, world
     return loader, sampler, train.source
 
 
-def build_eval_loader(cfg: ClassifyDataConfig, batch: int, rank: int = 0, world: int = 1, root: str | None = None):
+def build_eval_loader(cfg: ClassifyDataConfig, batch: int, rank: int = 0, world: int = 1, root: str | None = None,
+                      split_train: bool = False):
+    """Evaluation transform (resize, center crop) over the validation split, or over the training
+    split with split_train (a k-NN bank)."""
     eval_tf = create_transform(cfg.img_size, is_training=False, interpolation="bicubic", crop_pct=cfg.eval_crop_pct,
                                mean=tuple(cfg.mean), std=tuple(cfg.std))
-    source = _source(cfg, root or cfg.val_root, False)
+    source = _source(cfg, root or (cfg.root if split_train else cfg.val_root), split_train)
     ds = ClassifyDataset(source, eval_tf)
     shard = tud.Subset(ds, range(rank, len(ds), world))  # each process a strided shard; sums are reduced
     return tud.DataLoader(shard, batch_size=batch, num_workers=cfg.num_workers, collate_fn=collate_classify)
@@ -209,7 +212,7 @@ class FinetuneTask(Task):
         logits = self.trainable_forward(x)
         return {"loss": self.criterion(logits, y)}
 
-    def evaluate(self) -> dict | None:
+    def evaluate(self, epoch: int) -> dict | None:
         if self.eval_loader is None:
             return None
         model = self.ema.module if self.ema is not None else self.model

@@ -20,7 +20,8 @@ from timm.models.vision_transformer import Block
 from tinymim.checkpoint import save_weights
 from tinymim.data import DataConfig, plain_view
 from tinymim.engine import TrainConfig
-from tinymim.models import ModelConfig, create_vit
+from tinymim.knn import KNNMonitor, KNNMonitorConfig
+from tinymim.models import ModelConfig, TokenFeatures, create_vit
 from tinymim.tasks.base import Task
 
 
@@ -40,6 +41,7 @@ class MAEConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(color_jitter=0.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=800, batch_size=4096, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05))
+    knn: KNNMonitorConfig = field(default_factory=KNNMonitorConfig)
 
 
 def sincos_pos_embed(grid: tuple[int, int], dim: int, num_prefix: int = 1) -> torch.Tensor:
@@ -122,6 +124,14 @@ class MAETask(Task):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"loss": self.trainable_forward(plain_view(batch, self.data_cfg, self.device))}
+
+    def evaluate(self, epoch: int) -> dict | None:
+        """k-NN accuracy of the encoder's features (average of its final patch tokens) when due."""
+        if self.config is None or not self.config.knn.every_epochs or epoch % self.config.knn.every_epochs:
+            return None
+        if getattr(self, "_knn", None) is None:
+            object.__setattr__(self, "_knn", KNNMonitor(self.config.knn, self.data_cfg))
+        return self._knn(TokenFeatures(self.mae.encoder), self.device)
 
     def export(self, run_dir: Path) -> None:
         meta = {"format": "timm.VisionTransformer"}
