@@ -435,11 +435,13 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
     return {**(last or {}), **last_eval}
 
 
-def run_task(build, cfg, output: str | Path):
+def run_task(build, cfg, output: str | Path, make_loader=None, optimizer_kwargs: dict | None = None):
     """Build a task from a config with `data` and `train` sections and train it.
 
     The model is built after seeding with train.seed, identically in every process (a random
     teacher must be the same on every rank); the resolved config is saved with the run.
+    make_loader(task, global_micro_batch, rank, world, seed) -> (loader, sampler); by default the
+    paired-view loader of pre-training.
     """
     from dataclasses import asdict
 
@@ -450,7 +452,9 @@ def run_task(build, cfg, output: str | Path):
     config = json.loads(json.dumps(asdict(cfg)))  # plain types only (YAML- and compare-friendly)
 
     def loader_fn(batch, rank, world, seed):
+        if make_loader is not None:
+            return make_loader(task, batch, rank, world, seed)
         return build_loader(cfg.data, batch, rank, world, seed,
                             pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu")
 
-    return train(task, cfg.train, loader_fn, output, config)
+    return train(task, cfg.train, loader_fn, output, config, optimizer_kwargs=optimizer_kwargs)

@@ -283,20 +283,18 @@ def build_finetune_task(cfg: FinetuneConfig) -> FinetuneTask:
     return task
 
 
+def classify_loaders(task, batch: int, rank: int, world: int, seed: int):
+    """Training loader for the engine; the task gets the evaluation loader of the same data."""
+    loader, sampler, _ = build_classify_loaders(task.cfg.data, batch, rank, world, seed)
+    task.eval_loader = build_eval_loader(task.cfg.data, max(1, batch), rank, world)
+    return loader, sampler
+
+
 def run(cfg: FinetuneConfig, output: str):
     from tinymim import engine
 
-    engine.seed_everything(cfg.train.seed)
-    task = build_finetune_task(cfg)
-    config = json.loads(json.dumps(asdict(cfg)))
-
-    def loader_fn(batch, rank, world, seed):
-        loader, sampler, _ = build_classify_loaders(cfg.data, batch, rank, world, seed)
-        task.eval_loader = build_eval_loader(cfg.data, max(1, batch), rank, world)
-        return loader, sampler
-
-    return engine.train(task, cfg.train, loader_fn, output, config,
-                        optimizer_kwargs={"layer_decay": cfg.layer_decay})
+    return engine.run_task(build_finetune_task, cfg, output, make_loader=classify_loaders,
+                           optimizer_kwargs={"layer_decay": cfg.layer_decay})
 
 
 def load(recipe, overrides) -> FinetuneConfig:

@@ -5,8 +5,7 @@ mode with no gradient, so its weights never change.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +16,7 @@ from tinymim.checkpoint import save_weights
 from tinymim.engine import TrainConfig
 from tinymim.models import ModelConfig
 from tinymim.tasks.finetune import (ClassifyDataConfig, FinetuneConfig, FinetuneTask, _source, build_classifier,
-                                    build_classify_loaders, build_eval_loader)
+                                    classify_loaders)
 
 
 @dataclass
@@ -90,16 +89,7 @@ def build_linprobe_task(cfg: LinearProbeConfig) -> LinearProbeTask:
 def run(cfg: LinearProbeConfig, output: str):
     from tinymim import engine
 
-    engine.seed_everything(cfg.train.seed)
-    task = build_linprobe_task(cfg)
-    config = json.loads(json.dumps(asdict(cfg)))
-
-    def loader_fn(batch, rank, world, seed):
-        loader, sampler, _ = build_classify_loaders(cfg.data, batch, rank, world, seed)
-        task.eval_loader = build_eval_loader(cfg.data, max(1, batch), rank, world)
-        return loader, sampler
-
-    return engine.train(task, cfg.train, loader_fn, output, config)
+    return engine.run_task(build_linprobe_task, cfg, output, make_loader=classify_loaders)
 
 
 def load(recipe, overrides) -> LinearProbeConfig:
