@@ -54,6 +54,31 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from tinymim import robustness
+
+    try:
+        result = robustness.evaluate_path(args.source, args.data, args.protocol, args.weights, args.batch_size,
+                                          args.workers)
+    except (FileNotFoundError, ValueError) as e:
+        raise TinymimError(str(e)) from e
+    print(robustness.format_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def cmd_corrupt(args) -> int:
+    from tinymim import robustness
+
+    n = robustness.corrupt_folder(args.source, args.output, args.corruptions, args.severities, args.per_class)
+    print(f"wrote {n} images under {args.output}/<corruption>/<severity>/<class>/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinymim", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -68,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder (timm) or .onnx file")
     p.add_argument("--model", help="timm architecture of a bare weights file, e.g. vit_small_patch16_224")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned run: plain, ImageNet-A/R subsets, corruptions")
+    p.add_argument("source", help="a tinymim finetune run directory")
+    p.add_argument("--data", required=True, help="ImageFolder, 200-class subset folder, or corruption tree")
+    p.add_argument("--protocol", default="auto", choices=["auto", "plain", "subset", "corruptions"])
+    p.add_argument("--weights", default="best", choices=["best", "last"])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("corrupt", help="write an ImageNet-C style corruption tree from an ImageFolder")
+    p.add_argument("source", help="ImageFolder root (root/<class>/<image>)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--corruptions", nargs="+", help="default: all available")
+    p.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    p.add_argument("--per-class", type=int, help="at most this many images per class")
+    p.set_defaults(func=cmd_corrupt)
     return parser
 
 

@@ -170,10 +170,27 @@ def build_eval_loader(cfg: ClassifyDataConfig, batch: int, rank: int = 0, world:
     return tud.DataLoader(shard, batch_size=batch, num_workers=cfg.num_workers, collate_fn=collate_classify)
 
 
-def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
-    top = logits.topk(max(ks), dim=-1).indices
-    hit = top.eq(labels[:, None])
-    return [int(hit[:, :k].any(-1).sum()) for k in ks]
+@torch.no_grad()
+def classification_sums(model: nn.Module, loader, device: torch.device, class_indices=None) -> torch.Tensor:
+    """[top-1 hits, top-5 hits, images, summed cross-entropy] over a loader, as a float64 tensor on
+    `device` (ready for an all-reduce); logits restricted to `class_indices` when given."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    idx = torch.tensor(class_indices, device=device) if class_indices is not None else None
+    for batch in loader:
+        x, y = batch["image"].to(device), batch["label"].to(device)
+        logits = model(x).float()
+        if idx is not None:
+            logits = logits.index_select(1, idx)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums += torch.tensor([float((top[:, 0] == y).sum()), float((top == y[:, None]).any(1).sum()), len(y),
+                              float(nn.functional.cross_entropy(logits, y, reduction="sum"))],
+                             dtype=torch.float64, device=device)
+    return sums
+
+
+def sums_to_metrics(sums: torch.Tensor) -> dict:
+    c1, c5, n, loss = sums.tolist()
+    return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n, "images": int(n)}
 
 
 class FinetuneTask(Task):
@@ -216,19 +233,12 @@ class FinetuneTask(Task):
         if self.eval_loader is None:
             return None
         model = self.ema.module if self.ema is not None else self.model
-        correct1 = correct5 = total = 0
-        loss_sum = 0.0
-        for batch in self.eval_loader:
-            x, y = batch["image"].to(self.device), batch["label"].to(self.device)
-            logits = model(x).float()
-            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            c1, c5 = accuracy_counts(logits, y)
-            correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
-        sums = torch.tensor([correct1, correct5, total, loss_sum], dtype=torch.float64, device=self.device)
+        sums = classification_sums(model, self.eval_loader, self.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
-        c1, c5, n, ls = sums.tolist()
-        return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": ls / n}
+        metrics = sums_to_metrics(sums)
+        metrics.pop("images")
+        return metrics
 
     def export(self, run_dir: Path) -> None:
         model = self.ema.module if self.ema is not None else self.model

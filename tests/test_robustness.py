@@ -1,0 +1,96 @@
+"""ImageNet-A/R logit restriction, the mCE formula, corruption trees and `tinymim eval`."""
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from tinymim.cli import main
+from tinymim.robustness import (ALEXNET_ERROR, corruption_errors, evaluate_folder, imagenet_wnids,
+                                subset_class_indices)
+from tinymim.tasks.finetune import ClassifyDataConfig, build_eval_loader
+
+
+class ColorCodedClassifier(torch.nn.Module):
+    """1000-way logits: the image's red level picks one of `targets` (ImageNet indices) with logit 1;
+    class 999 (outside the subset) always gets logit 5, so an unrestricted arg-max is always wrong."""
+
+    def __init__(self, targets):
+        super().__init__()
+        self.targets = targets
+
+    def forward(self, x):
+        logits = torch.zeros(len(x), 1000)
+        logits[:, 999] = 5.0
+        level = x[:, 0].mean((1, 2))  # 50/255, 128/255 or 200/255
+        choice = torch.bucketize(level, torch.tensor([0.35, 0.65]))
+        logits[torch.arange(len(x)), torch.tensor(self.targets)[choice]] = 1.0
+        return logits
+
+
+def test_subset_restriction_on_a_fake_imagenet_r_layout(tmp_path):
+    wnids = imagenet_wnids()
+    subset = [wnids[7], wnids[300], wnids[42]]  # folders sort as: wnids[7], wnids[42], wnids[300]
+    folders = sorted(subset)
+    assert subset_class_indices(folders, wnids) == [7, 42, 300]
+    reds = {folders[0]: [50, 50], folders[1]: [200], folders[2]: [200]}  # predicted positions 0,0 | 2 | 2
+    for w, levels in reds.items():
+        (tmp_path / w).mkdir()
+        for i, r in enumerate(levels):
+            Image.new("RGB", (8, 8), (r, 0, 0)).save(tmp_path / w / f"{i}.png")
+    cfg = ClassifyDataConfig(name="folder", val_root=str(tmp_path), img_size=8, eval_crop_pct=1.0,
+                             mean=[0, 0, 0], std=[1, 1, 1], num_workers=0)
+    model = ColorCodedClassifier(targets=[7, 42, 300])
+    restricted = evaluate_folder(model, build_eval_loader(cfg, 4), torch.device("cpu"),
+                                 class_indices=subset_class_indices(folders, wnids))
+    # hand count: folder 0 -> 2 of 2 right; folder 1 (label 1) -> predicted 2, wrong; folder 2 -> right
+    assert restricted["top1"] == pytest.approx(75.0) and restricted["images"] == 4
+    unrestricted = evaluate_folder(model, build_eval_loader(cfg, 4), torch.device("cpu"))
+    assert unrestricted["top1"] == 0.0  # class 999 wins everywhere without the restriction
+    with pytest.raises(ValueError, match="not ImageNet-1k classes"):
+        subset_class_indices(["cat", "dog"], wnids)
+
+
+def test_mce_formula_by_hand():
+    errors = {"gaussian_noise": [0.5] * 5, "contrast": [0.2, 0.4, 0.6, 0.8, 1.0]}
+    out = corruption_errors(errors)
+    ce_g = (0.5 * 5) / (ALEXNET_ERROR["gaussian_noise"] * 5)
+    ce_c = (0.2 + 0.4 + 0.6 + 0.8 + 1.0) / (ALEXNET_ERROR["contrast"] * 5)
+    assert out["ce"]["gaussian_noise"] == pytest.approx(ce_g)
+    assert out["ce"]["contrast"] == pytest.approx(ce_c)
+    assert out["mce"] == pytest.approx((ce_g + ce_c) / 2)
+    assert out["mean_error"] == pytest.approx(5.5 / 10)
+    assert len(ALEXNET_ERROR) == 15
+    assert "mce" not in corruption_errors({"my_corruption": [0.1]})  # no AlexNet reference for it
+
+
+def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
+    from tinymim.tasks import finetune
+
+    from test_downstream import tiny_finetune_config
+
+    cfg = tiny_finetune_config(max_steps=2)
+    cfg.data.synthetic_classes = 3
+    finetune.run(cfg, str(tmp_path / "run"))
+    src = tmp_path / "clean"
+    from tinymim.data import SyntheticImages
+    images = SyntheticImages(size=6, img_size=32, num_classes=3, seed=5)
+    for i in range(6):
+        img, c = images.load(i)
+        (src / f"class_{c}").mkdir(parents=True, exist_ok=True)
+        img.save(src / f"class_{c}" / f"{i}.png")
+    assert main(["corrupt", str(src), "--output", str(tmp_path / "corrupted"),
+                 "--corruptions", "gaussian_noise", "contrast", "--severities", "1", "5"]) == 0
+    assert len(list((tmp_path / "corrupted").rglob("*.png"))) == 6 * 2 * 2
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "corrupted"), "--workers", "0",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| corruption | sev 1 top-1 | sev 5 top-1 | mean error | CE |" in out
+    assert "| gaussian_noise |" in out and "| contrast |" in out and "mCE" in out
+    import json
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["protocol"] == "corruptions" and math.isfinite(result["mce"])
+    # plain protocol on the clean folder
+    assert main(["eval", str(tmp_path / "run"), "--data", str(src), "--workers", "0"]) == 0
+    assert "top-1" in capsys.readouterr().out
