@@ -52,16 +52,18 @@ def test_subset_restriction_on_a_fake_imagenet_r_layout(tmp_path):
 
 
 def test_mce_formula_by_hand():
-    errors = {"gaussian_noise": [0.5] * 5, "contrast": [0.2, 0.4, 0.6, 0.8, 1.0]}
+    errors = {c: [0.5] * 5 for c in ALEXNET_ERROR}
+    errors["contrast"] = [0.2, 0.4, 0.6, 0.8, 1.0]
     out = corruption_errors(errors)
-    ce_g = (0.5 * 5) / (ALEXNET_ERROR["gaussian_noise"] * 5)
-    ce_c = (0.2 + 0.4 + 0.6 + 0.8 + 1.0) / (ALEXNET_ERROR["contrast"] * 5)
-    assert out["ce"]["gaussian_noise"] == pytest.approx(ce_g)
-    assert out["ce"]["contrast"] == pytest.approx(ce_c)
-    assert out["mce"] == pytest.approx((ce_g + ce_c) / 2)
-    assert out["mean_error"] == pytest.approx(5.5 / 10)
-    assert len(ALEXNET_ERROR) == 15
-    assert "mce" not in corruption_errors({"my_corruption": [0.1]})  # no AlexNet reference for it
+    ce = {c: (0.5 * 5) / (ALEXNET_ERROR[c] * 5) for c in ALEXNET_ERROR}
+    ce["contrast"] = (0.2 + 0.4 + 0.6 + 0.8 + 1.0) / (ALEXNET_ERROR["contrast"] * 5)
+    assert out["ce"] == pytest.approx(ce)
+    assert out["mce"] == pytest.approx(sum(ce.values()) / 15)
+    assert out["ce"]["gaussian_noise"] == pytest.approx(0.5 / 0.886428)
+    assert out["mean_error"] == pytest.approx((14 * 2.5 + 3.0) / 75)
+    # fewer corruptions (a CIFAR-C-style tree): mean error only, no AlexNet-normalized mCE
+    partial = corruption_errors({"gaussian_noise": [0.1, 0.3], "contrast": [0.2]})
+    assert "mce" not in partial and partial["mean_error"] == pytest.approx(0.2)
 
 
 def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
@@ -87,10 +89,11 @@ def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
                  "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "| corruption | sev 1 top-1 | sev 5 top-1 | mean error | CE |" in out
-    assert "| gaussian_noise |" in out and "| contrast |" in out and "mCE" in out
+    assert "| gaussian_noise |" in out and "| contrast |" in out and "mCE: not computed" in out
     import json
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["protocol"] == "corruptions" and math.isfinite(result["mce"])
+    assert result["protocol"] == "corruptions" and math.isfinite(result["mean_error"]) and "mce" not in result
+    assert set(result["top1"]) == {"gaussian_noise", "contrast"} and set(result["top1"]["contrast"]) == {"1", "5"}
     # plain protocol on the clean folder
     assert main(["eval", str(tmp_path / "run"), "--data", str(src), "--workers", "0"]) == 0
     assert "top-1" in capsys.readouterr().out
