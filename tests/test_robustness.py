@@ -97,3 +97,23 @@ def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
     # plain protocol on the clean folder
     assert main(["eval", str(tmp_path / "run"), "--data", str(src), "--workers", "0"]) == 0
     assert "top-1" in capsys.readouterr().out
+
+
+def test_knn_command_on_a_distilled_student(tmp_path, capsys):
+    from conftest import tiny_distill_config
+    from tinymim.data import SyntheticImages
+    from tinymim.engine import run_task
+    from tinymim.tasks.distill import build_distill_task
+
+    run_task(build_distill_task, tiny_distill_config(max_steps=2), tmp_path / "run")
+    for split, seed in (("train", 0), ("val", 1)):
+        images = SyntheticImages(size=40, img_size=32, num_classes=4, seed=seed)
+        for i in range(40):
+            img, c = images.load(i)
+            (tmp_path / split / f"class_{c}").mkdir(parents=True, exist_ok=True)
+            img.save(tmp_path / split / f"class_{c}" / f"{i}.png")
+    capsys.readouterr()
+    assert main(["knn", str(tmp_path / "run"), "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                 "--workers", "0", "--block", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "k-NN (k=20, T=0.07) top-1" in out and "40 queries, bank of 40" in out

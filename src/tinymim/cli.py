@@ -71,6 +71,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_knn(args) -> int:
+    from tinymim.knn import knn_evaluate
+
+    r = knn_evaluate(args.source, args.data, args.val, args.model, args.block, args.k, args.temperature,
+                     args.mean, args.std, args.batch_size, args.workers, args.bank_size)
+    print(f"k-NN (k={args.k}, T={args.temperature}) top-1 {r['knn_top1']:.2f}% "
+          f"({r['queries']} queries, bank of {r['bank']})")
+    return 0
+
+
 def cmd_corrupt(args) -> int:
     from tinymim import robustness
 
@@ -102,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("knn", help="weighted k-NN accuracy of a model's frozen features")
+    p.add_argument("source", help="a run directory or weights (then --model)")
+    p.add_argument("--data", required=True, help="labelled ImageFolder: the neighbour bank")
+    p.add_argument("--val", required=True, help="labelled ImageFolder: the queries")
+    p.add_argument("--model", help="timm architecture of a bare weights file")
+    p.add_argument("--block", type=int, help="features entering this block (1-indexed) instead of the final ones")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--mean", type=float, nargs=3)
+    p.add_argument("--std", type=float, nargs=3)
+    p.add_argument("--bank-size", type=int, help="use the first N images of the bank")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_knn)
     p = sub.add_parser("corrupt", help="write an ImageNet-C style corruption tree from an ImageFolder")
     p.add_argument("source", help="ImageFolder root (root/<class>/<image>)")
     p.add_argument("--output", required=True)

@@ -102,3 +102,31 @@ class KNNMonitor:
         fv, yv = extract_features(features, val, device)
         num_classes = int(max(yb.max(), yv.max())) + 1
         return {"knn_top1": knn_accuracy(fb, yb, fv, yv, num_classes, self.cfg.k, self.cfg.temperature)}
+
+
+def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None = None, block: int | None = None,
+                 k: int = 20, temperature: float = 0.07, mean=None, std=None, batch_size: int = 256,
+                 num_workers: int = 2, bank_size: int | None = None) -> dict:
+    """k-NN top-1 of a model's frozen features: the average patch token after the final norm, or
+    entering block `block` (1-indexed)."""
+    from tinymim.export import build_exportable
+    from tinymim.models import TokenFeatures
+    from tinymim.tasks.finetune import ClassifyDataConfig, build_eval_loader
+
+    model, _ = build_exportable(source, model_name)
+    size = model.patch_embed.img_size[0]
+    data = ClassifyDataConfig(name="folder", root=str(train_root), val_root=str(val_root), img_size=size,
+                              eval_crop_pct=1.0 if size <= 64 else 0.875, num_workers=num_workers)
+    if mean is not None:
+        data.mean = list(mean)
+    if std is not None:
+        data.std = list(std)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    features = TokenFeatures(model.to(device), block)
+    bank = build_eval_loader(data, batch_size, split_train=True)
+    if bank_size is not None and bank_size < len(bank.dataset):
+        bank.dataset.indices = list(bank.dataset.indices)[:bank_size]
+    fb, yb = extract_features(features, bank, device)
+    fv, yv = extract_features(features, build_eval_loader(data, batch_size), device)
+    num_classes = int(max(yb.max(), yv.max())) + 1
+    return {"knn_top1": knn_accuracy(fb, yb, fv, yv, num_classes, k, temperature), "bank": len(fb), "queries": len(fv)}
