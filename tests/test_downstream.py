@@ -135,3 +135,19 @@ def test_knn_monitoring_during_distillation(tmp_path):
     knn = [r for r in records if "val_knn_top1" in r]
     assert [r["epoch"] for r in knn] == [2.0]  # every 2 epochs: once
     assert 0 <= knn[0]["val_knn_top1"] <= 100
+
+
+def test_model_ema_is_what_gets_evaluated_and_exported(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_finetune_config(max_steps=3)
+    cfg.ema_decay = 0.5
+    task = build_finetune_task(cfg)
+    assert task.ema is not None
+    finetune.run(cfg, str(tmp_path / "run"))
+    exported = load_file(tmp_path / "run" / "model.safetensors")
+    # the EMA copy differs from the raw weights after a few steps at decay 0.5
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    raw = ckpt["model"]["blocks.0.attn.qkv.weight"]
+    assert not torch.equal(exported["blocks.0.attn.qkv.weight"], raw)
+    assert torch.equal(ckpt["model"]["__ema__.blocks.0.attn.qkv.weight"], exported["blocks.0.attn.qkv.weight"])

@@ -217,6 +217,21 @@ class FinetuneTask(Task):
             from timm.utils import ModelEmaV3
             object.__setattr__(self, "ema", ModelEmaV3(self.model, decay=self.cfg.ema_decay))
 
+    _EMA = "__ema__."
+
+    def trainable_state(self) -> dict:
+        """The model, plus its EMA copy when there is one (so a resumed run keeps averaging)."""
+        state = dict(self.model.state_dict())
+        if self.ema is not None:
+            state.update({self._EMA + k: v for k, v in self.ema.module.state_dict().items()})
+        return state
+
+    def load_trainable_state(self, state: dict) -> None:
+        self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith(self._EMA)})
+        ema = {k[len(self._EMA):]: v for k, v in state.items() if k.startswith(self._EMA)}
+        if self.ema is not None and ema:
+            self.ema.module.load_state_dict(ema)
+
     def after_step(self, step: int) -> None:
         if self.ema is not None:
             self.ema.update(self.model, step=step)
