@@ -18,12 +18,21 @@ def test_recipes_exist():
             "cifar10/mae_micro.yaml"} <= names
 
 
+def _kind(recipe: Path):
+    from tinymim.tasks.finetune import FinetuneConfig, build_finetune_task
+
+    prefix = recipe.stem.split("_")[0]
+    return {"distill": (DistillConfig, build_distill_task, ["teacher.checkpoint=null"]),
+            "mae": (MAEConfig, build_mae_task, []),
+            "finetune": (FinetuneConfig, build_finetune_task, ["init=null", "num_classes=10"])}[prefix]
+
+
 @pytest.mark.parametrize("recipe", ALL, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_recipe_builds(recipe: Path):
-    kind = DistillConfig if recipe.stem.startswith("distill") else MAEConfig
-    cfg = load_config(kind, recipe, ["teacher.checkpoint=null"] if kind is DistillConfig else [])
+    kind, build, overrides = _kind(recipe)
+    cfg = load_config(kind, recipe, overrides)
     with torch.device("meta"):
-        task = (build_distill_task if kind is DistillConfig else build_mae_task)(cfg)
+        task = build(cfg)
     if kind is DistillConfig:
         assert cfg.loss.relations == ["qk", "vv"] and cfg.loss.softmax
         teacher_heads = task.teacher.vit.blocks[cfg.teacher.target_block - 1].attn.num_heads
