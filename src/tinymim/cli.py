@@ -81,6 +81,14 @@ def cmd_knn(args) -> int:
     return 0
 
 
+def cmd_visualize(args) -> int:
+    from tinymim.visualize import relation_grid
+
+    out = relation_grid(args.run, args.image, args.output, args.relations, args.heads, args.queries, args.cell)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_corrupt(args) -> int:
     from tinymim import robustness
 
@@ -126,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_knn)
+    p = sub.add_parser("visualize", help="teacher vs student relation maps of a distill run, as a PNG grid")
+    p.add_argument("run", help="a tinymim distill run directory")
+    p.add_argument("--image", required=True)
+    p.add_argument("--output", required=True, help="PNG file")
+    p.add_argument("--relations", nargs="+", default=["qk", "vv"])
+    p.add_argument("--heads", nargs="+", type=int, default=[0])
+    p.add_argument("--queries", nargs="+", type=int, help="token indices (default: the center patch)")
+    p.add_argument("--cell", type=int, default=128, help="pixels per panel")
+    p.set_defaults(func=cmd_visualize)
     p = sub.add_parser("corrupt", help="write an ImageNet-C style corruption tree from an ImageFolder")
     p.add_argument("source", help="ImageFolder root (root/<class>/<image>)")
     p.add_argument("--output", required=True)
