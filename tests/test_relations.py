@@ -113,3 +113,19 @@ def test_without_softmax_is_mse_of_raw_maps():
     out = RelationLoss(("qk",), softmax=False)(t, s)
     expected = ((relation_logits(t, "qk") - relation_logits(s, "qk")) ** 2).mean()
     assert torch.allclose(out["loss"], expected)
+
+
+def test_teacher_drop_path_is_off_by_default_and_only_active_in_training():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    task = build_distill_task(tiny_distill_config())
+    task.train()
+    assert all(torch.equal(a, b) for a, b in zip(task.teacher(x), task.teacher(x)))  # deterministic: paper default
+    cfg = tiny_distill_config()
+    cfg.teacher.drop_path_rate = 0.5
+    task = build_distill_task(cfg)
+    task.train()
+    assert not torch.equal(task.teacher(x)[0], task.teacher(x)[0])  # stochastic while training
+    assert not any(p.requires_grad for p in task.teacher.parameters())
+    task.eval()
+    assert torch.equal(task.teacher(x)[0], task.teacher(x)[0])  # and off in eval

@@ -1,7 +1,7 @@
 """TinyMIM relation distillation: a frozen teacher's Q-K / V-V relations taught to a student ViT.
 
 Teacher: its block k (1-indexed) on the output of block k-1; blocks after k are dropped. Frozen,
-eval mode, no drop path, no grad. Student: its last block, whose head count is set to the
+eval mode, no grad, no drop path unless teacher.drop_path_rate asks for some (an ablation). Student: its last block, whose head count is set to the
 teacher's, so both relation maps are B x M_t x N x N. Only that block's norm1 + qkv feed the loss;
 its attention projection, MLP, norm2 and the final norm are frozen (they would get no gradient),
 so DDP needs no `find_unused_parameters`.
@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import yaml
+from timm.layers import DropPath
 
 from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.config import ConfigError
 from tinymim.data import DataConfig, paired_views
 from tinymim.engine import TrainConfig
 from tinymim.knn import KNNMonitor, KNNMonitorConfig
-from tinymim.models import ModelConfig, TokenFeatures, create_vit, num_tokens, tokens_before_block, truncate
+from tinymim.models import (ModelConfig, TokenFeatures, create_vit, num_tokens, set_drop_path, tokens_before_block,
+                             truncate)
 from tinymim.relations import RELATION_NAMES, RelationLoss, block_qkv
 from tinymim.tasks.base import Task
 
@@ -40,6 +42,8 @@ class TeacherConfig:
     checkpoint: str | None = None
     # 1-indexed block whose relations are the target; None = the paper's choice or the last block
     target_block: int | None = None
+    # drop path in the teacher's blocks while training (the paper's ablation; 0 = none, its best)
+    drop_path_rate: float = 0.0
 
 
 @dataclass
@@ -76,7 +80,11 @@ class TeacherRelations(nn.Module):
         self.train(False)
 
     def train(self, mode: bool = True) -> "TeacherRelations":
-        return super().train(False)  # always eval: no dropout, no drop path
+        super().train(False)  # always eval (no dropout) ...
+        for m in self.modules():  # ... except drop path, when the teacher was given some
+            if isinstance(m, DropPath):
+                m.train(mode)
+        return self
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor):
@@ -174,6 +182,8 @@ def build_teacher(cfg: TeacherConfig, img_size: int) -> nn.Module:
     if cfg.checkpoint and not cfg.model.block_heads:
         cfg.model.block_heads = _run_dir_block_heads(cfg.checkpoint)
     teacher = create_vit(cfg.model)
+    if cfg.drop_path_rate > 0:
+        set_drop_path(teacher, cfg.drop_path_rate)
     if cfg.checkpoint:
         ignored = load_vit_weights(teacher, load_weights(cfg.checkpoint), source=f"teacher checkpoint {cfg.checkpoint}")
         if ignored:
