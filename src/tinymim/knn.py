@@ -69,39 +69,51 @@ class KNNMonitorConfig:
     batch_size: int = 256
 
 
+def _first(loader, n: int | None):
+    """Keep only the first n images of an evaluation loader (a Subset underneath)."""
+    if n is not None and n < len(loader.dataset):
+        loader.dataset.indices = list(loader.dataset.indices)[:n]
+    return loader
+
+
+def _eval_crop_pct(img_size: int) -> float:
+    return 1.0 if img_size <= 64 else 0.875  # small images: no center crop
+
+
+def knn_loader_accuracy(features: torch.nn.Module, bank, queries, device: torch.device, k: int = 20,
+                        temperature: float = 0.07) -> dict:
+    """k-NN top-1 of `features` with `bank` as labelled neighbours and `queries` to classify."""
+    fb, yb = extract_features(features, bank, device)
+    fv, yv = extract_features(features, queries, device)
+    num_classes = int(max(yb.max(), yv.max())) + 1
+    return {"knn_top1": knn_accuracy(fb, yb, fv, yv, num_classes, k, temperature), "bank": len(fb),
+            "queries": len(fv)}
+
+
 class KNNMonitor:
     def __init__(self, cfg: KNNMonitorConfig, data_cfg):
         from tinymim.tasks.finetune import ClassifyDataConfig
 
         self.cfg = cfg
+        size = cfg.img_size or data_cfg.img_size
         self.data = ClassifyDataConfig(
-            name=cfg.name, root=cfg.root, val_root=cfg.val_root, img_size=cfg.img_size or data_cfg.img_size,
+            name=cfg.name, root=cfg.root, val_root=cfg.val_root, img_size=size,
             mean=list(data_cfg.mean), std=list(data_cfg.std), num_workers=min(data_cfg.num_workers, 4),
-            eval_crop_pct=1.0 if (cfg.img_size or data_cfg.img_size) <= 64 else 0.875,
-            synthetic_size=getattr(data_cfg, "synthetic_size", 2048))
+            eval_crop_pct=_eval_crop_pct(size), synthetic_size=getattr(data_cfg, "synthetic_size", 2048))
         self.loaders = None
-
-    def _build(self) -> None:
-        from tinymim.tasks.finetune import build_eval_loader
-
-        bank = build_eval_loader(self.data, self.cfg.batch_size, root=self.data.root, split_train=True)
-        val = build_eval_loader(self.data, self.cfg.batch_size, root=self.data.val_root)
-        for loader, n in ((bank, self.cfg.bank_size), (val, self.cfg.val_size)):
-            if n is not None and n < len(loader.dataset):
-                loader.dataset.indices = list(loader.dataset.indices)[:n]
-        self.loaders = (bank, val)
 
     def due(self, epoch: int) -> bool:
         return self.cfg.every_epochs > 0 and epoch % self.cfg.every_epochs == 0
 
     def __call__(self, features: torch.nn.Module, device: torch.device) -> dict:
-        if self.loaders is None:
-            self._build()
-        bank, val = self.loaders
-        fb, yb = extract_features(features, bank, device)
-        fv, yv = extract_features(features, val, device)
-        num_classes = int(max(yb.max(), yv.max())) + 1
-        return {"knn_top1": knn_accuracy(fb, yb, fv, yv, num_classes, self.cfg.k, self.cfg.temperature)}
+        from tinymim.tasks.finetune import build_eval_loader
+
+        if self.loaders is None:  # built on first use: monitoring that never runs costs nothing
+            self.loaders = (
+                _first(build_eval_loader(self.data, self.cfg.batch_size, split_train=True), self.cfg.bank_size),
+                _first(build_eval_loader(self.data, self.cfg.batch_size), self.cfg.val_size))
+        result = knn_loader_accuracy(features, *self.loaders, device, self.cfg.k, self.cfg.temperature)
+        return {"knn_top1": result["knn_top1"]}
 
 
 def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None = None, block: int | None = None,
@@ -116,17 +128,12 @@ def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None 
     model, _ = build_exportable(source, model_name)
     size = model.patch_embed.img_size[0]
     data = ClassifyDataConfig(name="folder", root=str(train_root), val_root=str(val_root), img_size=size,
-                              eval_crop_pct=1.0 if size <= 64 else 0.875, num_workers=num_workers)
+                              eval_crop_pct=_eval_crop_pct(size), num_workers=num_workers)
     if mean is not None:
         data.mean = list(mean)
     if std is not None:
         data.std = list(std)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    features = TokenFeatures(model.to(device), block)
-    bank = build_eval_loader(data, batch_size, split_train=True)
-    if bank_size is not None and bank_size < len(bank.dataset):
-        bank.dataset.indices = list(bank.dataset.indices)[:bank_size]
-    fb, yb = extract_features(features, bank, device)
-    fv, yv = extract_features(features, build_eval_loader(data, batch_size), device)
-    num_classes = int(max(yb.max(), yv.max())) + 1
-    return {"knn_top1": knn_accuracy(fb, yb, fv, yv, num_classes, k, temperature), "bank": len(fb), "queries": len(fv)}
+    return knn_loader_accuracy(TokenFeatures(model.to(device), block),
+                               _first(build_eval_loader(data, batch_size, split_train=True), bank_size),
+                               build_eval_loader(data, batch_size), device, k, temperature)

@@ -65,3 +65,13 @@ class Task(TrainingTask):
 
     def export_best(self, run_dir: Path) -> None:
         """Called on the main process when evaluate()[best_metric] reaches a new best."""
+
+    def knn_monitor(self, epoch: int, features: nn.Module) -> dict | None:
+        """k-NN accuracy of `features` when the config's `knn` monitor is due after `epoch` epochs."""
+        knn_cfg = getattr(getattr(self, "config", None), "knn", None)
+        if knn_cfg is None:
+            return None
+        if self.__dict__.get("_knn") is None:
+            from tinymim.knn import KNNMonitor
+            object.__setattr__(self, "_knn", KNNMonitor(knn_cfg, self.data_cfg))
+        return self._knn(features, self.device) if self._knn.due(epoch) else None

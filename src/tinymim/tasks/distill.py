@@ -22,7 +22,7 @@ from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.config import ConfigError
 from tinymim.data import DataConfig, paired_views
 from tinymim.engine import TrainConfig
-from tinymim.knn import KNNMonitor, KNNMonitorConfig
+from tinymim.knn import KNNMonitorConfig
 from tinymim.models import (ModelConfig, TokenFeatures, create_vit, num_tokens, set_drop_path, tokens_before_block,
                              truncate)
 from tinymim.relations import RELATION_NAMES, RelationLoss, block_qkv
@@ -154,11 +154,7 @@ class DistillTask(Task):
     def evaluate(self, epoch: int) -> dict | None:
         """k-NN accuracy of the student's features (patch tokens entering its relation block: the
         blocks after it are not trained by distillation) when the k-NN monitor is due."""
-        if self.config is None or not self.config.knn.every_epochs or epoch % self.config.knn.every_epochs:
-            return None
-        if getattr(self, "_knn", None) is None:
-            object.__setattr__(self, "_knn", KNNMonitor(self.config.knn, self.data_cfg))
-        return self._knn(TokenFeatures(self.student, len(self.student.blocks)), self.device)
+        return self.knn_monitor(epoch, TokenFeatures(self.student, len(self.student.blocks)))
 
     def export(self, run_dir: Path) -> None:
         meta = {"format": "timm.VisionTransformer"}

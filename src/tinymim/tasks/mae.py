@@ -18,9 +18,10 @@ from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
 from tinymim.checkpoint import save_weights
+from tinymim.config import ConfigError
 from tinymim.data import DataConfig, plain_view
 from tinymim.engine import TrainConfig
-from tinymim.knn import KNNMonitor, KNNMonitorConfig
+from tinymim.knn import KNNMonitorConfig
 from tinymim.models import ModelConfig, TokenFeatures, create_vit
 from tinymim.tasks.base import Task
 
@@ -127,11 +128,7 @@ class MAETask(Task):
 
     def evaluate(self, epoch: int) -> dict | None:
         """k-NN accuracy of the encoder's features (average of its final patch tokens) when due."""
-        if self.config is None or not self.config.knn.every_epochs or epoch % self.config.knn.every_epochs:
-            return None
-        if getattr(self, "_knn", None) is None:
-            object.__setattr__(self, "_knn", KNNMonitor(self.config.knn, self.data_cfg))
-        return self._knn(TokenFeatures(self.mae.encoder), self.device)
+        return self.knn_monitor(epoch, TokenFeatures(self.mae.encoder))
 
     def export(self, run_dir: Path) -> None:
         meta = {"format": "timm.VisionTransformer"}
@@ -144,7 +141,7 @@ def build_mae_task(cfg: MAEConfig) -> MAETask:
     if cfg.model.img_size is None:
         cfg.model.img_size = cfg.data.img_size
     if not 0.0 <= cfg.mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+        raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
     encoder = create_vit(cfg.model)
     return MAETask(MaskedAutoencoder(encoder, cfg.decoder, cfg.mask_ratio, cfg.norm_pix_loss), cfg.data, cfg)
 
