@@ -97,7 +97,7 @@ def test_linear_probe_trains_only_the_head(tmp_path):
     from tinymim.tasks.finetune import build_classify_loaders
 
     def loader_fn(batch, rank, world, seed):
-        loader, sampler, _ = build_classify_loaders(cfg.data, batch, rank, world, seed)
+        loader, sampler = build_classify_loaders(cfg.data, batch, rank, world, seed)
         return loader, sampler
 
     engine_train(task, cfg.train, loader_fn, tmp_path / "run", {"probe": True})

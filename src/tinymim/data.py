@@ -191,12 +191,29 @@ def random_resized_crop_params(rng: random.Random, width: int, height: int, scal
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+MAX_SUBSTITUTIONS = 16
+
+
+def load_or_substitute(source, index: int, length: int) -> tuple[Image.Image, int, int]:
+    """(image, label, skipped): the image at `index`, or, when it cannot be read, the next readable
+    one; each unreadable file is logged and counted in `skipped`, never fatal on its own."""
+    skipped = 0
+    for attempt in range(MAX_SUBSTITUTIONS):
+        i = (index + attempt) % length
+        try:
+            img, label = source.load(i)
+            return img, label, skipped
+        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, not fatal
+            skipped += 1
+            log.warning("skipping unreadable image %s: %s", source.describe(i), e)
+    raise DataError(f"{MAX_SUBSTITUTIONS} consecutive images could not be read near index {index}; "
+                    "is the dataset corrupt?")
+
+
 class PairedViewDataset(tud.Dataset):
     """Indexed by (index, sample_seed). Returns the shared crop as uint8 CxHxW, the student's jitter
     factors (brightness, contrast, saturation) and their order, and the label. A sample that cannot
     be read is replaced by the next readable one and reported in `skipped`."""
-
-    max_substitutions = 16
 
     def __init__(self, source, cfg: DataConfig):
         self.source, self.cfg = source, cfg
@@ -210,18 +227,7 @@ class PairedViewDataset(tud.Dataset):
     def __getitem__(self, item):
         index, sample_seed = item
         rng = random.Random(sample_seed)
-        skipped = 0
-        for attempt in range(self.max_substitutions):
-            i = (index + attempt) % self.length
-            try:
-                img, label = self.source.load(i)
-                break
-            except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, not fatal
-                skipped += 1
-                log.warning("skipping unreadable image %s: %s", self.source.describe(i), e)
-        else:
-            raise DataError(f"{self.max_substitutions} consecutive images could not be read near index "
-                            f"{index}; is the dataset corrupt?")
+        img, label, skipped = load_or_substitute(self.source, index, self.length)
         s = self.cfg.img_size
         top, left, h, w = random_resized_crop_params(rng, img.width, img.height, self.cfg.crop_scale)
         img = TF.resized_crop(img, top, left, h, w, [s, s], InterpolationMode.BICUBIC)

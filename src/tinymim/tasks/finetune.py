@@ -25,7 +25,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.config import ConfigError
-from tinymim.data import DataConfig, GlobalBatchSampler, build_source
+from tinymim.data import DataConfig, GlobalBatchSampler, build_source, load_or_substitute
 from tinymim.engine import TrainConfig
 from tinymim.models import CUSTOM, ModelConfig
 from tinymim.tasks.base import Task
@@ -104,16 +104,7 @@ class ClassifyDataset(tud.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        skipped = 0
-        for attempt in range(16):
-            try:
-                img, label = self.source.load((index + attempt) % self.length)
-                break
-            except Exception as e:  # noqa: BLE001
-                skipped += 1
-                log.warning("skipping unreadable image %s: %s", self.source.describe(index + attempt), e)
-        else:
-            raise RuntimeError(f"16 consecutive unreadable images near index {index}")
+        img, label, skipped = load_or_substitute(self.source, index, self.length)
         if seed is None:
             return self.transform(img), label, skipped
         in_worker = tud.get_worker_info() is not None
@@ -136,7 +127,7 @@ def _source(cfg: ClassifyDataConfig, root: str | None, train: bool):
     from dataclasses import replace
 
     if cfg.name == "synthetic":  # a held-out synthetic split: other seeds
-        return build_source(replace(cfg), seed=0 if train else 1)
+        return build_source(cfg, seed=0 if train else 1)
     if cfg.name in ("cifar10", "cifar100"):
         from tinymim.data import TorchvisionCIFAR
         return TorchvisionCIFAR(cfg.name, root, train=train)
@@ -155,7 +146,7 @@ def build_classify_loaders(cfg: ClassifyDataConfig, batch: int, rank: int, world
     loader = tud.DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_classify,
                             generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
                             prefetch_factor=4 if cfg.num_workers else None)
-    return loader, sampler, train.source
+    return loader, sampler
 
 
 def build_eval_loader(cfg: ClassifyDataConfig, batch: int, rank: int = 0, world: int = 1, root: str | None = None,
@@ -310,7 +301,7 @@ def build_finetune_task(cfg: FinetuneConfig) -> FinetuneTask:
 
 def classify_loaders(task, batch: int, rank: int, world: int, seed: int):
     """Training loader for the engine; the task gets the evaluation loader of the same data."""
-    loader, sampler, _ = build_classify_loaders(task.cfg.data, batch, rank, world, seed)
+    loader, sampler = build_classify_loaders(task.cfg.data, batch, rank, world, seed)
     task.eval_loader = build_eval_loader(task.cfg.data, max(1, batch), rank, world)
     return loader, sampler
 
