@@ -21,13 +21,12 @@ import yaml
 
 from tinymim.checkpoint import CheckpointError, load_vit_weights, load_weights
 from tinymim.errors import TinymimError
-from tinymim.models import CUSTOM, ModelConfig
+from tinymim.models import ModelConfig, size_args, timm_architecture
 
 log = logging.getLogger("tinymim")
 
 # run-directory config section that describes the model each task produced
 _RUN_MODEL_SECTIONS = (("student", "distill"), ("model", "mae"))
-_BASE_ARCH = "vit_base_patch16_224"  # any registered ViT: custom sizes come in as model_args
 
 
 def _run_info(path: Path) -> tuple[ModelConfig, dict, str]:
@@ -53,9 +52,7 @@ def build_exportable(source: str | Path, model_name: str | None = None) -> tuple
         raise CheckpointError(f"{source} does not exist")
     # default head counts everywhere (the relation block's only changed how Q/K/V were split)
     model_cfg = replace(model_cfg, block_heads={}, drop_path_rate=0.0, pretrained=False)
-    arch = _BASE_ARCH if model_cfg.name == CUSTOM else model_cfg.name.split(".")[0]
-    model_args = {k: getattr(model_cfg, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
-                  if getattr(model_cfg, k) is not None}
+    arch, model_args = timm_architecture(model_cfg), size_args(model_cfg)
     model = timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
     ignored = load_vit_weights(model, load_weights(source), source=str(source))
     if ignored:

@@ -47,11 +47,20 @@ class ModelConfig:
         self.block_heads = {int(k): int(v) for k, v in self.block_heads.items()}
 
 
+def size_args(cfg: ModelConfig) -> dict:
+    """The sizes a ModelConfig sets (img_size, patch_size, embed_dim, depth, num_heads), as kwargs."""
+    return {k: getattr(cfg, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+            if getattr(cfg, k) is not None}
+
+
+def timm_architecture(cfg: ModelConfig) -> str:
+    """A registered timm name that, with size_args(cfg), builds cfg's model (custom sizes ride on any ViT)."""
+    return "vit_base_patch16_224" if cfg.name == CUSTOM else cfg.name.split(".")[0]
+
+
 def create_vit(cfg: ModelConfig, num_classes: int = 0, **extra) -> VisionTransformer:
     """Build a timm VisionTransformer from a ModelConfig (no classifier head by default)."""
-    sizes = {k: getattr(cfg, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
-             if getattr(cfg, k) is not None}
-    kwargs = dict(num_classes=num_classes, **sizes, **extra)
+    kwargs = dict(num_classes=num_classes, **size_args(cfg), **extra)
     if cfg.drop_path_schedule == "linear":
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if cfg.name == CUSTOM:

@@ -27,7 +27,7 @@ from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.config import ConfigError
 from tinymim.data import DataConfig, GlobalBatchSampler, build_source, load_or_substitute
 from tinymim.engine import TrainConfig
-from tinymim.models import CUSTOM, ModelConfig
+from tinymim.models import ModelConfig, size_args, timm_architecture
 from tinymim.tasks.base import Task
 
 log = logging.getLogger("tinymim")
@@ -258,11 +258,9 @@ class FinetuneTask(Task):
 
 def build_classifier(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     m = cfg.model
-    sizes = {k: getattr(m, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
-             if getattr(m, k) is not None}
-    arch = "vit_base_patch16_224" if m.name == CUSTOM else m.name.split(".")[0]
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, global_pool=cfg.global_pool,
-                              fc_norm=cfg.global_pool == "avg", drop_path_rate=m.drop_path_rate, **sizes)
+    model = timm.create_model(timm_architecture(m), pretrained=False, num_classes=num_classes,
+                              global_pool=cfg.global_pool, fc_norm=cfg.global_pool == "avg",
+                              drop_path_rate=m.drop_path_rate, **size_args(m))
     if cfg.init:
         ignored = load_vit_weights(model, _encoder_only(load_weights(cfg.init), model),
                                    source=f"init weights {cfg.init}")
