@@ -6,13 +6,11 @@ mode with no gradient, so its weights never change.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 
-from tinymim.checkpoint import save_weights
 from tinymim.engine import TrainConfig
 from tinymim.models import ModelConfig
 from tinymim.tasks.finetune import (ClassifyDataConfig, FinetuneConfig, FinetuneTask, _source, build_classifier,
@@ -67,12 +65,6 @@ class LinearProbeTask(FinetuneTask):
             feats = self.probe.backbone(x)
         logits = self.trainable_forward(feats.float())
         return {"loss": self.criterion(logits, y)}
-
-    def export(self, run_dir: Path) -> None:
-        save_weights(self.probe.state_dict(), Path(run_dir) / "model.safetensors")
-
-    def export_best(self, run_dir: Path) -> None:
-        save_weights(self.probe.state_dict(), Path(run_dir) / "best.safetensors")
 
 
 def build_linprobe_task(cfg: LinearProbeConfig) -> LinearProbeTask:
