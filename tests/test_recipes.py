@@ -34,7 +34,7 @@ def test_recipe_builds(recipe: Path):
     with torch.device("meta"):
         task = build(cfg)
     if kind is DistillConfig:
-        assert cfg.loss.relations == ["qk", "vv"] and cfg.loss.softmax
+        assert cfg.loss.relation.relations == ["qk", "vv"] and cfg.loss.relation.softmax
         teacher_heads = task.teacher.vit.blocks[cfg.teacher.target_block - 1].attn.num_heads
         assert task.student.blocks[-1].attn.num_heads == teacher_heads
 

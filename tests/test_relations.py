@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tinymim.models import ModelConfig, create_vit, set_block_heads
-from tinymim.relations import RelationLoss, block_qkv, relation_kl, relation_logits
+from tinymim.relations import RelationLoss, block_qkv, relation_kl, relation_logits, split_heads
+from tinymim.targets import block_parts
 from tinymim.tasks.distill import TeacherConfig, build_distill_task
 
 from conftest import tiny_distill_config, tiny_vit
@@ -62,7 +63,7 @@ def test_relation_loss_matches_reference(t_dim, t_depth, t_heads, s_dim, s_depth
         for p in list(task.student.parameters()) + list(task.teacher.parameters()):
             p.mul_(2.5)
     x_t, x_s = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
-    ours = task.loss(task.teacher(x_t), task.trainable_module(x_s))
+    ours = task.trainable_module(x_s, task.teacher(x_t))
     ref = reference_relation_loss(task.teacher.vit, block, task.student, t_heads, x_t, x_s)
     assert ours["loss"].item() > 0.05
     assert torch.allclose(ours["loss"], ref, atol=1e-5, rtol=1e-5), (ours["loss"].item(), ref.item())
@@ -74,7 +75,10 @@ def test_student_relation_block_takes_teacher_heads():
     task = build_distill_task(cfg)
     assert task.student.blocks[-1].attn.num_heads == 4  # teacher's heads, student has 3 elsewhere
     assert task.student.blocks[0].attn.num_heads == 3
-    q, k, v = task.trainable_module(torch.randn(2, 3, 32, 32))
+    teacher = task.teacher(torch.randn(2, 3, 32, 32))
+    assert set(teacher) == {"qkv"} and teacher["qkv"].shape == (2, 65, 3 * 64)
+    qkv = block_parts(task.student.blocks[-1], torch.randn(2, 65, 48), {"qkv"})["qkv"]
+    q, k, v = split_heads(qkv, task.student.blocks[-1].attn.num_heads)
     assert q.shape == (2, 4, 65, 12)
 
 
@@ -120,12 +124,12 @@ def test_teacher_drop_path_is_off_by_default_and_only_active_in_training():
     x = torch.randn(4, 3, 32, 32)
     task = build_distill_task(tiny_distill_config())
     task.train()
-    assert all(torch.equal(a, b) for a, b in zip(task.teacher(x), task.teacher(x)))  # deterministic: paper default
+    assert torch.equal(task.teacher(x)["qkv"], task.teacher(x)["qkv"])  # deterministic: paper default
     cfg = tiny_distill_config()
     cfg.teacher.drop_path_rate = 0.5
     task = build_distill_task(cfg)
     task.train()
-    assert not torch.equal(task.teacher(x)[0], task.teacher(x)[0])  # stochastic while training
+    assert not torch.equal(task.teacher(x)["qkv"], task.teacher(x)["qkv"])  # stochastic while training
     assert not any(p.requires_grad for p in task.teacher.parameters())
     task.eval()
-    assert torch.equal(task.teacher(x)[0], task.teacher(x)[0])  # and off in eval
+    assert torch.equal(task.teacher(x)["qkv"], task.teacher(x)["qkv"])  # and off in eval

@@ -2,7 +2,7 @@
 
 Unknown keys are errors (a typo in a recipe must never be silently ignored). Values given on the
 command line are parsed as YAML scalars, so `train.epochs=3`, `data.name=cifar10` and
-`loss.relations=[qk,vv]` all work.
+`loss.relation.relations=[qk,vv]` all work.
 """
 from __future__ import annotations
 

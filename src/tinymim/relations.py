@@ -26,10 +26,13 @@ RELATION_NAMES = ("qk", "vv", "qq", "kk", "kq", "qv", "vq", "kv", "vk")
 
 def block_qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q, K, V (each B x M x N x d) of a timm ViT block for its input tokens x, M = block's heads."""
-    attn = block.attn
-    b, n, _ = x.shape
-    qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return split_heads(block.attn.qkv(block.norm1(x)), block.attn.num_heads)
+
+
+def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B x N x 3D output of a qkv projection -> Q, K, V, each B x M x N x D/M."""
+    b, n, c = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, num_heads, c // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
 
 

@@ -62,7 +62,7 @@ def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
     x = normalize(x, cfg.data.mean, cfg.data.std)
     with torch.no_grad():
-        t_qkv, s_qkv = task.teacher(x), task.trainable_module(x)
+        t_qkv, s_qkv = task.relation_qkv(x)
     grid_h, grid_w = task.student.patch_embed.grid_size
     prefix = task.student.num_prefix_tokens
     n_heads = t_qkv[0].shape[1]

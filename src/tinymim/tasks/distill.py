@@ -1,10 +1,14 @@
-"""TinyMIM relation distillation: a frozen teacher's Q-K / V-V relations taught to a student ViT.
+"""Distilling a frozen teacher into a student ViT: TinyMIM's relations, and every target it is compared with.
 
 Teacher: its block k (1-indexed) on the output of block k-1; blocks after k are dropped. Frozen,
-eval mode, no grad, no drop path unless teacher.drop_path_rate asks for some (an ablation). Student: its last block, whose head count is set to the
-teacher's, so both relation maps are B x M_t x N x N. Only that block's norm1 + qkv feed the loss;
-its attention projection, MLP, norm2 and the final norm are frozen (they would get no gradient),
-so DDP needs no `find_unused_parameters`.
+eval mode, no grad, no drop path unless teacher.drop_path_rate asks for some (an ablation).
+Student: its last block is matched to the teacher's block k by the enabled targets (weights > 0):
+- relations (TinyMIM, default): the student's last block takes the teacher's head count, so both
+  relation maps are B x M_t x N x N; only that block's norm1 + qkv feed the loss;
+- features at a block site, or the class token (targets.py), through a learned linear projection;
+- with `mask_ratio` > 0 the student sees only a random subset of patches (targets at those tokens),
+  and `loss.mae` adds MAE reconstruction of the hidden patches through a light decoder.
+Student parts no loss reaches are frozen, so DDP needs no `find_unused_parameters`.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -23,10 +28,12 @@ from tinymim.config import ConfigError
 from tinymim.data import DataConfig, paired_views
 from tinymim.engine import TrainConfig
 from tinymim.knn import KNNMonitorConfig
-from tinymim.models import (ModelConfig, TokenFeatures, create_vit, num_tokens, set_drop_path, tokens_before_block,
-                             truncate)
-from tinymim.relations import RELATION_NAMES, RelationLoss, block_qkv
+from tinymim.models import (ModelConfig, TokenFeatures, create_vit, embed, num_tokens, set_drop_path,
+                             tokens_before_block, truncate)
+from tinymim.relations import RELATION_NAMES, RelationLoss, block_qkv, split_heads
+from tinymim.targets import ClassTokenLoss, FeatureLoss, block_parts
 from tinymim.tasks.base import Task
+from tinymim.tasks.mae import DecoderConfig, MAEDecoder, random_masking, reconstruction_loss
 
 log = logging.getLogger("tinymim")
 
@@ -48,8 +55,10 @@ class TeacherConfig:
 
 @dataclass
 class RelationLossConfig:
+    """TinyMIM's target: KL between teacher and student relation maps (relations.py)."""
+    weight: float = 1.0  # 0 = off
     relations: list[str] = field(default_factory=lambda: ["qk", "vv"])
-    weights: list[float] | None = None
+    weights: list[float] | None = None  # per relation; None = 1 each
     softmax: bool = True
 
     def validate(self) -> None:
@@ -59,27 +68,81 @@ class RelationLossConfig:
 
 
 @dataclass
+class ClassTokenLossConfig:
+    """The class-token baseline (targets.py): student class token vs the teacher's."""
+    weight: float = 0.0  # 0 = off
+    criterion: Literal["smooth_l1", "kl"] = "smooth_l1"
+    beta: float = 2.0
+    teacher_norm: bool = True  # parameter-free LayerNorm on the teacher token
+
+
+@dataclass
+class FeatureLossConfig:
+    """The feature-distillation baseline (targets.py): projected student feature vs whitened teacher's."""
+    weight: float = 0.0  # 0 = off
+    site: Literal["block", "ffn", "ffn_residual", "attn", "attn_residual", "qkv"] = "block"
+    beta: float = 2.0
+    teacher_norm: bool = True
+
+
+@dataclass
+class MAELossConfig:
+    """Auxiliary MAE reconstruction of the masked patches from the student's output (needs mask_ratio > 0)."""
+    weight: float = 0.0  # 0 = off
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(embed_dim=256, depth=2, num_heads=8))
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class DistillLossConfig:
+    relation: RelationLossConfig = field(default_factory=RelationLossConfig)
+    class_token: ClassTokenLossConfig = field(default_factory=ClassTokenLossConfig)
+    feature: FeatureLossConfig = field(default_factory=FeatureLossConfig)
+    mae: MAELossConfig = field(default_factory=MAELossConfig)
+
+    def validate(self) -> None:
+        if not any(t.weight > 0 for t in (self.relation, self.class_token, self.feature)):
+            raise ValueError("no distillation target: give loss.relation, loss.class_token or loss.feature a "
+                             "weight > 0")
+
+
+@dataclass
 class DistillConfig:
     student: ModelConfig = field(default_factory=lambda: ModelConfig(
         name="vit_small_patch16_224", drop_path_rate=0.1, drop_path_schedule="constant"))
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    loss: RelationLossConfig = field(default_factory=RelationLossConfig)
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    # fraction of the student's patches removed, as MAE masks (the teacher sees the whole image and its
+    # targets are taken at the student's visible tokens); 0 = full image, the paper's best
+    mask_ratio: float = 0.0
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     knn: KNNMonitorConfig = field(default_factory=KNNMonitorConfig)
 
 
-class TeacherRelations(nn.Module):
-    """Frozen teacher that runs only up to its target block and returns that block's Q, K, V."""
+def _sites(loss: DistillLossConfig) -> set[str]:
+    """Block features the enabled targets need from the teacher's target block / the student's last."""
+    sites = set()
+    if loss.relation.weight > 0:
+        sites.add("qkv")
+    if loss.feature.weight > 0:
+        sites.add(loss.feature.site)
+    if loss.class_token.weight > 0:
+        sites.add("block")
+    return sites
 
-    def __init__(self, vit: nn.Module, block: int):
+
+class TeacherTargets(nn.Module):
+    """Frozen teacher run only up to its target block; returns that block's features at `sites`."""
+
+    def __init__(self, vit: nn.Module, block: int, sites: set[str]):
         super().__init__()
-        self.block = block
+        self.block, self.sites = block, set(sites)
         self.vit = truncate(vit, block)
         self.vit.requires_grad_(False)
         self.train(False)
 
-    def train(self, mode: bool = True) -> "TeacherRelations":
+    def train(self, mode: bool = True) -> "TeacherTargets":
         super().train(False)  # always eval (no dropout) ...
         for m in self.modules():  # ... except drop path, when the teacher was given some
             if isinstance(m, DropPath):
@@ -87,40 +150,98 @@ class TeacherRelations(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = tokens_before_block(self.vit, x, self.block)
-        return block_qkv(self.vit.blocks[self.block - 1], tokens)
+        return block_parts(self.vit.blocks[self.block - 1], tokens, self.sites)
 
 
-class StudentRelations(nn.Module):
-    """Student ViT run to its last block; returns that block's Q, K, V."""
+class DistillStudent(nn.Module):
+    """The trainable side: the student ViT plus the losses' projections and the optional MAE decoder.
 
-    def __init__(self, vit: nn.Module):
+    forward(image, teacher features) -> dict of named losses and their weighted sum "loss".
+    """
+
+    def __init__(self, vit: nn.Module, cfg: DistillLossConfig, teacher_dim: int, teacher_heads: int,
+                 mask_ratio: float = 0.0):
         super().__init__()
-        self.vit = vit
+        self.vit, self.cfg, self.mask_ratio = vit, cfg, mask_ratio
+        self.teacher_heads = teacher_heads
+        self.sites = _sites(cfg)
+        dim = vit.embed_dim
+        self.relation = (RelationLoss(cfg.relation.relations, cfg.relation.weights, cfg.relation.softmax)
+                         if cfg.relation.weight > 0 else None)
+        self.feature = (FeatureLoss(dim, teacher_dim, cfg.feature.beta, cfg.feature.teacher_norm,
+                                    parts=3 if cfg.feature.site == "qkv" else 1) if cfg.feature.weight > 0 else None)
+        self.class_token = (ClassTokenLoss(dim, teacher_dim, cfg.class_token.criterion, cfg.class_token.beta,
+                                           cfg.class_token.teacher_norm) if cfg.class_token.weight > 0 else None)
+        self.decoder = None
+        if cfg.mae.weight > 0:
+            self.decoder = MAEDecoder(dim, vit.patch_embed.grid_size, vit.patch_embed.patch_size[0], cfg.mae.decoder)
+        # parts of the student that never reach a loss: frozen, so no optimizer state and no DDP
+        # unused-parameter error (relations only need the last block's norm1 + qkv)
         last = vit.blocks[-1]
-        # parts that never reach the loss: frozen, so no optimizer state and no DDP unused-param error
-        unused = [getattr(last.attn, "proj", None), getattr(last.attn, "norm", None), last.ls1, last.ls2,
-                  last.norm2, last.mlp, vit.norm, vit.fc_norm, vit.head]
+        unused = [vit.fc_norm, vit.head]
+        if self.decoder is None:
+            unused.append(vit.norm)
+            if not self.sites & {"block", "ffn", "ffn_residual"}:
+                unused += [last.norm2, last.mlp, last.ls2]
+                if not self.sites & {"attn", "attn_residual"}:
+                    unused += [last.attn.proj, getattr(last.attn, "norm", None), last.ls1]
         for module in unused:
             if module is not None:
                 module.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor):
-        tokens = tokens_before_block(self.vit, x, len(self.vit.blocks))
-        return block_qkv(self.vit.blocks[-1], tokens)
+    def forward(self, x: torch.Tensor, teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        vit = self.vit
+        tokens = embed(vit, x)
+        restore = mask = None
+        if self.mask_ratio > 0:
+            # the student sees a random subset of patches; the teacher's targets are taken at them
+            p = vit.num_prefix_tokens
+            visible_tokens, visible, restore, mask = random_masking(tokens[:, p:], self.mask_ratio)
+            tokens = torch.cat([tokens[:, :p], visible_tokens], dim=1)
+            index = torch.cat([torch.arange(p, device=x.device).expand(x.shape[0], -1), visible + p], dim=1)
+            teacher = {k: v.gather(1, index.unsqueeze(-1).expand(-1, -1, v.shape[-1])) for k, v in teacher.items()}
+        for blk in vit.blocks[:-1]:
+            tokens = blk(tokens)
+        last = vit.blocks[-1]
+        sites = self.sites | ({"block"} if self.decoder is not None else set())
+        student = block_parts(last, tokens, sites)
+
+        losses, total = {}, 0.0
+        if self.relation is not None:
+            rel = self.relation(split_heads(teacher["qkv"], self.teacher_heads),
+                                split_heads(student["qkv"], last.attn.num_heads))
+            losses.update({k: v for k, v in rel.items() if k != "loss"})
+            losses["loss_relation"] = rel["loss"]
+            total = total + self.cfg.relation.weight * rel["loss"]
+        if self.feature is not None:
+            site = self.cfg.feature.site
+            losses["loss_feature"] = self.feature(teacher[site], student[site])
+            total = total + self.cfg.feature.weight * losses["loss_feature"]
+        if self.class_token is not None:
+            losses["loss_class_token"] = self.class_token(teacher["block"][:, 0], student["block"][:, 0])
+            total = total + self.cfg.class_token.weight * losses["loss_class_token"]
+        if self.decoder is not None:
+            pred = self.decoder(vit.norm(student["block"]), restore)
+            patch = vit.patch_embed.patch_size[0]
+            losses["loss_mae"] = reconstruction_loss(pred, x, mask, patch, self.cfg.mae.norm_pix_loss)
+            total = total + self.cfg.mae.weight * losses["loss_mae"]
+        losses["loss"] = total
+        return losses
 
 
 class DistillTask(Task):
     name = "distill"
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, target_block: int, loss: RelationLoss,
-                 data_cfg: DataConfig, config: DistillConfig | None = None):
-        student_rel = StudentRelations(student)
-        super().__init__(student_rel)
+    def __init__(self, student: nn.Module, teacher: nn.Module, target_block: int, data_cfg: DataConfig,
+                 config: DistillConfig):
+        loss = config.loss
+        teacher_block = teacher.blocks[target_block - 1]
+        trainable = DistillStudent(student, loss, teacher.embed_dim, teacher_block.attn.num_heads, config.mask_ratio)
+        super().__init__(trainable)
         self.student = student
-        self.teacher = TeacherRelations(teacher, target_block)
-        self.loss = loss
+        self.teacher = TeacherTargets(teacher, target_block, trainable.sites)
         self.data_cfg = data_cfg
         self.config = config
 
@@ -142,18 +263,24 @@ class DistillTask(Task):
     def compile(self, backend: str = "inductor", mode=None, **kw):
         object.__setattr__(self, "_compiled", torch.compile(self.trainable_module, backend=backend, mode=mode, **kw))
         object.__setattr__(self, "_teacher_fn", torch.compile(self.teacher, backend=backend, mode=mode, **kw))
-        object.__setattr__(self, "_loss_fn", torch.compile(self.loss, backend=backend, mode=mode, **kw))
         return self._compiled
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         teacher_x, student_x = paired_views(batch, self.data_cfg, self.device)
-        teacher_qkv = getattr(self, "_teacher_fn", self.teacher)(teacher_x)
-        student_qkv = self.trainable_forward(student_x)
-        return getattr(self, "_loss_fn", self.loss)(teacher_qkv, student_qkv)
+        teacher_out = getattr(self, "_teacher_fn", self.teacher)(teacher_x)
+        return self.trainable_forward(student_x, teacher_out)
+
+    @torch.no_grad()
+    def relation_qkv(self, x: torch.Tensor):
+        """(teacher Q, K, V at its target block, student Q, K, V at its last block) for images x."""
+        t_vit, k = self.teacher.vit, self.teacher.block
+        teacher = block_qkv(t_vit.blocks[k - 1], tokens_before_block(t_vit, x, k))
+        depth = len(self.student.blocks)
+        return teacher, block_qkv(self.student.blocks[-1], tokens_before_block(self.student, x, depth))
 
     def evaluate(self, epoch: int) -> dict | None:
-        """k-NN accuracy of the student's features (patch tokens entering its relation block: the
-        blocks after it are not trained by distillation) when the k-NN monitor is due."""
+        """k-NN accuracy of the student's features (patch tokens entering its last block: with
+        relation targets the blocks after it are not trained) when the k-NN monitor is due."""
         return self.knn_monitor(epoch, TokenFeatures(self.student, len(self.student.blocks)))
 
     def export(self, run_dir: Path) -> None:
@@ -208,17 +335,23 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
         cfg.teacher.target_block = k
     if not 1 <= k <= t_depth:
         raise ConfigError(f"teacher.target_block={k} is out of range: the teacher has blocks 1..{t_depth}")
-    t_heads = teacher.blocks[k - 1].attn.num_heads
-    if s_width % t_heads:
-        raise ConfigError(f"incompatible heads: the teacher's block {k} has {t_heads} heads, and the student's "
-                          f"width {s_width} cannot be split into {t_heads} heads; choose a student width "
-                          f"divisible by {t_heads} or another teacher")
-    set_heads = cfg.student.block_heads.get(s_depth)
-    if set_heads is not None and set_heads != t_heads:
-        raise ConfigError(f"student.block_heads gives the relation block (block {s_depth}) {set_heads} heads, "
-                          f"but the teacher's block {k} has {t_heads}; the maps must have the same head count")
-    cfg.student.block_heads = {**cfg.student.block_heads, s_depth: t_heads}
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if cfg.loss.mae.weight > 0 and cfg.mask_ratio == 0:
+        raise ConfigError("loss.mae needs masked student input to reconstruct: set mask_ratio (MAE uses 0.75)")
+    if cfg.loss.relation.weight > 0:
+        t_heads = teacher.blocks[k - 1].attn.num_heads
+        if s_width % t_heads:
+            raise ConfigError(f"incompatible heads: the teacher's block {k} has {t_heads} heads, and the student's "
+                              f"width {s_width} cannot be split into {t_heads} heads; choose a student width "
+                              f"divisible by {t_heads} or another teacher")
+        set_heads = cfg.student.block_heads.get(s_depth)
+        if set_heads is not None and set_heads != t_heads:
+            raise ConfigError(f"student.block_heads gives the relation block (block {s_depth}) {set_heads} heads, "
+                              f"but the teacher's block {k} has {t_heads}; the maps must have the same head count")
+        cfg.student.block_heads = {**cfg.student.block_heads, s_depth: t_heads}
     student = create_vit(cfg.student)
+    set_drop_path(student, 0.0, range(s_depth - 1, s_depth))  # the target block has none (as the release)
 
     if num_tokens(teacher) != num_tokens(student):
         raise ConfigError(
@@ -226,8 +359,7 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
             f"(img {teacher.patch_embed.img_size}, patch {teacher.patch_embed.patch_size}), the student "
             f"{num_tokens(student)} (img {student.patch_embed.img_size}, patch {student.patch_embed.patch_size}); "
             "relation maps need the same tokens: match patch sizes or image sizes")
-    loss = RelationLoss(cfg.loss.relations, cfg.loss.weights, cfg.loss.softmax)
-    return DistillTask(student, teacher, k, loss, cfg.data, cfg)
+    return DistillTask(student, teacher, k, cfg.data, cfg)
 
 
 def run(cfg: DistillConfig, output: str):
