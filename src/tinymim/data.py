@@ -51,7 +51,7 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
     num_workers: int = 8
-    subset: int | None = None  # use only the first N images (quick experiments)
+    subset: int | None = None  # use a fixed random sample of N images (quick experiments)
     synthetic_size: int = 2048
     synthetic_classes: int = 10
 
@@ -156,6 +156,28 @@ class SyntheticImages(tud.Dataset):
         return f"synthetic[{i}]"
 
 
+class SubsetImages:
+    """A fixed random sample of n images of a source (the same for every run: seed 0), in source
+    order; a folder's first n images would be its first classes only."""
+
+    def __init__(self, source, n: int):
+        if n < 1:
+            raise DataError(f"data.subset must be positive, got {n}")
+        self.source = source
+        self.indices = sorted(random.Random(0).sample(range(len(source)), n)) if n < len(source) \
+            else list(range(len(source)))
+        self.classes = getattr(source, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, i: int):
+        return self.source.load(self.indices[i])
+
+    def describe(self, i: int) -> str:
+        return self.source.describe(self.indices[i])
+
+
 def build_source(cfg: DataConfig, seed: int = 0):
     if cfg.name == "folder":
         src = FolderImages(cfg.root)
@@ -163,7 +185,7 @@ def build_source(cfg: DataConfig, seed: int = 0):
         src = TorchvisionCIFAR(cfg.name, cfg.root)
     else:
         src = SyntheticImages(cfg.synthetic_size, cfg.img_size, cfg.synthetic_classes, seed)
-    return src
+    return SubsetImages(src, cfg.subset) if cfg.subset is not None else src
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,9 +239,7 @@ class PairedViewDataset(tud.Dataset):
 
     def __init__(self, source, cfg: DataConfig):
         self.source, self.cfg = source, cfg
-        if cfg.subset is not None and cfg.subset < 1:
-            raise DataError(f"data.subset must be positive, got {cfg.subset}")
-        self.length = min(cfg.subset or len(source), len(source))
+        self.length = len(source)
 
     def __len__(self) -> int:
         return self.length

@@ -127,13 +127,14 @@ def _source(cfg: ClassifyDataConfig, root: str | None, train: bool):
     from dataclasses import replace
 
     if cfg.name == "synthetic":  # a held-out synthetic split: other seeds
-        return build_source(cfg, seed=0 if train else 1)
+        return build_source(cfg if train else replace(cfg, subset=None), seed=0 if train else 1)
     if cfg.name in ("cifar10", "cifar100"):
-        from tinymim.data import TorchvisionCIFAR
-        return TorchvisionCIFAR(cfg.name, root, train=train)
+        from tinymim.data import SubsetImages, TorchvisionCIFAR
+        src = TorchvisionCIFAR(cfg.name, root, train=train)
+        return SubsetImages(src, cfg.subset) if train and cfg.subset is not None else src
     if not root:
         raise ConfigError("data.val_root is needed to evaluate a folder dataset" if not train else "data.root is needed")
-    return build_source(replace(cfg, root=root))
+    return build_source(replace(cfg, root=root, subset=cfg.subset if train else None))
 
 
 def build_classify_loaders(cfg: ClassifyDataConfig, batch: int, rank: int, world: int, seed: int):
@@ -141,7 +142,7 @@ def build_classify_loaders(cfg: ClassifyDataConfig, batch: int, rank: int, world
                                 auto_augment=cfg.auto_augment, interpolation="bicubic", re_prob=cfg.reprob,
                                 re_mode="pixel", re_count=1, mean=tuple(cfg.mean), std=tuple(cfg.std),
                                 color_jitter=cfg.color_jitter or None)
-    train = ClassifyDataset(_source(cfg, cfg.root, True), train_tf, cfg.subset)
+    train = ClassifyDataset(_source(cfg, cfg.root, True), train_tf)
     sampler = GlobalBatchSampler(len(train), batch, rank, world, seed)
     loader = tud.DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_classify,
                             generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),

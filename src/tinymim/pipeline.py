@@ -1,0 +1,194 @@
+"""Declared chains of runs: `tinymim pipeline --config PIPELINE.yaml --output DIR`.
+
+A pipeline is a list of stages run in order, each a tinymim task (mae, distill, finetune, linprobe)
+with a recipe and overrides, whose teacher (distill) or initial weights (finetune, linprobe) may be
+an earlier stage's output:
+
+    overrides: [train.progress=false]            # every stage
+    task_overrides: {finetune: [train.epochs=3]}  # every stage of a task
+    stages:
+      - {name: mae_b, task: mae, config: imagenet/mae_vit_base}
+      - {name: tinymim_s, task: distill, config: imagenet/distill_vit_small_from_mae_base, teacher: mae_b}
+      - {name: ft_s, task: finetune, config: ..., init: tinymim_s, paper: {top1: 83.0, row: "ViT-S TinyMIM"}}
+
+Stage `name` runs in DIR/name. The teacher's (init's) architecture is taken from the earlier stage
+unless the stage's own overrides set it. Each stage records in DIR/name/pipeline.json what it was
+run from: its config and the run ids of the stages it consumed. Re-running the pipeline
+- skips a finished stage whose record matches (no training),
+- resumes an unfinished stage with the same record (a crash, a fixed data path),
+- redoes a stage whose config changed or whose upstream stage was redone (its old directory is moved
+  to DIR/.superseded/, never deleted); so deleting a stage's directory redoes it and the stages that
+  depend on it, directly or not, and nothing else.
+At the end DIR/report.md gathers every stage's results (beside the paper's numbers where a stage
+names them) with loss curves and accuracy bars as PNG (report.py).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from tinymim.config import diff_configs, load_config
+from tinymim.engine import RESUMABLE_CHANGES
+
+log = logging.getLogger("tinymim")
+
+TASK_MODULES = {"mae": "tinymim.tasks.mae", "distill": "tinymim.tasks.distill",
+                "finetune": "tinymim.tasks.finetune", "linprobe": "tinymim.tasks.linprobe"}
+# the config section that holds a task's model, and the weights file it leaves
+MODEL_SECTION = {"mae": "model", "distill": "student", "finetune": "model", "linprobe": "model"}
+WEIGHTS = {"mae": "encoder.safetensors", "distill": "student.safetensors", "finetune": "model.safetensors",
+           "linprobe": "model.safetensors"}
+ARCHITECTURE_KEYS = ("name", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
+
+
+@dataclass
+class StageConfig:
+    name: str
+    task: Literal["mae", "distill", "finetune", "linprobe"]
+    config: str | None = None  # recipe: a YAML file or a built-in name (cifar10/distill_micro)
+    overrides: list[str] = field(default_factory=list)
+    teacher: str | None = None  # distill: the earlier stage whose weights teach
+    init: str | None = None  # finetune / linprobe: the earlier stage whose weights initialize the model
+    # the paper's number for the setting this stage mirrors, shown beside ours: {top1: 83.0, row: "..."}
+    paper: dict = field(default_factory=dict)
+    label: str | None = None  # name in the report (default: name)
+
+
+@dataclass
+class PipelineConfig:
+    overrides: list[str] = field(default_factory=list)
+    task_overrides: dict = field(default_factory=dict)
+    stages: list[StageConfig] = field(default_factory=list)
+
+    def validate(self) -> None:
+        seen: dict[str, str] = {}
+        for s in self.stages:
+            if not s.name or "/" in s.name or s.name.startswith("."):
+                raise ValueError(f"stage name {s.name!r}: use a plain folder name")
+            if s.name in seen:
+                raise ValueError(f"two stages are named {s.name!r}")
+            for role in ("teacher", "init"):
+                dep = getattr(s, role)
+                if dep is not None and dep not in seen:
+                    raise ValueError(f"stage {s.name!r}: {role} {dep!r} is not an earlier stage "
+                                     f"(earlier: {', '.join(seen) or 'none'})")
+            if s.teacher is not None and s.task != "distill":
+                raise ValueError(f"stage {s.name!r}: only distill stages have a teacher")
+            if s.init is not None and s.task not in ("finetune", "linprobe"):
+                raise ValueError(f"stage {s.name!r}: only finetune and linprobe stages have an init")
+            seen[s.name] = s.task
+        unknown = set(self.task_overrides) - set(TASK_MODULES)
+        if unknown:
+            raise ValueError(f"task_overrides for unknown task(s) {sorted(unknown)}; tasks: {list(TASK_MODULES)}")
+        if not self.stages:
+            raise ValueError("the pipeline declares no stages")
+
+
+def _architecture(stage_dir: Path, task: str, prefix: str) -> list[str]:
+    """Overrides that give `prefix` (e.g. teacher.model) the architecture of an earlier stage's model."""
+    import yaml
+
+    config = yaml.safe_load((stage_dir / "config.yaml").read_text())
+    model = config[MODEL_SECTION[task]]
+    return [f"{prefix}.{k}={json.dumps(model[k])}" for k in ARCHITECTURE_KEYS if model.get(k) is not None]
+
+
+def _explicit(overrides: list[str], prefix: str) -> bool:
+    return any(o.split("=", 1)[0].strip().startswith(prefix) for o in overrides)
+
+
+def _record(stage_dir: Path) -> dict | None:
+    path = stage_dir / "pipeline.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_record(stage_dir: Path, record: dict) -> None:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    tmp = stage_dir / "pipeline.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(stage_dir / "pipeline.json")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return not [d for d in diff_configs(a, b) if not d.startswith(RESUMABLE_CHANGES)]
+
+
+def _supersede(out: Path, stage_dir: Path, why: str) -> None:
+    dest = out / ".superseded" / f"{stage_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(stage_dir), dest)
+    log.info("stage %s: %s; its old run moved to %s", stage_dir.name, why, dest)
+
+
+def stage_overrides(cfg: PipelineConfig, stage: StageConfig, out: Path, tasks: dict[str, str]) -> list[str]:
+    """The overrides a stage runs with: pipeline-wide, per task, wiring to earlier stages, its own."""
+    own = list(stage.overrides)
+    wiring = []
+    if stage.teacher is not None:
+        wiring.append(f"teacher.checkpoint={out / stage.teacher}")
+        if not _explicit(own, "teacher.model"):
+            wiring += _architecture(out / stage.teacher, tasks[stage.teacher], "teacher.model")
+    if stage.init is not None:
+        wiring.append(f"init={out / stage.init}")
+        if not _explicit(own, "model"):
+            wiring += _architecture(out / stage.init, tasks[stage.init], "model")
+    return [*cfg.overrides, *cfg.task_overrides.get(stage.task, []), *wiring, *own]
+
+
+def run_pipeline(cfg: PipelineConfig, output: str | Path, report: bool = True) -> list[dict]:
+    """Run (or reuse) every stage in order; returns one summary dict per stage."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = {s.name: s.task for s in cfg.stages}
+    run_ids: dict[str, str] = {}
+    summaries = []
+    for stage in cfg.stages:
+        stage_dir = out / stage.name
+        module = importlib.import_module(TASK_MODULES[stage.task])
+        overrides = stage_overrides(cfg, stage, out, tasks)
+        config = json.loads(json.dumps(asdict(module.load(stage.config, overrides))))
+        upstream = {d: run_ids[d] for d in (stage.teacher, stage.init) if d is not None}
+        record = _record(stage_dir)
+        matches = record is not None and record["upstream"] == upstream and _same(record["config"], config)
+        done = matches and record.get("status") == "done" and (stage_dir / WEIGHTS[stage.task]).is_file()
+        if done:
+            log.info("stage %s: finished before, reused (%s)", stage.name, stage_dir)
+        else:
+            if stage_dir.exists() and not matches:
+                _supersede(out, stage_dir, "its config or an upstream stage changed" if record else
+                           "its folder holds a run the pipeline did not record")
+            log.info("stage %s: %s %s", stage.name, "resuming" if stage_dir.exists() else "running", stage.task)
+            record = {"stage": stage.name, "task": stage.task, "recipe": stage.config, "overrides": overrides,
+                      "config": config, "upstream": upstream, "status": "running",
+                      "seconds": (record or {}).get("seconds", 0.0) if matches else 0.0}
+            _write_record(stage_dir, record)
+            start = time.perf_counter()
+            try:
+                module.run(module.load(stage.config, overrides), str(stage_dir))
+            finally:
+                record["seconds"] += time.perf_counter() - start
+                _write_record(stage_dir, record)
+            record.update(status="done", run_id=uuid.uuid4().hex)
+            _write_record(stage_dir, record)
+        run_ids[stage.name] = record["run_id"]
+        summaries.append({"stage": stage, "dir": stage_dir, "record": record, "reused": done})
+    if report:
+        from tinymim.report import write_report
+
+        write_report(cfg, out)
+    return summaries
+
+
+def load(path: str | Path, overrides=()) -> PipelineConfig:
+    if not Path(path).is_file():
+        from tinymim.config import resolve_recipe
+        path = resolve_recipe(path)
+    return load_config(PipelineConfig, path, overrides)
+

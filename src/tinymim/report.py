@@ -1,0 +1,126 @@
+"""The end of a pipeline: DIR/report.md (a table of every stage's results beside the paper's numbers)
+and plots under DIR/plots/: pre-training loss curves, fine-tuning accuracy curves and final top-1 bars."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+CLASSIFY = ("finetune", "linprobe")
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training-step records, evaluation records) of a run's metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return [], []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if any(k.startswith("val_") for k in r)]
+    return steps, evals
+
+
+def stage_result(task: str, run_dir: Path) -> dict:
+    """The numbers a report shows for one stage."""
+    steps, evals = read_metrics(run_dir)
+    out: dict = {}
+    if steps:
+        out["final_loss"] = steps[-1]["loss"]
+        out["first_loss"] = steps[0]["loss"]
+    if task in CLASSIFY and evals:
+        out["top1"] = evals[-1].get("val_top1")
+        out["best_top1"] = evals[-1].get("val_best", out["top1"])
+    knn = [e["val_knn_top1"] for e in evals if "val_knn_top1" in e]
+    if knn:
+        out["knn_top1"] = knn[-1]
+    return out
+
+
+def _fmt(v, spec=".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def plot_losses(series: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, steps in series.items():
+        ax.plot([r["epoch"] for r in steps], [r["loss"] for r in steps], label=name)
+    ax.set(xlabel="epoch", ylabel="training loss", yscale="log", title="pre-training losses")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy(curves: dict[str, list[dict]], finals: dict[str, float], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, evals in curves.items():
+        left.plot([e["epoch"] for e in evals], [e["val_top1"] for e in evals], marker="o", label=name)
+    left.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1 while fine-tuning")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    names = list(finals)
+    bars = right.barh(names, [finals[n] for n in names], color="tab:blue")
+    right.bar_label(bars, fmt="%.2f", fontsize=8)
+    right.invert_yaxis()
+    right.set(xlabel="final top-1 (%)", title="fine-tuned top-1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(cfg, out: str | Path) -> Path:
+    """Write DIR/report.md and DIR/plots/*.png for a pipeline config whose stages ran under `out`."""
+    out = Path(out)
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    rows, losses, curves, finals = [], {}, {}, {}
+    for s in cfg.stages:
+        run_dir = out / s.name
+        record = json.loads((run_dir / "pipeline.json").read_text()) if (run_dir / "pipeline.json").is_file() else {}
+        r = stage_result(s.task, run_dir)
+        label = s.label or s.name
+        source = f"teacher {s.teacher}" if s.teacher else (f"init {s.init}" if s.init else
+                                                            ("random init" if s.task in CLASSIFY else "–"))
+        if s.task in CLASSIFY:
+            result = f"top-1 {_fmt(r.get('top1'))} (best {_fmt(r.get('best_top1'))})"
+            if r.get("top1") is not None:
+                finals[label] = r["top1"]
+                curves[label] = [e for e in read_metrics(run_dir)[1] if "val_top1" in e]
+        else:
+            result = f"loss {_fmt(r.get('first_loss'), '.4g')} → {_fmt(r.get('final_loss'), '.4g')}"
+            if "knn_top1" in r:
+                result += f", k-NN {r['knn_top1']:.2f}"
+            steps = read_metrics(run_dir)[0]
+            if steps:
+                losses[f"{label} ({s.task})"] = steps
+        paper = "; ".join(f"{k} {v}" for k, v in s.paper.items()) if s.paper else ""
+        minutes = record.get("seconds", 0) / 60
+        rows.append(f"| {label} | {s.task} | {source} | {result} | {paper} | {minutes:.1f} |")
+
+    pictures = []
+    if losses:
+        plot_losses(losses, plots / "losses.png")
+        pictures.append("![pre-training losses](plots/losses.png)")
+    if finals:
+        plot_accuracy(curves, finals, plots / "accuracy.png")
+        pictures.append("![fine-tuning accuracy](plots/accuracy.png)")
+
+    text = [
+        "# tinymim pipeline report", "",
+        f"Written {time.strftime('%Y-%m-%d %H:%M')}; each stage's run directory is `{out.name}/<stage>`.",
+        "Top-1 is the last evaluation of the run (best in brackets). Paper numbers are the TinyMIM paper's",
+        "ImageNet-1K results for the setting a stage mirrors: comparable only at that scale.", "",
+        "| stage | task | from | result | paper | minutes |", "|---|---|---|---|---|---|", *rows, "", *pictures, "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(text))
+    return path

@@ -1,0 +1,87 @@
+"""`tinymim pipeline`: stages wired to earlier stages, reuse of finished stages, redo of what depends
+on a deleted stage, the report."""
+import json
+
+import pytest
+
+from tinymim.config import ConfigError, from_dict
+from tinymim.pipeline import PipelineConfig, run_pipeline
+
+TINY = ["model.name=vit_custom", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32",
+        "model.depth=2", "model.num_heads=2"]
+TRAIN = ["train.epochs=1", "train.batch_size=16", "train.precision=fp32", "train.progress=false",
+         "train.log_every=1", "data.name=synthetic", "data.img_size=32", "data.num_workers=0",
+         "data.synthetic_size=32"]
+
+
+def tiny_pipeline() -> dict:
+    return {
+        "overrides": TRAIN,
+        "task_overrides": {"mae": [*TINY, "decoder.embed_dim=16", "decoder.depth=1", "decoder.num_heads=2"],
+                           "distill": [x.replace("model.", "student.") for x in TINY],
+                           "finetune": ["data.auto_augment=null", "mixup=0", "cutmix=0"]},
+        "stages": [
+            {"name": "teacher", "task": "mae"},
+            {"name": "student", "task": "distill", "teacher": "teacher", "overrides": ["teacher.target_block=2"]},
+            {"name": "ft_student", "task": "finetune", "init": "student", "paper": {"top1": 75.8}},
+            {"name": "ft_scratch", "task": "finetune"},
+        ]}
+
+
+def _as_config(d: dict) -> PipelineConfig:
+    return from_dict(PipelineConfig, d)
+
+
+def run_ids(out):
+    return {d.name: json.loads((d / "pipeline.json").read_text()).get("run_id")
+            for d in out.iterdir() if (d / "pipeline.json").is_file()}
+
+
+def test_pipeline_reuses_finished_stages_and_redoes_what_depends_on_a_deleted_one(tmp_path):
+    cfg = _as_config(tiny_pipeline())
+    out = tmp_path / "pipe"
+    first = run_pipeline(cfg, out)
+    assert [s["reused"] for s in first] == [False] * 4
+    ids = run_ids(out)
+    assert set(ids) == {"teacher", "student", "ft_student", "ft_scratch"} and all(ids.values())
+    # the student learned from the teacher stage's weights, with its architecture
+    student_cfg = (out / "student" / "config.yaml").read_text()
+    assert str(out / "teacher") in student_cfg and "embed_dim: 32" in student_cfg
+    assert str(out / "student") in (out / "ft_student" / "config.yaml").read_text()
+    report = (out / "report.md").read_text()
+    assert "ft_student" in report and "top1 75.8" in report and "top-1" in report
+    assert (out / "plots" / "losses.png").stat().st_size > 1000
+    assert (out / "plots" / "accuracy.png").stat().st_size > 1000
+
+    metrics = {n: (out / n / "metrics.jsonl").read_text() for n in ids}
+    second = run_pipeline(cfg, out)  # everything finished: no training at all
+    assert [s["reused"] for s in second] == [True] * 4
+    assert run_ids(out) == ids
+    assert {n: (out / n / "metrics.jsonl").read_text() for n in ids} == metrics
+
+    import shutil
+    shutil.rmtree(out / "student")  # redo the student and what was fine-tuned from it, nothing else
+    third = run_pipeline(cfg, out)
+    assert [s["reused"] for s in third] == [True, False, False, True]
+    new = run_ids(out)
+    assert new["teacher"] == ids["teacher"] and new["ft_scratch"] == ids["ft_scratch"]
+    assert new["student"] != ids["student"] and new["ft_student"] != ids["ft_student"]
+    assert len(list((out / ".superseded").iterdir())) == 1  # the stale fine-tune is kept, not deleted
+
+
+def test_a_failed_stage_can_be_fixed_and_the_pipeline_rerun(tmp_path):
+    cfg = _as_config(tiny_pipeline())
+    cfg.stages[1].overrides = ["teacher.target_block=7"]  # the teacher has 2 blocks
+    out = tmp_path / "pipe"
+    with pytest.raises(ConfigError, match="target_block=7"):
+        run_pipeline(cfg, out)
+    cfg.stages[1].overrides = ["teacher.target_block=2"]
+    summaries = run_pipeline(cfg, out)
+    assert [s["reused"] for s in summaries] == [True, False, False, False]
+
+
+def test_stage_references_are_checked():
+    bad = tiny_pipeline()
+    bad["stages"][1]["teacher"] = "nope"
+    with pytest.raises(ConfigError, match="not an earlier stage"):
+        _as_config(bad)
