@@ -8,7 +8,8 @@ from tinymim.config import RECIPES, ConfigError, load_config
 from tinymim.tasks.distill import DistillConfig, build_distill_task
 from tinymim.tasks.mae import MAEConfig, build_mae_task
 
-ALL = sorted(RECIPES.glob("*/*.yaml"))
+PIPELINES = sorted(RECIPES.glob("pipelines/*.yaml"))
+ALL = sorted(set(RECIPES.glob("*/*.yaml")) - set(PIPELINES))
 
 
 def test_recipes_exist():
@@ -33,8 +34,7 @@ def test_recipe_builds(recipe: Path):
     cfg = load_config(kind, recipe, overrides)
     with torch.device("meta"):
         task = build(cfg)
-    if kind is DistillConfig:
-        assert cfg.loss.relation.relations == ["qk", "vv"] and cfg.loss.relation.softmax
+    if kind is DistillConfig and cfg.loss.relation.weight > 0:
         teacher_heads = task.teacher.vit.blocks[cfg.teacher.target_block - 1].attn.num_heads
         assert task.student.blocks[-1].attn.num_heads == teacher_heads
 
@@ -55,3 +55,31 @@ def test_builtin_recipe_names_resolve():
     assert cfg.student.embed_dim == 64
     with pytest.raises(ConfigError, match="not found.*cifar10/distill_micro"):
         load_config(DistillConfig, "cifar10/nope")
+
+
+def test_ablation_rows_differ_from_the_default_only_where_they_say():
+    from tinymim.config import diff_configs, to_dict
+
+    default = to_dict(load_config(DistillConfig, "ablations/distill_relation_default"))
+    assert default["train"]["epochs"] == 100 and default["teacher"]["target_block"] == 18
+    expected = {"distill_teacher_block_21": ["teacher.target_block"],
+                "distill_input_masked": ["mask_ratio"],
+                "distill_drop_path_01_01": ["teacher.drop_path_rate"],
+                "distill_feature_qkv": ["loss.feature.site", "loss.feature.weight", "loss.relation.weight"],
+                "distill_relations_qq_kk_vv_no_softmax": ["loss.relation.relations", "loss.relation.softmax"]}
+    for name, keys in expected.items():
+        row = to_dict(load_config(DistillConfig, f"ablations/{name}"))
+        assert [d.split(":")[0] for d in diff_configs(default, row)] == keys, name
+
+
+@pytest.mark.parametrize("recipe", PIPELINES, ids=lambda p: p.stem)
+def test_pipeline_recipes_plan(recipe: Path, tmp_path):
+    from tinymim.pipeline import load, plan
+
+    stages = plan(load(recipe), tmp_path)
+    assert stages
+    for stage, overrides, config in stages:
+        if stage.teacher:  # wired to the earlier stage, with its architecture
+            assert config["teacher"]["checkpoint"] == str(tmp_path / stage.teacher)
+        if stage.init:
+            assert config["init"] == str(tmp_path / stage.init)

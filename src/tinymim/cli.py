@@ -81,6 +81,33 @@ def cmd_knn(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    from tinymim import pipeline
+
+    cfg = pipeline.load(args.config)
+    for item in args.overrides:  # "key=value" for every stage, "task:key=value" for one task's stages
+        task, _, override = item.rpartition(":") if ":" in item.split("=", 1)[0] else ("", "", item)
+        if task:
+            if task not in pipeline.TASK_MODULES:
+                raise TinymimError(f"override {item!r}: unknown task {task!r} ({', '.join(pipeline.TASK_MODULES)})")
+            cfg.task_overrides[task] = [*cfg.task_overrides.get(task, []), override]
+        else:
+            cfg.overrides.append(override)
+    summaries = pipeline.run_pipeline(cfg, args.output)
+    reused = sum(s["reused"] for s in summaries)
+    print(f"done: {len(summaries)} stages ({reused} reused); report: {args.output}/report.md")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tinymim.demo import run_demo
+
+    report = run_demo(args.output, args.data, progress=not args.no_progress)
+    print(report.read_text())
+    print(f"report: {report} (plots in {report.parent / 'plots'})")
+    return 0
+
+
 def cmd_visualize(args) -> int:
     from tinymim.visualize import relation_grid
 
@@ -105,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         _add_run_args(p)
         p.set_defaults(func=cmd_train)
+    p = sub.add_parser("pipeline", help="run declared stages (MAE -> TinyMIM chain -> fine-tune ...), reusing "
+                                        "finished ones, and write report.md with plots")
+    p.add_argument("--config", required=True, help="pipeline YAML (or a built-in one, e.g. pipelines/demo)")
+    p.add_argument("--output", required=True, help="folder of the stages' run directories and the report")
+    p.add_argument("overrides", nargs="*", metavar="[task:]section.key=value",
+                   help="overrides for every stage, or with a task prefix (finetune:train.epochs=5) for that task's")
+    p.set_defaults(func=cmd_pipeline)
+    p = sub.add_parser("demo", help="the main job in miniature, offline, in minutes: MAE teacher -> TinyMIM "
+                                    "student, fine-tuned beside a from-scratch twin, with a report")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic (built-in, default), cifar10, or a folder with train/ and val/ ImageFolders "
+                        "(or train.tar and test.tar)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
     p = sub.add_parser("export", help="write a trained model as a timm/hub folder or as ONNX")
     p.add_argument("source", help="a run directory, or a weights file (then --model is needed)")
     p.add_argument("--format", choices=["timm", "onnx"], default="timm")

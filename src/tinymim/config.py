@@ -166,15 +166,27 @@ def resolve_recipe(recipe: str | Path) -> Path:
     raise ConfigError(f"recipe {recipe} not found: pass a YAML file or a built-in recipe ({', '.join(known)})")
 
 
+def read_recipe(recipe: str | Path, _seen: tuple = ()) -> dict:
+    """A recipe's YAML tree. A recipe may start from another one with `base: RECIPE` (a path relative
+    to it, or a built-in name): its keys are merged over the base's, so an ablation row is a few lines."""
+    path = resolve_recipe(recipe)
+    if path.resolve() in _seen:
+        raise ConfigError(f"recipe {path} is its own base (a cycle of `base:` keys)")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"recipe {path} must hold a YAML mapping at the top level")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    relative = path.parent / str(base)
+    base_path = relative if relative.is_file() else (relative.with_suffix(".yaml") if
+                                                        relative.with_suffix(".yaml").is_file() else base)
+    return _merge(read_recipe(base_path, (*_seen, path.resolve())), loaded)
+
+
 def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Defaults of `cls` <- YAML recipe <- command-line overrides."""
-    tree: dict = {}
-    if recipe is not None:
-        path = resolve_recipe(recipe)
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"recipe {path} must hold a YAML mapping at the top level")
-        tree = loaded
+    tree = read_recipe(recipe) if recipe is not None else {}
     # start from the full defaults so nested sections keep their parent's defaults
     # (e.g. the distill student's drop path) when a recipe sets only some of their keys
     tree = _merge(_merge(to_dict(cls()), tree), parse_overrides(overrides))

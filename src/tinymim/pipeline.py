@@ -91,12 +91,11 @@ class PipelineConfig:
             raise ValueError("the pipeline declares no stages")
 
 
-def _architecture(stage_dir: Path, task: str, prefix: str) -> list[str]:
+def _architecture(config: dict, task: str, prefix: str) -> list[str]:
     """Overrides that give `prefix` (e.g. teacher.model) the architecture of an earlier stage's model."""
-    import yaml
-
-    config = yaml.safe_load((stage_dir / "config.yaml").read_text())
-    model = config[MODEL_SECTION[task]]
+    model = dict(config[MODEL_SECTION[task]])
+    if model.get("img_size") is None:  # filled from the data at build time
+        model["img_size"] = config["data"]["img_size"]
     return [f"{prefix}.{k}={json.dumps(model[k])}" for k in ARCHITECTURE_KEYS if model.get(k) is not None]
 
 
@@ -127,33 +126,68 @@ def _supersede(out: Path, stage_dir: Path, why: str) -> None:
     log.info("stage %s: %s; its old run moved to %s", stage_dir.name, why, dest)
 
 
-def stage_overrides(cfg: PipelineConfig, stage: StageConfig, out: Path, tasks: dict[str, str]) -> list[str]:
-    """The overrides a stage runs with: pipeline-wide, per task, wiring to earlier stages, its own."""
+def stage_overrides(cfg: PipelineConfig, stage: StageConfig, out: Path, configs: dict[str, dict]) -> list[str]:
+    """The overrides a stage runs with: pipeline-wide, per task, wiring to earlier stages, its own.
+    `configs`: the configs of the earlier stages, by name."""
     own = list(stage.overrides)
+    tasks = {s.name: s.task for s in cfg.stages}
     wiring = []
     if stage.teacher is not None:
         wiring.append(f"teacher.checkpoint={out / stage.teacher}")
         if not _explicit(own, "teacher.model"):
-            wiring += _architecture(out / stage.teacher, tasks[stage.teacher], "teacher.model")
+            wiring += _architecture(configs[stage.teacher], tasks[stage.teacher], "teacher.model")
     if stage.init is not None:
         wiring.append(f"init={out / stage.init}")
         if not _explicit(own, "model"):
-            wiring += _architecture(out / stage.init, tasks[stage.init], "model")
+            wiring += _architecture(configs[stage.init], tasks[stage.init], "model")
     return [*cfg.overrides, *cfg.task_overrides.get(stage.task, []), *wiring, *own]
+
+
+def plan(cfg: PipelineConfig, out: str | Path) -> list[tuple[StageConfig, list[str], dict]]:
+    """(stage, its overrides, its config as a plain dict) for every stage, without running anything:
+    every recipe and override is checked."""
+    out, configs, planned = Path(out), {}, []
+    for stage in cfg.stages:
+        module = importlib.import_module(TASK_MODULES[stage.task])
+        overrides = stage_overrides(cfg, stage, out, configs)
+        configs[stage.name] = json.loads(json.dumps(asdict(module.load(stage.config, overrides))))
+        planned.append((stage, overrides, configs[stage.name]))
+    return planned
+
+
+class _Processes:
+    """Under torchrun every process walks the stages (each stage trains with all of them); only the
+    main one writes records and moves folders, and the others wait for it at barriers."""
+
+    def __init__(self):
+        import os
+
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if self.launched:
+            from tinymim.engine import setup_distributed
+            setup_distributed()
+        self.is_main = not self.launched or dist.get_rank() == 0
+
+    def barrier(self) -> None:
+        if self.launched:
+            self.dist.barrier()
 
 
 def run_pipeline(cfg: PipelineConfig, output: str | Path, report: bool = True) -> list[dict]:
     """Run (or reuse) every stage in order; returns one summary dict per stage."""
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = {s.name: s.task for s in cfg.stages}
+    procs = _Processes()
+    if procs.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     run_ids: dict[str, str] = {}
     summaries = []
-    for stage in cfg.stages:
+    for stage, overrides, config in plan(cfg, out):  # every stage's config checked before anything runs
+        procs.barrier()
         stage_dir = out / stage.name
         module = importlib.import_module(TASK_MODULES[stage.task])
-        overrides = stage_overrides(cfg, stage, out, tasks)
-        config = json.loads(json.dumps(asdict(module.load(stage.config, overrides))))
         upstream = {d: run_ids[d] for d in (stage.teacher, stage.init) if d is not None}
         record = _record(stage_dir)
         matches = record is not None and record["upstream"] == upstream and _same(record["config"], config)
@@ -161,25 +195,30 @@ def run_pipeline(cfg: PipelineConfig, output: str | Path, report: bool = True) -
         if done:
             log.info("stage %s: finished before, reused (%s)", stage.name, stage_dir)
         else:
-            if stage_dir.exists() and not matches:
-                _supersede(out, stage_dir, "its config or an upstream stage changed" if record else
-                           "its folder holds a run the pipeline did not record")
-            log.info("stage %s: %s %s", stage.name, "resuming" if stage_dir.exists() else "running", stage.task)
+            log.info("stage %s: %s %s", stage.name, "resuming" if matches else "running", stage.task)
+            why = "its config or an upstream stage changed" if record else "its folder holds a run the pipeline did not record"
             record = {"stage": stage.name, "task": stage.task, "recipe": stage.config, "overrides": overrides,
                       "config": config, "upstream": upstream, "status": "running",
                       "seconds": (record or {}).get("seconds", 0.0) if matches else 0.0}
-            _write_record(stage_dir, record)
+            if procs.is_main:
+                if stage_dir.exists() and not matches:
+                    _supersede(out, stage_dir, why)
+                _write_record(stage_dir, record)
+            procs.barrier()
             start = time.perf_counter()
             try:
                 module.run(module.load(stage.config, overrides), str(stage_dir))
             finally:
                 record["seconds"] += time.perf_counter() - start
-                _write_record(stage_dir, record)
-            record.update(status="done", run_id=uuid.uuid4().hex)
-            _write_record(stage_dir, record)
+                if procs.is_main:
+                    _write_record(stage_dir, record)
+            if procs.is_main:
+                _write_record(stage_dir, {**record, "status": "done", "run_id": uuid.uuid4().hex})
+            procs.barrier()
+            record = _record(stage_dir)
         run_ids[stage.name] = record["run_id"]
         summaries.append({"stage": stage, "dir": stage_dir, "record": record, "reused": done})
-    if report:
+    if report and procs.is_main:
         from tinymim.report import write_report
 
         write_report(cfg, out)
