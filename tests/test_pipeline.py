@@ -85,3 +85,21 @@ def test_stage_references_are_checked():
     bad["stages"][1]["teacher"] = "nope"
     with pytest.raises(ConfigError, match="not an earlier stage"):
         _as_config(bad)
+
+
+def test_cli_overrides_reach_every_stage_or_one_task_and_are_checked_before_training(tmp_path, capsys):
+    import yaml
+
+    from tinymim.cli import main
+
+    recipe = tmp_path / "pipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_pipeline()))
+    out = tmp_path / "out"
+    # a key only fine-tuning has, given to every stage: refused while planning, nothing runs
+    assert main(["pipeline", "--config", str(recipe), "--output", str(out), "data.val_root=/x"]) == 1
+    assert "data.val_root" in capsys.readouterr().err and not (out / "teacher").exists()
+    assert main(["pipeline", "--config", str(recipe), "--output", str(out), "nope:train.epochs=1"]) == 1
+    assert "unknown task" in capsys.readouterr().err
+    # with the task prefix it reaches the fine-tuning stages only (a typo there is still caught)
+    assert main(["pipeline", "--config", str(recipe), "--output", str(out), "finetune:data.val_rot=/x"]) == 1
+    assert "data.val_rot" in capsys.readouterr().err and not (out / "teacher").exists()

@@ -43,7 +43,9 @@ def data_overrides(data: str, output: Path) -> tuple[list[str], list[str]]:
             [f"data.val_root={val.resolve()}", "data.subset=2000"])
 
 
-def run_demo(output: str | Path = "runs/demo", data: str = "synthetic", progress: bool = True) -> Path:
+def run_demo(output: str | Path = "runs/demo", data: str = "synthetic", progress: bool = True,
+             overrides: list[str] = ()) -> Path:
+    """Run the demo pipeline into `output`; `overrides` reach every stage (after the demo's own)."""
     from tinymim.pipeline import load, run_pipeline
 
     output = Path(output)
@@ -51,5 +53,7 @@ def run_demo(output: str | Path = "runs/demo", data: str = "synthetic", progress
     cfg = load("pipelines/demo")
     cfg.overrides = [*cfg.overrides, *common, f"train.progress={str(progress).lower()}"]
     cfg.task_overrides["finetune"] = [*cfg.task_overrides.get("finetune", []), *finetune]
+    for stage in cfg.stages:  # after the task overrides, so they win
+        stage.overrides = [*stage.overrides, *overrides]
     run_pipeline(cfg, output)
     return output / "report.md"
