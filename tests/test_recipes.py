@@ -83,3 +83,14 @@ def test_pipeline_recipes_plan(recipe: Path, tmp_path):
             assert config["teacher"]["checkpoint"] == str(tmp_path / stage.teacher)
         if stage.init:
             assert config["init"] == str(tmp_path / stage.init)
+
+
+def test_recipe_base_merges_and_cycles_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: cifar10/distill_micro\ntrain: {epochs: 2}\nmask_ratio: 0.5\n")
+    cfg = load_config(DistillConfig, tmp_path / "a.yaml")
+    assert cfg.train.epochs == 2 and cfg.mask_ratio == 0.5
+    assert cfg.train.batch_size == 256 and cfg.student.embed_dim == 64  # the rest from the base
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: b\n")
+    with pytest.raises(ConfigError, match="its own base"):
+        load_config(DistillConfig, tmp_path / "b.yaml")
