@@ -94,9 +94,10 @@ def main() -> None:
     wall = (time.perf_counter() - start) / 60
     total = sum(s["record"].get("seconds", 0) for s in summaries) / 60
 
-    rows = []
+    rows, means = [], {}
     for method in METHODS:
         tops = [stage_result("finetune", args.out / f"finetune_{method}_s{seed}")["top1"] for seed in args.seeds]
+        means[LABELS[method]] = statistics.mean(tops)
         spread = f" ± {statistics.stdev(tops):.2f}" if len(tops) > 1 else ""
         rows.append(f"| {LABELS[method]} | " + " | ".join(f"{t:.2f}" for t in tops)
                     + f" | {statistics.mean(tops):.2f}{spread} |")
@@ -119,6 +120,7 @@ Q-K + V-V relations (cifar10/distill_micro recipe).
 |---|{'---|' * len(args.seeds)}---|
 {chr(10).join(rows)}
 
+Measured ordering (mean top-1): {" > ".join(sorted(means, key=means.get, reverse=True))}.
 The paper's ordering (ImageNet-1K, 300 epochs, ViT-T/S/B) is relation > feature > class token and MAE.
 This is a tiny budget on tiny images: read it as a smoke test of the comparison, not as a replication.
 The pipeline report with loss curves and accuracy plots is in the run folder (`report.md`).
