@@ -180,9 +180,11 @@ def test_unused_student_parts_are_frozen_per_target():
 
 
 def test_no_target_is_an_error():
+    from dataclasses import asdict
+
+    from tinymim.config import from_dict
+    from tinymim.tasks.distill import DistillConfig
+
     cfg = configure(tiny_distill_config(), {"relation": {"weight": 0}})
     with pytest.raises(ConfigError, match="no distillation target"):
-        from tinymim.config import from_dict
-        from dataclasses import asdict
-        from tinymim.tasks.distill import DistillConfig
         from_dict(DistillConfig, asdict(cfg))

@@ -39,12 +39,12 @@ from tinymim.engine import RESUMABLE_CHANGES
 
 log = logging.getLogger("tinymim")
 
-TASK_MODULES = {"mae": "tinymim.tasks.mae", "distill": "tinymim.tasks.distill",
-                "finetune": "tinymim.tasks.finetune", "linprobe": "tinymim.tasks.linprobe"}
-# the config section that holds a task's model, and the weights file it leaves
+from tinymim.cli import TASKS
+
+TASK_MODULES = {name: module for name, (module, _, _) in TASKS.items()}
+WEIGHTS = {name: weights for name, (_, weights, _) in TASKS.items()}  # the file a finished run leaves
+# the config section that holds a task's model
 MODEL_SECTION = {"mae": "model", "distill": "student", "finetune": "model", "linprobe": "model"}
-WEIGHTS = {"mae": "encoder.safetensors", "distill": "student.safetensors", "finetune": "model.safetensors",
-           "linprobe": "model.safetensors"}
 ARCHITECTURE_KEYS = ("name", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
 
 
