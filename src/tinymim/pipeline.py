@@ -34,12 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from tinymim.cli import TASKS
 from tinymim.config import diff_configs, load_config
 from tinymim.engine import RESUMABLE_CHANGES
 
 log = logging.getLogger("tinymim")
-
-from tinymim.cli import TASKS
 
 TASK_MODULES = {name: module for name, (module, _, _) in TASKS.items()}
 WEIGHTS = {name: weights for name, (_, weights, _) in TASKS.items()}  # the file a finished run leaves
@@ -208,14 +207,13 @@ def run_pipeline(cfg: PipelineConfig, output: str | Path, report: bool = True) -
             start = time.perf_counter()
             try:
                 module.run(module.load(stage.config, overrides), str(stage_dir))
-            finally:
+                record.update(status="done", run_id=uuid.uuid4().hex)
+            finally:  # a failed stage keeps status "running": the next invocation resumes it
                 record["seconds"] += time.perf_counter() - start
                 if procs.is_main:
                     _write_record(stage_dir, record)
-            if procs.is_main:
-                _write_record(stage_dir, {**record, "status": "done", "run_id": uuid.uuid4().hex})
             procs.barrier()
-            record = _record(stage_dir)
+            record = _record(stage_dir)  # the main process's run id, on every process
         run_ids[stage.name] = record["run_id"]
         summaries.append({"stage": stage, "dir": stage_dir, "record": record, "reused": done})
     if report and procs.is_main:
@@ -226,8 +224,5 @@ def run_pipeline(cfg: PipelineConfig, output: str | Path, report: bool = True) -
 
 
 def load(path: str | Path, overrides=()) -> PipelineConfig:
-    if not Path(path).is_file():
-        from tinymim.config import resolve_recipe
-        path = resolve_recipe(path)
+    """A pipeline YAML file or built-in name (pipelines/demo), with overrides of its own keys."""
     return load_config(PipelineConfig, path, overrides)
-

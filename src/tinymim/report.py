@@ -22,7 +22,11 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def stage_result(task: str, run_dir: Path) -> dict:
     """The numbers a report shows for one stage."""
-    steps, evals = read_metrics(run_dir)
+    return summarize(task, *read_metrics(run_dir))
+
+
+def summarize(task: str, steps: list[dict], evals: list[dict]) -> dict:
+    """stage_result from a run's already read (training records, evaluation records)."""
     out: dict = {}
     if steps:
         out["final_loss"] = steps[-1]["loss"]
@@ -86,7 +90,8 @@ def write_report(cfg, out: str | Path) -> Path:
     for s in cfg.stages:
         run_dir = out / s.name
         record = json.loads((run_dir / "pipeline.json").read_text()) if (run_dir / "pipeline.json").is_file() else {}
-        r = stage_result(s.task, run_dir)
+        steps, evals = read_metrics(run_dir)
+        r = summarize(s.task, steps, evals)
         label = s.label or s.name
         source = f"teacher {s.teacher}" if s.teacher else (f"init {s.init}" if s.init else
                                                             ("random init" if s.task in CLASSIFY else "–"))
@@ -94,12 +99,11 @@ def write_report(cfg, out: str | Path) -> Path:
             result = f"top-1 {_fmt(r.get('top1'))} (best {_fmt(r.get('best_top1'))})"
             if r.get("top1") is not None:
                 finals[label] = r["top1"]
-                curves[label] = [e for e in read_metrics(run_dir)[1] if "val_top1" in e]
+                curves[label] = [e for e in evals if "val_top1" in e]
         else:
             result = f"loss {_fmt(r.get('first_loss'), '.4g')} → {_fmt(r.get('final_loss'), '.4g')}"
             if "knn_top1" in r:
                 result += f", k-NN {r['knn_top1']:.2f}"
-            steps = read_metrics(run_dir)[0]
             if steps:
                 losses[f"{label} ({s.task})"] = steps
         paper = "; ".join(f"{k} {v}" for k, v in s.paper.items()) if s.paper else ""
