@@ -21,7 +21,7 @@ def tiny_distill_config(**train) -> DistillConfig:
     from tinymim.engine import TrainConfig
 
     return DistillConfig(
-        student=tiny_vit(dim=48, depth=2, heads=3),
+        student=tiny_vit(dim=48, depth=2, heads=3, init="mae", pos_embed="sincos"),  # as DistillConfig's
         teacher=TeacherConfig(model=tiny_vit(dim=64, depth=3, heads=4)),
         data=DataConfig(name="synthetic", img_size=32, num_workers=0, synthetic_size=256),
         train=TrainConfig(**{"batch_size": 32, "epochs": 1, "warmup_epochs": 0.5, "precision": "fp32",

@@ -158,14 +158,16 @@ class SyntheticImages(tud.Dataset):
 
 class SubsetImages:
     """A fixed random sample of n images of a source (the same for every run: seed 0), in source
-    order; a folder's first n images would be its first classes only."""
+    order; a folder's first n images would be its first classes only. `indices` selects given ones."""
 
-    def __init__(self, source, n: int):
-        if n < 1:
-            raise DataError(f"data.subset must be positive, got {n}")
+    def __init__(self, source, n: int | None = None, indices: list[int] | None = None):
         self.source = source
-        self.indices = sorted(random.Random(0).sample(range(len(source)), n)) if n < len(source) \
-            else list(range(len(source)))
+        if indices is None:
+            if n < 1:
+                raise DataError(f"data.subset must be positive, got {n}")
+            indices = sorted(random.Random(0).sample(range(len(source)), n)) if n < len(source) \
+                else list(range(len(source)))
+        self.indices = list(indices)
         self.classes = getattr(source, "classes", None)
 
     def __len__(self) -> int:
@@ -176,6 +178,17 @@ class SubsetImages:
 
     def describe(self, i: int) -> str:
         return self.source.describe(self.indices[i])
+
+
+def split_holdout(source, n: int) -> tuple[SubsetImages, SubsetImages]:
+    """(the rest, n held-out images): a fixed random split of a training source (seed 1, independent
+    of data.subset's sample), so that recipes are tuned on training images and the test split only
+    scores the result."""
+    if not 0 < n < len(source):
+        raise DataError(f"data.holdout={n} must be between 1 and the {len(source)} training images - 1")
+    held = set(random.Random(1).sample(range(len(source)), n))
+    return (SubsetImages(source, indices=[i for i in range(len(source)) if i not in held]),
+            SubsetImages(source, indices=sorted(held)))
 
 
 def build_source(cfg: DataConfig, seed: int = 0):

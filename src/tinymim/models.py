@@ -5,6 +5,9 @@
    split its Q/K/V into a different number of heads (the student's relation block takes the
    teacher's head count; `last_heads` in the public release).
 3. Running a model only up to block k (a teacher's later blocks are never needed).
+
+And the release's student setup as options: MAE's initialization (`init: mae`) and MAE's fixed 2-D
+sin-cos position embedding, frozen (`pos_embed: sincos`).
 """
 from __future__ import annotations
 
@@ -37,6 +40,12 @@ class ModelConfig:
     drop_path_schedule: Literal["linear", "constant"] = "linear"
     # load timm's pretrained weights for `name` (needs the network unless cached)
     pretrained: bool = False
+    # initialization: "timm" (timm's default: trunc-normal 0.02, class token ~1e-6) or "mae" (MAE's
+    # encoder, the release's TinyMIM student: xavier-uniform linears, patch conv as a linear layer,
+    # class token normal 0.02)
+    init: Literal["timm", "mae"] = "timm"
+    # position embedding: "learned" (timm) or "sincos" (MAE's fixed 2-D sin-cos table, never trained)
+    pos_embed: Literal["learned", "sincos"] = "learned"
 
     def validate(self) -> None:
         if self.name == CUSTOM:
@@ -80,6 +89,10 @@ def create_vit(cfg: ModelConfig, num_classes: int = 0, **extra) -> VisionTransfo
                 "or a local checkpoint (teacher.checkpoint=PATH)") from e
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{cfg.name!r} built a {type(model).__name__}, not a timm VisionTransformer")
+    if cfg.init == "mae" and not cfg.pretrained:
+        mae_init_(model)
+    if cfg.pos_embed == "sincos":
+        fix_sincos_pos_embed(model)
     if cfg.drop_path_schedule == "constant":
         set_drop_path(model, cfg.drop_path_rate)
     for block_idx, heads in cfg.block_heads.items():
@@ -87,6 +100,57 @@ def create_vit(cfg: ModelConfig, num_classes: int = 0, **extra) -> VisionTransfo
             raise ValueError(f"block_heads names block {block_idx}, but the model has {len(model.blocks)} blocks")
         set_block_heads(model.blocks[block_idx - 1], heads)
     return model
+
+
+def sincos_table(grid: tuple[int, int], dim: int, num_prefix: int = 1) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos position embedding: 1 x (prefix + H*W) x dim, zeros for the prefix tokens.
+
+    Patch (h, w), 0-indexed in row-major order, gets [sin(w W), cos(w W), sin(h W), cos(h W)] with
+    W_i = 10000^(-i / (dim/4)), i = 0 .. dim/4 - 1 (the first half encodes the column, as MAE's).
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    hh, ww = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
+                            indexing="ij")
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([one_axis(ww), one_axis(hh)], dim=1)
+    return torch.cat([torch.zeros(num_prefix, dim, dtype=torch.float64), table]).float().unsqueeze(0)
+
+
+def fix_sincos_pos_embed(model: VisionTransformer) -> None:
+    """Set the position embedding to MAE's sin-cos table and freeze it (no gradient, no weight decay)."""
+    if model.pos_embed is None or getattr(model, "no_embed_class", False):
+        raise ValueError("pos_embed=sincos needs a ViT with a position embedding over prefix + patch tokens")
+    prefix = model.pos_embed.shape[1] - model.patch_embed.num_patches
+    with torch.no_grad():
+        model.pos_embed.copy_(sincos_table(model.patch_embed.grid_size, model.embed_dim, prefix))
+    model.pos_embed.requires_grad_(False)
+
+
+def mae_init_(model: VisionTransformer) -> None:
+    """MAE's encoder initialization, which the release's TinyMIM student uses: xavier-uniform on every
+    linear layer (qkv as one fused matrix: std sqrt(1 / 2D)), zero biases, LayerNorm 1 / 0, the
+    patch-embed convolution as a linear layer (xavier-uniform on its flattened weight; its bias keeps
+    PyTorch's default, as MAE's), class and register tokens normal std 0.02."""
+    conv = model.patch_embed.proj
+    conv.reset_parameters()
+    nn.init.xavier_uniform_(conv.weight.data.view(conv.weight.shape[0], -1))
+    for token in (model.cls_token, getattr(model, "reg_token", None)):
+        if token is not None:
+            nn.init.normal_(token, std=0.02)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def set_drop_path(model: VisionTransformer, rate: float, blocks: range | None = None) -> None:

@@ -11,8 +11,10 @@ an earlier stage's output:
       - {name: tinymim_s, task: distill, config: imagenet/distill_vit_small_from_mae_base, teacher: mae_b}
       - {name: ft_s, task: finetune, config: ..., init: tinymim_s, paper: {top1: 83.0, row: "ViT-S TinyMIM"}}
 
-Stage `name` runs in DIR/name. The teacher's (init's) architecture is taken from the earlier stage
-unless the stage's own overrides set it. Each stage records in DIR/name/pipeline.json what it was
+Stage `name` runs in DIR/name. The teacher's (init's) architecture is taken from the earlier stage,
+key by key, unless the stage's own overrides set that key (or name another model). The teacher's
+relation pairing (teacher.target_block, teacher.relation_heads) is never inferred from the earlier
+stage: the distill recipe declares it. Each stage records in DIR/name/pipeline.json what it was
 run from: its config and the run ids of the stages it consumed. Re-running the pipeline
 - skips a finished stage whose record matches (no training),
 - resumes an unfinished stage with the same record (a crash, a fixed data path),
@@ -90,16 +92,20 @@ class PipelineConfig:
             raise ValueError("the pipeline declares no stages")
 
 
-def _architecture(config: dict, task: str, prefix: str) -> list[str]:
-    """Overrides that give `prefix` (e.g. teacher.model) the architecture of an earlier stage's model."""
+def _architecture(config: dict, task: str, prefix: str, own: list[str]) -> list[str]:
+    """Overrides that give `prefix` (e.g. teacher.model) the architecture of an earlier stage's model,
+    but for the keys the stage's own overrides set (all of them when those name the model)."""
+    if _explicit(own, f"{prefix}.name"):
+        return []
     model = dict(config[MODEL_SECTION[task]])
     if model.get("img_size") is None:  # filled from the data at build time
         model["img_size"] = config["data"]["img_size"]
-    return [f"{prefix}.{k}={json.dumps(model[k])}" for k in ARCHITECTURE_KEYS if model.get(k) is not None]
+    return [f"{prefix}.{k}={json.dumps(model[k])}" for k in ARCHITECTURE_KEYS
+            if model.get(k) is not None and not _explicit(own, f"{prefix}.{k}")]
 
 
-def _explicit(overrides: list[str], prefix: str) -> bool:
-    return any(o.split("=", 1)[0].strip().startswith(prefix) for o in overrides)
+def _explicit(overrides: list[str], key: str) -> bool:
+    return any(o.split("=", 1)[0].strip() == key for o in overrides)
 
 
 def _record(stage_dir: Path) -> dict | None:
@@ -133,12 +139,10 @@ def stage_overrides(cfg: PipelineConfig, stage: StageConfig, out: Path, configs:
     wiring = []
     if stage.teacher is not None:
         wiring.append(f"teacher.checkpoint={out / stage.teacher}")
-        if not _explicit(own, "teacher.model"):
-            wiring += _architecture(configs[stage.teacher], tasks[stage.teacher], "teacher.model")
+        wiring += _architecture(configs[stage.teacher], tasks[stage.teacher], "teacher.model", own)
     if stage.init is not None:
         wiring.append(f"init={out / stage.init}")
-        if not _explicit(own, "model"):
-            wiring += _architecture(configs[stage.init], tasks[stage.init], "model")
+        wiring += _architecture(configs[stage.init], tasks[stage.init], "model", own)
     return [*cfg.overrides, *cfg.task_overrides.get(stage.task, []), *wiring, *own]
 
 

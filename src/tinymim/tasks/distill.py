@@ -20,7 +20,6 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import yaml
 from timm.layers import DropPath
 
 from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
@@ -28,8 +27,8 @@ from tinymim.config import ConfigError
 from tinymim.data import DataConfig, paired_views
 from tinymim.engine import TrainConfig
 from tinymim.knn import KNNMonitorConfig
-from tinymim.models import (ModelConfig, TokenFeatures, create_vit, embed, num_tokens, set_drop_path,
-                             tokens_before_block, truncate)
+from tinymim.models import (ModelConfig, TokenFeatures, create_vit, embed, num_tokens, set_block_heads,
+                             set_drop_path, tokens_before_block, truncate)
 from tinymim.relations import RELATION_NAMES, RelationLoss, block_qkv, split_heads
 from tinymim.targets import ClassTokenLoss, FeatureLoss, block_parts
 from tinymim.tasks.base import Task
@@ -49,6 +48,11 @@ class TeacherConfig:
     checkpoint: str | None = None
     # 1-indexed block whose relations are the target; None = the paper's choice or the last block
     target_block: int | None = None
+    # heads the teacher's relation block is split into (a choice, not part of the weights: qkv does not
+    # depend on it). Recipes declare it, following the paper's table (TINYMIM.md section 2): 16 for MAE
+    # ViT-L -> ViT-B, 12 for ViT-B -> ViT-S and ViT-S -> ViT-T. None = the head count of teacher.model
+    # (never what a run directory's student was trained with: a file and a run dir pair the same way).
+    relation_heads: int | None = None
     # drop path in the teacher's blocks while training (the paper's ablation; 0 = none, its best)
     drop_path_rate: float = 0.0
 
@@ -108,8 +112,11 @@ class DistillLossConfig:
 
 @dataclass
 class DistillConfig:
+    # the release's student: MAE's init and a fixed sin-cos position embedding (fine-tuning then
+    # trains the loaded table), drop path 0.1 in every block but the relation block
     student: ModelConfig = field(default_factory=lambda: ModelConfig(
-        name="vit_small_patch16_224", drop_path_rate=0.1, drop_path_schedule="constant"))
+        name="vit_small_patch16_224", drop_path_rate=0.1, drop_path_schedule="constant", init="mae",
+        pos_embed="sincos"))
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     # fraction of the student's patches removed, as MAE masks (the teacher sees the whole image and its
@@ -290,20 +297,9 @@ class DistillTask(Task):
         save_weights(self.student.state_dict(), Path(run_dir) / "student.safetensors", meta)
 
 
-def _run_dir_block_heads(path: str) -> dict:
-    """Head counts a tinymim run directory's student was trained with (its relation block's)."""
-    cfg = Path(path) / "config.yaml"
-    if Path(path).is_dir() and cfg.is_file():
-        student = (yaml.safe_load(cfg.read_text()) or {}).get("student") or {}
-        return {int(k): int(v) for k, v in (student.get("block_heads") or {}).items()}
-    return {}
-
-
 def build_teacher(cfg: TeacherConfig, img_size: int) -> nn.Module:
     if cfg.model.img_size is None:
         cfg.model.img_size = img_size
-    if cfg.checkpoint and not cfg.model.block_heads:
-        cfg.model.block_heads = _run_dir_block_heads(cfg.checkpoint)
     teacher = create_vit(cfg.model)
     if cfg.drop_path_rate > 0:
         set_drop_path(teacher, cfg.drop_path_rate)
@@ -339,8 +335,14 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
         raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
     if cfg.loss.mae.weight > 0 and cfg.mask_ratio == 0:
         raise ConfigError("loss.mae needs masked student input to reconstruct: set mask_ratio (MAE uses 0.75)")
+    t_block = teacher.blocks[k - 1]
+    if cfg.teacher.relation_heads is not None:
+        try:
+            set_block_heads(t_block, cfg.teacher.relation_heads)
+        except ValueError as e:
+            raise ConfigError(f"teacher.relation_heads={cfg.teacher.relation_heads}: {e}") from e
+    t_heads = cfg.teacher.relation_heads = t_block.attn.num_heads
     if cfg.loss.relation.weight > 0:
-        t_heads = teacher.blocks[k - 1].attn.num_heads
         if s_width % t_heads:
             raise ConfigError(f"incompatible heads: the teacher's block {k} has {t_heads} heads, and the student's "
                               f"width {s_width} cannot be split into {t_heads} heads; choose a student width "
@@ -352,6 +354,10 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
         cfg.student.block_heads = {**cfg.student.block_heads, s_depth: t_heads}
     student = create_vit(cfg.student)
     set_drop_path(student, 0.0, range(s_depth - 1, s_depth))  # the target block has none (as the release)
+    log.info("pairing: teacher block %d of %d, %d heads of size %d -> student block %d of %d, %d heads of size %d"
+             "%s", k, t_depth, t_heads, t_width // t_heads, s_depth, s_depth, student.blocks[-1].attn.num_heads,
+             student.blocks[-1].attn.head_dim,
+             "" if cfg.loss.relation.weight > 0 else " (no relation target: the head split does not matter)")
 
     if num_tokens(teacher) != num_tokens(student):
         raise ConfigError(

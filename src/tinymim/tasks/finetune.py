@@ -69,6 +69,9 @@ class ClassifyDataConfig(DataConfig):
     reprob: float = 0.25
     eval_crop_pct: float = 0.875
     color_jitter: float = 0.0  # ignored by timm when auto_augment is set, as in MAE
+    # hold out this many training images (a fixed random sample) and evaluate on them instead of
+    # val_root: for tuning a recipe without looking at the test split. 0 = evaluate on val_root
+    holdout: int = 0
 
 
 @dataclass
@@ -124,12 +127,20 @@ def collate_classify(samples) -> dict:
 
 
 def _source(cfg: ClassifyDataConfig, root: str | None, train: bool):
+    """The training images (data.subset of them), or the evaluation images: val_root's, or with
+    data.holdout the training images held out (then the training side never sees them)."""
     from dataclasses import replace
 
+    from tinymim.data import SubsetImages, TorchvisionCIFAR, split_holdout
+
+    if cfg.holdout:
+        rest, held = split_holdout(_source(replace(cfg, holdout=0, subset=None), cfg.root, True), cfg.holdout)
+        if not train:
+            return held
+        return SubsetImages(rest, cfg.subset) if cfg.subset is not None else rest
     if cfg.name == "synthetic":  # a held-out synthetic split: other seeds
         return build_source(cfg if train else replace(cfg, subset=None), seed=0 if train else 1)
     if cfg.name in ("cifar10", "cifar100"):
-        from tinymim.data import SubsetImages, TorchvisionCIFAR
         src = TorchvisionCIFAR(cfg.name, root, train=train)
         return SubsetImages(src, cfg.subset) if train and cfg.subset is not None else src
     if not root:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
 from tinymim.checkpoint import save_weights
@@ -22,7 +21,7 @@ from tinymim.config import ConfigError
 from tinymim.data import DataConfig, plain_view
 from tinymim.engine import TrainConfig
 from tinymim.knn import KNNMonitorConfig
-from tinymim.models import ModelConfig, TokenFeatures, create_vit
+from tinymim.models import ModelConfig, TokenFeatures, create_vit, fix_sincos_pos_embed, sincos_table
 from tinymim.tasks.base import Task
 
 
@@ -35,7 +34,9 @@ class DecoderConfig:
 
 @dataclass
 class MAEConfig:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224"))
+    # MAE's encoder: its own init and a fixed sin-cos position embedding
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224", init="mae",
+                                                                   pos_embed="sincos"))
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
@@ -43,12 +44,6 @@ class MAEConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=800, batch_size=4096, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05))
     knn: KNNMonitorConfig = field(default_factory=KNNMonitorConfig)
-
-
-def sincos_pos_embed(grid: tuple[int, int], dim: int, num_prefix: int = 1) -> torch.Tensor:
-    """1 x (prefix + H*W) x dim fixed 2-D sin-cos table, zeros for the class token."""
-    table = build_sincos2d_pos_embed(list(grid), dim=dim)
-    return torch.cat([torch.zeros(num_prefix, dim), table]).unsqueeze(0)
 
 
 def random_masking(x: torch.Tensor, mask_ratio: float):
@@ -93,7 +88,7 @@ class MAEDecoder(nn.Module):
         super().__init__()
         self.decoder_embed = nn.Linear(encoder_dim, cfg.embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(grid, cfg.embed_dim), persistent=False)
+        self.register_buffer("decoder_pos_embed", sincos_table(grid, cfg.embed_dim), persistent=False)
         self.decoder_blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, mlp_ratio=4.0, qkv_bias=True)
                                             for _ in range(cfg.depth))
         self.decoder_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
@@ -120,9 +115,7 @@ class MaskedAutoencoder(nn.Module):
         self.encoder, self.mask_ratio, self.norm_pix_loss = encoder, mask_ratio, norm_pix_loss
         grid, dim = encoder.patch_embed.grid_size, encoder.embed_dim
         self.patch = encoder.patch_embed.patch_size[0]
-        with torch.no_grad():  # fixed sin-cos position embedding, as MAE
-            encoder.pos_embed.copy_(sincos_pos_embed(grid, dim))
-        encoder.pos_embed.requires_grad_(False)
+        fix_sincos_pos_embed(encoder)  # fixed sin-cos position embedding, as MAE (whatever model.pos_embed says)
         self.decoder = MAEDecoder(dim, grid, self.patch, decoder)
         # unused encoder parts get no gradient
         for m in (encoder.fc_norm, encoder.head):
