@@ -1,15 +1,18 @@
 """The TinyMIM study in miniature on CIFAR-10: which pre-training helps a small ViT most?
 
-Same student (64 wide, 4 blocks, 2 heads, patch 4 at 32 px), same budgets: every pre-training
-runs `--pretrain-epochs` over the 50,000 training images, every fine-tuning `--finetune-epochs`
-over a fixed random `--finetune-subset` of them with labels, evaluated on the 10,000 test images.
-Compared, each for every seed:
-  scratch          fine-tuned from random init
-  MAE              the student MAE-pre-trained itself
-  class token      distilled from the MAE teacher's class token (smooth-L1, projected)
-  feature          distilled from the MAE teacher's block output (smooth-L1 beta 2, projected, whitened)
-  relation         TinyMIM: the teacher's Q-K and V-V relations (KL)
-The teacher (128 wide, 6 blocks, 4 heads) is MAE-pre-trained once for `--teacher-epochs`.
+One strong MAE teacher (by default ../shared/teachers/cifar10_mae_vit192x6: 192 wide, 6 blocks, 6 heads,
+2.7M parameters, 12 MAE epochs) and one student 4x smaller (96 wide, 6 blocks, 3 heads, 0.7M). Every
+pre-training runs `--pretrain-epochs` over the 50,000 training images without labels; every
+fine-tuning runs `--finetune-epochs` over a fixed random `--finetune-subset` of them with labels
+(cifar10/finetune_short, a recipe made for short schedules) and is scored on the 10,000 test images.
+Compared, for every seed:
+  scratch      fine-tuned from random init
+  MAE          the student MAE-pre-trained itself (same epochs)
+  class token  distilled from the teacher's class token (smooth-L1, projected)
+  feature      distilled from the teacher's block output (smooth-L1 beta 2, projected, whitened)
+  relation     TinyMIM: the teacher's Q-K and V-V relations (KL)
+Each pre-trained student is also scored frozen: weighted k-NN (k=20, T=0.07) of the average patch token
+entering its last block, with the full 50,000-image training bank and the 10,000 test images as queries.
 Everything runs as one `tinymim pipeline`, so an interrupted study resumes where it stopped and a
 finished one only rewrites the table:
 
@@ -18,6 +21,7 @@ finished one only rewrites the table:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
@@ -25,22 +29,15 @@ import tarfile
 import time
 from pathlib import Path
 
+import yaml
+
 from tinymim.pipeline import PipelineConfig, StageConfig, run_pipeline
 from tinymim.report import stage_result
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
-STUDENT = ["model.embed_dim=64", "model.depth=4", "model.num_heads=2"]
-METHODS = {  # name -> (pre-training stage kwargs or None, label)
-    "scratch": None,
-    "mae": dict(task="mae", config="cifar10/mae_micro", overrides=STUDENT),
-    "class_token": dict(task="distill", config="cifar10/distill_micro", teacher="teacher",
-                        overrides=["loss.relation.weight=0", "loss.class_token.weight=1"]),
-    "feature": dict(task="distill", config="cifar10/distill_micro", teacher="teacher",
-                    overrides=["loss.relation.weight=0", "loss.feature.weight=1", "loss.feature.site=block"]),
-    "relation": dict(task="distill", config="cifar10/distill_micro", teacher="teacher", overrides=[]),
-}
-LABELS = {"scratch": "from scratch", "mae": "MAE-pre-trained student", "class_token": "class-token distillation",
-          "feature": "feature distillation", "relation": "relation distillation (TinyMIM)"}
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+LABELS = {"scratch": "from scratch", "mae": "MAE on the student itself", "class_token": "class-token distillation",
+          "feature": "feature distillation (block output)", "relation": "relation distillation (TinyMIM)"}
 
 
 def extract(data: Path, cache: Path) -> tuple[Path, Path]:
@@ -54,36 +51,80 @@ def extract(data: Path, cache: Path) -> tuple[Path, Path]:
     return cache / "train", cache / "test"
 
 
+def student_args(args, section: str) -> list[str]:
+    return [f"{section}.embed_dim={args.student_width}", f"{section}.depth={args.student_depth}",
+            f"{section}.num_heads={args.student_heads}"]
+
+
 def study(args, train: Path, test: Path) -> PipelineConfig:
-    common = ["train.progress=false", "data.name=folder", f"data.root={train}", "data.num_workers=2"]
-    stages = [StageConfig(name="teacher", task="mae", config="cifar10/mae_micro",
-                          overrides=[f"train.epochs={args.teacher_epochs}"])]
+    common = ["train.progress=false", "data.name=folder", f"data.root={train}", f"data.num_workers={args.workers}"]
+    stages, teacher_stage = [], None
+    teacher = yaml.safe_load((args.teacher / "config.yaml").read_text())["model"]
+    arch = [f"teacher.model.{k}={teacher[k]}" for k in ("name", "img_size", "patch_size", "embed_dim", "depth",
+                                                         "num_heads")]
+    pairing = [f"teacher.checkpoint={args.teacher.resolve()}", *arch, f"teacher.target_block={teacher['depth']}",
+               f"teacher.relation_heads={teacher['num_heads']}"]
+    distill = dict(task="distill", config="cifar10/distill_micro")
+    methods = {
+        "scratch": None,
+        "mae": dict(task="mae", config="cifar10/mae_micro", overrides=student_args(args, "model")),
+        "class_token": dict(**distill, overrides=[*student_args(args, "student"), *pairing,
+                                                  "loss.relation.weight=0", "loss.class_token.weight=1"]),
+        "feature": dict(**distill, overrides=[*student_args(args, "student"), *pairing, "loss.relation.weight=0",
+                                              "loss.feature.weight=1", "loss.feature.site=block"]),
+        "relation": dict(**distill, overrides=[*student_args(args, "student"), *pairing]),
+    }
     for seed in args.seeds:
-        for method, pre in METHODS.items():
+        for method, pre in methods.items():
             init = None
             if pre is not None:
                 init = f"{method}_s{seed}"
-                stages.append(StageConfig(name=init, **{**pre, "overrides": [
+                stages.append(StageConfig(name=init, teacher=teacher_stage, **{**pre, "overrides": [
                     *pre["overrides"], f"train.epochs={args.pretrain_epochs}", f"train.seed={seed}"]}))
             stages.append(StageConfig(
-                name=f"finetune_{method}_s{seed}", task="finetune", config="cifar10/finetune_micro", init=init,
+                name=f"finetune_{method}_s{seed}", task="finetune", config="cifar10/finetune_short", init=init,
                 label=f"{LABELS[method]}, seed {seed}",
-                overrides=["init=null"] * (init is None) + [
-                    f"data.val_root={test}", f"data.subset={args.finetune_subset}",
-                    f"train.epochs={args.finetune_epochs}", f"train.seed={seed}"]))
+                overrides=[*student_args(args, "model"), f"data.val_root={test}", f"data.subset={args.finetune_subset}",
+                           f"train.epochs={args.finetune_epochs}", f"train.seed={seed}"]))
     return PipelineConfig(overrides=common, stages=stages)
+
+
+def knn_scores(args, out: Path, train: Path, test: Path) -> dict[str, float]:
+    """k-NN top-1 of every pre-trained student (cached in its run directory as knn.json)."""
+    from tinymim.knn import knn_evaluate
+
+    scores = {}
+    for run in sorted(out.glob("*_s[0-9]*")):
+        if run.name.startswith("finetune_") or not (run / "config.yaml").is_file():
+            continue
+        cache = run / "knn.json"
+        if not cache.is_file():
+            r = knn_evaluate(run, train, test, block=args.student_depth, mean=CIFAR_MEAN, std=CIFAR_STD,
+                             num_workers=args.workers)
+            cache.write_text(json.dumps(r))
+        scores[run.name] = json.loads(cache.read_text())["knn_top1"]
+    return scores
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DATA, help="folder with CIFAR-10's train.tar and test.tar")
+    ap.add_argument("--data", type=Path, default=SHARED / "data" / "cifar10", help="folder with train.tar and test.tar")
+    ap.add_argument("--teacher", type=Path, default=SHARED / "teachers" / "cifar10_mae_vit192x6",
+                    help="an MAE teacher's run directory (config.yaml + encoder.safetensors)")
     ap.add_argument("--out", type=Path, default=Path("runs/micro_study"))
     ap.add_argument("--table", type=Path, default=Path("docs/results/micro_study.md"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--teacher-epochs", type=int, default=3)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--student-width", type=int, default=96)
+    ap.add_argument("--student-depth", type=int, default=6)
+    ap.add_argument("--student-heads", type=int, default=3)
     ap.add_argument("--pretrain-epochs", type=int, default=2)
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--finetune-subset", type=int, default=20000)
+    ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -91,39 +132,59 @@ def main() -> None:
     cfg = study(args, train, test)
     start = time.perf_counter()
     summaries = run_pipeline(cfg, args.out)
+    knn = knn_scores(args, args.out, train, test)
     wall = (time.perf_counter() - start) / 60
     total = sum(s["record"].get("seconds", 0) for s in summaries) / 60
 
-    rows, means = [], {}
-    for method in METHODS:
-        tops = [stage_result("finetune", args.out / f"finetune_{method}_s{seed}")["top1"] for seed in args.seeds]
-        means[LABELS[method]] = statistics.mean(tops)
-        spread = f" ± {statistics.stdev(tops):.2f}" if len(tops) > 1 else ""
-        rows.append(f"| {LABELS[method]} | " + " | ".join(f"{t:.2f}" for t in tops)
-                    + f" | {statistics.mean(tops):.2f}{spread} |")
-    command = "python benchmarks/micro_study.py " + " ".join(
-        [f"--seeds {' '.join(map(str, args.seeds))}", f"--teacher-epochs {args.teacher_epochs}",
-         f"--pretrain-epochs {args.pretrain_epochs}", f"--finetune-epochs {args.finetune_epochs}",
-         f"--finetune-subset {args.finetune_subset}"])
+    rows, tops, knns = [], {}, {}
+    for method, label in LABELS.items():
+        tops[method] = [stage_result("finetune", args.out / f"finetune_{method}_s{s}")["top1"] for s in args.seeds]
+        knns[method] = [knn[f"{method}_s{s}"] for s in args.seeds if f"{method}_s{s}" in knn]
+        rows.append(f"| {label} | " + " | ".join(f"{t:.2f}" for t in tops[method]) + f" | **{mean_std(tops[method])}** | "
+                    + (mean_std(knns[method]) if knns[method] else "–") + " |")
+    ranked = sorted(LABELS, key=lambda m: statistics.mean(tops[m]), reverse=True)
+
+    def versus(a: str, b: str) -> str:
+        gap = statistics.mean(tops[a]) - statistics.mean(tops[b])
+        spread = max(statistics.stdev(tops[a]), statistics.stdev(tops[b])) if len(args.seeds) > 1 else 0.0
+        verdict = ("beats" if gap > 0 else "is below") + (" by more than" if abs(gap) > spread else " by no more than")
+        return f"{LABELS[a]} {verdict} the seeds' spread {LABELS[b]}: {gap:+.2f} points (largest std {spread:.2f})"
+
+    command = "python benchmarks/micro_study.py " + " ".join([
+        f"--seeds {' '.join(map(str, args.seeds))}", f"--pretrain-epochs {args.pretrain_epochs}",
+        f"--finetune-epochs {args.finetune_epochs}", f"--finetune-subset {args.finetune_subset}",
+        f"--student-width {args.student_width} --student-depth {args.student_depth} --student-heads {args.student_heads}"])
+    teacher = yaml.safe_load((args.teacher / "config.yaml").read_text())["model"]
     text = f"""# Micro study: the TinyMIM comparison on CIFAR-10
 
-Made by `{command}` ({total:.0f} minutes of training in all on a 2-core CPU; this invocation took
-{wall:.0f} minutes, reusing finished stages). Every row fine-tunes the same student (ViT 64 wide, 4 blocks,
-2 heads, patch 4, 32 px) for {args.finetune_epochs} epochs on the same fixed random {args.finetune_subset} labelled
-training images (cifar10/finetune_micro recipe) and reports top-1 (%) on the 10,000 test images after the
-last epoch. Pre-trained rows first spend {args.pretrain_epochs} epochs on the 50,000 training images, without
-labels: the student's own MAE, or distillation from one MAE teacher (128 wide, 6 blocks, 4 heads,
-{args.teacher_epochs} MAE epochs; target block 6) of its class token, its block-6 output features, or its
-Q-K + V-V relations (cifar10/distill_micro recipe).
+Made by `{command}` with the teacher `{args.teacher.name}` ({total:.0f} minutes of training in all on a 2-core
+CPU, plus k-NN scoring; this invocation took {wall:.0f} minutes, reusing finished stages).
 
-| pre-training | {' | '.join(f'seed {s}' for s in args.seeds)} | mean{' ± std' if len(args.seeds) > 1 else ''} |
-|---|{'---|' * len(args.seeds)}---|
+- Teacher: MAE ViT {teacher['embed_dim']} wide, {teacher['depth']} blocks, {teacher['num_heads']} heads, patch 4 at 32 px
+  (its run directory's README gives the `tinymim mae` command); relations of its block {teacher['depth']}, split into
+  {teacher['num_heads']} heads.
+- Student: ViT {args.student_width} wide, {args.student_depth} blocks, {args.student_heads} heads (its relation block
+  takes the teacher's {teacher['num_heads']}), MAE init and fixed sin-cos position embedding while pre-training.
+- Pre-training: {args.pretrain_epochs} epochs over the 50,000 training images, no labels (cifar10/distill_micro,
+  cifar10/mae_micro for the student's own MAE).
+- Fine-tuning: {args.finetune_epochs} epochs on a fixed random {args.finetune_subset} labelled training images,
+  cifar10/finetune_short (crop + flip, label smoothing 0.1, layer decay 0.75, no mixup/cutmix/RandAugment),
+  the same recipe and budget for every row, scored once on the 10,000 test images after the last epoch.
+- k-NN: the frozen pre-trained student, average patch token entering its last block, full 50,000-image bank,
+  k=20, T=0.07, the 10,000 test images as queries.
+
+| pre-training | {' | '.join(f'seed {s}' for s in args.seeds)} | fine-tuned top-1, mean ± std | k-NN top-1, mean ± std |
+|---|{'---|' * len(args.seeds)}---|---|
 {chr(10).join(rows)}
 
-Measured ordering (mean top-1): {" > ".join(sorted(means, key=means.get, reverse=True))}.
+Measured ordering by fine-tuned top-1: {" > ".join(LABELS[m] for m in ranked)}.
+- {versus("relation", "mae")}.
+- {versus("relation", "feature")}.
+- {versus("relation", "scratch")}.
+
 The paper's ordering (ImageNet-1K, 300 epochs, ViT-T/S/B) is relation > feature > class token and MAE.
-This is a tiny budget on tiny images: read it as a smoke test of the comparison, not as a replication.
-The pipeline report with loss curves and accuracy plots is in the run folder (`report.md`).
+This is a tiny budget on tiny images; the pipeline report with loss curves and accuracy plots is in the run
+folder (`report.md`).
 """
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text(text)

@@ -37,3 +37,27 @@ def test_views_are_a_function_of_the_sample_seed():
     a, b = ds[(3, 12345)], ds[(3, 12345)]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].shape == (3, 24, 24)
     assert not torch.equal(ds[(3, 999)][0], a[0])
+
+
+def test_holdout_is_a_fixed_split_of_the_training_images():
+    from tinymim.tasks.finetune import ClassifyDataConfig, _source
+
+    cfg = ClassifyDataConfig(name="synthetic", synthetic_size=200, img_size=32, holdout=50, subset=100)
+    train, held = _source(cfg, None, True), _source(cfg, None, False)
+    assert len(held) == 50 and len(train) == 100
+    held_ids = {held.indices[i] for i in range(len(held))}
+    train_ids = {train.source.indices[j] for j in train.indices}  # the subset is drawn from the rest
+    assert not held_ids & train_ids and held_ids == {_source(cfg, None, False).indices[i] for i in range(50)}
+    labels = {held.load(i)[1] for i in range(len(held))}
+    assert len(labels) > 5  # a random sample, not the first images (one class in a folder tree)
+
+
+def test_knn_bank_is_a_random_sample_not_the_first_class():
+    import torch.utils.data as tud
+
+    from tinymim.knn import _sample
+
+    labels = [c for c in range(10) for _ in range(100)]  # a folder tree: class by class
+    loader = tud.DataLoader(tud.Subset(labels, range(len(labels))), batch_size=50)
+    kept = [labels[i] for i in _sample(loader, 200).dataset.indices]
+    assert len(kept) == 200 and len(set(kept)) == 10 and kept == sorted(kept)

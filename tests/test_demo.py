@@ -7,20 +7,47 @@ from tinymim.config import ConfigError
 from tinymim.demo import data_overrides
 
 
-def test_demo_runs_offline_and_writes_the_report(tmp_path):
-    out = tmp_path / "demo"
-    # the demo's stages, each cut to 3 steps and a small synthetic set (the full demo: README)
+def _shrunk_demo(out, data, monkeypatch):
+    """The demo's stages, each cut to 3 steps on a few images (the full demo: README)."""
     from tinymim import demo
-    demo.IMAGES, saved = 96, demo.IMAGES
-    try:
-        report = demo.run_demo(out, progress=False, overrides=["train.max_steps=3", "train.batch_size=32"])
-    finally:
-        demo.IMAGES = saved
-    text = report.read_text()
-    for stage in ("MAE teacher", "TinyMIM student", "fine-tuned TinyMIM student", "fine-tuned from scratch"):
+    monkeypatch.setattr(demo, "PRETRAIN_IMAGES", 96)
+    monkeypatch.setattr(demo, "FINETUNE_IMAGES", 64)
+    return demo.run_demo(out, data=data, progress=False, overrides=["train.max_steps=3", "train.batch_size=32"])
+
+
+def test_demo_offline_says_so_and_runs_on_synthetic_images(tmp_path, monkeypatch, capsys):
+    import json
+
+    from tinymim import demo
+    monkeypatch.setattr(demo, "cifar10_ready", lambda: "cifar10 is not in /nowhere and could not be downloaded")
+    out = tmp_path / "demo"
+    text = _shrunk_demo(out, "cifar10", monkeypatch).read_text()
+    err = capsys.readouterr().err.strip().splitlines()
+    notice = [line for line in err if line.startswith("tinymim demo:")]
+    assert len(notice) == 1 and "synthetic" in notice[0] and "--data" in notice[0]
+    # the report says, at its top, that synthetic images cannot show the effect
+    assert text.index("synthetic images") < text.index("| stage |") and "cannot show" in text
+    for stage in ("TinyMIM student", "fine-tuned TinyMIM student", "fine-tuned from scratch"):
         assert stage in text
     assert (out / "plots" / "losses.png").is_file() and (out / "plots" / "accuracy.png").is_file()
     assert (out / "student_tinymim" / "student.safetensors").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["notes"] and [s["stage"] for s in report["stages"]] == [
+        "student_tinymim", "finetune_tinymim", "finetune_scratch"]
+    tuned = report["stages"][1]
+    assert tuned["task"] == "finetune" and 0 <= tuned["final"]["top1"] <= 100 and "top1" in tuned["best"]
+    assert tuned["minutes"] > 0 and report["stages"][0]["final"]["final_loss"] > 0
+
+
+def test_demo_teacher_ships_with_the_package():
+    from tinymim.checkpoint import load_weights
+    from tinymim.pipeline import load, plan
+
+    state = load_weights("builtin:cifar10_mae_vit128x6")
+    assert state["pos_embed"].shape == (1, 65, 128) and len({k.split(".")[1] for k in state if k.startswith("blocks.")}) == 6
+    distill = [c for s, _, c in plan(load("pipelines/demo"), "/tmp/unused") if s.task == "distill"][0]
+    assert distill["teacher"]["checkpoint"] == "builtin:cifar10_mae_vit128x6"
+    assert (distill["teacher"]["target_block"], distill["teacher"]["relation_heads"]) == (6, 4)
 
 
 def test_demo_data_forms(tmp_path):

@@ -83,10 +83,28 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+# teachers shipped with the package (tinymim/teachers/NAME: a run directory), named `builtin:NAME`
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_TEACHERS = Path(__file__).resolve().parent / "teachers"
+
+
+def builtin_teacher(spec: str) -> Path:
+    """The run directory of a shipped teacher, `builtin:NAME`."""
+    name = spec[len(BUILTIN_PREFIX):]
+    path = BUILTIN_TEACHERS / name
+    if not name or "/" in name or not path.is_dir():
+        known = sorted(p.name for p in BUILTIN_TEACHERS.iterdir() if p.is_dir()) if BUILTIN_TEACHERS.is_dir() else []
+        raise CheckpointError(f"no built-in teacher {spec!r}; shipped: {', '.join(BUILTIN_PREFIX + k for k in known)}")
+    return path
+
+
 def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
     """Weights from whatever `spec` names: a .safetensors/.pth/.pt file (MAE, TinyMIM, timm or our
-    layouts), a tinymim run directory, or a timm name with pretrained weights
-    (`vit_base_patch16_224.mae`, `hf-hub:org/repo`), which needs the network or the hub cache."""
+    layouts), a tinymim run directory, a teacher shipped with tinymim (`builtin:NAME`), or a timm
+    name with pretrained weights (`vit_base_patch16_224.mae`, `hf-hub:org/repo`), which needs the
+    network or the hub cache."""
+    if str(spec).startswith(BUILTIN_PREFIX):
+        return load_state_dict(builtin_teacher(str(spec)))
     path = Path(spec)
     if path.exists():
         return load_state_dict(path)

@@ -139,12 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="[task:]section.key=value",
                    help="overrides for every stage, or with a task prefix (finetune:train.epochs=5) for that task's")
     p.set_defaults(func=cmd_pipeline)
-    p = sub.add_parser("demo", help="the main job in miniature, offline, in minutes: MAE teacher -> TinyMIM "
-                                    "student, fine-tuned beside a from-scratch twin, with a report")
+    p = sub.add_parser("demo", help="the main job in miniature, in minutes on a CPU: a shipped MAE teacher -> "
+                                    "TinyMIM student, fine-tuned beside a from-scratch twin, with a report")
     p.add_argument("--output", default="runs/demo")
-    p.add_argument("--data", default="synthetic",
-                   help="synthetic (built-in, default), cifar10, or a folder with train/ and val/ ImageFolders "
-                        "(or train.tar and test.tar)")
+    p.add_argument("--data", default="cifar10",
+                   help="cifar10 (default: torchvision's, downloaded once into ~/.cache/tinymim), a folder with "
+                        "train/ and val/ (or test/) ImageFolders or with train.tar and test.tar, or synthetic "
+                        "(offline; cannot show the effect)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("export", help="write a trained model as a timm/hub folder or as ONNX")

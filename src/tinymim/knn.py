@@ -61,18 +61,22 @@ class KNNMonitorConfig:
     name: str = "folder"  # folder | cifar10 | cifar100 | synthetic (labelled data)
     root: str | None = None  # the labelled bank (a training split)
     val_root: str | None = None  # the queries (a validation split)
-    bank_size: int | None = 5000  # first N images of the bank (None: all)
-    val_size: int | None = 1000
+    bank_size: int | None = 5000  # a fixed random sample of N images of the bank (None: all)
+    val_size: int | None = 1000  # a fixed random sample of N queries (None: all)
     img_size: int | None = None  # None: the training data's
     k: int = 20
     temperature: float = 0.07
     batch_size: int = 256
 
 
-def _first(loader, n: int | None):
-    """Keep only the first n images of an evaluation loader (a Subset underneath)."""
+def _sample(loader, n: int | None):
+    """Keep a fixed random sample of n images of an evaluation loader (a Subset underneath), in order.
+    Not the first n: a folder tree lists its images class by class."""
+    import random
+
     if n is not None and n < len(loader.dataset):
-        loader.dataset.indices = list(loader.dataset.indices)[:n]
+        indices = list(loader.dataset.indices)
+        loader.dataset.indices = [indices[i] for i in sorted(random.Random(0).sample(range(len(indices)), n))]
     return loader
 
 
@@ -110,8 +114,8 @@ class KNNMonitor:
 
         if self.loaders is None:  # built on first use: monitoring that never runs costs nothing
             self.loaders = (
-                _first(build_eval_loader(self.data, self.cfg.batch_size, split_train=True), self.cfg.bank_size),
-                _first(build_eval_loader(self.data, self.cfg.batch_size), self.cfg.val_size))
+                _sample(build_eval_loader(self.data, self.cfg.batch_size, split_train=True), self.cfg.bank_size),
+                _sample(build_eval_loader(self.data, self.cfg.batch_size), self.cfg.val_size))
         result = knn_loader_accuracy(features, *self.loaders, device, self.cfg.k, self.cfg.temperature)
         return {"knn_top1": result["knn_top1"]}
 
@@ -135,5 +139,5 @@ def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None 
         data.std = list(std)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return knn_loader_accuracy(TokenFeatures(model.to(device), block),
-                               _first(build_eval_loader(data, batch_size, split_train=True), bank_size),
+                               _sample(build_eval_loader(data, batch_size, split_train=True), bank_size),
                                build_eval_loader(data, batch_size), device, k, temperature)

@@ -67,6 +67,7 @@ class PipelineConfig:
     overrides: list[str] = field(default_factory=list)
     task_overrides: dict = field(default_factory=dict)
     stages: list[StageConfig] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # paragraphs shown at the top of the report
 
     def validate(self) -> None:
         seen: dict[str, str] = {}

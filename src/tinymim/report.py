@@ -1,5 +1,6 @@
-"""The end of a pipeline: DIR/report.md (a table of every stage's results beside the paper's numbers)
-and plots under DIR/plots/: pre-training loss curves, fine-tuning accuracy curves and final top-1 bars."""
+"""The end of a pipeline: DIR/report.md (a table of every stage's results beside the paper's numbers),
+DIR/report.json (the same per stage, machine-readable: task, final and best metrics, minutes) and plots
+under DIR/plots/: pre-training loss curves, fine-tuning accuracy curves and final top-1 bars."""
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ def summarize(task: str, steps: list[dict], evals: list[dict]) -> dict:
         out["first_loss"] = steps[0]["loss"]
     if task in CLASSIFY and evals:
         out["top1"] = evals[-1].get("val_top1")
+        out["top5"] = evals[-1].get("val_top5")
         out["best_top1"] = evals[-1].get("val_best", out["top1"])
     knn = [e["val_knn_top1"] for e in evals if "val_knn_top1" in e]
     if knn:
@@ -86,7 +88,7 @@ def write_report(cfg, out: str | Path) -> Path:
     out = Path(out)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    rows, losses, curves, finals = [], {}, {}, {}
+    rows, losses, curves, finals, records = [], {}, {}, {}, []
     for s in cfg.stages:
         run_dir = out / s.name
         record = json.loads((run_dir / "pipeline.json").read_text()) if (run_dir / "pipeline.json").is_file() else {}
@@ -109,6 +111,11 @@ def write_report(cfg, out: str | Path) -> Path:
         paper = "; ".join(f"{k} {v}" for k, v in s.paper.items()) if s.paper else ""
         minutes = record.get("seconds", 0) / 60
         rows.append(f"| {label} | {s.task} | {source} | {result} | {paper} | {minutes:.1f} |")
+        final = {k: r[k] for k in ("top1", "top5", "final_loss", "knn_top1") if r.get(k) is not None}
+        best = {"top1": r["best_top1"]} if r.get("best_top1") is not None else {}
+        records.append({"stage": s.name, "label": label, "task": s.task, "from": source, "status": record.get("status"),
+                        "final": final, "best": best, "first_loss": r.get("first_loss"), "paper": s.paper,
+                        "minutes": round(minutes, 2)})
 
     pictures = []
     if losses:
@@ -118,13 +125,16 @@ def write_report(cfg, out: str | Path) -> Path:
         plot_accuracy(curves, finals, plots / "accuracy.png")
         pictures.append("![fine-tuning accuracy](plots/accuracy.png)")
 
+    notes = [line for note in getattr(cfg, "notes", []) for line in (f"> {note}", ">")][:-1]
     text = [
-        "# tinymim pipeline report", "",
+        "# tinymim pipeline report", "", *notes, *([""] if notes else []),
         f"Written {time.strftime('%Y-%m-%d %H:%M')}; each stage's run directory is `{out.name}/<stage>`.",
         "Top-1 is the last evaluation of the run (best in brackets). Paper numbers are the TinyMIM paper's",
         "ImageNet-1K results for the setting a stage mirrors: comparable only at that scale.", "",
         "| stage | task | from | result | paper | minutes |", "|---|---|---|---|---|---|", *rows, "", *pictures, "",
     ]
+    (out / "report.json").write_text(json.dumps({"notes": list(getattr(cfg, "notes", [])), "stages": records},
+                                                indent=1))
     path = out / "report.md"
     path.write_text("\n".join(text))
     return path
