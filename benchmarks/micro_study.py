@@ -58,7 +58,7 @@ def student_args(args, section: str) -> list[str]:
 
 def study(args, train: Path, test: Path) -> PipelineConfig:
     common = ["train.progress=false", "data.name=folder", f"data.root={train}", f"data.num_workers={args.workers}"]
-    stages, teacher_stage = [], None
+    stages = []
     teacher = yaml.safe_load((args.teacher / "config.yaml").read_text())["model"]
     arch = [f"teacher.model.{k}={teacher[k]}" for k in ("name", "img_size", "patch_size", "embed_dim", "depth",
                                                          "num_heads")]
@@ -74,13 +74,16 @@ def study(args, train: Path, test: Path) -> PipelineConfig:
                                               "loss.feature.weight=1", "loss.feature.site=block"]),
         "relation": dict(**distill, overrides=[*student_args(args, "student"), *pairing]),
     }
+    for seed in args.seeds:  # pre-training first: it can run while the fine-tuning recipe is settled
+        for method, pre in methods.items():
+            if pre is not None:
+                stages.append(StageConfig(name=f"{method}_s{seed}", **{**pre, "overrides": [
+                    *pre["overrides"], f"train.epochs={args.pretrain_epochs}", f"train.seed={seed}"]}))
+    if args.pretrain_only:
+        return PipelineConfig(overrides=common, stages=stages)
     for seed in args.seeds:
         for method, pre in methods.items():
-            init = None
-            if pre is not None:
-                init = f"{method}_s{seed}"
-                stages.append(StageConfig(name=init, teacher=teacher_stage, **{**pre, "overrides": [
-                    *pre["overrides"], f"train.epochs={args.pretrain_epochs}", f"train.seed={seed}"]}))
+            init = None if pre is None else f"{method}_s{seed}"
             stages.append(StageConfig(
                 name=f"finetune_{method}_s{seed}", task="finetune", config="cifar10/finetune_short", init=init,
                 label=f"{LABELS[method]}, seed {seed}",
@@ -121,17 +124,20 @@ def main() -> None:
     ap.add_argument("--student-width", type=int, default=96)
     ap.add_argument("--student-depth", type=int, default=6)
     ap.add_argument("--student-heads", type=int, default=3)
-    ap.add_argument("--pretrain-epochs", type=int, default=2)
+    ap.add_argument("--pretrain-epochs", type=int, default=1)
     ap.add_argument("--finetune-epochs", type=int, default=3)
-    ap.add_argument("--finetune-subset", type=int, default=20000)
+    ap.add_argument("--finetune-subset", type=int, default=50000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--pretrain-only", action="store_true", help="run the pre-training stages only (no table)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     train, test = extract(args.data, args.out / "data")
     cfg = study(args, train, test)
     start = time.perf_counter()
-    summaries = run_pipeline(cfg, args.out)
+    summaries = run_pipeline(cfg, args.out, report=not args.pretrain_only)
+    if args.pretrain_only:
+        return
     knn = knn_scores(args, args.out, train, test)
     wall = (time.perf_counter() - start) / 60
     total = sum(s["record"].get("seconds", 0) for s in summaries) / 60

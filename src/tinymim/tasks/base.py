@@ -39,7 +39,13 @@ class Task(TrainingTask):
         return self
 
     def prepare(self, device: torch.device, precision: str) -> None:
-        """Last choices that depend on where and how the task runs (called by the engine)."""
+        """Last choices that depend on where and how the task runs (called by the engine). By default:
+        on CPU in bf16/fp16, PyTorch's fused attention backward is 2-3x slower than plain matmul +
+        softmax (benchmarks/distill_throughput.py), so trained ViT blocks use the plain path there."""
+        explicit = device.type == "cpu" and precision in ("bf16", "fp16")
+        for m in self.trainable_module.modules():
+            if hasattr(m, "fused_attn") and hasattr(m, "qkv"):
+                m.fused_attn = not explicit
 
     def no_sync(self):
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()

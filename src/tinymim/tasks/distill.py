@@ -253,11 +253,7 @@ class DistillTask(Task):
         self.config = config
 
     def prepare(self, device: torch.device, precision: str) -> None:
-        # On CPU, PyTorch's fused attention backward is 2-3x slower than plain matmul + softmax in
-        # bf16/fp16 (benchmarks/distill_throughput.py); the frozen teacher only runs forward.
-        explicit = device.type == "cpu" and precision in ("bf16", "fp16")
-        for blk in self.student.blocks:
-            blk.attn.fused_attn = not explicit
+        super().prepare(device, precision)  # the student's attention path; the frozen teacher only runs forward
         # The frozen teacher's linear layers would be cast to the autocast dtype at every step;
         # cast them once instead (same numbers: autocast runs them in that dtype anyway). Norms and
         # embeddings stay fp32, so the residual stream stays fp32 as under plain autocast.
