@@ -78,7 +78,8 @@ def study(args, train: Path, test: Path) -> PipelineConfig:
         for method, pre in methods.items():
             if pre is not None:
                 stages.append(StageConfig(name=f"{method}_s{seed}", **{**pre, "overrides": [
-                    *pre["overrides"], f"train.epochs={args.pretrain_epochs}", f"train.seed={seed}"]}))
+                    *pre["overrides"], f"train.epochs={args.pretrain_epochs}", "train.warmup_epochs=0.2",
+                    f"train.seed={seed}"]}))
     if args.pretrain_only:
         return PipelineConfig(overrides=common, stages=stages)
     for seed in args.seeds:
@@ -171,8 +172,8 @@ CPU, plus k-NN scoring; this invocation took {wall:.0f} minutes, reusing finishe
   {teacher['num_heads']} heads.
 - Student: ViT {args.student_width} wide, {args.student_depth} blocks, {args.student_heads} heads (its relation block
   takes the teacher's {teacher['num_heads']}), MAE init and fixed sin-cos position embedding while pre-training.
-- Pre-training: {args.pretrain_epochs} epochs over the 50,000 training images, no labels (cifar10/distill_micro,
-  cifar10/mae_micro for the student's own MAE).
+- Pre-training: {args.pretrain_epochs} epoch(s) over the 50,000 training images, no labels, 0.2 warmup epochs then
+  cosine (cifar10/distill_micro; cifar10/mae_micro for the student's own MAE, 75% masking).
 - Fine-tuning: {args.finetune_epochs} epochs on a fixed random {args.finetune_subset} labelled training images,
   cifar10/finetune_short (crop + flip, label smoothing 0.1, layer decay 0.75, no mixup/cutmix/RandAugment),
   the same recipe and budget for every row, scored once on the 10,000 test images after the last epoch.
