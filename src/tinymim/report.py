@@ -95,8 +95,9 @@ def write_report(cfg, out: str | Path) -> Path:
         steps, evals = read_metrics(run_dir)
         r = summarize(s.task, steps, evals)
         label = s.label or s.name
-        source = f"teacher {s.teacher}" if s.teacher else (f"init {s.init}" if s.init else
-                                                            ("random init" if s.task in CLASSIFY else "–"))
+        teacher_file = ((record.get("config") or {}).get("teacher") or {}).get("checkpoint")
+        source = (f"teacher {s.teacher}" if s.teacher else f"teacher {teacher_file}" if teacher_file else
+                  f"init {s.init}" if s.init else "random init" if s.task in CLASSIFY else "–")
         if s.task in CLASSIFY:
             result = f"top-1 {_fmt(r.get('top1'))} (best {_fmt(r.get('best_top1'))})"
             if r.get("top1") is not None:
