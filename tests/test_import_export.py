@@ -164,14 +164,17 @@ def test_timm_pretrained_names_need_the_network(tmp_path):
         load_weights(tmp_path / "nothing-here.pth")
 
 
-def test_distilled_student_as_teacher_keeps_its_relation_heads(distilled_run):
-    """Sequential distillation: the student's relation block was trained with the teacher's 4 heads
-    (it has 3 elsewhere); as the next teacher it must keep 4, read from its run directory."""
+def test_distilled_student_as_teacher_takes_the_declared_relation_heads(distilled_run):
+    """Sequential distillation: the student's relation block was trained with 4 heads (3 elsewhere).
+    As the next teacher its relation heads are what the recipe declares (TINYMIM.md section 2), not
+    what its run directory recorded; undeclared, they are its architecture's 3."""
     from tinymim.tasks.distill import TeacherConfig
 
-    cfg = tiny_distill_config()
-    cfg.teacher = TeacherConfig(model=tiny_vit(dim=48, depth=2, heads=3), checkpoint=str(distilled_run))
-    cfg.student = tiny_vit(dim=32, depth=2, heads=2)
-    task = build_distill_task(cfg)
-    assert task.teacher.vit.blocks[1].attn.num_heads == 4
-    assert task.student.blocks[-1].attn.num_heads == 4 and task.student.blocks[0].attn.num_heads == 2
+    for declared, expected in ((4, 4), (None, 3)):
+        cfg = tiny_distill_config()
+        cfg.teacher = TeacherConfig(model=tiny_vit(dim=48, depth=2, heads=3), checkpoint=str(distilled_run),
+                                    relation_heads=declared)
+        cfg.student = tiny_vit(dim=48, depth=2, heads=2)
+        task = build_distill_task(cfg)
+        assert task.teacher.vit.blocks[1].attn.num_heads == expected
+        assert task.student.blocks[-1].attn.num_heads == expected and task.student.blocks[0].attn.num_heads == 2
