@@ -12,7 +12,8 @@ Compared, for every seed:
   feature      distilled from the teacher's block output (smooth-L1 beta 2, projected, whitened)
   relation     TinyMIM: the teacher's Q-K and V-V relations (KL)
 Each pre-trained student is also scored frozen: weighted k-NN (k=20, T=0.07) of the average patch token
-entering its last block, with the full 50,000-image training bank and the 10,000 test images as queries.
+entering its last block, with a fixed random sample of --knn-bank training images as the bank (about the
+same count per class; 0 = all 50,000) and the 10,000 test images as queries.
 Everything runs as one `tinymim pipeline`, so an interrupted study resumes where it stopped and a
 finished one only rewrites the table:
 
@@ -82,15 +83,17 @@ def study(args, train: Path, test: Path) -> PipelineConfig:
                     f"train.seed={seed}"]}))
     if args.pretrain_only:
         return PipelineConfig(overrides=common, stages=stages)
+    finetunes = []
     for seed in args.seeds:
         for method, pre in methods.items():
             init = None if pre is None else f"{method}_s{seed}"
-            stages.append(StageConfig(
+            finetunes.append(StageConfig(
                 name=f"finetune_{method}_s{seed}", task="finetune", config="cifar10/finetune_short", init=init,
                 label=f"{LABELS[method]}, seed {seed}",
                 overrides=[*student_args(args, "model"), f"data.val_root={test}", f"data.subset={args.finetune_subset}",
                            f"train.epochs={args.finetune_epochs}", f"train.seed={seed}"]))
-    return PipelineConfig(overrides=common, stages=stages)
+    index, count = args.shard
+    return PipelineConfig(overrides=common, stages=stages + finetunes[index::count])
 
 
 def knn_scores(args, out: Path, train: Path, test: Path) -> dict[str, float]:
@@ -98,13 +101,15 @@ def knn_scores(args, out: Path, train: Path, test: Path) -> dict[str, float]:
     from tinymim.knn import knn_evaluate
 
     scores = {}
-    for run in sorted(out.glob("*_s[0-9]*")):
-        if run.name.startswith("finetune_") or not (run / "config.yaml").is_file():
+    index, count = args.shard
+    for i, run in enumerate(sorted(r for r in out.glob("*_s[0-9]*") if not r.name.startswith("finetune_"))):
+        if not (run / "config.yaml").is_file() or (i % count != index and not (run / "knn.json").is_file()):
             continue
         cache = run / "knn.json"
-        if not cache.is_file():
+        stale = cache.is_file() and args.knn_bank and json.loads(cache.read_text())["bank"] != args.knn_bank
+        if not cache.is_file() or stale:
             r = knn_evaluate(run, train, test, block=args.student_depth, mean=CIFAR_MEAN, std=CIFAR_STD,
-                             num_workers=args.workers)
+                             num_workers=args.workers, bank_size=args.knn_bank or None)
             cache.write_text(json.dumps(r))
         scores[run.name] = json.loads(cache.read_text())["knn_top1"]
     return scores
@@ -129,17 +134,25 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--finetune-subset", type=int, default=50000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--knn-bank", type=int, default=10000,
+                    help="k-NN bank: a fixed random sample of this many training images (0: all 50,000)")
     ap.add_argument("--pretrain-only", action="store_true", help="run the pre-training stages only (no table)")
+    ap.add_argument("--shard", type=lambda v: tuple(map(int, v.split("/"))), default=(0, 1), metavar="I/N",
+                    help="run only every N-th fine-tuning (and k-NN scoring) from the I-th, so that N processes "
+                         "on the same --out share the work (small models use one core better than two); "
+                         "then run once without --shard for the table")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     train, test = extract(args.data, args.out / "data")
     cfg = study(args, train, test)
     start = time.perf_counter()
-    summaries = run_pipeline(cfg, args.out, report=not args.pretrain_only)
+    summaries = run_pipeline(cfg, args.out, report=not args.pretrain_only and args.shard[1] == 1)
     if args.pretrain_only:
         return
     knn = knn_scores(args, args.out, train, test)
+    if args.shard[1] > 1:
+        return
     wall = (time.perf_counter() - start) / 60
     total = sum(s["record"].get("seconds", 0) for s in summaries) / 60
 
@@ -162,6 +175,9 @@ def main() -> None:
         f"--finetune-epochs {args.finetune_epochs}", f"--finetune-subset {args.finetune_subset}",
         f"--student-width {args.student_width} --student-depth {args.student_depth} --student-heads {args.student_heads}"])
     teacher = yaml.safe_load((args.teacher / "config.yaml").read_text())["model"]
+    bank = ("all 50,000 training images" if not args.knn_bank else
+            f"a fixed random sample of {args.knn_bank} training images (the same for every row, about {args.knn_bank // 10} "
+            "per class)")
     text = f"""# Micro study: the TinyMIM comparison on CIFAR-10
 
 Made by `{command}` with the teacher `{args.teacher.name}` ({total:.0f} minutes of training in all on a 2-core
@@ -177,8 +193,8 @@ CPU, plus k-NN scoring; this invocation took {wall:.0f} minutes, reusing finishe
 - Fine-tuning: {args.finetune_epochs} epochs on a fixed random {args.finetune_subset} labelled training images,
   cifar10/finetune_short (crop + flip, label smoothing 0.1, layer decay 0.75, no mixup/cutmix/RandAugment),
   the same recipe and budget for every row, scored once on the 10,000 test images after the last epoch.
-- k-NN: the frozen pre-trained student, average patch token entering its last block, full 50,000-image bank,
-  k=20, T=0.07, the 10,000 test images as queries.
+- k-NN: the frozen pre-trained student, average patch token entering its last block, k=20, T=0.07; bank:
+  {bank}; queries: the 10,000 test images.
 
 | pre-training | {' | '.join(f'seed {s}' for s in args.seeds)} | fine-tuned top-1, mean ± std | k-NN top-1, mean ± std |
 |---|{'---|' * len(args.seeds)}---|---|
