@@ -167,8 +167,9 @@ def main() -> None:
     def versus(a: str, b: str) -> str:
         gap = statistics.mean(tops[a]) - statistics.mean(tops[b])
         spread = max(statistics.stdev(tops[a]), statistics.stdev(tops[b])) if len(args.seeds) > 1 else 0.0
-        verdict = ("beats" if gap > 0 else "is below") + (" by more than" if abs(gap) > spread else " by no more than")
-        return f"{LABELS[a]} {verdict} the seeds' spread {LABELS[b]}: {gap:+.2f} points (largest std {spread:.2f})"
+        verdict = ("beats " if gap > 0 else "is below ") + LABELS[b] + (" by more than" if abs(gap) > spread else
+                                                                          " by no more than")
+        return f"{LABELS[a]} {verdict} the seeds' spread: {gap:+.2f} points (largest std {spread:.2f})"
 
     command = "python benchmarks/micro_study.py " + " ".join([
         f"--seeds {' '.join(map(str, args.seeds))}", f"--pretrain-epochs {args.pretrain_epochs}",
@@ -191,7 +192,7 @@ CPU, plus k-NN scoring; this invocation took {wall:.0f} minutes, reusing finishe
 - Pre-training: {args.pretrain_epochs} epoch(s) over the 50,000 training images, no labels, 0.2 warmup epochs then
   cosine (cifar10/distill_micro; cifar10/mae_micro for the student's own MAE, 75% masking).
 - Fine-tuning: {args.finetune_epochs} epochs on a fixed random {args.finetune_subset} labelled training images,
-  cifar10/finetune_short (crop + flip, label smoothing 0.1, layer decay 0.75, no mixup/cutmix/RandAugment),
+  cifar10/finetune_short (crop + flip, label smoothing 0.1, layer decay 0.85, no mixup/cutmix/RandAugment),
   the same recipe and budget for every row, scored once on the 10,000 test images after the last epoch.
 - k-NN: the frozen pre-trained student, average patch token entering its last block, k=20, T=0.07; bank:
   {bank}; queries: the 10,000 test images.
