@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tinymim.errors import TinymimError
 from tinymim.cli import main
 from tinymim.robustness import (ALEXNET_ERROR, corruption_errors, evaluate_folder, imagenet_wnids,
                                 subset_class_indices)
@@ -47,7 +48,7 @@ def test_subset_restriction_on_a_fake_imagenet_r_layout(tmp_path):
     assert restricted["top1"] == pytest.approx(75.0) and restricted["images"] == 4
     unrestricted = evaluate_folder(model, build_eval_loader(cfg, 4), torch.device("cpu"))
     assert unrestricted["top1"] == 0.0  # class 999 wins everywhere without the restriction
-    with pytest.raises(ValueError, match="not ImageNet-1k classes"):
+    with pytest.raises(TinymimError, match="not among the model.s classes"):
         subset_class_indices(["cat", "dog"], wnids)
 
 

@@ -8,16 +8,14 @@ from __future__ import annotations
 from tinymim.errors import TinymimError
 
 import logging
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 
 log = logging.getLogger("tinymim")
@@ -29,8 +27,6 @@ class CheckpointError(TinymimError):
 
 # checkpoint containers used by MAE, DeiT, timm and others
 _CONTAINER_KEYS = ("model", "state_dict", "model_state", "module", "student")
-# run-directory files holding the model a task produced
-RUN_WEIGHTS = ("student.safetensors", "encoder.safetensors", "model.safetensors")
 
 
 def safe_torch_load(path: str | Path) -> Any:
@@ -53,11 +49,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat name -> tensor dict from a .safetensors/.pt/.pth file or a tinymim run directory."""
     path = Path(path)
     if path.is_dir():
-        for name in RUN_WEIGHTS:
-            if (path / name).is_file():
-                return load_state_dict(path / name)
-        raise CheckpointError(f"{path} is a directory without any of {', '.join(RUN_WEIGHTS)}; "
-                              "is the run finished?")
+        from tinymim.rundir import RunDir
+
+        weights = RunDir(path).weights()
+        if weights is not None:
+            return load_state_dict(weights)
+        raise CheckpointError(f"{path} is a directory without any of {', '.join(RunDir.WEIGHTS)}; "
+                              "is it a tinymim run, and is the run finished?")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
@@ -122,26 +120,15 @@ def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"checkpoint {spec} does not exist (neither a file, a run directory nor a timm model name)")
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    """A safetensors file, written atomically (see tinymim.rundir)."""
+    from safetensors.torch import save
+
+    from tinymim.rundir import atomic_write
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in state.items()},
+                metadata={k: str(v) for k, v in (metadata or {}).items()})
+    atomic_write(path, lambda f: f.write(data))
 
 
 # keys of MAE pre-training checkpoints that belong to the decoder, never to the encoder

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from tinymim.errors import TinymimError
@@ -59,11 +60,8 @@ def cmd_eval(args) -> int:
 
     from tinymim import robustness
 
-    try:
-        result = robustness.evaluate_path(args.source, args.data, args.protocol, args.weights, args.batch_size,
-                                          args.workers)
-    except (FileNotFoundError, ValueError) as e:
-        raise TinymimError(str(e)) from e
+    result = robustness.evaluate_path(args.source, args.data, args.protocol, args.weights, args.batch_size,
+                                      args.workers)
     print(robustness.format_report(result))
     if args.json:
         with open(args.json, "w") as f:
@@ -173,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--mean", type=float, nargs=3)
     p.add_argument("--std", type=float, nargs=3)
-    p.add_argument("--bank-size", type=int, help="use the first N images of the bank")
+    p.add_argument("--bank-size", type=int, help="use a fixed random sample of N images of the bank")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_knn)
@@ -196,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """An error message on one line. An error raised inside a DataLoader worker arrives wrapped in the
+    worker's traceback: its last line holds the message."""
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1].strip()
+        message = re.sub(r"^[\w.]+: ", "", last, count=1)
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
@@ -210,7 +223,21 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except TinymimError as e:
-        print(f"error: {e}", file=sys.stderr)
+        code = getattr(e, "exit_code", 1)
+        if code == 1 or _is_main_process():
+            print(f"{'stopped' if code != 1 else 'error'}: {one_line(str(e))}", file=sys.stderr)
+        return code
+    except OSError as e:  # a path the user gave that cannot be read or written
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot use{where}: {e.strerror or e}; check the path and its permissions", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise  # an internal error: its traceback is the report
+        detail = one_line(str(e)).split(". ")[0]
+        print(f"error: a data-loading worker died ({detail}), most likely killed for lack of memory; lower "
+              "data.num_workers (--workers) or free memory, then run the same command again: a training run "
+              "resumes from its last checkpoint", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and the same command resumes", file=sys.stderr)

@@ -147,7 +147,12 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); quote "
+                              "strings and close brackets, e.g. key=[a,b]") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -166,13 +171,24 @@ def resolve_recipe(recipe: str | Path) -> Path:
     raise ConfigError(f"recipe {recipe} not found: pass a YAML file or a built-in recipe ({', '.join(known)})")
 
 
+def _yaml_problem(e: Exception) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def read_recipe(recipe: str | Path, _seen: tuple = ()) -> dict:
     """A recipe's YAML tree. A recipe may start from another one with `base: RECIPE` (a path relative
     to it, or a built-in name): its keys are merged over the base's, so an ablation row is a few lines."""
     path = resolve_recipe(recipe)
     if path.resolve() in _seen:
         raise ConfigError(f"recipe {path} is its own base (a cycle of `base:` keys)")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}; fix that line") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read recipe {path}: {getattr(e, 'strerror', None) or e}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"recipe {path} must hold a YAML mapping at the top level")
     base = loaded.pop("base", None)

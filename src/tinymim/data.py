@@ -58,6 +58,23 @@ class DataConfig:
     def validate(self) -> None:
         if self.name in ("folder",) and not self.root:
             raise ValueError("data.root is needed for data.name=folder")
+        if self.img_size < 1:
+            raise ValueError(f"img_size must be positive, got {self.img_size}")
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != 3:
+                raise ValueError(f"{key} needs 3 numbers (R, G, B), got {getattr(self, key)}")
+        if not all(s > 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be 0 or more, got {self.num_workers}")
+        if self.subset is not None and self.subset < 1:
+            raise ValueError(f"subset must be positive (or null for all images), got {self.subset}")
+        if self.synthetic_size < 1 or self.synthetic_classes < 1:
+            raise ValueError("synthetic_size and synthetic_classes must be positive")
+        if self.color_jitter < 0:
+            raise ValueError(f"color_jitter must be 0 or more, got {self.color_jitter}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +206,35 @@ def split_holdout(source, n: int) -> tuple[SubsetImages, SubsetImages]:
     held = set(random.Random(1).sample(range(len(source)), n))
     return (SubsetImages(source, indices=[i for i in range(len(source)) if i not in held]),
             SubsetImages(source, indices=sorted(held)))
+
+
+def _listing(source) -> list[str] | None:
+    """What a source holds, independent of where it is mounted (None: unknown kind of source)."""
+    if isinstance(source, SubsetImages):
+        inner = _listing(source.source)
+        return None if inner is None else [*inner, "indices", *map(str, source.indices)]
+    if isinstance(source, FolderImages):
+        root = str(source.root)
+        return [f"{Path(p).relative_to(root).as_posix()} {label}" for p, label in source.samples]
+    if isinstance(source, TorchvisionCIFAR):
+        return [f"{type(source.ds).__name__} train={source.ds.train} {len(source.ds)}"]
+    if isinstance(source, SyntheticImages):
+        return [f"synthetic {source.size} {source.img_size} {source.num_classes} {source.seed}"]
+    return None
+
+
+def data_fingerprint(dataset) -> dict:
+    """What identifies a run's training data, wherever it is mounted: the number of images, the
+    class count and a hash of the class names and of the images' paths relative to the root."""
+    import hashlib
+
+    source = getattr(dataset, "source", dataset)
+    classes = list(getattr(source, "classes", None) or [])
+    listing = _listing(source)
+    out = {"images": len(dataset), "classes": len(classes)}
+    if listing is not None:
+        out["sha256"] = hashlib.sha256("\n".join([*classes, "--", *listing]).encode()).hexdigest()
+    return out
 
 
 def build_source(cfg: DataConfig, seed: int = 0):

@@ -20,6 +20,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +30,14 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
-from tinymim.checkpoint import CheckpointError, atomic_save, safe_torch_load
-from tinymim.config import ConfigError, diff_configs
-from tinymim.errors import NonFiniteLossError
+from tinymim.checkpoint import safe_torch_load
+from tinymim.config import ConfigError
+from tinymim.data import data_fingerprint
+from tinymim.errors import NonFiniteLossError, TinymimError
+from tinymim.rundir import RESUMABLE_CHANGES, RunDir, RunDirError, locked, save_torch, write_error  # noqa: F401
 
 log = logging.getLogger("tinymim")
-
-# keys that may change between a run and its resumption: they do not change the result
-RESUMABLE_CHANGES = ("train.progress", "train.log_every", "train.checkpoint_every", "train.tensorboard",
-                     "data.num_workers", "data.root", "train.device", "train.compile")
 
 
 @dataclass
@@ -67,10 +66,45 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.accum_steps < 1:
-            raise ValueError("batch_size and accum_steps must be positive")
+        """Ranges, checked when the config is read: before anything is built or written."""
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "accum_steps": self.accum_steps,
+                    "log_every": self.log_every, "checkpoint_every": self.checkpoint_every}
+        if self.max_steps is not None:
+            positive["max_steps"] = self.max_steps
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{key} must be at least 1, got {value}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        for key in ("blr", "lr"):
+            value = getattr(self, key)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{key} must be a positive number, got {value}")
+        for key in ("min_lr", "warmup_epochs", "weight_decay", "momentum"):
+            value = getattr(self, key)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{key} must be zero or positive, got {value}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"clip_grad must be positive (or null for none), got {self.clip_grad}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        check_device(self.device)
+
+
+def check_device(device: str) -> None:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, and the GPU must be there."""
+    if device in ("auto", "cpu"):
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type != "cuda":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device}, but PyTorch sees no CUDA GPU here; use device=cpu (or auto)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device}, but there are only {torch.cuda.device_count()} GPUs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,40 +194,52 @@ def lr_for(cfg: TrainConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# run directory
+# preemption
 
 
-class RunDir:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.config = self.path / "config.yaml"
-        self.metrics = self.path / "metrics.jsonl"
-        self.checkpoint = self.path / "checkpoints" / "last.pt"
+PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, resumable; schedulers may requeue on it
 
-    def check_config(self, config: dict) -> None:
-        """A resumed run must use the config it started with (bar settings that do not change results)."""
-        if not self.config.is_file():
-            return
-        old = yaml.safe_load(self.config.read_text())
-        diffs = [d for d in diff_configs(old, config) if not d.startswith(RESUMABLE_CHANGES)]
-        if diffs:
-            raise ConfigError(
-                f"{self.path} holds a run with a different config ({'; '.join(diffs)}); "
-                "choose a new --output directory, or repeat the original settings to resume")
 
-    def truncate_metrics(self, step: int) -> None:
-        """Drop metric lines logged after the checkpoint we resume from."""
-        if not self.metrics.is_file():
-            return
-        keep = [line for line in self.metrics.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.metrics.write_text("".join(line + "\n" for line in keep))
+class Preempted(TinymimError):
+    """The run stopped on a scheduler's signal after writing a checkpoint; the same command resumes."""
+
+    exit_code = PREEMPT_EXIT_CODE
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's "you have N seconds") and SIGUSR1 (SLURM's early warning with
+    `--signal=USR1@SECONDS`) ask the run to stop at the end of the current step; the handlers only
+    note the request. Installed for the block, in the main thread only (signals are delivered there)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _note(self, signum, frame) -> None:
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 class MetricsLogger:
     def __init__(self, run: RunDir, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self.file = open(run.metrics, "a") if enabled else None
+        self.enabled, self.path = enabled, run.metrics
+        self.file = None
+        if enabled:
+            try:
+                self.file = open(run.metrics, "a")
+            except OSError as e:
+                raise write_error(e, run.metrics) from e
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -205,8 +251,11 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:  # one line per write: a kill leaves at most a partial last line, which readers skip
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise write_error(e, self.path) from e
         if self.tb:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
@@ -214,7 +263,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.file:
-            self.file.close()
+            with contextlib.suppress(OSError):  # a full disk: the error was reported by log()
+                self.file.close()
         if self.tb:
             self.tb.close()
 
@@ -240,19 +290,26 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
     """
     ctx = ctx or setup_distributed(cfg.device)
     run = RunDir(run_dir)
+    with locked(run, ctx.is_main, ctx.distributed), StopSignals() as stop:
+        return _train(task, cfg, data_loader_fn, run, config, ctx, optimizer_kwargs, stop)
 
-    # a finished run says so and exits
+
+def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ctx: DistContext,
+           optimizer_kwargs, stop: StopSignals):
+    # an existing run: same config (the one inside last.pt rules); a finished one says so and exits
     resume = None
     if run.checkpoint.is_file():
-        run.check_config(config)
         resume = safe_torch_load(run.checkpoint)
+        run.check_config(config, resume)
         if resume.get("finished"):
             if ctx.is_main:
+                _repair_finished(task, run, config, resume)
                 log.info("run in %s already finished (step %d); nothing to do", run.path, resume["global_step"])
             return None
-    if ctx.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.config.write_text(yaml.safe_dump(config, sort_keys=False))
+    elif run.weights() is not None:
+        raise RunDirError(f"{run.path} holds final weights ({run.weights().name}) but no checkpoints/last.pt, so "
+                          "it can be neither resumed nor checked; choose a new --output, or move the weights away "
+                          "to train again here")
 
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -263,6 +320,19 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
     if micro_global % ctx.world:
         raise ConfigError(f"train.batch_size / accum_steps = {micro_global} is not divisible by {ctx.world} processes")
     loader, sampler = data_loader_fn(micro_global, ctx.rank, ctx.world, cfg.seed)
+    data_id = data_fingerprint(loader.dataset)
+    if resume is not None and resume.get("data") not in (None, data_id):
+        raise RunDirError(
+            f"the data changed since {run.path} was checkpointed (it trained on {_describe(resume['data'])}, the "
+            f"data now gives {_describe(data_id)}): a different data source is a different run; restore the "
+            "data, or choose a new --output")
+
+    # from here on the directory is written: the config, metrics from the resumed step, the classes
+    if ctx.is_main:
+        run.write_config(config)
+        run.truncate_metrics(resume["global_step"] if resume is not None else 0)
+        if getattr(task, "classes", None) is not None:
+            run.write_classes(task.classes)
     updates_per_epoch = sampler.steps_per_epoch // cfg.accum_steps
     if updates_per_epoch < 1:
         raise ConfigError(f"one epoch holds fewer than {cfg.accum_steps} batches of {micro_global}; "
@@ -329,11 +399,10 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
         else:
             rng = [rng_state()]
         if ctx.is_main:
-            atomic_save({"model": task.trainable_state(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                         "global_step": global_step, "world": ctx.world, "rng": rng, "finished": finished,
-                         "best": best,
-                         "config": config}, run.checkpoint)
+            save_torch({"model": task.trainable_state(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                        "global_step": global_step, "world": ctx.world, "rng": rng, "finished": finished,
+                        "best": best, "config": config, "data": data_id}, run.checkpoint)
 
     window = {"t0": time.perf_counter(), "images": 0, "steps": 0, "sums": {}, "skipped": 0, "reported_skips": 0}
     last, last_eval = None, {}
@@ -361,10 +430,13 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
                     window["images"] += batch["image"].shape[0] * ctx.world
                     window["skipped"] += batch["skipped"]
                 names = sorted(sums)
-                values = torch.stack([sums[k] for k in names])
+                # a stop request rides with the losses' all-reduce: every process sees it at the same step
+                requested = torch.ones(1) if stop.received is not None else torch.zeros(1)
+                values = torch.cat([torch.stack([sums[k] for k in names]), requested.to(sums[names[0]])])
                 if ctx.distributed:
                     dist.all_reduce(values)
                     values /= ctx.world
+                values, stopping = values[:-1], bool(values[-1] > 0)
                 if not torch.isfinite(values).all():
                     bad = {k: float(v) for k, v in zip(names, values)}
                     raise NonFiniteLossError(
@@ -422,9 +494,17 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
                         if bar is not None:
                             bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in record.items()))
+                checkpointed = False
                 if global_step % cfg.checkpoint_every == 0 or global_step % updates_per_epoch == 0:
                     if global_step < total_updates:
                         save()
+                        checkpointed = True
+                if stopping and global_step < total_updates:
+                    if not checkpointed:
+                        save()
+                    name = signal.Signals(stop.received).name if stop.received is not None else "a signal"
+                    raise Preempted(f"stopped on {name} at step {global_step} of {total_updates}; checkpoint "
+                                    f"written to {run.checkpoint}; run the same command again to resume")
         if ctx.is_main:
             task.export(run.path)
         save(finished=True)
@@ -433,6 +513,26 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
         if bar is not None:
             bar.close()
     return {**(last or {}), **last_eval}
+
+
+def _repair_finished(task, run: RunDir, config: dict, resume: dict) -> None:
+    """A finished run whose final weights, config.yaml or classes went missing gets them back from
+    last.pt (which holds the final trainable state and the config)."""
+    if run.stored_config() is None:
+        run.write_config(resume.get("config") or config)
+        log.warning("%s was missing or unreadable: rewritten from the checkpoint", run.config)
+    if getattr(task, "classes", None) is not None and not run.classes_file.is_file():
+        run.write_classes(task.classes)
+    if run.weights() is None:
+        task.load_trainable_state(resume["model"])
+        task.export(run.path)
+        log.warning("the final weights of %s were missing: exported again from %s (step %d)", run.path,
+                    run.checkpoint, resume["global_step"])
+
+
+def _describe(data: dict) -> str:
+    classes = f" of {data['classes']} classes" if data.get("classes") else ""
+    return f"{data.get('images')} images{classes}"
 
 
 def run_task(build, cfg, output: str | Path, make_loader=None, optimizer_kwargs: dict | None = None):

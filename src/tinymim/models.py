@@ -54,6 +54,35 @@ class ModelConfig:
             if missing:
                 raise ValueError(f"model {CUSTOM} needs {', '.join(missing)}")
         self.block_heads = {int(k): int(v) for k, v in self.block_heads.items()}
+        for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be positive, got {value}")
+        if self.embed_dim is not None and self.num_heads is not None and self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+
+def patch_size_of(cfg: ModelConfig) -> int | None:
+    """The patch size a config builds: given, or read from a timm name (vit_small_patch16_224 -> 16)."""
+    if cfg.patch_size is not None:
+        return cfg.patch_size
+    import re
+
+    m = re.search(r"patch(\d+)", cfg.name)
+    return int(m.group(1)) if m else None
+
+
+def check_input_size(cfg: ModelConfig, img_size: int, where: str) -> None:
+    """A model must take the data's images: same size (when the model names one), whole patches."""
+    if cfg.img_size is not None and cfg.img_size != img_size:
+        raise ValueError(f"{where}.img_size {cfg.img_size} differs from data.img_size {img_size}: the model "
+                         f"sees the data's images; set both to the same size (or leave {where}.img_size unset)")
+    patch = patch_size_of(cfg)
+    if patch is not None and img_size % patch:
+        raise ValueError(f"data.img_size {img_size} is not a multiple of {where}'s patch size {patch}: choose "
+                         f"an image size in steps of {patch}")
 
 
 def size_args(cfg: ModelConfig) -> dict:

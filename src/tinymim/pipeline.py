@@ -38,7 +38,7 @@ from typing import Literal
 
 from tinymim.cli import TASKS
 from tinymim.config import diff_configs, load_config
-from tinymim.engine import RESUMABLE_CHANGES
+from tinymim.rundir import RESUMABLE_CHANGES, RunDir, locked, write_json
 
 log = logging.getLogger("tinymim")
 
@@ -93,7 +93,7 @@ class PipelineConfig:
             raise ValueError("the pipeline declares no stages")
 
 
-def _architecture(config: dict, task: str, prefix: str, own: list[str]) -> list[str]:
+def _architecture(config: dict, task: str, prefix: str, own: list[str], keys=ARCHITECTURE_KEYS) -> list[str]:
     """Overrides that give `prefix` (e.g. teacher.model) the architecture of an earlier stage's model,
     but for the keys the stage's own overrides set (all of them when those name the model)."""
     if _explicit(own, f"{prefix}.name"):
@@ -101,7 +101,7 @@ def _architecture(config: dict, task: str, prefix: str, own: list[str]) -> list[
     model = dict(config[MODEL_SECTION[task]])
     if model.get("img_size") is None:  # filled from the data at build time
         model["img_size"] = config["data"]["img_size"]
-    return [f"{prefix}.{k}={json.dumps(model[k])}" for k in ARCHITECTURE_KEYS
+    return [f"{prefix}.{k}={json.dumps(model[k])}" for k in keys
             if model.get(k) is not None and not _explicit(own, f"{prefix}.{k}")]
 
 
@@ -110,15 +110,11 @@ def _explicit(overrides: list[str], key: str) -> bool:
 
 
 def _record(stage_dir: Path) -> dict | None:
-    path = stage_dir / "pipeline.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return RunDir(stage_dir).read_record()
 
 
 def _write_record(stage_dir: Path, record: dict) -> None:
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    tmp = stage_dir / "pipeline.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(stage_dir / "pipeline.json")
+    write_json(stage_dir / "pipeline.json", record)
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -143,7 +139,9 @@ def stage_overrides(cfg: PipelineConfig, stage: StageConfig, out: Path, configs:
         wiring += _architecture(configs[stage.teacher], tasks[stage.teacher], "teacher.model", own)
     if stage.init is not None:
         wiring.append(f"init={out / stage.init}")
-        wiring += _architecture(configs[stage.init], tasks[stage.init], "model", own)
+        # not the image size: fine-tuning may change the resolution (position embeddings are resampled)
+        wiring += _architecture(configs[stage.init], tasks[stage.init], "model", own,
+                                [k for k in ARCHITECTURE_KEYS if k != "img_size"])
     return [*cfg.overrides, *cfg.task_overrides.get(stage.task, []), *wiring, *own]
 
 
@@ -181,26 +179,34 @@ class _Processes:
 
 
 def run_pipeline(cfg: PipelineConfig, output: str | Path, report: bool = True) -> list[dict]:
-    """Run (or reuse) every stage in order; returns one summary dict per stage."""
+    """Run (or reuse) every stage in order; returns one summary dict per stage. The output folder is
+    locked for the whole pipeline: a second pipeline on it refuses at once."""
     out = Path(output)
     procs = _Processes()
-    if procs.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    planned = plan(cfg, out)  # every stage's config checked before anything runs or is written
+    with locked(RunDir(out), procs.is_main, procs.launched):
+        return _run_stages(cfg, out, planned, procs, report)
+
+
+def _run_stages(cfg: PipelineConfig, out: Path, planned, procs: _Processes, report: bool) -> list[dict]:
     run_ids: dict[str, str] = {}
     summaries = []
-    for stage, overrides, config in plan(cfg, out):  # every stage's config checked before anything runs
+    for stage, overrides, config in planned:
         procs.barrier()
         stage_dir = out / stage.name
         module = importlib.import_module(TASK_MODULES[stage.task])
         upstream = {d: run_ids[d] for d in (stage.teacher, stage.init) if d is not None}
         record = _record(stage_dir)
-        matches = record is not None and record["upstream"] == upstream and _same(record["config"], config)
+        matches = record is not None and record.get("upstream") == upstream and _same(record.get("config", {}), config)
         done = matches and record.get("status") == "done" and (stage_dir / WEIGHTS[stage.task]).is_file()
         if done:
             log.info("stage %s: finished before, reused (%s)", stage.name, stage_dir)
         else:
             log.info("stage %s: %s %s", stage.name, "resuming" if matches else "running", stage.task)
             why = "its config or an upstream stage changed" if record else "its folder holds a run the pipeline did not record"
+            # a finished stage that lost its weights file gets it back from its checkpoint, unchanged:
+            # it keeps its run id, so the stages downstream of it stay valid
+            same_run = record.get("run_id") if matches and record.get("status") == "done" else None
             record = {"stage": stage.name, "task": stage.task, "recipe": stage.config, "overrides": overrides,
                       "config": config, "upstream": upstream, "status": "running",
                       "seconds": (record or {}).get("seconds", 0.0) if matches else 0.0}
@@ -212,7 +218,7 @@ def run_pipeline(cfg: PipelineConfig, output: str | Path, report: bool = True) -
             start = time.perf_counter()
             try:
                 module.run(module.load(stage.config, overrides), str(stage_dir))
-                record.update(status="done", run_id=uuid.uuid4().hex)
+                record.update(status="done", run_id=same_run or uuid.uuid4().hex)
             finally:  # a failed stage keeps status "running": the next invocation resumes it
                 record["seconds"] += time.perf_counter() - start
                 if procs.is_main:

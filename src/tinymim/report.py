@@ -12,10 +12,9 @@ CLASSIFY = ("finetune", "linprobe")
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training-step records, evaluation records) of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return [], []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from tinymim.rundir import RunDir
+
+    rows = RunDir(run_dir).read_metrics()
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if any(k.startswith("val_") for k in r)]
     return steps, evals
@@ -85,13 +84,15 @@ def plot_accuracy(curves: dict[str, list[dict]], finals: dict[str, float], path:
 
 def write_report(cfg, out: str | Path) -> Path:
     """Write DIR/report.md and DIR/plots/*.png for a pipeline config whose stages ran under `out`."""
+    from tinymim.rundir import RunDir, write_text
+
     out = Path(out)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     rows, losses, curves, finals, records = [], {}, {}, {}, []
     for s in cfg.stages:
         run_dir = out / s.name
-        record = json.loads((run_dir / "pipeline.json").read_text()) if (run_dir / "pipeline.json").is_file() else {}
+        record = RunDir(run_dir).read_record() or {}
         steps, evals = read_metrics(run_dir)
         r = summarize(s.task, steps, evals)
         label = s.label or s.name
@@ -134,8 +135,8 @@ def write_report(cfg, out: str | Path) -> Path:
         "ImageNet-1K results for the setting a stage mirrors: comparable only at that scale.", "",
         "| stage | task | from | result | paper | minutes |", "|---|---|---|---|---|---|", *rows, "", *pictures, "",
     ]
-    (out / "report.json").write_text(json.dumps({"notes": list(getattr(cfg, "notes", [])), "stages": records},
+    write_text(out / "report.json", json.dumps({"notes": list(getattr(cfg, "notes", [])), "stages": records},
                                                 indent=1))
     path = out / "report.md"
-    path.write_text("\n".join(text))
+    write_text(path, "\n".join(text))
     return path

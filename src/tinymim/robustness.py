@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tinymim.errors import TinymimError
+from tinymim.rundir import check_classes
+
 # AlexNet's top-1 error on ImageNet-C, averaged over the 5 severities (Hendrycks & Dietterich 2019);
 # since each CE_c divides sums over the same 5 severities, the averages normalize identically.
 ALEXNET_ERROR = {
@@ -42,7 +45,8 @@ def subset_class_indices(folder_wnids: list[str], all_wnids: list[str] | None = 
     index = {w: i for i, w in enumerate(all_wnids)}
     missing = [w for w in folder_wnids if w not in index]
     if missing:
-        raise ValueError(f"folders {missing[:5]} are not ImageNet-1k classes (WordNet ids like n01443537)")
+        raise TinymimError(f"class folders {', '.join(missing[:5])} are not among the model's classes (ImageNet-1k "
+                           "WordNet ids like n01443537); a subset folder must name classes the model was trained on")
     return [index[w] for w in folder_wnids]
 
 
@@ -175,22 +179,26 @@ def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severitie
 
 def load_classifier(source: str | Path, weights: str = "best"):
     """A fine-tuned classifier and its data config, from a `tinymim finetune` run directory."""
-    import yaml
-
     from tinymim.checkpoint import CheckpointError, load_state_dict
     from tinymim.config import from_dict
     from tinymim.tasks.finetune import FinetuneConfig, build_classifier
 
-    run = Path(source)
-    if not (run / "config.yaml").is_file():
-        raise CheckpointError(f"{run} is not a tinymim finetune run directory (no config.yaml)")
-    raw = yaml.safe_load((run / "config.yaml").read_text())
+    from tinymim.rundir import RunDir
+
+    run = RunDir(source)
+    if not run.path.is_dir():
+        raise CheckpointError(f"{run.path} does not exist; pass a tinymim finetune run directory")
+    raw = run.stored_config()
+    if raw is None or not isinstance(raw.get("model"), dict) or "num_classes" not in raw:
+        raise CheckpointError(f"{run.path} is not a finished tinymim finetune run (no usable config.yaml with a "
+                              "classifier); pass the --output folder of `tinymim finetune`")
     cfg = from_dict(FinetuneConfig, {**raw, "init": None})
-    file = run / ("best.safetensors" if weights == "best" else "model.safetensors")
+    file = run.path / ("best.safetensors" if weights == "best" else "model.safetensors")
     if not file.is_file():
-        file = run / "model.safetensors"
+        file = run.path / "model.safetensors"
     model = build_classifier(cfg, cfg.num_classes)
     model.load_state_dict(load_state_dict(file))
+    model.classes = run.read_classes()  # None for runs made before tinymim recorded them
     return model.eval(), cfg
 
 
@@ -207,8 +215,10 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
     model.to(dev)
     root = Path(data)
     if not root.is_dir():
-        raise FileNotFoundError(f"evaluation data {root} does not exist")
+        raise TinymimError(f"evaluation data {root} does not exist; pass --data an ImageFolder, a class subset "
+                           "or a corruption tree")
     subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = model.classes
     if protocol == "auto":
         if subdirs and all((root / d / "1").is_dir() for d in subdirs):
             protocol = "corruptions"
@@ -217,21 +227,37 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
         else:
             protocol = "plain"
 
+    def check(folder: Path) -> None:
+        """The class folders must be the head's, or every label is wrong."""
+        found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        if classes is not None:
+            check_classes(classes, found, f"{folder}", "evaluate on a folder with the training data's class "
+                          "folders (for a 200-class ImageNet subset use --protocol subset)")
+        elif len(found) != cfg.num_classes:
+            raise TinymimError(f"{folder} has {len(found)} class folders, the model {cfg.num_classes} classes: "
+                               "every label would be wrong; evaluate on a folder with the training data's classes")
+
     def loader_for(folder):
         dcfg = replace(cfg.data, name="folder", val_root=str(folder), num_workers=num_workers)
         return build_eval_loader(dcfg, batch_size)
 
     if protocol == "plain":
+        check(root)
         return {"protocol": "plain", **evaluate_folder(model, loader_for(root), dev)}
     if protocol == "subset":
-        indices = subset_class_indices(subdirs)
+        indices = subset_class_indices(subdirs, classes)
         return {"protocol": "subset", "classes": len(indices),
                 **evaluate_folder(model, loader_for(root), dev, class_indices=indices)}
     if protocol != "corruptions":
-        raise ValueError(f"unknown protocol {protocol!r}: auto, plain, subset or corruptions")
+        raise TinymimError(f"unknown protocol {protocol!r}: auto, plain, subset or corruptions")
     errors, table = {}, {}
     for c in subdirs:
-        sev = sorted((d.name for d in (root / c).iterdir() if d.is_dir()), key=int)
+        sev = [d.name for d in (root / c).iterdir() if d.is_dir()]
+        if not all(x.isdigit() for x in sev):
+            raise TinymimError(f"{root / c} should hold severity folders 1..5, found {', '.join(sorted(sev)[:5])}")
+        sev = sorted(sev, key=int)
+        for x in sev:
+            check(root / c / x)
         res = [evaluate_folder(model, loader_for(root / c / s), dev) for s in sev]
         errors[c] = [1 - r["top1"] / 100 for r in res]
         table[c] = dict(zip(sev, (r["top1"] for r in res)))

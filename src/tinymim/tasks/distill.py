@@ -126,6 +126,14 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     knn: KNNMonitorConfig = field(default_factory=KNNMonitorConfig)
 
+    def validate(self) -> None:
+        from tinymim.models import check_input_size
+
+        check_input_size(self.student, self.data.img_size, "student")
+        check_input_size(self.teacher.model, self.data.img_size, "teacher.model")
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
 
 def _sites(loss: DistillLossConfig) -> set[str]:
     """Block features the enabled targets need from the teacher's target block / the student's last."""

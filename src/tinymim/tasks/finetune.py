@@ -73,6 +73,15 @@ class ClassifyDataConfig(DataConfig):
     # val_root: for tuning a recipe without looking at the test split. 0 = evaluate on val_root
     holdout: int = 0
 
+    def validate(self) -> None:
+        super().validate()
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be 0 or more, got {self.holdout}")
+        if not 0 < self.eval_crop_pct <= 1:
+            raise ValueError(f"eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
+        if not 0 <= self.reprob <= 1:
+            raise ValueError(f"reprob must be in [0, 1], got {self.reprob}")
+
 
 @dataclass
 class FinetuneConfig:
@@ -91,6 +100,22 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=100, batch_size=1024, blr=5e-4, warmup_epochs=5, min_lr=1e-6, weight_decay=0.05,
         betas=[0.9, 0.999]))
+
+    def validate(self) -> None:
+        validate_classifier(self)
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.mixup < 0 or self.cutmix < 0 or not 0 <= self.label_smoothing < 1:
+            raise ValueError("mixup and cutmix must be 0 or more, label_smoothing in [0, 1)")
+
+
+def validate_classifier(cfg) -> None:
+    """What fine-tuning and linear probing share: the model takes the data's images, a class count."""
+    from tinymim.models import check_input_size
+
+    check_input_size(cfg.model, cfg.data.img_size, "model")
+    if cfg.num_classes is not None and cfg.num_classes < 1:
+        raise ValueError(f"num_classes must be positive (or null: the training data's), got {cfg.num_classes}")
 
 
 class ClassifyDataset(tud.Dataset):
@@ -300,19 +325,35 @@ def _encoder_only(state: dict, model: nn.Module) -> dict:
 def build_finetune_task(cfg: FinetuneConfig) -> FinetuneTask:
     if cfg.model.img_size is None:
         cfg.model.img_size = cfg.data.img_size
-    num_classes = cfg.num_classes
-    if num_classes is None:
-        num_classes = len(_source(cfg.data, cfg.data.root, True).classes)
-        cfg.num_classes = num_classes
-    task = FinetuneTask(build_classifier(cfg, num_classes), cfg, num_classes)
+    classes = training_classes(cfg.data)
+    if cfg.num_classes is None:
+        cfg.num_classes = len(classes)
+    check_num_classes(cfg.num_classes, classes)
+    task = FinetuneTask(build_classifier(cfg, cfg.num_classes), cfg, cfg.num_classes)
+    task.classes = classes  # recorded with the run (classes.json): evaluation checks its data against them
     task.setup_model_ema()
     return task
 
 
+def training_classes(cfg: ClassifyDataConfig) -> list[str]:
+    return list(_source(cfg, cfg.root, True).classes)
+
+
+def check_num_classes(num_classes: int, classes: list[str]) -> None:
+    if num_classes < len(classes):
+        raise ConfigError(f"num_classes={num_classes}, but the training data has {len(classes)} classes; "
+                          "leave num_classes unset to take the data's count")
+
+
 def classify_loaders(task, batch: int, rank: int, world: int, seed: int):
     """Training loader for the engine; the task gets the evaluation loader of the same data."""
+    from tinymim.rundir import check_classes
+
     loader, sampler = build_classify_loaders(task.cfg.data, batch, rank, world, seed)
     task.eval_loader = build_eval_loader(task.cfg.data, max(1, batch), rank, world)
+    check_classes(loader.dataset.source.classes, task.eval_loader.dataset.dataset.source.classes,
+                  f"the evaluation data ({task.cfg.data.val_root or task.cfg.data.name})",
+                  "give data.val_root the class folders of the training data")
     return loader, sampler
 
 

@@ -13,8 +13,9 @@ import torch.nn as nn
 
 from tinymim.engine import TrainConfig
 from tinymim.models import ModelConfig
-from tinymim.tasks.finetune import (ClassifyDataConfig, FinetuneConfig, FinetuneTask, _source, build_classifier,
-                                    classify_loaders)
+from tinymim.tasks.finetune import (ClassifyDataConfig, FinetuneConfig, FinetuneTask, build_classifier,
+                                    check_num_classes, classify_loaders, training_classes,
+                                    validate_classifier)
 
 
 @dataclass
@@ -26,6 +27,9 @@ class LinearProbeConfig:
     data: ClassifyDataConfig = field(default_factory=lambda: ClassifyDataConfig(auto_augment=None, reprob=0.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=90, batch_size=16384, blr=0.1, warmup_epochs=10, weight_decay=0.0, optimizer="lars"))
+
+    def validate(self) -> None:
+        validate_classifier(self)
 
 
 class ProbeModel(nn.Module):
@@ -70,12 +74,16 @@ class LinearProbeTask(FinetuneTask):
 def build_linprobe_task(cfg: LinearProbeConfig) -> LinearProbeTask:
     if cfg.model.img_size is None:
         cfg.model.img_size = cfg.data.img_size
+    classes = training_classes(cfg.data)
     if cfg.num_classes is None:
-        cfg.num_classes = len(_source(cfg.data, cfg.data.root, True).classes)
+        cfg.num_classes = len(classes)
+    check_num_classes(cfg.num_classes, classes)
     ft = FinetuneConfig(model=cfg.model, init=cfg.init, num_classes=cfg.num_classes, global_pool=cfg.global_pool,
                         mixup=0.0, cutmix=0.0, label_smoothing=0.0, data=cfg.data, train=cfg.train)
     backbone = build_classifier(ft, 0)
-    return LinearProbeTask(ProbeModel(backbone, cfg.num_classes), ft, cfg.num_classes)
+    task = LinearProbeTask(ProbeModel(backbone, cfg.num_classes), ft, cfg.num_classes)
+    task.classes = classes
+    return task
 
 
 def run(cfg: LinearProbeConfig, output: str):

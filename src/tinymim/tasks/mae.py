@@ -45,6 +45,13 @@ class MAEConfig:
         epochs=800, batch_size=4096, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05))
     knn: KNNMonitorConfig = field(default_factory=KNNMonitorConfig)
 
+    def validate(self) -> None:
+        from tinymim.models import check_input_size
+
+        check_input_size(self.model, self.data.img_size, "model")
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
 
 def random_masking(x: torch.Tensor, mask_ratio: float):
     """MAE's per-sample random masking of patch tokens x (B x N x D).

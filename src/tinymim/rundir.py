@@ -1,0 +1,372 @@
+"""The run directory: the one place that knows what a run leaves on disk and how it is written.
+
+    RUN_DIR/config.yaml          the resolved config (a copy: the one inside last.pt is authoritative)
+    RUN_DIR/metrics.jsonl        one JSON record per line
+    RUN_DIR/checkpoints/last.pt  resumable state, loadable with torch.load(weights_only=True)
+    RUN_DIR/<weights>.safetensors  the task's final weights (student / encoder / model)
+    RUN_DIR/classes.json         classification runs: the class names, in the head's order
+    RUN_DIR/.lock                held (flock) by the process that trains in the directory
+
+Guarantees, for every task:
+- one process at a time: `RunDir.lock()` takes an exclusive lock for the life of the run; a second
+  process refuses at once and names the holder. The kernel drops the lock when its holder dies, so
+  a killed run never leaves the directory blocked;
+- no half-written file: every file is written to a temporary file in the same folder, synced, then
+  renamed over the old one (`atomic_write`). A temporary file orphaned by a kill is removed by the
+  next run that takes the lock;
+- files get the mode the umask gives (0644 under the usual 022), like any other file a user writes,
+  so a team can share its teachers;
+- writing errors are the user's to fix and say so in one line: disk full, read-only, no permission.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import yaml
+
+from tinymim.errors import TinymimError
+
+log = logging.getLogger("tinymim")
+
+
+class RunDirError(TinymimError):
+    """A run directory that cannot be used as asked, with what to do about it."""
+
+
+class RunLockedError(RunDirError):
+    """Another process is training in the run directory."""
+
+
+class DiskFullError(RunDirError):
+    """No space left while writing; what was saved before is intact."""
+
+
+TMP_SUFFIX = ".tmp"
+
+# keys that may change between a run and its resumption: they do not change the result. data.root
+# may move (a mounted copy elsewhere): the data's fingerprint, not its path, must match.
+RESUMABLE_CHANGES = ("train.progress", "train.log_every", "train.checkpoint_every", "train.tensorboard",
+                     "data.num_workers", "data.root", "data.val_root", "train.device", "train.compile")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing files
+
+
+def write_error(e: OSError, path: Path) -> RunDirError:
+    """The one-line error for a failed write of `path`."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_bytes(path)
+        return DiskFullError(
+            f"no space left on the device of {path.parent} while writing {path.name}"
+            f"{f' ({free / 2**20:.0f} MiB free)' if free is not None else ''}; what was saved before is intact: "
+            "free some space (or use another --output) and run the same command again to resume")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the file system is read-only" if e.errno == errno.EROFS else "permission denied"
+        return RunDirError(f"cannot write {path}: {why}; choose an --output folder you can write to")
+    return RunDirError(f"cannot write {path}: {e.strerror or e}")
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path.parent, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+class _Sink:
+    """A file wrapper that remembers the OSError of a failed write: torch.save reports it only as
+    'unexpected pos ...'."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _open_tmp(path: Path) -> tuple[Path, BinaryIO]:
+    """A new temporary file beside `path`; created with mode 0666 so that the umask decides."""
+    tmp = path.parent / f"{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    return tmp, os.fdopen(fd, "wb")
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Write `path` through write(file): to a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp, f = _open_tmp(path)
+        sink = _Sink(f)
+        with f:
+            try:
+                write(sink)
+            except RuntimeError:
+                if sink.error is not None:  # torch.save's wrapping of a failed write
+                    raise sink.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            dirfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+    except OSError as e:
+        raise write_error(e, path) from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    import torch
+
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# ---------------------------------------------------------------------------------------------
+# reading files (tolerant where a reader can go on)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file; a line that is not a JSON object (a partial last line after
+    a kill) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                out.append(record)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict | None:
+    """A YAML mapping, or None when the file is missing, empty, truncated or not a mapping."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def read_json(path: str | Path, what: str = "file") -> dict | None:
+    """A JSON object, None when the file is missing; a corrupt one is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path} ({what}) is corrupt ({e}); restore it, or delete it") from e
+    if not isinstance(obj, dict):
+        raise RunDirError(f"{path} ({what}) is corrupt (not a JSON object); restore it, or delete it")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# the run directory
+
+
+class RunDir:
+    WEIGHTS = ("student.safetensors", "encoder.safetensors", "model.safetensors")  # one per task
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoint = self.path / "checkpoints" / "last.pt"
+        self.classes_file = self.path / "classes.json"
+        self.lock_file = self.path / ".lock"
+        self._lock_fd: int | None = None
+
+    # -- the lock ---------------------------------------------------------------------------
+
+    def check_output(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"--output {self.path} is a file, not a folder; choose a folder (new or a run to resume)")
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the directory's exclusive lock for the block; a directory this call created and the
+        block left holding nothing but the lock is removed again (a run that failed to start)."""
+        self.check_output()
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise write_error(e, self.lock_file) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise write_error(e, self.lock_file) from e
+            raise RunLockedError(
+                f"{self.path} is in use by another tinymim process ({holder or 'unknown holder'}); wait for it "
+                "to end, or choose another --output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        self._lock_fd = fd
+        ok = False
+        try:
+            self.remove_orphans()
+            yield self
+            ok = True
+        finally:
+            self._lock_fd = None
+            if created and not ok and {p.name for p in self.path.iterdir()} <= {self.lock_file.name}:
+                with contextlib.suppress(OSError):
+                    self.lock_file.unlink()
+                    self.path.rmdir()
+            os.close(fd)  # releases the lock
+
+    def remove_orphans(self) -> None:
+        """Temporary files of a writer that was killed (only ever called under the lock)."""
+        for folder in (self.path, self.checkpoint.parent):
+            if folder.is_dir():
+                for tmp in folder.glob(f"*{TMP_SUFFIX}"):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                        log.info("removed %s, left by an interrupted write", tmp)
+
+    # -- config -----------------------------------------------------------------------------
+
+    def stored_config(self, checkpoint: dict | None = None) -> dict | None:
+        """The run's config: the one inside last.pt, else config.yaml (None when neither is usable)."""
+        if checkpoint is not None and isinstance(checkpoint.get("config"), dict):
+            return checkpoint["config"]
+        return read_yaml(self.config)
+
+    def check_config(self, config: dict, checkpoint: dict | None = None) -> None:
+        """A resumed run must use the config it started with (bar settings that do not change results)."""
+        from tinymim.config import ConfigError, diff_configs
+
+        old = self.stored_config(checkpoint)
+        if old is None:
+            return
+        diffs = [d for d in diff_configs(old, config) if not d.startswith(RESUMABLE_CHANGES)]
+        if diffs:
+            raise ConfigError(
+                f"{self.path} holds a run with a different config ({'; '.join(diffs[:6])}"
+                f"{' ...' if len(diffs) > 6 else ''}); choose a new --output directory, or repeat the original "
+                "settings to resume")
+
+    def write_config(self, config: dict) -> None:
+        write_text(self.config, yaml.safe_dump(config, sort_keys=False))
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def read_metrics(self) -> list[dict]:
+        return read_jsonl(self.metrics)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep the records up to `step` (the checkpoint resumed from; 0: a fresh start), dropping a
+        partial last line and anything logged after the checkpoint."""
+        if not self.metrics.exists():
+            return
+        keep = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in keep))
+
+    # -- weights and classes ----------------------------------------------------------------
+
+    def weights(self) -> Path | None:
+        """The final weights file of the run, when there is one."""
+        return next((self.path / w for w in self.WEIGHTS if (self.path / w).is_file()), None)
+
+    def write_classes(self, classes: list[str]) -> None:
+        write_json(self.classes_file, {"classes": list(classes)})
+
+    def read_classes(self) -> list[str] | None:
+        obj = read_json(self.classes_file, "the class names of the run's head")
+        return None if obj is None else list(obj["classes"])
+
+    def read_record(self, name: str = "pipeline.json") -> dict | None:
+        return read_json(self.path / name, "a pipeline stage record")
+
+
+@contextlib.contextmanager
+def locked(run: RunDir, is_main: bool = True, distributed: bool = False):
+    """`run.lock()` for a group of processes (torchrun): the main one holds it for all; when it cannot
+    be had, every process raises the same one-line error."""
+    if not distributed:
+        with run.lock():
+            yield run
+        return
+    import torch.distributed as dist
+
+    stack, error = contextlib.ExitStack(), None
+    if is_main:
+        try:
+            stack.enter_context(run.lock())
+        except TinymimError as e:
+            error = e
+    message = [None if error is None else str(error)]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise RunDirError(message[0])
+    with stack:
+        yield run
+
+
+def check_classes(expected: list[str], found: list[str], where: str, fix: str) -> None:
+    """Refuse a dataset whose class folders differ from the head's: labels would shift silently."""
+    if list(expected) == list(found):
+        return
+    missing = [c for c in expected if c not in set(found)]
+    extra = [c for c in found if c not in set(expected)]
+
+    def names(xs):
+        return ", ".join(xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "")
+
+    parts = ([f"missing {names(missing)}"] if missing else []) + ([f"extra {names(extra)}"] if extra else [])
+    if not parts:
+        parts = ["the same names in another order"]
+    raise RunDirError(f"the classes of {where} differ from the model's {len(expected)} ({'; '.join(parts)}): "
+                      f"every label would be wrong; {fix}")
