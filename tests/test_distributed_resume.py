@@ -26,19 +26,29 @@ def env():
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
-    args = ["distill", *TINY, "student.drop_path_rate=0.0", "data.synthetic_size=256", "data.num_workers=0",
-            "train.batch_size=32", "train.epochs=2"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "tinymim", *args, "--output", str(one)], check=True, env=env(),
-                   capture_output=True, timeout=300)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "tinymim", *args, "--output", str(two)], env=env(), capture_output=True, text=True,
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinymim"]
+TWO_PROCESS = ["distill", *TINY, "student.drop_path_rate=0.0", "data.synthetic_size=256", "data.num_workers=0",
+               "train.batch_size=32", "train.epochs=2"]  # 16 steps, a checkpoint every epoch (8 steps)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """An uninterrupted run under torchrun with 2 processes (gloo)."""
+    two = tmp_path_factory.mktemp("torchrun") / "two"
+    r = subprocess.run([*TORCHRUN, *TWO_PROCESS, "--output", str(two)], env=env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return two
+
+
+def test_torchrun_two_processes_match_one(tmp_path, two_processes):
+    one, two = tmp_path / "one", two_processes
+    subprocess.run([sys.executable, "-m", "tinymim", *TWO_PROCESS, "--output", str(one)], check=True, env=env(),
+                   capture_output=True, timeout=300)
     a, b = losses(one), losses(two)
     assert [s for s, _ in a] == [s for s, _ in b] and len(a) == 16
     for (step, la), (_, lb) in zip(a, b):
@@ -82,3 +92,40 @@ def test_sigkill_and_restart_gives_the_same_weights(tmp_path):
     # metrics are not duplicated by the replayed steps
     assert [s for s, _ in losses(killed)] == [s for s, _ in losses(straight)]
     assert [v for _, v in losses(killed)] == pytest.approx([v for _, v in losses(straight)], abs=1e-6)
+
+
+def test_sigterm_under_torchrun_stops_every_process_at_one_step_and_resumes_exactly(tmp_path, two_processes):
+    """The scheduler signals every process of the job (here: the whole process group, torchrun's agent
+    included). Both ranks stop after the same step, rank 0 writes the checkpoint for both (each rank's
+    RNG state), and the same command resumes to the uninterrupted run's weights, bit for bit."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*TORCHRUN, *TWO_PROCESS, "--output", str(out)], env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len(losses_tolerant(out)) >= 3:
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    stops = [line for line in err.splitlines() if line.startswith("stopped on SIGTERM at step")]
+    assert len(stops) == 1, err[-3000:]  # one line, from rank 0
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    step = ckpt["global_step"]
+    assert stops[0].startswith(f"stopped on SIGTERM at step {step} of 16;") and 3 <= step < 16
+    assert not ckpt["finished"] and ckpt["world"] == 2 and len(ckpt["rng"]) == 2 and all(ckpt["rng"])
+    assert not (out / "student.safetensors").exists()
+
+    r = subprocess.run([*TORCHRUN, *TWO_PROCESS, "--output", str(out)], env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and f"resuming {out} from step {step}" in r.stderr, r.stderr[-3000:]
+    wa, wb = load_file(two_processes / "student.safetensors"), load_file(out / "student.safetensors")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert [s for s, _ in losses(out)] == [s for s, _ in losses(two_processes)]
+
+
+def losses_tolerant(run: Path) -> list[tuple[int, float]]:
+    from tinymim.rundir import RunDir
+
+    return [(r["step"], r["loss"]) for r in RunDir(run).read_metrics() if "loss" in r]

@@ -166,10 +166,9 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         state["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(model.patch_embed.grid_size),
                                                     num_prefix_tokens=prefix)
     missing = sorted(set(own) - set(state))
+    kept = []
     if any(k.startswith("fc_norm.") for k in set_aside):  # global-pool fine-tuned: no final per-token norm
         kept = [k for k in missing if k.startswith("norm.")]
-        if kept:
-            log.info("%s has no final norm (global-pool fine-tuned layout); model.norm keeps its init", source)
         missing = [k for k in missing if k not in kept]
     unexpected = sorted(set(state) - set(own))
     bad_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -185,5 +184,7 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
             lines.append("  shape mismatches: " + "; ".join(bad_shape[:4]))
         lines.append("  check that the model config (name/sizes) matches the architecture the checkpoint was trained with")
         raise CheckpointError("\n".join(lines))
+    if kept:
+        log.info("%s has no final norm (global-pool fine-tuned layout); model.norm keeps its init", source)
     model.load_state_dict(state, strict=False)
     return set_aside

@@ -34,6 +34,8 @@ def cmd_train(args) -> int:
     module_name, weights, _ = TASKS[args.command]
     task = importlib.import_module(module_name)
     last = task.run(task.load(args.config, args.overrides), args.output)
+    if not _is_main_process():
+        return 0
     if last is not None:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
                             if k.startswith(("loss", "val_")) and isinstance(v, (int, float)))
@@ -224,8 +226,10 @@ def main(argv=None) -> int:
         return args.func(args)
     except TinymimError as e:
         code = getattr(e, "exit_code", 1)
-        if code == 1 or _is_main_process():
-            print(f"{'stopped' if code != 1 else 'error'}: {one_line(str(e))}", file=sys.stderr)
+        if code == 1:
+            print(f"error: {one_line(str(e))}", file=sys.stderr)
+        elif _is_main_process():  # a requested stop: one line, from one process
+            print(one_line(str(e)), file=sys.stderr)
         return code
     except OSError as e:  # a path the user gave that cannot be read or written
         where = f" {e.filename}" if e.filename else ""
@@ -234,15 +238,19 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         if "DataLoader worker" not in str(e):
             raise  # an internal error: its traceback is the report
-        detail = one_line(str(e)).split(". ")[0]
-        print(f"error: a data-loading worker died ({detail}), most likely killed for lack of memory; lower "
-              "data.num_workers (--workers) or free memory, then run the same command again: a training run "
-              "resumes from its last checkpoint", file=sys.stderr)
+        detail = one_line(str(e)).split(". ")[0].rstrip(".")
+        oom = "Killed" in detail or "exited unexpectedly" in detail
+        print(f"error: a data-loading worker died ({detail}){', most likely for lack of memory' if oom else ''}; "
+              "lower data.num_workers (--workers) or free memory, then run the same command again: a training "
+              "run resumes from its last checkpoint", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and the same command resumes", file=sys.stderr)
         return 130
     finally:
+        import gc
+
+        gc.collect()  # an exception's reference cycles may hold data loaders: their workers end now
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -168,7 +168,10 @@ def resolve_recipe(recipe: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     known = sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.glob("*/*.yaml"))
-    raise ConfigError(f"recipe {recipe} not found: pass a YAML file or a built-in recipe ({', '.join(known)})")
+    folders = sorted({k.split("/")[0] for k in known})
+    raise ConfigError(f"recipe {recipe} not found: pass a YAML file or a built-in recipe, e.g. "
+                      f"{', '.join(k for k in known if k.startswith('cifar10/'))} ({len(known)} in "
+                      f"{', '.join(f + '/' for f in folders)}; see the recipes folder of the package)")
 
 
 def _yaml_problem(e: Exception) -> str:

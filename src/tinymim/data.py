@@ -365,6 +365,36 @@ class GlobalBatchSampler:
             yield [(perm[p], base + p) for p in range(lo, lo + self.local_batch)]
 
 
+def worker_init(worker_id: int) -> None:
+    """Loader workers leave stop signals to the main process: a scheduler signals every process of a
+    job, and a worker that died of SIGTERM would end the run before its checkpoint is written."""
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _end_leftover_workers() -> None:
+    """At exit, loader workers still alive (an iterator nobody shut down) are killed: they ignore the
+    SIGTERM that multiprocessing's own exit handler sends, and it would wait for them forever."""
+    import multiprocessing
+
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join(1)
+
+
+def _register_exit_handler() -> None:
+    import atexit
+    import multiprocessing.util  # noqa: F401 - its exit handler is registered first, so ours runs before it
+
+    atexit.register(_end_leftover_workers)
+
+
+_register_exit_handler()
+
+
 def build_loader(cfg: DataConfig, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0,
                  pin_memory: bool = False) -> tuple[tud.DataLoader, GlobalBatchSampler]:
     source = build_source(cfg, seed)
@@ -373,7 +403,7 @@ def build_loader(cfg: DataConfig, global_batch: int, rank: int = 0, world: int =
     # the loader gets its own generator: starting an iterator must not consume the global RNG
     # (drop path draws from it), or a run resumed mid-epoch would diverge from an uninterrupted one
     loader = tud.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
-                            pin_memory=pin_memory, persistent_workers=False,
+                            pin_memory=pin_memory, persistent_workers=False, worker_init_fn=worker_init,
                             generator=torch.Generator().manual_seed(seed),
                             prefetch_factor=4 if cfg.num_workers else None)
     return loader, sampler

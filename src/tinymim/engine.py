@@ -160,6 +160,45 @@ def cpu_performance_settings() -> None:
         pass
 
 
+class HeldLogs:
+    """Log records of a run's setup, held until its checks pass (`release()`), then shown: a run that
+    cannot start prints its one-line error alone, not the notes of a setup that went nowhere."""
+
+    class _Hold(logging.Handler):
+        def __init__(self, records: list):
+            super().__init__()
+            self.records = records
+
+        def emit(self, record) -> None:
+            self.records.append(record)
+
+    def __init__(self, logger: logging.Logger = log, replay: bool = True):
+        self.logger, self.records, self.holding, self.replay = logger, [], False, replay
+
+    def __enter__(self) -> "HeldLogs":
+        self.handler, self.propagate = self._Hold(self.records), self.logger.propagate
+        self.logger.addHandler(self.handler)
+        self.logger.propagate, self.holding = False, True
+        return self
+
+    def _stop(self) -> None:
+        if self.holding:
+            self.logger.removeHandler(self.handler)
+            self.logger.propagate, self.holding = self.propagate, False
+
+    def release(self) -> None:
+        if self.holding:
+            self._stop()
+            for record in self.records:
+                self.logger.handle(record)
+            self.records.clear()
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None and self.replay:
+            self.release()
+        self._stop()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -281,7 +320,7 @@ def _autocast(device: torch.device, precision: str):
 
 
 def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: dict, ctx: DistContext | None = None,
-          optimizer_kwargs: dict | None = None):
+          optimizer_kwargs: dict | None = None, checked=lambda: None):
     """Train `task` and write its run directory.
 
     data_loader_fn(global_micro_batch, rank, world, seed) -> (loader, sampler); the sampler has
@@ -291,11 +330,11 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
     ctx = ctx or setup_distributed(cfg.device)
     run = RunDir(run_dir)
     with locked(run, ctx.is_main, ctx.distributed), StopSignals() as stop:
-        return _train(task, cfg, data_loader_fn, run, config, ctx, optimizer_kwargs, stop)
+        return _train(task, cfg, data_loader_fn, run, config, ctx, optimizer_kwargs, stop, checked)
 
 
 def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ctx: DistContext,
-           optimizer_kwargs, stop: StopSignals):
+           optimizer_kwargs, stop: StopSignals, checked):
     # an existing run: same config (the one inside last.pt rules); a finished one says so and exits
     resume = None
     if run.checkpoint.is_file():
@@ -328,6 +367,7 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
             "data, or choose a new --output")
 
     # from here on the directory is written: the config, metrics from the resumed step, the classes
+    checked()
     if ctx.is_main:
         run.write_config(config)
         run.truncate_metrics(resume["global_step"] if resume is not None else 0)
@@ -407,6 +447,7 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
     window = {"t0": time.perf_counter(), "images": 0, "steps": 0, "sums": {}, "skipped": 0, "reported_skips": 0}
     last, last_eval = None, {}
     task.train()
+    batches = None
     try:
         while global_step < total_updates:
             epoch, step_in_epoch = divmod(global_step, updates_per_epoch)
@@ -509,6 +550,12 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
             task.export(run.path)
         save(finished=True)
     finally:
+        # the loader's workers end now, not whenever the iterator is collected (an exception's
+        # traceback may hold it; the workers ignore stop signals, so they must be told)
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        batches = None  # noqa: F841
         metrics.close()
         if bar is not None:
             bar.close()
@@ -547,14 +594,18 @@ def run_task(build, cfg, output: str | Path, make_loader=None, optimizer_kwargs:
 
     from tinymim.data import build_loader
 
-    seed_everything(cfg.train.seed)
-    task = build(cfg)
-    config = json.loads(json.dumps(asdict(cfg)))  # plain types only (YAML- and compare-friendly)
+    ctx = setup_distributed(cfg.train.device)
+    # the run directory is locked before anything is built: a second process refuses at once
+    with locked(RunDir(output), ctx.is_main, ctx.distributed), HeldLogs() as held:
+        seed_everything(cfg.train.seed)
+        task = build(cfg)
+        config = json.loads(json.dumps(asdict(cfg)))  # plain types only (YAML- and compare-friendly)
 
-    def loader_fn(batch, rank, world, seed):
-        if make_loader is not None:
-            return make_loader(task, batch, rank, world, seed)
-        return build_loader(cfg.data, batch, rank, world, seed,
-                            pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu")
+        def loader_fn(batch, rank, world, seed):
+            if make_loader is not None:
+                return make_loader(task, batch, rank, world, seed)
+            return build_loader(cfg.data, batch, rank, world, seed,
+                                pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu")
 
-    return train(task, cfg.train, loader_fn, output, config, optimizer_kwargs=optimizer_kwargs)
+        return train(task, cfg.train, loader_fn, output, config, ctx, optimizer_kwargs=optimizer_kwargs,
+                     checked=held.release)

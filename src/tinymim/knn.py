@@ -9,6 +9,8 @@ with k = 20 and T = 0.07 by default (InstDisc / DINO).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -129,7 +131,19 @@ def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None 
     from tinymim.models import TokenFeatures
     from tinymim.tasks.finetune import ClassifyDataConfig, build_eval_loader
 
+    from tinymim.errors import TinymimError
+
+    if k < 1 or not temperature > 0 or (bank_size is not None and bank_size < 1):
+        raise TinymimError(f"k ({k}) and --bank-size ({bank_size}) must be positive, and the temperature "
+                           f"({temperature}) above 0")
+    for folder in (train_root, val_root):
+        if not Path(folder).is_dir():
+            raise TinymimError(f"{folder} is not a folder; --data and --val take labelled ImageFolders "
+                               "(root/<class>/<image>)")
     model, _ = build_exportable(source, model_name)
+    if block is not None and not 1 <= block <= len(model.blocks) + 1:
+        raise TinymimError(f"--block {block} is out of range: the model has blocks 1..{len(model.blocks)} "
+                           f"({len(model.blocks) + 1}: after the last)")
     size = model.patch_embed.img_size[0]
     data = ClassifyDataConfig(name="folder", root=str(train_root), val_root=str(val_root), img_size=size,
                               eval_crop_pct=_eval_crop_pct(size), num_workers=num_workers)

@@ -152,8 +152,15 @@ def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severitie
     """Write dst/<corruption>/<severity>/<class>/<image>.png from the ImageFolder src; returns images written."""
     from tinymim.data import FolderImages
 
-    source = FolderImages(src)
     corruptions = list(corruptions or CORRUPTIONS)
+    unknown = [c for c in corruptions if c not in CORRUPTIONS]
+    if unknown:
+        raise TinymimError(f"unknown corruption(s) {', '.join(unknown)}; available: {', '.join(CORRUPTIONS)}")
+    if not all(1 <= s <= 5 for s in severities):
+        raise TinymimError(f"severities must be 1..5, got {list(severities)}")
+    if limit_per_class is not None and limit_per_class < 1:
+        raise TinymimError(f"--per-class must be positive, got {limit_per_class}")
+    source = FolderImages(src)
     per_class: dict[int, int] = {}
     chosen = []
     for i, (path, label) in enumerate(source.samples):

@@ -10,7 +10,7 @@
 Guarantees, for every task:
 - one process at a time: `RunDir.lock()` takes an exclusive lock for the life of the run; a second
   process refuses at once and names the holder. The kernel drops the lock when its holder dies, so
-  a killed run never leaves the directory blocked;
+  a killed run never leaves the directory blocked (a stale .lock file means nothing);
 - no half-written file: every file is written to a temporary file in the same folder, synced, then
   renamed over the old one (`atomic_write`). A temporary file orphaned by a kill is removed by the
   next run that takes the lock;
@@ -53,6 +53,7 @@ class DiskFullError(RunDirError):
 
 
 TMP_SUFFIX = ".tmp"
+_HELD: set[Path] = set()  # run directories this process has locked
 
 # keys that may change between a run and its resumption: they do not change the result. data.root
 # may move (a mounted copy elsewhere): the data's fingerprint, not its path, must match.
@@ -230,14 +231,23 @@ class RunDir:
         """Hold the directory's exclusive lock for the block; a directory this call created and the
         block left holding nothing but the lock is removed again (a run that failed to start)."""
         self.check_output()
+        key = self.path.resolve()
+        if key in _HELD:  # this process holds it already (a task run by a caller that locked the run)
+            yield self
+            return
         created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
+            if created:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
             raise write_error(e, self.lock_file) from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # a POSIX record lock: owned by this process alone (forked loader workers do not hold it,
+            # so a killed run frees the directory at once), and honoured over NFS
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = ""
             with contextlib.suppress(OSError):
@@ -252,12 +262,14 @@ class RunDir:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                   .encode(), 0)
         self._lock_fd = fd
+        _HELD.add(key)
         ok = False
         try:
             self.remove_orphans()
             yield self
             ok = True
         finally:
+            _HELD.discard(key)
             self._lock_fd = None
             if created and not ok and {p.name for p in self.path.iterdir()} <= {self.lock_file.name}:
                 with contextlib.suppress(OSError):
@@ -289,6 +301,9 @@ class RunDir:
         old = self.stored_config(checkpoint)
         if old is None:
             return
+        if set(old) != set(config):
+            raise ConfigError(f"{self.path} holds another kind of run (its config has sections "
+                              f"{', '.join(sorted(old))}); choose a new --output directory")
         diffs = [d for d in diff_configs(old, config) if not d.startswith(RESUMABLE_CHANGES)]
         if diffs:
             raise ConfigError(

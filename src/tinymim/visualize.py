@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image, ImageDraw
 
 from tinymim.errors import TinymimError
@@ -35,8 +34,13 @@ def load_run(run_dir: str | Path):
     from tinymim.engine import seed_everything
     from tinymim.tasks.distill import DistillConfig, build_distill_task
 
+    from tinymim.rundir import RunDir
+
     run = Path(run_dir)
-    raw = yaml.safe_load((run / "config.yaml").read_text())
+    raw = RunDir(run).stored_config()
+    if raw is None or "teacher" not in raw or "student" not in raw:
+        raise TinymimError(f"{run} is not a tinymim distill run (no config.yaml with a teacher and a student); "
+                           "pass the --output folder of `tinymim distill`")
     cfg = from_dict(DistillConfig, raw)
     seed_everything(cfg.train.seed)  # the same models as the run built (a random teacher included)
     task = build_distill_task(cfg)
@@ -52,9 +56,19 @@ def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk
     from tinymim.data import normalize
     from tinymim.relations import relation_logits
 
-    task, cfg = load_run(run_dir)
+    from tinymim.engine import HeldLogs
+    from tinymim.relations import RELATION_NAMES
+
+    unknown = [r for r in relations if r not in RELATION_NAMES]
+    if unknown:
+        raise TinymimError(f"unknown relation(s) {', '.join(unknown)}; choose from {', '.join(RELATION_NAMES)}")
+    try:
+        img = Image.open(image).convert("RGB")
+    except (OSError, ValueError) as e:  # missing, unreadable, not an image
+        raise TinymimError(f"cannot read the image {image}: {getattr(e, 'strerror', None) or e}") from None
+    with HeldLogs(replay=False):  # the rebuilt run's setup notes are not this command's business
+        task, cfg = load_run(run_dir)
     size = cfg.data.img_size
-    img = Image.open(image).convert("RGB")
     scale = size / min(img.size)
     img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC)
     left, top = (img.width - size) // 2, (img.height - size) // 2
@@ -67,6 +81,12 @@ def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk
     prefix = task.student.num_prefix_tokens
     n_heads = t_qkv[0].shape[1]
     queries = list(queries) if queries else [prefix + (grid_h // 2) * grid_w + grid_w // 2]  # the center patch
+    bad = [h for h in heads if not 0 <= h < n_heads]
+    if bad:
+        raise TinymimError(f"head {bad[0]} does not exist: the maps have heads 0..{n_heads - 1}")
+    bad = [q for q in queries if not 0 <= q < prefix + grid_h * grid_w]
+    if bad:
+        raise TinymimError(f"query token {bad[0]} does not exist: tokens are 0..{prefix + grid_h * grid_w - 1}")
     rows = []
     for rel in relations:
         t_map = torch.softmax(relation_logits(t_qkv, rel)[0].float(), -1)

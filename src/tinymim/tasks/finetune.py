@@ -25,7 +25,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.config import ConfigError
-from tinymim.data import DataConfig, GlobalBatchSampler, build_source, load_or_substitute
+from tinymim.data import DataConfig, GlobalBatchSampler, build_source, load_or_substitute, worker_init
 from tinymim.engine import TrainConfig
 from tinymim.models import ModelConfig, size_args, timm_architecture
 from tinymim.tasks.base import Task
@@ -181,6 +181,7 @@ def build_classify_loaders(cfg: ClassifyDataConfig, batch: int, rank: int, world
     train = ClassifyDataset(_source(cfg, cfg.root, True), train_tf)
     sampler = GlobalBatchSampler(len(train), batch, rank, world, seed)
     loader = tud.DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_classify,
+                            worker_init_fn=worker_init,
                             generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
                             prefetch_factor=4 if cfg.num_workers else None)
     return loader, sampler
@@ -195,7 +196,8 @@ def build_eval_loader(cfg: ClassifyDataConfig, batch: int, rank: int = 0, world:
     source = _source(cfg, root or (cfg.root if split_train else cfg.val_root), split_train)
     ds = ClassifyDataset(source, eval_tf)
     shard = tud.Subset(ds, range(rank, len(ds), world))  # each process a strided shard; sums are reduced
-    return tud.DataLoader(shard, batch_size=batch, num_workers=cfg.num_workers, collate_fn=collate_classify)
+    return tud.DataLoader(shard, batch_size=batch, num_workers=cfg.num_workers, collate_fn=collate_classify,
+                          worker_init_fn=worker_init)
 
 
 @torch.no_grad()

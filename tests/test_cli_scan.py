@@ -1,0 +1,195 @@
+"""Every command over a list of bad inputs: exit status 1, one line on stderr (no traceback, no log
+noise before it), and nothing written anywhere in the workspace.
+
+All cases run in one process (tests/cli_driver.py, each as a fresh `tinymim ...` would), against a
+workspace with good data, finished runs of two kinds, and the bad files the cases name.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+ROOT = os.geteuid() == 0  # root ignores file modes: the unreadable-file cases need another user
+
+DISTILL = ["student.name=vit_custom", "student.img_size=32", "student.patch_size=8", "student.embed_dim=32",
+           "student.depth=2", "student.num_heads=2", "teacher.model.name=vit_custom", "teacher.model.img_size=32",
+           "teacher.model.patch_size=8", "teacher.model.embed_dim=32", "teacher.model.depth=2",
+           "teacher.model.num_heads=2", "teacher.target_block=2", "data.name=synthetic", "data.img_size=32",
+           "data.num_workers=0", "data.synthetic_size=64", "train.batch_size=16", "train.max_steps=2",
+           "train.precision=fp32", "train.progress=false", "train.warmup_epochs=0"]
+FINETUNE = ["model.name=vit_custom", "model.patch_size=8", "model.embed_dim=32", "model.depth=2",
+            "model.num_heads=2", "data.img_size=32", "data.num_workers=0", "data.auto_augment=null", "data.reprob=0",
+            "mixup=0", "cutmix=0", "train.batch_size=4", "train.epochs=1", "train.precision=fp32",
+            "train.progress=false", "train.warmup_epochs=0"]
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def cases(ws: Path) -> dict[str, list[str]]:
+    w = str(ws)
+    data = ["data.name=folder", f"data.root={w}/data/train", f"data.val_root={w}/data/val"]
+    out = ["--output", f"{w}/new_run"]
+    c = {
+        # recipes and overrides
+        "distill: recipe with a YAML syntax error": ["distill", "--config", f"{w}/bad.yaml", *out],
+        "distill: recipe that is not a mapping": ["distill", "--config", f"{w}/list.yaml", *out],
+        "distill: missing recipe": ["distill", "--config", f"{w}/nope.yaml", *out],
+        "distill: recipe path through a file": ["distill", "--config", f"{w}/afile/r.yaml", *out],
+        "distill: override with a YAML syntax error": ["distill", *DISTILL, "train.epochs=[3", *out],
+        "distill: unknown key": ["distill", *DISTILL, "train.epoch=3", *out],
+        "distill: value of the wrong type": ["distill", *DISTILL, "train.epochs=three", *out],
+        # values
+        "distill: epochs=0": ["distill", *DISTILL, "train.epochs=0", *out],
+        "distill: max_steps=0": ["distill", *DISTILL, "train.max_steps=0", *out],
+        "distill: negative lr": ["distill", *DISTILL, "train.lr=-1", *out],
+        "distill: log_every=0": ["distill", *DISTILL, "train.log_every=0", *out],
+        "distill: mean of the wrong length": ["distill", *DISTILL, "data.mean=[0.5,0.5]", *out],
+        "distill: a GPU that is not there": ["distill", *DISTILL, "train.device=cuda:99", *out],
+        "distill: image size against the model": ["distill", *DISTILL, "data.img_size=40", *out],
+        "distill: image size not in whole patches": ["distill", *DISTILL, "student.img_size=null",
+                                                      "teacher.model.img_size=null", "data.img_size=36", *out],
+        "distill: mask ratio of 1": ["distill", *DISTILL, "mask_ratio=1.0", *out],
+        "distill: target block out of range": ["distill", *DISTILL, "teacher.target_block=7", *out],
+        # paths and run types
+        "distill: --output is a file": ["distill", *DISTILL, "--output", f"{w}/afile"],
+        "distill: missing data folder": ["distill", *DISTILL, "data.name=folder", f"data.root={w}/nope", *out],
+        "distill: data folder without class folders": ["distill", *DISTILL, "data.name=folder",
+                                                        f"data.root={w}/empty_dir", *out],
+        "distill: missing teacher checkpoint": ["distill", *DISTILL, f"teacher.checkpoint={w}/nope.pt", *out],
+        "distill: teacher is a folder without weights": ["distill", *DISTILL, f"teacher.checkpoint={w}/empty_dir", *out],
+        "distill: teacher of another architecture": ["distill", *DISTILL, "teacher.model.embed_dim=64",
+                                                      "teacher.model.num_heads=4", f"teacher.checkpoint={w}/ft_run", *out],
+        "distill: teacher file that is not a checkpoint": ["distill", *DISTILL, f"teacher.checkpoint={w}/afile", *out],
+        "distill: a finished run of another task": ["distill", *DISTILL, "--output", f"{w}/ft_run"],
+        "mae: recipe with a YAML syntax error": ["mae", "--config", f"{w}/bad.yaml", *out],
+        "mae: model image size against the data": ["mae", "model.name=vit_custom", "model.patch_size=8",
+                                                   "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                                                   "model.img_size=64", "data.img_size=32", *out],
+        "mae: batch size not divisible by accumulation": ["mae", "train.batch_size=10", "train.accum_steps=3", *out],
+        "finetune: missing init weights": ["finetune", *FINETUNE, *data, f"init={w}/nope", *out],
+        "finetune: init folder without weights": ["finetune", *FINETUNE, *data, f"init={w}/empty_dir", *out],
+        "finetune: missing validation folder": ["finetune", *FINETUNE, "data.name=folder",
+                                                f"data.root={w}/data/train", f"data.val_root={w}/nope", *out],
+        "finetune: validation folder missing a class": ["finetune", *FINETUNE, "data.name=folder",
+                                                        f"data.root={w}/data/train", f"data.val_root={w}/partial", *out],
+        "finetune: num_classes=0": ["finetune", *FINETUNE, *data, "num_classes=0", *out],
+        "finetune: fewer classes than the data": ["finetune", *FINETUNE, *data, "num_classes=1", *out],
+        "finetune: holdout larger than the data": ["finetune", *FINETUNE, *data, "data.holdout=100", *out],
+        "linprobe: unknown optimizer": ["linprobe", *FINETUNE, *data, "train.optimizer=adam", *out],
+        "linprobe: a finished run of another task": ["linprobe", *FINETUNE, *data, "--output", f"{w}/distill_run"],
+        "pipeline: YAML syntax error": ["pipeline", "--config", f"{w}/bad.yaml", "--output", f"{w}/new_pipe"],
+        "pipeline: stage teacher that is not an earlier stage": ["pipeline", "--config", f"{w}/bad_pipeline.yaml",
+                                                                 "--output", f"{w}/new_pipe"],
+        "pipeline: bad value for one task": ["pipeline", "--config", "pipelines/demo", "finetune:train.epochs=0",
+                                             "--output", f"{w}/new_pipe"],
+        "pipeline: unknown task prefix": ["pipeline", "--config", "pipelines/demo", "nosuch:train.epochs=1",
+                                          "--output", f"{w}/new_pipe"],
+        "pipeline: --output is a file": ["pipeline", "--config", "pipelines/demo", "--output", f"{w}/afile"],
+        "demo: missing data folder": ["demo", "--data", f"{w}/nope", "--output", f"{w}/new_demo"],
+        "demo: --output is a file": ["demo", "--data", "synthetic", "--output", f"{w}/afile"],
+        "export: missing source": ["export", f"{w}/nope", "--output", f"{w}/new_export"],
+        "export: folder that is not a run": ["export", f"{w}/empty_dir", "--output", f"{w}/new_export"],
+        "export: bare file without --model": ["export", f"{w}/afile", "--output", f"{w}/new_export"],
+        "export: file that is not a checkpoint": ["export", f"{w}/afile", "--model", "vit_tiny_patch16_224",
+                                                  "--output", f"{w}/new_export"],
+        "eval: a run of another task": ["eval", f"{w}/distill_run", "--data", f"{w}/data/val", "--json", f"{w}/r.json"],
+        "eval: missing run": ["eval", f"{w}/nope", "--data", f"{w}/data/val"],
+        "eval: missing data": ["eval", f"{w}/ft_run", "--data", f"{w}/nope", "--json", f"{w}/r.json"],
+        "eval: data that is a file": ["eval", f"{w}/ft_run", "--data", f"{w}/afile"],
+        "eval: data missing a class": ["eval", f"{w}/ft_run", "--data", f"{w}/partial", "--workers", "0"],
+        "knn: missing source": ["knn", f"{w}/nope", "--data", f"{w}/data/train", "--val", f"{w}/data/val"],
+        "knn: missing bank": ["knn", f"{w}/distill_run", "--data", f"{w}/nope", "--val", f"{w}/data/val"],
+        "knn: k=0": ["knn", f"{w}/distill_run", "--data", f"{w}/data/train", "--val", f"{w}/data/val", "--k", "0"],
+        "knn: bank size 0": ["knn", f"{w}/distill_run", "--data", f"{w}/data/train", "--val", f"{w}/data/val",
+                             "--bank-size", "0"],
+        "knn: block out of range": ["knn", f"{w}/distill_run", "--data", f"{w}/data/train", "--val",
+                                    f"{w}/data/val", "--block", "9"],
+        "visualize: a run of another task": ["visualize", f"{w}/ft_run", "--image", f"{w}/img.png",
+                                             "--output", f"{w}/new.png"],
+        "visualize: missing image": ["visualize", f"{w}/distill_run", "--image", f"{w}/nope.png",
+                                     "--output", f"{w}/new.png"],
+        "visualize: image that is not an image": ["visualize", f"{w}/distill_run", "--image", f"{w}/afile",
+                                                  "--output", f"{w}/new.png"],
+        "visualize: head out of range": ["visualize", f"{w}/distill_run", "--image", f"{w}/img.png", "--heads", "9",
+                                         "--output", f"{w}/new.png"],
+        "visualize: unknown relation": ["visualize", f"{w}/distill_run", "--image", f"{w}/img.png",
+                                        "--relations", "xy", "--output", f"{w}/new.png"],
+        "corrupt: missing source": ["corrupt", f"{w}/nope", "--output", f"{w}/new_c"],
+        "corrupt: severity 9": ["corrupt", f"{w}/data/val", "--severities", "9", "--output", f"{w}/new_c"],
+        "corrupt: unknown corruption": ["corrupt", f"{w}/data/val", "--corruptions", "rain", "--output", f"{w}/new_c"],
+    }
+    if not ROOT:
+        c["distill: unreadable recipe"] = ["distill", "--config", f"{w}/unreadable.yaml", *out]
+        c["distill: read-only output folder"] = ["distill", *DISTILL, "--output", f"{w}/readonly/run"]
+        c["eval: unreadable run"] = ["eval", f"{w}/unreadable_run", "--data", f"{w}/data/val"]
+    return c
+
+
+def _folder(root: Path, classes: dict[str, int]) -> None:
+    for c, (name, n) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (32, 32), (60 * c + 9 * i, 90, 200 - 60 * c)).save(root / name / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("scan")
+    (ws / "bad.yaml").write_text("train:\n  epochs: [3\n  lr: 1\n")
+    (ws / "list.yaml").write_text("- a\n- b\n")
+    (ws / "afile").write_text("not a checkpoint, not an image, not a folder\n")
+    (ws / "bad_pipeline.yaml").write_text(
+        "stages:\n  - {name: s, task: distill, teacher: t}\n  - {name: t, task: mae}\n")
+    (ws / "empty_dir").mkdir()
+    _folder(ws / "data" / "train", {"a": 6, "b": 6})
+    _folder(ws / "data" / "val", {"a": 2, "b": 2})
+    _folder(ws / "partial", {"a": 2})
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(ws / "img.png")
+    for run_dir, args in (("distill_run", ["distill", *DISTILL]),
+                          ("ft_run", ["finetune", *FINETUNE, "data.name=folder", f"data.root={ws}/data/train",
+                                      f"data.val_root={ws}/data/val"])):
+        r = subprocess.run([sys.executable, "-m", "tinymim", *args, "--output", str(ws / run_dir)], env=env(),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    if not ROOT:
+        (ws / "unreadable.yaml").write_text("train: {epochs: 1}\n")
+        (ws / "unreadable.yaml").chmod(0)
+        (ws / "readonly").mkdir()
+        (ws / "readonly").chmod(0o555)
+        (ws / "unreadable_run").mkdir()
+        (ws / "unreadable_run" / "config.yaml").write_text("model: {}\n")
+        (ws / "unreadable_run").chmod(0)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def results(workspace, tmp_path_factory) -> dict:
+    scan = cases(workspace)
+    work = tmp_path_factory.mktemp("driver")
+    (work / "cases.json").write_text(json.dumps(list(scan.values())))
+    r = subprocess.run([sys.executable, str(HERE / "cli_driver.py"), str(work / "cases.json"), str(work / "out.json"),
+                        str(workspace)], env=env(), capture_output=True, text=True, timeout=900, cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return dict(zip(scan, json.loads((work / "out.json").read_text())))
+
+
+@pytest.mark.parametrize("case", list(cases(Path("/ws"))))
+def test_bad_input_is_one_line_exit_1_and_writes_nothing(results, case):
+    r = results[case]
+    assert r["rc"] == 1, f"{case}: exit {r['rc']}\n{r['stderr'][-3000:]}"
+    lines = r["stderr"].splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{case}:\n{r['stderr'][-3000:]}"
+    assert len(lines[0]) < 600, f"{case}: a wall of text\n{lines[0]}"
+    # a run directory's .lock holds the note of whichever process last took the lock: not run data
+    written = [p for p in r["written"] if not (p.endswith("/.lock") and p.count("/") == 1)]
+    assert written == [], f"{case} changed {written}"
