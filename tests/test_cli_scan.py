@@ -63,6 +63,8 @@ def cases(ws: Path) -> dict[str, list[str]]:
         # paths and run types
         "distill: --output is a file": ["distill", *DISTILL, "--output", f"{w}/afile"],
         "distill: missing data folder": ["distill", *DISTILL, "data.name=folder", f"data.root={w}/nope", *out],
+        "distill: missing data folder, output in new folders": ["distill", *DISTILL, "data.name=folder",
+                                                                 f"data.root={w}/nope", "--output", f"{w}/new/a/run"],
         "distill: data folder without class folders": ["distill", *DISTILL, "data.name=folder",
                                                         f"data.root={w}/empty_dir", *out],
         "distill: missing teacher checkpoint": ["distill", *DISTILL, f"teacher.checkpoint={w}/nope.pt", *out],
@@ -95,6 +97,7 @@ def cases(ws: Path) -> dict[str, list[str]]:
         "pipeline: unknown task prefix": ["pipeline", "--config", "pipelines/demo", "nosuch:train.epochs=1",
                                           "--output", f"{w}/new_pipe"],
         "pipeline: --output is a file": ["pipeline", "--config", "pipelines/demo", "--output", f"{w}/afile"],
+        "pipeline: a corrupt stage record": ["pipeline", "--config", "pipelines/demo", "--output", f"{w}/pipe_out"],
         "demo: missing data folder": ["demo", "--data", f"{w}/nope", "--output", f"{w}/new_demo"],
         "demo: --output is a file": ["demo", "--data", "synthetic", "--output", f"{w}/afile"],
         "export: missing source": ["export", f"{w}/nope", "--output", f"{w}/new_export"],
@@ -151,6 +154,9 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "bad_pipeline.yaml").write_text(
         "stages:\n  - {name: s, task: distill, teacher: t}\n  - {name: t, task: mae}\n")
     (ws / "empty_dir").mkdir()
+    (ws / "pipe_out" / "student_tinymim").mkdir(parents=True)
+    (ws / "pipe_out" / ".lock").write_text("pid 1 on host since 2026-01-01 00:00:00\n")  # left by its pipeline
+    (ws / "pipe_out" / "student_tinymim" / "pipeline.json").write_text('{"stage": "student_tinymim", "upstr')  # cut short
     _folder(ws / "data" / "train", {"a": 6, "b": 6})
     _folder(ws / "data" / "val", {"a": 2, "b": 2})
     _folder(ws / "partial", {"a": 2})

@@ -155,7 +155,7 @@ def test_the_lock_of_a_killed_run_does_not_block(straight, tmp_path):
     assert_same_run(straight, out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_stop_signal_mid_epoch_checkpoints_then_resumes_exactly(straight, tmp_path, sig):
     out = tmp_path / "run"
     proc = subprocess.Popen(cli(out), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,8 +1,12 @@
 """`tinymim pipeline`: stages wired to earlier stages, reuse of finished stages, redo of what depends
 on a deleted stage, the report."""
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tinymim.config import ConfigError, from_dict
 from tinymim.pipeline import PipelineConfig, run_pipeline
@@ -59,6 +63,17 @@ def test_pipeline_reuses_finished_stages_and_redoes_what_depends_on_a_deleted_on
     assert run_ids(out) == ids
     assert {n: (out / n / "metrics.jsonl").read_text() for n in ids} == metrics
 
+    # a finished stage that lost its weights gets them back from its checkpoint, and keeps its run
+    # id: the stages downstream of it stay valid (nothing superseded, nothing retrained)
+    before = load_file(out / "student" / "student.safetensors")
+    (out / "student" / "student.safetensors").unlink()
+    fourth = run_pipeline(cfg, out)
+    assert [s["reused"] for s in fourth] == [True, False, True, True]
+    assert run_ids(out) == ids and not (out / ".superseded").exists()
+    after = load_file(out / "student" / "student.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: (out / n / "metrics.jsonl").read_text() for n in ids} == metrics
+
     import shutil
     shutil.rmtree(out / "student")  # redo the student and what was fine-tuned from it, nothing else
     third = run_pipeline(cfg, out)
@@ -103,3 +118,25 @@ def test_cli_overrides_reach_every_stage_or_one_task_and_are_checked_before_trai
     # with the task prefix it reaches the fine-tuning stages only (a typo there is still caught)
     assert main(["pipeline", "--config", str(recipe), "--output", str(out), "finetune:data.val_rot=/x"]) == 1
     assert "data.val_rot" in capsys.readouterr().err and not (out / "teacher").exists()
+
+
+def test_a_second_pipeline_on_the_same_output_refuses(tmp_path, capsys):
+    import yaml
+
+    from tinymim.cli import main
+
+    recipe = tmp_path / "pipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_pipeline()))
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom tinymim.rundir import RunDir\n"
+                               f"with RunDir({str(out)!r}).lock():\n    print('locked', flush=True)\n    time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["pipeline", "--config", str(recipe), "--output", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"in use by another tinymim process (pid {holder.pid} " in err and err.count("\n") == 1
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no stage started
+    finally:
+        holder.kill()
+        holder.wait()

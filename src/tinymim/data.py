@@ -173,6 +173,14 @@ class SyntheticImages(tud.Dataset):
         return f"synthetic[{i}]"
 
 
+def fixed_sample(length: int, n: int, seed: int = 0) -> list[int]:
+    """n of range(length), drawn at random with a fixed seed (the same for every run), in order: a
+    folder's first n images would be its first classes only."""
+    if n >= length:
+        return list(range(length))
+    return sorted(random.Random(seed).sample(range(length), n))
+
+
 class SubsetImages:
     """A fixed random sample of n images of a source (the same for every run: seed 0), in source
     order; a folder's first n images would be its first classes only. `indices` selects given ones."""
@@ -182,8 +190,7 @@ class SubsetImages:
         if indices is None:
             if n < 1:
                 raise DataError(f"data.subset must be positive, got {n}")
-            indices = sorted(random.Random(0).sample(range(len(source)), n)) if n < len(source) \
-                else list(range(len(source)))
+            indices = fixed_sample(len(source), n)
         self.indices = list(indices)
         self.classes = getattr(source, "classes", None)
 

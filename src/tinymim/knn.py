@@ -74,11 +74,11 @@ class KNNMonitorConfig:
 def _sample(loader, n: int | None):
     """Keep a fixed random sample of n images of an evaluation loader (a Subset underneath), in order.
     Not the first n: a folder tree lists its images class by class."""
-    import random
+    from tinymim.data import fixed_sample
 
     if n is not None and n < len(loader.dataset):
         indices = list(loader.dataset.indices)
-        loader.dataset.indices = [indices[i] for i in sorted(random.Random(0).sample(range(len(indices)), n))]
+        loader.dataset.indices = [indices[i] for i in fixed_sample(len(indices), n)]
     return loader
 
 

@@ -199,7 +199,8 @@ def load_classifier(source: str | Path, weights: str = "best"):
     if raw is None or not isinstance(raw.get("model"), dict) or "num_classes" not in raw:
         raise CheckpointError(f"{run.path} is not a finished tinymim finetune run (no usable config.yaml with a "
                               "classifier); pass the --output folder of `tinymim finetune`")
-    cfg = from_dict(FinetuneConfig, {**raw, "init": None})
+    # evaluated wherever it is: the device the run trained on need not be here
+    cfg = from_dict(FinetuneConfig, {**raw, "init": None, "train": {**raw.get("train", {}), "device": "auto"}})
     file = run.path / ("best.safetensors" if weights == "best" else "model.safetensors")
     if not file.is_file():
         file = run.path / "model.safetensors"

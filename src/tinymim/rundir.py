@@ -235,14 +235,19 @@ class RunDir:
         if key in _HELD:  # this process holds it already (a task run by a caller that locked the run)
             yield self
             return
-        created = not self.path.exists()
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]  # leaf first
+
+        def remove_created() -> None:
+            with contextlib.suppress(OSError):
+                self.lock_file.unlink(missing_ok=True)
+                for p in created:
+                    p.rmdir()
+
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
-            if created:
-                with contextlib.suppress(OSError):
-                    self.path.rmdir()
+            remove_created()
             raise write_error(e, self.lock_file) from e
         try:
             # a POSIX record lock: owned by this process alone (forked loader workers do not hold it,
@@ -272,9 +277,7 @@ class RunDir:
             _HELD.discard(key)
             self._lock_fd = None
             if created and not ok and {p.name for p in self.path.iterdir()} <= {self.lock_file.name}:
-                with contextlib.suppress(OSError):
-                    self.lock_file.unlink()
-                    self.path.rmdir()
+                remove_created()
             os.close(fd)  # releases the lock
 
     def remove_orphans(self) -> None:

@@ -41,7 +41,7 @@ def load_run(run_dir: str | Path):
     if raw is None or "teacher" not in raw or "student" not in raw:
         raise TinymimError(f"{run} is not a tinymim distill run (no config.yaml with a teacher and a student); "
                            "pass the --output folder of `tinymim distill`")
-    cfg = from_dict(DistillConfig, raw)
+    cfg = from_dict(DistillConfig, {**raw, "train": {**raw.get("train", {}), "device": "auto"}})
     seed_everything(cfg.train.seed)  # the same models as the run built (a random teacher included)
     task = build_distill_task(cfg)
     if (run / "student.safetensors").is_file():

@@ -241,6 +241,7 @@ class FinetuneTask(Task):
             self.criterion = nn.CrossEntropyLoss()
         self.ema = None
         self.eval_loader = None
+        self.classes: list[str] | None = None  # the training data's, set with its loader
 
     def setup_model_ema(self) -> None:
         if self.cfg.ema_decay:
@@ -327,12 +328,9 @@ def _encoder_only(state: dict, model: nn.Module) -> dict:
 def build_finetune_task(cfg: FinetuneConfig) -> FinetuneTask:
     if cfg.model.img_size is None:
         cfg.model.img_size = cfg.data.img_size
-    classes = training_classes(cfg.data)
     if cfg.num_classes is None:
-        cfg.num_classes = len(classes)
-    check_num_classes(cfg.num_classes, classes)
+        cfg.num_classes = len(training_classes(cfg.data))
     task = FinetuneTask(build_classifier(cfg, cfg.num_classes), cfg, cfg.num_classes)
-    task.classes = classes  # recorded with the run (classes.json): evaluation checks its data against them
     task.setup_model_ema()
     return task
 
@@ -352,10 +350,13 @@ def classify_loaders(task, batch: int, rank: int, world: int, seed: int):
     from tinymim.rundir import check_classes
 
     loader, sampler = build_classify_loaders(task.cfg.data, batch, rank, world, seed)
+    classes = list(loader.dataset.source.classes)
+    check_num_classes(task.num_classes, classes)
     task.eval_loader = build_eval_loader(task.cfg.data, max(1, batch), rank, world)
-    check_classes(loader.dataset.source.classes, task.eval_loader.dataset.dataset.source.classes,
+    check_classes(classes, task.eval_loader.dataset.dataset.source.classes,
                   f"the evaluation data ({task.cfg.data.val_root or task.cfg.data.name})",
                   "give data.val_root the class folders of the training data")
+    task.classes = classes  # recorded with the run (classes.json): evaluation checks its data against them
     return loader, sampler
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from tinymim.engine import TrainConfig
 from tinymim.models import ModelConfig
 from tinymim.tasks.finetune import (ClassifyDataConfig, FinetuneConfig, FinetuneTask, build_classifier,
-                                    check_num_classes, classify_loaders, training_classes,
+                                    classify_loaders, training_classes,
                                     validate_classifier)
 
 
@@ -74,16 +74,12 @@ class LinearProbeTask(FinetuneTask):
 def build_linprobe_task(cfg: LinearProbeConfig) -> LinearProbeTask:
     if cfg.model.img_size is None:
         cfg.model.img_size = cfg.data.img_size
-    classes = training_classes(cfg.data)
     if cfg.num_classes is None:
-        cfg.num_classes = len(classes)
-    check_num_classes(cfg.num_classes, classes)
+        cfg.num_classes = len(training_classes(cfg.data))
     ft = FinetuneConfig(model=cfg.model, init=cfg.init, num_classes=cfg.num_classes, global_pool=cfg.global_pool,
                         mixup=0.0, cutmix=0.0, label_smoothing=0.0, data=cfg.data, train=cfg.train)
     backbone = build_classifier(ft, 0)
-    task = LinearProbeTask(ProbeModel(backbone, cfg.num_classes), ft, cfg.num_classes)
-    task.classes = classes
-    return task
+    return LinearProbeTask(ProbeModel(backbone, cfg.num_classes), ft, cfg.num_classes)
 
 
 def run(cfg: LinearProbeConfig, output: str):
