@@ -6,6 +6,7 @@ workspace with good data, finished runs of two kinds, and the bad files the case
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,8 @@ def cases(ws: Path) -> dict[str, list[str]]:
         "distill: image size not in whole patches": ["distill", *DISTILL, "student.img_size=null",
                                                       "teacher.model.img_size=null", "data.img_size=36", *out],
         "distill: mask ratio of 1": ["distill", *DISTILL, "mask_ratio=1.0", *out],
+        "distill: unknown model name": ["distill", *DISTILL, "student.name=vit_enormous_patch3", *out],
+        "distill: a batch larger than the data": ["distill", *DISTILL, "train.batch_size=128", *out],
         "distill: target block out of range": ["distill", *DISTILL, "teacher.target_block=7", *out],
         # paths and run types
         "distill: --output is a file": ["distill", *DISTILL, "--output", f"{w}/afile"],
@@ -73,6 +76,7 @@ def cases(ws: Path) -> dict[str, list[str]]:
                                                       "teacher.model.num_heads=4", f"teacher.checkpoint={w}/ft_run", *out],
         "distill: teacher file that is not a checkpoint": ["distill", *DISTILL, f"teacher.checkpoint={w}/afile", *out],
         "distill: a finished run of another task": ["distill", *DISTILL, "--output", f"{w}/ft_run"],
+        "distill: a damaged checkpoint": ["distill", *DISTILL, "--output", f"{w}/damaged_run"],
         "mae: recipe with a YAML syntax error": ["mae", "--config", f"{w}/bad.yaml", *out],
         "mae: model image size against the data": ["mae", "model.name=vit_custom", "model.patch_size=8",
                                                    "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
@@ -167,6 +171,9 @@ def workspace(tmp_path_factory) -> Path:
         r = subprocess.run([sys.executable, "-m", "tinymim", *args, "--output", str(ws / run_dir)], env=env(),
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
+    shutil.copytree(ws / "distill_run", ws / "damaged_run")
+    last = ws / "damaged_run" / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:5000])  # cut short by a failed copy
     if not ROOT:
         (ws / "unreadable.yaml").write_text("train: {epochs: 1}\n")
         (ws / "unreadable.yaml").chmod(0)

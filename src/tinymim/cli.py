@@ -226,6 +226,8 @@ def main(argv=None) -> int:
         return args.func(args)
     except TinymimError as e:
         code = getattr(e, "exit_code", 1)
+        if getattr(e, "quiet", False):
+            return code
         if code == 1:
             print(f"error: {one_line(str(e))}", file=sys.stderr)
         elif _is_main_process():  # a requested stop: one line, from one process

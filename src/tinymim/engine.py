@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tinymim.checkpoint import safe_torch_load
 from tinymim.config import ConfigError
 from tinymim.data import data_fingerprint
 from tinymim.errors import NonFiniteLossError, TinymimError
@@ -338,7 +337,7 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
     # an existing run: same config (the one inside last.pt rules); a finished one says so and exits
     resume = None
     if run.checkpoint.is_file():
-        resume = safe_torch_load(run.checkpoint)
+        resume = run.read_checkpoint()
         run.check_config(config, resume)
         if resume.get("finished"):
             if ctx.is_main:

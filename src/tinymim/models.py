@@ -54,6 +54,11 @@ class ModelConfig:
             if missing:
                 raise ValueError(f"model {CUSTOM} needs {', '.join(missing)}")
         self.block_heads = {int(k): int(v) for k, v in self.block_heads.items()}
+        if self.name != CUSTOM:
+            if not self.name.startswith(("vit_", "hf-hub:", "hf_hub:", "local-dir:")):
+                raise ValueError(f"name {self.name!r} is not a ViT; use a timm vit_* name or {CUSTOM}")
+            if self.name.startswith("vit_") and not timm.is_model(self.name.split(".")[0]):
+                raise ValueError(f"unknown timm model {self.name!r}; see timm.list_models('vit_*')")
         for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -104,16 +109,18 @@ def create_vit(cfg: ModelConfig, num_classes: int = 0, **extra) -> VisionTransfo
     if cfg.name == CUSTOM:
         model = VisionTransformer(**kwargs)
     else:
+        from tinymim.config import ConfigError
+
         if not cfg.name.startswith(("vit_", "hf-hub:", "hf_hub:", "local-dir:")):
-            raise ValueError(f"model {cfg.name!r} is not a ViT; use a timm vit_* name or {CUSTOM}")
+            raise ConfigError(f"model {cfg.name!r} is not a ViT; use a timm vit_* name or {CUSTOM}")
         try:
             model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
         except RuntimeError as e:
             if "Unknown model" in str(e):
-                raise ValueError(f"unknown timm model {cfg.name!r}: see timm.list_models('vit_*')") from e
+                raise ConfigError(f"unknown timm model {cfg.name!r}: see timm.list_models('vit_*')") from e
             raise
         except OSError as e:  # offline hub download
-            raise RuntimeError(
+            raise ConfigError(
                 f"could not fetch pretrained weights for {cfg.name!r} ({e}); this needs the network "
                 "or a local checkpoint (teacher.checkpoint=PATH)") from e
     if not isinstance(model, VisionTransformer):

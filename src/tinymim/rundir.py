@@ -289,6 +289,25 @@ class RunDir:
                         tmp.unlink()
                         log.info("removed %s, left by an interrupted write", tmp)
 
+    # -- the checkpoint ---------------------------------------------------------------------
+
+    CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "global_step", "world", "rng", "finished")
+
+    def read_checkpoint(self) -> dict:
+        """last.pt, checked: written atomically, it can only be damaged from outside (a copy cut
+        short, a disk error), and then the user decides."""
+        from tinymim.checkpoint import CheckpointError, safe_torch_load
+
+        fix = (f"move it away to start this run over (its weights are lost), or restore it from a copy")
+        try:
+            state = safe_torch_load(self.checkpoint)
+        except CheckpointError as e:
+            raise RunDirError(f"{e}; {fix}") from None
+        missing = [k for k in self.CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise RunDirError(f"{self.checkpoint} is not a tinymim checkpoint (no {', '.join(missing[:4])}); {fix}")
+        return state
+
     # -- config -----------------------------------------------------------------------------
 
     def stored_config(self, checkpoint: dict | None = None) -> dict | None:
@@ -368,7 +387,9 @@ def locked(run: RunDir, is_main: bool = True, distributed: bool = False):
     if error is not None:
         raise error
     if message[0] is not None:
-        raise RunDirError(message[0])
+        error = RunDirError(message[0])
+        error.quiet = True  # the main process says it; one line per job, not one per process
+        raise error
     with stack:
         yield run
 
