@@ -1,9 +1,9 @@
 """Run the tinymim CLI with one injected fault while it writes checkpoints/last.pt.
 
-    python faulty_run.py FAULT N -- tinymim arguments...
+    python faulty_run.py FAULT N [FILE] -- tinymim arguments...
 
-FAULT: enospc  the N-th write of last.pt fails with ENOSPC after 64 KiB (a full disk)
-       kill    the process SIGKILLs itself after writing 64 KiB of the N-th last.pt (a kill mid-write)
+FAULT: enospc  the N-th write of FILE (default last.pt) fails with ENOSPC after 64 KiB (a full disk)
+       kill    the process SIGKILLs itself after writing 64 KiB of the N-th FILE (a kill mid-write)
 Everything else is the real program; only the file object the writer gets is wrapped.
 """
 import errno
@@ -42,12 +42,13 @@ class FailingFile:
 
 def main() -> int:
     fault, n = sys.argv[1], int(sys.argv[2])
+    target = sys.argv[3] if sys.argv[3] != "--" else "last.pt"
     args = sys.argv[sys.argv.index("--") + 1:]
     real_open, writes = rundir._open_tmp, [0]
 
     def open_tmp(path):
         tmp, f = real_open(path)
-        if path.name == "last.pt":
+        if path.name == target:
             writes[0] += 1
             if writes[0] == n:
                 return tmp, FailingFile(f, fault)

@@ -212,6 +212,17 @@ def test_disk_full_message_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_disk_full_while_writing_the_final_weights_then_resume(straight, tmp_path):
+    out = tmp_path / "run"
+    r = run(out, fault=("enospc", 1, "student.safetensors"))
+    assert r.returncode == 1 and "while writing student.safetensors" in last_line(r.stderr), r.stderr[-3000:]
+    assert checkpoint_step(out) == (20, False)  # the last checkpoint before the end; no weights file
+    assert not (out / "student.safetensors").exists() and not list(out.rglob("*.tmp"))
+    r = run(out)
+    assert r.returncode == 0 and f"resuming {out} from step 20" in r.stderr, r.stderr[-3000:]
+    assert_same_run(straight, out)
+
+
 def test_deleted_final_weights_are_exported_again(straight, tmp_path):
     run_dir = copy_run(straight, tmp_path / "run")
     (run_dir / "student.safetensors").unlink()
