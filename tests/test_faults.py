@@ -223,9 +223,14 @@ def test_disk_full_while_writing_the_final_weights_then_resume(straight, tmp_pat
     assert_same_run(straight, out)
 
 
-def test_deleted_final_weights_are_exported_again(straight, tmp_path):
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_lost_or_damaged_final_weights_are_exported_again(straight, tmp_path, damage):
     run_dir = copy_run(straight, tmp_path / "run")
-    (run_dir / "student.safetensors").unlink()
+    weights = run_dir / "student.safetensors"
+    if damage == "deleted":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     r = run(run_dir)
     assert r.returncode == 0 and "already holds a finished run" in r.stdout, r.stderr[-3000:]
     assert "exported again" in r.stderr
@@ -234,6 +239,16 @@ def test_deleted_final_weights_are_exported_again(straight, tmp_path):
 
     metadata = [safe_open(str(d / "student.safetensors"), "pt").metadata() for d in (straight, run_dir)]
     assert metadata[0] == metadata[1] and "student" in metadata[0]  # (the header's key order may differ)
+
+
+def test_a_finished_run_whose_checkpoint_was_removed_stays_finished(straight, tmp_path):
+    run_dir = copy_run(straight, tmp_path / "run")
+    shutil.rmtree(run_dir / "checkpoints")  # removed to save space: the weights are what matters
+    r = run(run_dir)
+    assert r.returncode == 0 and "already holds a finished run" in r.stdout, r.stderr[-3000:]
+    assert_same_weights(straight, run_dir)
+    r = run(run_dir, args=[*DISTILL, "train.blr=1e-2"])  # config.yaml still guards it
+    assert r.returncode == 1 and "different config (train.blr: 0.002 -> 0.01)" in r.stderr
 
 
 def test_partial_metrics_line_and_truncated_config_resume(straight, interrupted, tmp_path):

@@ -58,16 +58,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import json
-
     from tinymim import robustness
 
     result = robustness.evaluate_path(args.source, args.data, args.protocol, args.weights, args.batch_size,
                                       args.workers)
     print(robustness.format_report(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        from tinymim.rundir import write_json
+
+        write_json(args.json, result)
     return 0
 
 

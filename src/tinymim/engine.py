@@ -344,10 +344,15 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
                 _repair_finished(task, run, config, resume)
                 log.info("run in %s already finished (step %d); nothing to do", run.path, resume["global_step"])
             return None
-    elif run.weights() is not None:
-        raise RunDirError(f"{run.path} holds final weights ({run.weights().name}) but no checkpoints/last.pt, so "
-                          "it can be neither resumed nor checked; choose a new --output, or move the weights away "
-                          "to train again here")
+    elif run.weights() is not None:  # finished, and its checkpoint removed to save space
+        if run.stored_config() is None:
+            raise RunDirError(f"{run.path} holds final weights ({run.weights().name}) but neither checkpoints/last.pt "
+                              "nor a readable config.yaml, so it cannot be checked; choose a new --output, or move "
+                              "the weights away to train again here")
+        run.check_config(config)
+        if ctx.is_main:
+            log.info("run in %s already finished (its checkpoint was removed); nothing to do", run.path)
+        return None
 
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -569,11 +574,23 @@ def _repair_finished(task, run: RunDir, config: dict, resume: dict) -> None:
         log.warning("%s was missing or unreadable: rewritten from the checkpoint", run.config)
     if getattr(task, "classes", None) is not None and not run.classes_file.is_file():
         run.write_classes(task.classes)
-    if run.weights() is None:
+    if run.weights() is None or not readable_weights(run.weights()):
         task.load_trainable_state(resume["model"])
         task.export(run.path)
-        log.warning("the final weights of %s were missing: exported again from %s (step %d)", run.path,
+        log.warning("the final weights of %s were missing or damaged: exported again from %s (step %d)", run.path,
                     run.checkpoint, resume["global_step"])
+
+
+def readable_weights(path: Path) -> bool:
+    """Whether a safetensors file opens (its header and size agree): a damaged one is re-exported."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+        return True
+    except Exception:  # noqa: BLE001 - any failure to open means "not usable"
+        return False
 
 
 def _describe(data: dict) -> str:

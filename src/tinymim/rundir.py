@@ -257,12 +257,16 @@ class RunDir:
             holder = ""
             with contextlib.suppress(OSError):
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise write_error(e, self.lock_file) from e
-            raise RunLockedError(
-                f"{self.path} is in use by another tinymim process ({holder or 'unknown holder'}); wait for it "
-                "to end, or choose another --output") from None
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without locks
+                log.warning("%s does not support file locks: nothing stops a second process from using this "
+                            "run directory at the same time", self.path)
+            else:
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise write_error(e, self.lock_file) from e
+                raise RunLockedError(
+                    f"{self.path} is in use by another tinymim process ({holder or 'unknown holder'}); wait for "
+                    "it to end, or choose another --output") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                   .encode(), 0)
