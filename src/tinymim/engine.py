@@ -370,6 +370,11 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
             f"data now gives {_describe(data_id)}): a different data source is a different run; restore the "
             "data, or choose a new --output")
 
+    updates_per_epoch = sampler.steps_per_epoch // cfg.accum_steps
+    if updates_per_epoch < 1:
+        raise ConfigError(f"one epoch holds fewer than {cfg.accum_steps} batches of {micro_global}; "
+                          "lower train.batch_size or accum_steps")
+
     # from here on the directory is written: the config, metrics from the resumed step, the classes
     checked()
     if ctx.is_main:
@@ -377,10 +382,6 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
         run.truncate_metrics(resume["global_step"] if resume is not None else 0)
         if getattr(task, "classes", None) is not None:
             run.write_classes(task.classes)
-    updates_per_epoch = sampler.steps_per_epoch // cfg.accum_steps
-    if updates_per_epoch < 1:
-        raise ConfigError(f"one epoch holds fewer than {cfg.accum_steps} batches of {micro_global}; "
-                          "lower train.batch_size or accum_steps")
     total_updates = updates_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_updates = min(total_updates, cfg.max_steps)
