@@ -140,3 +140,22 @@ def test_a_second_pipeline_on_the_same_output_refuses(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_command_line_overrides_win_over_the_pipeline_file(tmp_path):
+    """The demo pipeline sets its own epochs per stage; `train.epochs=1` on the command line changes
+    every stage, `finetune:` only the fine-tuning ones, and the report says what was applied."""
+    from tinymim.pipeline import load, plan
+
+    planned = {s.name: c for s, _, c in plan(load("pipelines/demo"), tmp_path)}
+    assert {c["train"]["epochs"] for c in planned.values()} != {1}
+    cfg = load("pipelines/demo", ['command_line=["train.epochs=1", "finetune:train.batch_size=64"]'])
+    planned = {s.name: (s.task, c) for s, _, c in plan(cfg, tmp_path)}
+    assert all(c["train"]["epochs"] == 1 for _, c in planned.values())
+    assert all(c["train"]["batch_size"] == 64 for t, c in planned.values() if t == "finetune")
+    assert any(c["train"]["batch_size"] != 64 for t, c in planned.values() if t != "finetune")
+    from tinymim.report import write_report
+
+    (tmp_path / "out").mkdir()
+    report = write_report(cfg, tmp_path / "out").read_text()
+    assert "`train.epochs=1 finetune:train.batch_size=64`" in report

@@ -81,17 +81,12 @@ def cmd_knn(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
+    import json
+
     from tinymim import pipeline
 
-    cfg = pipeline.load(args.config)
-    for item in args.overrides:  # "key=value" for every stage, "task:key=value" for one task's stages
-        task, _, override = item.rpartition(":") if ":" in item.split("=", 1)[0] else ("", "", item)
-        if task:
-            if task not in pipeline.TASK_MODULES:
-                raise TinymimError(f"override {item!r}: unknown task {task!r} ({', '.join(pipeline.TASK_MODULES)})")
-            cfg.task_overrides[task] = [*cfg.task_overrides.get(task, []), override]
-        else:
-            cfg.overrides.append(override)
+    # "key=value" for every stage, "task:key=value" for one task's stages: applied last, so they win
+    cfg = pipeline.load(args.config, [f"command_line={json.dumps(list(args.overrides))}"])
     summaries = pipeline.run_pipeline(cfg, args.output)
     reused = sum(s["reused"] for s in summaries)
     print(f"done: {len(summaries)} stages ({reused} reused); report: {args.output}/report.md")

@@ -68,8 +68,15 @@ class PipelineConfig:
     task_overrides: dict = field(default_factory=dict)
     stages: list[StageConfig] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # paragraphs shown at the top of the report
+    # overrides given on the command line: applied last, so they win over every stage's own settings;
+    # "key=value" for every stage, "task:key=value" for that task's stages
+    command_line: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        for item in self.command_line:
+            task = command_line_task(item)
+            if task and task not in TASK_MODULES:
+                raise ValueError(f"override {item!r}: unknown task {task!r} ({', '.join(TASK_MODULES)})")
         seen: dict[str, str] = {}
         for s in self.stages:
             if not s.name or "/" in s.name or s.name.startswith("."):
@@ -91,6 +98,22 @@ class PipelineConfig:
             raise ValueError(f"task_overrides for unknown task(s) {sorted(unknown)}; tasks: {list(TASK_MODULES)}")
         if not self.stages:
             raise ValueError("the pipeline declares no stages")
+
+
+def command_line_task(item: str) -> str:
+    """The task prefix of a command-line override ("finetune:train.epochs=5" -> "finetune"), or ""."""
+    key = item.split("=", 1)[0]
+    return key.rpartition(":")[0] if ":" in key else ""
+
+
+def command_line_overrides(cfg: "PipelineConfig", task: str) -> list[str]:
+    """The command-line overrides that reach a stage of `task`, without their prefixes."""
+    out = []
+    for item in cfg.command_line:
+        prefix = command_line_task(item)
+        if prefix in ("", task):
+            out.append(item[len(prefix) + 1:] if prefix else item)
+    return out
 
 
 def _architecture(config: dict, task: str, prefix: str, own: list[str], keys=ARCHITECTURE_KEYS) -> list[str]:
@@ -131,7 +154,8 @@ def _supersede(out: Path, stage_dir: Path, why: str) -> None:
 def stage_overrides(cfg: PipelineConfig, stage: StageConfig, out: Path, configs: dict[str, dict]) -> list[str]:
     """The overrides a stage runs with: pipeline-wide, per task, wiring to earlier stages, its own.
     `configs`: the configs of the earlier stages, by name."""
-    own = list(stage.overrides)
+    cli = command_line_overrides(cfg, stage.task)
+    own = [*stage.overrides, *cli]
     tasks = {s.name: s.task for s in cfg.stages}
     wiring = []
     if stage.teacher is not None:
@@ -142,7 +166,7 @@ def stage_overrides(cfg: PipelineConfig, stage: StageConfig, out: Path, configs:
         # not the image size: fine-tuning may change the resolution (position embeddings are resampled)
         wiring += _architecture(configs[stage.init], tasks[stage.init], "model", own,
                                 [k for k in ARCHITECTURE_KEYS if k != "img_size"])
-    return [*cfg.overrides, *cfg.task_overrides.get(stage.task, []), *wiring, *own]
+    return [*cfg.overrides, *cfg.task_overrides.get(stage.task, []), *wiring, *own]  # the last word wins
 
 
 def plan(cfg: PipelineConfig, out: str | Path) -> list[tuple[StageConfig, list[str], dict]]:

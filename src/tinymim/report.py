@@ -131,12 +131,15 @@ def write_report(cfg, out: str | Path) -> Path:
     text = [
         "# tinymim pipeline report", "", *notes, *([""] if notes else []),
         f"Written {time.strftime('%Y-%m-%d %H:%M')}; each stage's run directory is `{out.name}/<stage>`.",
+        *([f"Command-line overrides, applied last to every stage they name: `{' '.join(cfg.command_line)}`."]
+          if getattr(cfg, "command_line", None) else []),
         "Top-1 is the last evaluation of the run (best in brackets). Paper numbers are the TinyMIM paper's",
         "ImageNet-1K results for the setting a stage mirrors: comparable only at that scale.", "",
         "| stage | task | from | result | paper | minutes |", "|---|---|---|---|---|---|", *rows, "", *pictures, "",
     ]
-    write_text(out / "report.json", json.dumps({"notes": list(getattr(cfg, "notes", [])), "stages": records},
-                                                indent=1))
+    write_text(out / "report.json", json.dumps({"notes": list(getattr(cfg, "notes", [])),
+                                                "command_line": list(getattr(cfg, "command_line", [])),
+                                                "stages": records}, indent=1))
     path = out / "report.md"
     write_text(path, "\n".join(text))
     return path
