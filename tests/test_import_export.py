@@ -178,3 +178,22 @@ def test_distilled_student_as_teacher_takes_the_declared_relation_heads(distille
         task = build_distill_task(cfg)
         assert task.teacher.vit.blocks[1].attn.num_heads == expected
         assert task.student.blocks[-1].attn.num_heads == expected and task.student.blocks[0].attn.num_heads == 2
+
+
+def test_a_run_directory_as_teacher_supplies_its_architecture(distilled_run):
+    """`teacher.checkpoint=RUN_DIR` with no teacher.model keys: the teacher is built as the run's
+    student was (48 wide, 2 blocks, 3 heads, patch 4, 32px); keys given on the command line win."""
+    from tinymim.tasks.distill import load
+
+    small = ["student.name=vit_custom", "student.img_size=32", "student.patch_size=4", "student.embed_dim=48",
+             "student.depth=2", "student.num_heads=2", "data.name=synthetic", "data.img_size=32",
+             f"teacher.checkpoint={distilled_run}", "teacher.target_block=2"]
+    cfg = load(None, small)
+    assert (cfg.teacher.model.name, cfg.teacher.model.embed_dim, cfg.teacher.model.depth,
+            cfg.teacher.model.num_heads, cfg.teacher.model.patch_size) == ("vit_custom", 48, 2, 3, 4)
+    task = build_distill_task(cfg)
+    assert task.teacher.vit.embed_dim == 48 and len(task.teacher.vit.blocks) == 2
+    assert load(None, [*small, "teacher.model.num_heads=6"]).teacher.model.num_heads == 6
+    # a model named on the command line is taken as given, whole
+    named = load(None, [*small, "teacher.model.name=vit_tiny_patch16_224", "teacher.target_block=2"])
+    assert named.teacher.model.embed_dim is None

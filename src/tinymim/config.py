@@ -131,11 +131,11 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -200,7 +200,7 @@ def read_recipe(recipe: str | Path, _seen: tuple = ()) -> dict:
     relative = path.parent / str(base)
     base_path = relative if relative.is_file() else (relative.with_suffix(".yaml") if
                                                         relative.with_suffix(".yaml").is_file() else base)
-    return _merge(read_recipe(base_path, (*_seen, path.resolve())), loaded)
+    return merge(read_recipe(base_path, (*_seen, path.resolve())), loaded)
 
 
 def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -208,7 +208,7 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Seque
     tree = read_recipe(recipe) if recipe is not None else {}
     # start from the full defaults so nested sections keep their parent's defaults
     # (e.g. the distill student's drop path) when a recipe sets only some of their keys
-    tree = _merge(_merge(to_dict(cls()), tree), parse_overrides(overrides))
+    tree = merge(merge(to_dict(cls()), tree), parse_overrides(overrides))
     return from_dict(cls, tree)
 
 

@@ -25,16 +25,16 @@ from tinymim.models import ModelConfig, size_args, timm_architecture
 
 log = logging.getLogger("tinymim")
 
-# run-directory config section that describes the model each task produced
-_RUN_MODEL_SECTIONS = (("student", "distill"), ("model", "mae"))
-
-
 def _run_info(path: Path) -> tuple[ModelConfig, dict, str]:
-    cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    for section, task in _RUN_MODEL_SECTIONS:
+    """(the model the run produced, its config, its kind) of a tinymim run directory."""
+    from tinymim.rundir import RunDir
+
+    cfg = RunDir(path).stored_config() or {}
+    for section in RunDir.MODEL_SECTIONS:
         if isinstance(cfg.get(section), dict):
             known = {k: v for k, v in cfg[section].items() if k in ModelConfig.__dataclass_fields__}
-            return ModelConfig(**known), cfg, task
+            kind = "distill" if section == "student" else "mae" if "decoder" in cfg else "finetune"
+            return ModelConfig(**known), cfg, kind
     raise CheckpointError(f"{path}/config.yaml describes no model (no 'student' or 'model' section)")
 
 

@@ -38,15 +38,13 @@ from typing import Literal
 
 from tinymim.cli import TASKS
 from tinymim.config import diff_configs, load_config
-from tinymim.rundir import RESUMABLE_CHANGES, RunDir, locked, write_json
+from tinymim.rundir import (RESUMABLE_CHANGES, RunDir, architecture_overrides, locked, produced_architecture,
+                            write_json)
 
 log = logging.getLogger("tinymim")
 
 TASK_MODULES = {name: module for name, (module, _, _) in TASKS.items()}
 WEIGHTS = {name: weights for name, (_, weights, _) in TASKS.items()}  # the file a finished run leaves
-# the config section that holds a task's model
-MODEL_SECTION = {"mae": "model", "distill": "student", "finetune": "model", "linprobe": "model"}
-ARCHITECTURE_KEYS = ("name", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
 
 
 @dataclass
@@ -116,20 +114,11 @@ def command_line_overrides(cfg: "PipelineConfig", task: str) -> list[str]:
     return out
 
 
-def _architecture(config: dict, task: str, prefix: str, own: list[str], keys=ARCHITECTURE_KEYS) -> list[str]:
+def _architecture(config: dict, prefix: str, own: list[str], skip=()) -> list[str]:
     """Overrides that give `prefix` (e.g. teacher.model) the architecture of an earlier stage's model,
     but for the keys the stage's own overrides set (all of them when those name the model)."""
-    if _explicit(own, f"{prefix}.name"):
-        return []
-    model = dict(config[MODEL_SECTION[task]])
-    if model.get("img_size") is None:  # filled from the data at build time
-        model["img_size"] = config["data"]["img_size"]
-    return [f"{prefix}.{k}={json.dumps(model[k])}" for k in keys
-            if model.get(k) is not None and not _explicit(own, f"{prefix}.{k}")]
-
-
-def _explicit(overrides: list[str], key: str) -> bool:
-    return any(o.split("=", 1)[0].strip() == key for o in overrides)
+    arch = {k: v for k, v in produced_architecture(config).items() if k not in skip}
+    return architecture_overrides(arch, prefix, own)
 
 
 def _record(stage_dir: Path) -> dict | None:
@@ -156,16 +145,14 @@ def stage_overrides(cfg: PipelineConfig, stage: StageConfig, out: Path, configs:
     `configs`: the configs of the earlier stages, by name."""
     cli = command_line_overrides(cfg, stage.task)
     own = [*stage.overrides, *cli]
-    tasks = {s.name: s.task for s in cfg.stages}
     wiring = []
     if stage.teacher is not None:
         wiring.append(f"teacher.checkpoint={out / stage.teacher}")
-        wiring += _architecture(configs[stage.teacher], tasks[stage.teacher], "teacher.model", own)
+        wiring += _architecture(configs[stage.teacher], "teacher.model", own)
     if stage.init is not None:
         wiring.append(f"init={out / stage.init}")
         # not the image size: fine-tuning may change the resolution (position embeddings are resampled)
-        wiring += _architecture(configs[stage.init], tasks[stage.init], "model", own,
-                                [k for k in ARCHITECTURE_KEYS if k != "img_size"])
+        wiring += _architecture(configs[stage.init], "model", own, skip=("img_size",))
     return [*cfg.overrides, *cfg.task_overrides.get(stage.task, []), *wiring, *own]  # the last word wins
 
 

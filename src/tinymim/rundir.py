@@ -353,6 +353,18 @@ class RunDir:
         keep = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in keep))
 
+    # -- what the run produced ---------------------------------------------------------------
+
+    # the config section holding the model a run produced: distill runs produce their student, the
+    # others (mae, finetune, linprobe) their `model`
+    MODEL_SECTIONS = ("student", "model")
+    ARCHITECTURE_KEYS = ("name", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
+
+    def architecture(self, config: dict | None = None) -> dict | None:
+        """The architecture (ARCHITECTURE_KEYS) of the model the run produced, from its config (or the
+        given config of such a run); None when there is no usable config."""
+        return produced_architecture(config if config is not None else self.stored_config())
+
     # -- weights and classes ----------------------------------------------------------------
 
     def weights(self) -> Path | None:
@@ -368,6 +380,33 @@ class RunDir:
 
     def read_record(self, name: str = "pipeline.json") -> dict | None:
         return read_json(self.path / name, "a pipeline stage record")
+
+
+def produced_architecture(config: dict | None) -> dict | None:
+    """The architecture of the model a run with this config produced (image size filled from the data)."""
+    if not isinstance(config, dict):
+        return None
+    for section in RunDir.MODEL_SECTIONS:
+        model = config.get(section)
+        if isinstance(model, dict):
+            arch = {k: model.get(k) for k in RunDir.ARCHITECTURE_KEYS}
+            if arch["img_size"] is None:
+                arch["img_size"] = (config.get("data") or {}).get("img_size")
+            return {k: v for k, v in arch.items() if v is not None}
+    return None
+
+
+def architecture_overrides(arch: dict, prefix: str, given: list[str] | dict) -> list[str]:
+    """Overrides giving `prefix` (e.g. teacher.model) an architecture, except for the keys already
+    `given` (override strings or a mapping); none at all when the model's name is given."""
+    def is_given(key: str) -> bool:
+        if isinstance(given, dict):
+            return key in given
+        return any(o.split("=", 1)[0].strip() == f"{prefix}.{key}" for o in given)
+
+    if is_given("name"):
+        return []
+    return [f"{prefix}.{k}={json.dumps(v)}" for k, v in arch.items() if not is_given(k)]
 
 
 @contextlib.contextmanager

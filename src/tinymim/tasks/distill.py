@@ -379,8 +379,28 @@ def run(cfg: DistillConfig, output: str):
 
 
 def load(recipe, overrides) -> DistillConfig:
-    from tinymim.config import load_config
+    """The recipe with its overrides; a teacher that is a tinymim run directory (or a shipped teacher)
+    supplies its own architecture for every teacher.model key the recipe and overrides leave unset."""
+    from tinymim.config import load_config, merge, parse_overrides, read_recipe
 
-    return load_config(DistillConfig, recipe, overrides)
+    given = merge(read_recipe(recipe) if recipe is not None else {}, parse_overrides(overrides))
+    teacher = given.get("teacher") if isinstance(given.get("teacher"), dict) else {}
+    return load_config(DistillConfig, recipe, [*teacher_architecture(teacher), *overrides])
+
+
+def teacher_architecture(teacher: dict) -> list[str]:
+    """teacher.model overrides read from the run directory teacher.checkpoint names, if it names one."""
+    from tinymim.checkpoint import BUILTIN_PREFIX, builtin_teacher
+    from tinymim.rundir import RunDir, architecture_overrides
+
+    spec = teacher.get("checkpoint")
+    if not spec:
+        return []
+    path = builtin_teacher(str(spec)) if str(spec).startswith(BUILTIN_PREFIX) else Path(str(spec))
+    if not path.is_dir():
+        return []
+    arch = RunDir(path).architecture()
+    model = teacher.get("model") if isinstance(teacher.get("model"), dict) else {}
+    return architecture_overrides(arch, "teacher.model", model) if arch else []
 
 
