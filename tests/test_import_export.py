@@ -197,3 +197,60 @@ def test_a_run_directory_as_teacher_supplies_its_architecture(distilled_run):
     # a model named on the command line is taken as given, whole
     named = load(None, [*small, "teacher.model.name=vit_tiny_patch16_224", "teacher.target_block=2"])
     assert named.teacher.model.embed_dim is None
+
+
+def _export_and_load(source, out, *extra):
+    from tinymim.cli import main
+
+    assert main(["export", str(source), "--format", "timm", "--output", str(out), *extra]) == 0
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    return model, timm.data.resolve_data_config({}, model=model)
+
+
+def test_exported_student_carries_the_runs_preprocessing_and_a_true_card(distilled_run, tmp_path):
+    import yaml
+
+    run_cfg = yaml.safe_load((distilled_run / "config.yaml").read_text())
+    model, data = _export_and_load(distilled_run, tmp_path / "student")
+    assert data["mean"] == pytest.approx(tuple(run_cfg["data"]["mean"]))
+    assert data["std"] == pytest.approx(tuple(run_cfg["data"]["std"]))
+    assert data["input_size"] == (3, 32, 32) and data["crop_pct"] == 1.0 and data["interpolation"] == "bicubic"
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert "tag" not in config["pretrained_cfg"] and "in21k" not in json.dumps(config)
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "relations qk, vv (KL, softmax, weight 1.0)" in card and "license: apache-2.0" in card
+    assert "CC-BY-NC" not in card and "were not trained" in card
+    # the relation block's input tokens, as the k-NN monitor reads them
+    from tinymim.models import TokenFeatures
+    from tinymim.visualize import load_run
+
+    feats, _ = _export_and_load(distilled_run, tmp_path / "relation_input", "--features", "relation-input")
+    task, _ = load_run(distilled_run)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(feats(x), TokenFeatures(task.student, len(task.student.blocks))(x), atol=1e-5)
+    assert "entering the last (relation) block" in (tmp_path / "relation_input" / "README.md").read_text()
+
+
+def test_exported_classifier_gives_the_same_logits(tmp_path):
+    from tinymim.config import load_config
+    from tinymim.robustness import load_classifier
+    from tinymim.tasks.finetune import FinetuneConfig, run
+
+    cfg = load_config(FinetuneConfig, None, [
+        "model.name=vit_custom", "model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+        "data.name=synthetic", "data.img_size=32", "data.synthetic_size=64", "data.num_workers=0",
+        "data.mean=[0.4,0.45,0.5]", "data.std=[0.2,0.25,0.3]", "data.eval_crop_pct=0.9", "data.auto_augment=null",
+        "mixup=0", "cutmix=0", "train.batch_size=16", "train.max_steps=3", "train.precision=fp32",
+        "train.progress=false", "train.warmup_epochs=0"])
+    run(cfg, str(tmp_path / "ft"))
+    model, data = _export_and_load(tmp_path / "ft", tmp_path / "export")
+    assert data["mean"] == pytest.approx((0.4, 0.45, 0.5)) and data["std"] == pytest.approx((0.2, 0.25, 0.3))
+    assert data["crop_pct"] == pytest.approx(0.9) and data["input_size"] == (3, 32, 32)
+    assert model.num_classes == 10
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["label_names"] == [f"class_{c}" for c in range(10)]
+    ours, _ = load_classifier(tmp_path / "ft", weights="last")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - ours(x)).abs().max().item() < 1e-5

@@ -49,10 +49,10 @@ def cmd_export(args) -> int:
     from tinymim import export
 
     if args.format == "timm":
-        out = export.export_timm(args.source, args.output, args.model)
+        out = export.export_timm(args.source, args.output, args.model, args.features)
         print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True)")
     else:
-        diff = export.export_onnx(args.source, args.output, args.model)
+        diff = export.export_onnx(args.source, args.output, args.model, features=args.features)
         print(f"wrote {args.output}: matches PyTorch within {diff:.1e} (onnxruntime, CPU)")
     return 0
 
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["timm", "onnx"], default="timm")
     p.add_argument("--output", required=True, help="folder (timm) or .onnx file")
     p.add_argument("--model", help="timm architecture of a bare weights file, e.g. vit_small_patch16_224")
+    p.add_argument("--features", default="final", choices=["final", "relation-input"],
+                   help="pre-trained encoders: the final pooled features (default), or the tokens entering the "
+                        "last (relation) block, which relation distillation trained")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned run: plain, ImageNet-A/R subsets, corruptions")
     p.add_argument("source", help="a tinymim finetune run directory")

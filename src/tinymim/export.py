@@ -1,12 +1,19 @@
 """Take a trained model elsewhere: a timm / Hugging Face hub folder, or ONNX.
 
-`tinymim export RUN_DIR_OR_CHECKPOINT --format timm|onnx --output PATH`
+`tinymim export RUN_DIR_OR_CHECKPOINT --format timm|onnx --output PATH [--features final|relation-input]`
 
-- timm: PATH/config.json (architecture + model_args) + PATH/model.safetensors + PATH/README.md
-  (a model card), written by timm's own `save_for_hf`, so `timm.create_model("local-dir:PATH",
-  pretrained=True)` rebuilds the model and the folder can be pushed to the hub as it is. The
-  relation block's head count goes back to the model's default: qkv weights do not depend on it.
-- onnx: the feature extractor (pooled features) through torch.onnx, checked against onnxruntime.
+- timm: PATH/config.json (architecture, model_args, pretrained_cfg) + PATH/model.safetensors +
+  PATH/README.md (a model card), written by timm's own `save_for_hf`, so `timm.create_model(
+  "local-dir:PATH", pretrained=True)` rebuilds the model and `timm.data.resolve_data_config` gives the
+  run's own preprocessing: its mean/std, input size, crop and interpolation (no tag or source of the
+  base timm model). The relation block's head count goes back to the model's default: qkv weights do
+  not depend on it.
+- A fine-tuning (or linear-probe-free classification) run exports as the classifier it is: head,
+  pooling and fc_norm included, the same logits; class names go into config.json's label_names.
+- A pre-training run exports as a feature extractor (`num_classes=0`). `--features relation-input`
+  drops the last block and the final norm: with relation targets those were never trained (only the
+  last block's Q/K/V were), and the pooled tokens entering that block are what the k-NN monitor reads.
+- onnx: the same model through torch.onnx, checked against onnxruntime.
 """
 from __future__ import annotations
 
@@ -17,13 +24,17 @@ from pathlib import Path
 
 import timm
 import torch
-import yaml
 
-from tinymim.checkpoint import CheckpointError, load_vit_weights, load_weights
+from tinymim.checkpoint import CheckpointError, load_state_dict, load_vit_weights, load_weights
 from tinymim.errors import TinymimError
 from tinymim.models import ModelConfig, size_args, timm_architecture
 
 log = logging.getLogger("tinymim")
+
+FEATURES = ("final", "relation-input")
+# weights released under CC-BY-NC-4.0 (MAE's) that a teacher name or file may point at
+_NON_COMMERCIAL_MARKS = ("mae_pretrain", "mae_finetuned", "mae_visualize", ".mae")
+
 
 def _run_info(path: Path) -> tuple[ModelConfig, dict, str]:
     """(the model the run produced, its config, its kind) of a tinymim run directory."""
@@ -33,86 +44,187 @@ def _run_info(path: Path) -> tuple[ModelConfig, dict, str]:
     for section in RunDir.MODEL_SECTIONS:
         if isinstance(cfg.get(section), dict):
             known = {k: v for k, v in cfg[section].items() if k in ModelConfig.__dataclass_fields__}
-            kind = "distill" if section == "student" else "mae" if "decoder" in cfg else "finetune"
+            kind = ("distill" if section == "student" else "mae" if "decoder" in cfg else
+                    "finetune" if "layer_decay" in cfg else "linprobe")
             return ModelConfig(**known), cfg, kind
     raise CheckpointError(f"{path}/config.yaml describes no model (no 'student' or 'model' section)")
 
 
-def build_exportable(source: str | Path, model_name: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """A timm-created VisionTransformer holding the weights of a run directory or checkpoint file."""
+def data_config(run_cfg: dict, img_size: int, kind: str) -> dict:
+    """The preprocessing the run used, in timm's pretrained_cfg terms."""
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    data = run_cfg.get("data") or {}
+    crop = data.get("eval_crop_pct") if kind == "finetune" else None
+    if crop is None:
+        crop = 1.0 if img_size <= 64 else 0.875  # as tinymim's k-NN evaluation of pre-trained features
+    return {"input_size": (3, img_size, img_size), "mean": tuple(data.get("mean") or IMAGENET_DEFAULT_MEAN),
+            "std": tuple(data.get("std") or IMAGENET_DEFAULT_STD), "crop_pct": float(crop), "crop_mode": "center",
+            "interpolation": "bicubic"}
+
+
+def build_exportable(source: str | Path, model_name: str | None = None,
+                     features: str = "final") -> tuple[torch.nn.Module, dict]:
+    """A timm-created VisionTransformer holding the weights of a run directory or checkpoint file:
+    the classifier of a fine-tuning run, else a feature extractor."""
+    if features not in FEATURES:
+        raise TinymimError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
     source = Path(source)
     if source.is_dir() and (source / "config.yaml").is_file():
-        model_cfg, run_cfg, task = _run_info(source)
+        model_cfg, run_cfg, kind = _run_info(source)
     elif source.exists():
         if not model_name:
             raise TinymimError(f"{source} is a bare checkpoint: say which architecture it holds with --model "
                                "(a timm name such as vit_small_patch16_224)")
-        model_cfg, run_cfg, task = ModelConfig(name=model_name), {}, "checkpoint"
+        model_cfg, run_cfg, kind = ModelConfig(name=model_name), {}, "checkpoint"
     else:
         raise CheckpointError(f"{source} does not exist")
+    classifier = kind == "finetune"
+    if classifier and features != "final":
+        raise TinymimError(f"{source} is a fine-tuned classifier: --features applies to pre-trained encoders")
     # default head counts everywhere (the relation block's only changed how Q/K/V were split)
     model_cfg = replace(model_cfg, block_heads={}, drop_path_rate=0.0, pretrained=False)
     arch, model_args = timm_architecture(model_cfg), size_args(model_cfg)
-    model = timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
-    ignored = load_vit_weights(model, load_weights(source), source=str(source))
+    if model_args.get("img_size") is None and (run_cfg.get("data") or {}).get("img_size"):
+        model_args["img_size"] = run_cfg["data"]["img_size"]
+    state = load_weights(source)
+    if classifier:
+        pool = run_cfg.get("global_pool", "avg")
+        model_args.update(global_pool=pool, fc_norm=pool == "avg")
+        model = timm.create_model(arch, pretrained=False, num_classes=int(run_cfg["num_classes"]), **model_args)
+        model.load_state_dict(state)  # all of it: encoder, fc_norm, head
+        ignored = []
+    else:
+        if features == "relation-input":
+            depth = model_args.get("depth") or len(timm.create_model(arch, pretrained=False).blocks)
+            last = f"blocks.{depth - 1}."
+            state = {k: v for k, v in state.items() if not k.startswith((last, "norm."))}
+            model_args.update(depth=depth - 1, final_norm=False, global_pool="avg", fc_norm=False)
+        model = timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
+        ignored = load_vit_weights(model, state, source=str(source))
     if ignored:
         log.info("export: set aside %d keys that are not part of the encoder (%s)", len(ignored), ", ".join(ignored[:5]))
     model.eval()
-    return model, {"architecture": arch, "model_args": model_args, "run_config": run_cfg, "task": task,
-                   "source": str(source)}
+    size = model.patch_embed.img_size[0]
+    preprocessing = data_config(run_cfg, size, kind)
+    # the run's own pretrained_cfg, not the base timm model's (its tag, source and preprocessing)
+    model.pretrained_cfg = {"architecture": arch, "tag": None, **preprocessing, "num_classes": model.num_classes,
+                            "first_conv": "patch_embed.proj", "classifier": "head", "fixed_input_size": True,
+                            "license": licence(run_cfg)}
+    return model, {"architecture": arch, "model_args": model_args, "run_config": run_cfg, "task": kind,
+                   "source": str(source), "features": features, "classifier": classifier,
+                   "data_config": preprocessing}
+
+
+def licence(run_cfg: dict) -> str:
+    """cc-by-nc-4.0 when the weights descend from MAE's released (non-commercial) weights, else apache-2.0."""
+    teacher = (run_cfg.get("teacher") or {}) if isinstance(run_cfg, dict) else {}
+    lineage = " ".join(str(x) for x in (teacher.get("checkpoint"), (teacher.get("model") or {}).get("name"),
+                                         run_cfg.get("init") if isinstance(run_cfg, dict) else None) if x)
+    return "cc-by-nc-4.0" if any(m in lineage.lower() for m in _NON_COMMERCIAL_MARKS) else "apache-2.0"
+
+
+def _what_features(info: dict) -> str:
+    if info["classifier"]:
+        pool = info["run_config"].get("global_pool", "avg")
+        return (f"class logits ({info['run_config'].get('num_classes')} classes): "
+                f"{'mean of the patch tokens + fc_norm' if pool == 'avg' else 'the class token'} -> head")
+    if info["features"] == "relation-input":
+        return ("the mean of the patch tokens entering the last (relation) block, i.e. the output of the "
+                "block before it, without a final norm: the features relation distillation trained")
+    if info["task"] == "distill":
+        return ("the mean-pooled patch tokens after every block and the final norm (`num_classes=0`). With "
+                "relation targets the last block's MLP and attention projection and the final norm were not "
+                "trained (only its Q/K/V were): fine-tune before use, or export with --features relation-input")
+    return "the pooled features after every block and the final norm (`num_classes=0`)"
 
 
 def model_card(info: dict) -> str:
-    cfg = info["run_config"]
-    teacher = (cfg.get("teacher") or {}) if isinstance(cfg, dict) else {}
-    data = (cfg.get("data") or {}) if isinstance(cfg, dict) else {}
+    cfg = info["run_config"] if isinstance(info["run_config"], dict) else {}
+    teacher = cfg.get("teacher") or {}
+    data = cfg.get("data") or {}
+    train = cfg.get("train") or {}
+    lic = licence(cfg)
+    dc = info["data_config"]
     lines = [
-        "---", "library_name: timm", "license: apache-2.0", "tags: [image-feature-extraction, timm, tinymim]", "---",
-        f"# {info['architecture']} pre-trained with tinymim ({info['task']})", "",
-        "A plain timm VisionTransformer without a classifier head (`num_classes=0`).", "",
+        "---", "library_name: timm", f"license: {lic}",
+        f"tags: [{'image-classification' if info['classifier'] else 'image-feature-extraction'}, timm, tinymim]",
+        "---",
+        f"# {info['architecture']} {'fine-tuned' if info['classifier'] else 'pre-trained'} with tinymim "
+        f"({info['task']})", "",
         "```python", "import timm",
         "model = timm.create_model('local-dir:PATH', pretrained=True)  # or hf-hub:USER/REPO once pushed",
+        "config = timm.data.resolve_data_config({}, model=model)  # the run's own preprocessing",
         "```", "",
         "| | |", "|---|---|",
         f"| architecture | {info['architecture']} {json.dumps(info['model_args'])} |",
         f"| task | {info['task']} |",
+        f"| output | {_what_features(info)} |",
+        f"| preprocessing | {dc['input_size'][1]}px, mean {list(dc['mean'])}, std {list(dc['std'])}, crop "
+        f"{dc['crop_pct']}, {dc['interpolation']} |",
     ]
     if teacher:
         t = teacher.get("model") or {}
-        lines.append(f"| teacher | {t.get('name')} from {teacher.get('checkpoint') or 'random init'}, "
-                     f"block {teacher.get('target_block')} |")
-        lines.append(f"| relations | {', '.join((cfg.get('loss') or {}).get('relations', []))} |")
+        arch = t.get("name") if t.get("name") != "vit_custom" else (
+            f"ViT {t.get('embed_dim')} wide, {t.get('depth')} blocks, patch {t.get('patch_size')}")
+        lines.append(f"| teacher | {arch} from {teacher.get('checkpoint') or 'random init'}; block "
+                     f"{teacher.get('target_block')}, {teacher.get('relation_heads') or 'its own'} relation heads |")
+        losses = cfg.get("loss") or {}
+        rel = losses.get("relation") or {}
+        targets = []
+        if rel.get("weight", 0) > 0:
+            targets.append(f"relations {', '.join(rel.get('relations') or [])} (KL, "
+                           f"{'softmax' if rel.get('softmax', True) else 'no softmax'}, weight {rel.get('weight')})")
+        for name in ("class_token", "feature"):
+            if (losses.get(name) or {}).get("weight", 0) > 0:
+                targets.append(f"{name.replace('_', ' ')} (weight {losses[name]['weight']})")
+        lines.append(f"| targets | {'; '.join(targets) or 'none recorded'} |")
+    if cfg.get("init") is not None or info["classifier"]:
+        lines.append(f"| initialized from | {cfg.get('init') or 'random init'} |")
     if data:
-        lines.append(f"| data | {data.get('name')} {data.get('root') or ''} at {data.get('img_size')}px |")
-    train = cfg.get("train") or {} if isinstance(cfg, dict) else {}
+        subset = f", a sample of {data['subset']} images" if data.get("subset") else ""
+        lines.append(f"| data | {data.get('name')} {data.get('root') or ''} at {data.get('img_size')}px{subset} |")
     if train:
-        lines.append(f"| schedule | {train.get('epochs')} epochs, batch {train.get('batch_size')}, blr {train.get('blr')} |")
-    lines += ["", "## Results", "", "No downstream results recorded with this export.", "", "## Licence", "",
-              "Apache-2.0 for the code that produced it."]
-    ckpt = str(teacher.get("checkpoint") or "") + str((teacher.get("model") or {}).get("name") or "")
-    if "mae" in ckpt.lower():
-        lines.append("The teacher's MAE weights are released under CC-BY-NC-4.0; weights distilled from them may "
-                     "carry that licence's non-commercial terms.")
+        cap = f" (at most {train['max_steps']} steps)" if train.get("max_steps") else ""
+        lines.append(f"| schedule | {train.get('epochs')} epochs{cap}, batch {train.get('batch_size')}, "
+                     f"blr {train.get('blr')}, {train.get('precision')} |")
+    lines += ["", "## Results", "", "No downstream results recorded with this export.", "", "## Licence", ""]
+    if lic == "cc-by-nc-4.0":
+        lines.append("CC-BY-NC-4.0: these weights descend from MAE's released weights, which carry that licence's "
+                     "non-commercial terms. The tinymim code that produced them is Apache-2.0.")
+    else:
+        lines.append("Apache-2.0, as the tinymim code that produced them; check the licence of the training data "
+                     "and of any teacher weights you supplied yourself.")
     return "\n".join(lines) + "\n"
 
 
-def export_timm(source, output, model_name: str | None = None) -> Path:
+def export_timm(source, output, model_name: str | None = None, features: str = "final") -> Path:
     from timm.models import save_for_hf
 
-    model, info = build_exportable(source, model_name)
+    from tinymim.rundir import write_text
+
+    model, info = build_exportable(source, model_name, features)
     out = Path(output)
-    save_for_hf(model, str(out), model_args=info["model_args"], safe_serialization=True)
-    (out / "README.md").write_text(model_card(info))
+    model_config = {}
+    if info["classifier"]:
+        from tinymim.rundir import RunDir
+
+        classes = RunDir(source).read_classes() if Path(source).is_dir() else None
+        if classes:
+            model_config["label_names"] = classes
+    save_for_hf(model, str(out), model_config=model_config, model_args=info["model_args"], safe_serialization=True,
+                data_config=dict(info["data_config"]))
+    write_text(out / "README.md", model_card(info))
     return out
 
 
-def export_onnx(source, output, model_name: str | None = None, atol: float = 1e-4) -> float:
+def export_onnx(source, output, model_name: str | None = None, atol: float = 1e-4, features: str = "final") -> float:
     """Write an ONNX feature extractor and return its max abs difference to PyTorch (checked)."""
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise TinymimError("ONNX export needs onnx and onnxruntime: pip install 'tinymim[onnx]'") from e
-    model, info = build_exportable(source, model_name)
+    model, info = build_exportable(source, model_name, features)
     size = model.patch_embed.img_size
     example = torch.randn(2, 3, *size)
     out = Path(output)
