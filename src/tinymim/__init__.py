@@ -1,4 +1,39 @@
 """tinymim: pre-train small Vision Transformers by distilling the token relations of a masked-image-
-modeling teacher (TinyMIM, CVPR 2023), then fine-tune and evaluate them."""
+modeling teacher (TinyMIM, CVPR 2023), then fine-tune and evaluate them.
+
+The public API (imported lazily: `import tinymim` stays cheap):
+
+- the method: `RelationLoss`, `relation_logits`, `relation_kl`, `split_heads`, `block_qkv` (relations)
+- in your own loop: `RelationDistillation(teacher_vit, student_vit, target_block)`, `FrozenTeacher`,
+  `RelationStudent` (wrappers)
+- models and weights: `ModelConfig`, `create_vit`, `load_vit` (a run directory, a shipped teacher
+  `builtin:NAME`, or a file with its timm architecture), `load_weights`, `load_vit_weights`
+- whole tasks: `load_config(task, recipe, overrides)` and `run(task, config, output)`, as the command line
+  runs them (tasks: distill, mae, finetune, linprobe)
+"""
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "RelationLoss": "tinymim.relations", "relation_logits": "tinymim.relations", "relation_kl": "tinymim.relations",
+    "split_heads": "tinymim.relations", "block_qkv": "tinymim.relations", "RELATION_NAMES": "tinymim.relations",
+    "RelationDistillation": "tinymim.wrappers", "FrozenTeacher": "tinymim.wrappers",
+    "RelationStudent": "tinymim.wrappers",
+    "ModelConfig": "tinymim.models", "create_vit": "tinymim.models",
+    "load_weights": "tinymim.checkpoint", "load_vit_weights": "tinymim.checkpoint",
+    "load_vit": "tinymim.export",
+    "load_config": "tinymim.tasks", "run": "tinymim.tasks",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tinymim' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -15,25 +15,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
-# command -> (task module, the weights file it leaves, help)
-TASKS = {
-    "distill": ("tinymim.tasks.distill", "student.safetensors",
-                "TinyMIM relation-distillation pre-training of a student ViT"),
-    "mae": ("tinymim.tasks.mae", "encoder.safetensors", "MAE pre-training of a ViT (a teacher for distillation)"),
-    "finetune": ("tinymim.tasks.finetune", "model.safetensors",
-                 "fine-tune a pre-trained (or randomly initialized) ViT for classification"),
-    "linprobe": ("tinymim.tasks.linprobe", "model.safetensors",
-                 "linear probe: a frozen backbone, BatchNorm + linear head"),
-}
-
-
 def cmd_train(args) -> int:
     """Load the task's config (recipe + overrides), train it, say what was written."""
-    import importlib
+    from tinymim.tasks import TASKS, load_config, run
 
-    module_name, weights, _ = TASKS[args.command]
-    task = importlib.import_module(module_name)
-    last = task.run(task.load(args.config, args.overrides), args.output)
+    weights = TASKS[args.command].weights
+    last = run(args.command, load_config(args.command, args.config, args.overrides), args.output)
     if not _is_main_process():
         return 0
     if last is not None:
@@ -122,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinymim", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
-    for name, (_, _, help_) in TASKS.items():
-        p = sub.add_parser(name, help=help_)
+    from tinymim.tasks import TASKS
+
+    for name, spec in TASKS.items():
+        p = sub.add_parser(name, help=spec.help)
         _add_run_args(p)
         p.set_defaults(func=cmd_train)
     p = sub.add_parser("pipeline", help="run declared stages (MAE -> TinyMIM chain -> fine-tune ...), reusing "

@@ -116,6 +116,17 @@ def build_exportable(source: str | Path, model_name: str | None = None,
                    "data_config": preprocessing}
 
 
+def load_vit(spec: str | Path, model_name: str | None = None, features: str = "final") -> torch.nn.Module:
+    """A timm VisionTransformer with trained weights, in eval mode: a tinymim run directory (its
+    architecture from its config), a shipped teacher (`builtin:NAME`), or a weights file with its timm
+    architecture (`model_name`). A fine-tuning run gives its classifier, anything else its encoder."""
+    from tinymim.checkpoint import BUILTIN_PREFIX, builtin_teacher
+
+    if str(spec).startswith(BUILTIN_PREFIX):
+        spec = builtin_teacher(str(spec))
+    return build_exportable(spec, model_name, features)[0]
+
+
 def licence(run_cfg: dict) -> str:
     """cc-by-nc-4.0 when the weights descend from MAE's released (non-commercial) weights, else apache-2.0."""
     teacher = (run_cfg.get("teacher") or {}) if isinstance(run_cfg, dict) else {}

@@ -36,15 +36,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tinymim.cli import TASKS
+from tinymim.tasks import TASKS
 from tinymim.config import diff_configs, load_config
 from tinymim.rundir import (RESUMABLE_CHANGES, RunDir, architecture_overrides, locked, produced_architecture,
                             write_json)
 
 log = logging.getLogger("tinymim")
 
-TASK_MODULES = {name: module for name, (module, _, _) in TASKS.items()}
-WEIGHTS = {name: weights for name, (_, weights, _) in TASKS.items()}  # the file a finished run leaves
+TASK_MODULES = {name: spec.module for name, spec in TASKS.items()}
+WEIGHTS = {name: spec.weights for name, spec in TASKS.items()}  # the file a finished run leaves
 
 
 @dataclass

@@ -1,0 +1,75 @@
+"""The public API: what `import tinymim` offers, and the README's own-training-loop snippet, run as is."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import tinymim
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_snippet() -> str:
+    section = README.read_text().split("## In your own training loop", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_every_public_name_resolves():
+    for name in tinymim.__all__:
+        assert getattr(tinymim, name) is not None, name
+    with pytest.raises(AttributeError):
+        tinymim.no_such_thing  # noqa: B018
+
+
+def test_readme_snippet_distills_and_the_loss_goes_down(tmp_path, monkeypatch, capsys):
+    code = readme_snippet()
+    assert len(code.strip().splitlines()) <= 22
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    history = scope["history"]
+    assert len(history) == 30 and history[-1] < 0.6 * history[0]
+    assert "relation loss" in capsys.readouterr().out
+    # the saved student is a plain timm ViT; the teacher stayed frozen and unchanged
+    student = torch.load(tmp_path / "student.pt", weights_only=True)
+    assert "blocks.3.attn.qkv.weight" in student
+    distill = scope["distill"]
+    assert not any(p.requires_grad for p in distill.teacher.parameters())
+    assert distill.student.vit.blocks[-1].attn.num_heads == 4 and distill.student.vit.blocks[0].attn.num_heads == 2
+
+
+def test_wrappers_match_the_distill_task(tmp_path):
+    """RelationDistillation computes the same loss as the distill task's student for the same weights."""
+    from tinymim.tasks.distill import build_distill_task
+
+    from conftest import tiny_distill_config
+
+    cfg = tiny_distill_config()
+    cfg.student.drop_path_rate = 0.0
+    task = build_distill_task(cfg).eval()
+    distill = tinymim.RelationDistillation(task.teacher.vit, task.student, target_block=cfg.teacher.target_block
+                                           or len(task.teacher.vit.blocks)).eval()
+    from tinymim.data import normalize
+
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)  # the task normalizes on the device
+    x = normalize(images.float() / 255, cfg.data.mean, cfg.data.std)
+    with torch.no_grad():
+        ours = distill(x)
+        theirs = task({"image": images, "jitter": torch.ones(4, 3),  # factors 1: no color jitter
+                       "jitter_order": torch.arange(3).repeat(4, 1)})
+    assert ours["loss"].item() == pytest.approx(theirs["loss_relation"].item(), rel=1e-5)
+
+
+def test_tasks_run_from_python(tmp_path):
+    cfg = tinymim.load_config("distill", None, [
+        "student.name=vit_custom", "student.img_size=32", "student.patch_size=8", "student.embed_dim=32",
+        "student.depth=2", "student.num_heads=2", "teacher.model.name=vit_custom", "teacher.model.img_size=32",
+        "teacher.model.patch_size=8", "teacher.model.embed_dim=32", "teacher.model.depth=2",
+        "teacher.model.num_heads=2", "teacher.target_block=2", "data.name=synthetic", "data.img_size=32",
+        "data.num_workers=0", "data.synthetic_size=32", "train.batch_size=16", "train.max_steps=2",
+        "train.precision=fp32", "train.progress=false", "train.warmup_epochs=0"])
+    last = tinymim.run("distill", cfg, tmp_path / "run")
+    assert last["step"] == 2 and (tmp_path / "run" / "student.safetensors").is_file()
+    vit = tinymim.load_vit(tmp_path / "run")
+    assert vit.embed_dim == 32 and len(vit.blocks) == 2
