@@ -73,3 +73,35 @@ def test_tasks_run_from_python(tmp_path):
     assert last["step"] == 2 and (tmp_path / "run" / "student.safetensors").is_file()
     vit = tinymim.load_vit(tmp_path / "run")
     assert vit.embed_dim == 32 and len(vit.blocks) == 2
+
+
+def _leaves(tree: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in tree.items():
+        out |= _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("block_heads",) else {prefix + k}
+    return out
+
+
+def test_config_command_lists_every_key_with_type_and_meaning(capsys):
+    from dataclasses import asdict
+
+    from tinymim.cli import main
+
+    assert main(["config", "distill", "--config", "cifar10/distill_micro", "train.epochs=7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    printed = {line.split(" = ", 1)[0] for line in lines}
+    cfg = tinymim.load_config("distill", "cifar10/distill_micro")
+    assert printed == _leaves(asdict(cfg)) and len(printed) == len(lines)
+    assert "train.epochs = 7" in "\n".join(lines) and 'teacher.checkpoint = "builtin:cifar10_mae_vit128x6"' in "\n".join(lines)
+    for line in lines:
+        meaning = line.split("  # ", 1)[1]
+        assert ": " in meaning and meaning.split(": ", 1)[1].strip(), line  # a type, then a meaning
+
+
+@pytest.mark.parametrize("task", ["distill", "mae", "finetune", "linprobe"])
+def test_every_config_key_of_every_task_has_a_meaning(task):
+    from tinymim.config import describe
+
+    cfg = tinymim.load_config(task, None, ["data.name=synthetic"])
+    undocumented = [key for key, _, _, doc in describe(type(cfg), cfg) if not doc]
+    assert undocumented == []

@@ -10,7 +10,8 @@ from tinymim.errors import TinymimError
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe (defaults are used where it is silent)")
+    p.add_argument("--config", help="YAML recipe (defaults are used where it is silent); "
+                                    "`tinymim config TASK` lists every key")
     p.add_argument("--output", required=True, help="run directory; an existing one is resumed")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
@@ -29,6 +30,30 @@ def cmd_train(args) -> int:
         print(f"done: {args.output}/{weights} ({summary})")
     else:
         print(f"{args.output} already holds a finished run; nothing to do")
+    return 0
+
+
+def cmd_config(args) -> int:
+    """Print a task's resolved config: every key, its value, its type and what it means."""
+    import json
+
+    from tinymim.config import describe
+
+    if args.task == "pipeline":
+        from tinymim import pipeline
+
+        if args.config is None:
+            raise TinymimError("tinymim config pipeline needs --config PIPELINE.yaml (or a built-in one)")
+        cfg = pipeline.load(args.config, args.overrides)
+    else:
+        from tinymim.tasks import load_config
+
+        cfg = load_config(args.task, args.config, args.overrides)
+    rows = [(key, json.dumps(value), tp, doc) for key, tp, value, doc in describe(type(cfg), cfg)]
+    width = max(len(f"{k} = {v}") for k, v, _, _ in rows if len(f"{k} = {v}") <= 60)
+    for key, value, tp, doc in rows:
+        left = f"{key} = {value}"
+        print(f"{left:<{width}}  # {tp}: {doc}")
     return 0
 
 
@@ -115,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=spec.help)
         _add_run_args(p)
         p.set_defaults(func=cmd_train)
+    p = sub.add_parser("config", help="print a task's resolved config (defaults <- recipe <- overrides): every "
+                                      "key with its value, type and meaning")
+    p.add_argument("task", choices=[*TASKS, "pipeline"])
+    p.add_argument("--config", help="YAML recipe or a built-in one (default: the task's defaults)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser("pipeline", help="run declared stages (MAE -> TinyMIM chain -> fine-tune ...), reusing "
                                         "finished ones, and write report.md with plots")
     p.add_argument("--config", required=True, help="pipeline YAML (or a built-in one, e.g. pipelines/demo)")
@@ -200,7 +231,11 @@ def _is_main_process() -> bool:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "func", None) is cmd_config and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]  # `config TASK --config R key=value`: argparse stops early
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
         from tinymim import __version__
         print(__version__)

@@ -43,17 +43,19 @@ class DataConfig:
     # folder: an ImageFolder tree (ImageNet layout root/<class>/<image>); cifar10/cifar100: torchvision
     # (downloaded into root when missing); synthetic: procedural images generated on the fly, offline
     name: Literal["folder", "cifar10", "cifar100", "synthetic"] = "synthetic"
-    root: str | None = None
-    img_size: int = 224
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    hflip: bool = True
+    root: str | None = None  # folder: the ImageFolder root; cifar10/100: where torchvision keeps (or downloads) it
+    img_size: int = 224  # training image size in pixels (the random crop's output)
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range [low, high]
+    hflip: bool = True  # random horizontal flip
     color_jitter: float = 0.4  # brightness = contrast = saturation strength of the student view
+    # per-channel normalization mean (R, G, B)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))
+    # per-channel normalization std (R, G, B)
     std: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
-    num_workers: int = 8
+    num_workers: int = 8  # data-loading worker processes per training process
     subset: int | None = None  # use a fixed random sample of N images (quick experiments)
-    synthetic_size: int = 2048
-    synthetic_classes: int = 10
+    synthetic_size: int = 2048  # synthetic: number of images
+    synthetic_classes: int = 10  # synthetic: number of classes
 
     def validate(self) -> None:
         if self.name in ("folder",) and not self.root:

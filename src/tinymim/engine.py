@@ -41,28 +41,28 @@ log = logging.getLogger("tinymim")
 
 @dataclass
 class TrainConfig:
-    epochs: int = 300
+    epochs: int = 300  # passes over the training data
     batch_size: int = 4096  # global batch per optimizer step, over all processes and accumulation
-    accum_steps: int = 1
+    accum_steps: int = 1  # micro batches accumulated per optimizer step
     blr: float = 1.5e-4  # lr = blr x batch_size / 256, unless lr is given
-    lr: float | None = None
-    min_lr: float = 0.0
-    warmup_epochs: float = 15.0
-    weight_decay: float = 0.05
-    optimizer: Literal["adamw", "lars", "sgd"] = "adamw"
+    lr: float | None = None  # absolute learning rate; overrides blr when given
+    min_lr: float = 0.0  # learning rate at the end of the cosine schedule
+    warmup_epochs: float = 15.0  # linear warmup length, in epochs (fractions allowed)
+    weight_decay: float = 0.05  # decoupled weight decay (none on biases and norms)
+    optimizer: Literal["adamw", "lars", "sgd"] = "adamw"  # adamw (MAE/TinyMIM), lars (linear probe) or sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # adamw
     momentum: float = 0.9  # lars, sgd
-    clip_grad: float | None = None
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    compile: bool = False
+    clip_grad: float | None = None  # gradient-norm clipping threshold; null: none
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast precision: bf16, fp16 (with a grad scaler) or fp32
+    compile: bool = False  # torch.compile the task's models
     device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is there, else cpu
-    seed: int = 0
-    deterministic: bool = False
+    seed: int = 0  # seed of every random choice (data order, augmentation, drop path, init)
+    deterministic: bool = False  # ask PyTorch for deterministic kernels (slower)
     log_every: int = 20  # optimizer steps between metrics lines
     checkpoint_every: int = 500  # optimizer steps between checkpoints (also at every epoch end)
     max_steps: int | None = None  # stop after this many optimizer steps in total (quick runs)
-    tensorboard: bool = False
-    progress: bool = True
+    tensorboard: bool = False  # also log to RUN_DIR/tensorboard (needs the tensorboard extra)
+    progress: bool = True  # show a progress bar
 
     def validate(self) -> None:
         """Ranges, checked when the config is read: before anything is built or written."""

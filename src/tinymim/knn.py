@@ -59,16 +59,16 @@ from dataclasses import dataclass, field  # noqa: E402
 class KNNMonitorConfig:
     """k-NN accuracy of the model being pre-trained, every `every_epochs` epochs (0 = off)."""
 
-    every_epochs: int = 0
+    every_epochs: int = 0  # run the k-NN monitor every N epochs; 0: never
     name: str = "folder"  # folder | cifar10 | cifar100 | synthetic (labelled data)
     root: str | None = None  # the labelled bank (a training split)
     val_root: str | None = None  # the queries (a validation split)
     bank_size: int | None = 5000  # a fixed random sample of N images of the bank (None: all)
     val_size: int | None = 1000  # a fixed random sample of N queries (None: all)
     img_size: int | None = None  # None: the training data's
-    k: int = 20
-    temperature: float = 0.07
-    batch_size: int = 256
+    k: int = 20  # neighbours that vote
+    temperature: float = 0.07  # vote weight exp(similarity / temperature)
+    batch_size: int = 256  # feature-extraction batch size
 
 
 def _sample(loader, n: int | None):

@@ -27,15 +27,16 @@ CUSTOM = "vit_custom"
 class ModelConfig:
     """A ViT: a timm name (sizes may be overridden) or `vit_custom` with every size given."""
 
+    # a timm ViT name (vit_small_patch16_224, ...) or vit_custom with every size given
     name: str = "vit_small_patch16_224"
-    img_size: int | None = None
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
+    img_size: int | None = None  # input image size in pixels; null: the data's
+    patch_size: int | None = None  # patch size in pixels; null: the timm model's
+    embed_dim: int | None = None  # token width; null: the timm model's
+    depth: int | None = None  # number of transformer blocks; null: the timm model's
+    num_heads: int | None = None  # attention heads per block; null: the timm model's
     # head count per block, 1-indexed block -> heads; weights are unaffected
     block_heads: dict = field(default_factory=dict)
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth rate (see drop_path_schedule)
     # "linear": timm's ramp 0..rate over depth; "constant": rate in every block (TinyMIM pre-training)
     drop_path_schedule: Literal["linear", "constant"] = "linear"
     # load timm's pretrained weights for `name` (needs the network unless cached)

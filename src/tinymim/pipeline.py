@@ -49,10 +49,10 @@ WEIGHTS = {name: spec.weights for name, spec in TASKS.items()}  # the file a fin
 
 @dataclass
 class StageConfig:
-    name: str
-    task: Literal["mae", "distill", "finetune", "linprobe"]
+    name: str  # the stage's folder name under the pipeline's output
+    task: Literal["mae", "distill", "finetune", "linprobe"]  # mae, distill, finetune or linprobe
     config: str | None = None  # recipe: a YAML file or a built-in name (cifar10/distill_micro)
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # this stage's own overrides (they win over the pipeline's)
     teacher: str | None = None  # distill: the earlier stage whose weights teach
     init: str | None = None  # finetune / linprobe: the earlier stage whose weights initialize the model
     # the paper's number for the setting this stage mirrors, shown beside ours: {top1: 83.0, row: "..."}
@@ -62,8 +62,10 @@ class StageConfig:
 
 @dataclass
 class PipelineConfig:
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # overrides for every stage (before each stage's own)
+    # overrides for every stage of a task: {finetune: [train.epochs=3]}
     task_overrides: dict = field(default_factory=dict)
+    # the stages, run in order: name, task, config, overrides, teacher/init, paper, label
     stages: list[StageConfig] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # paragraphs shown at the top of the report
     # overrides given on the command line: applied last, so they win over every stage's own settings;

@@ -61,9 +61,10 @@ class TeacherConfig:
 class RelationLossConfig:
     """TinyMIM's target: KL between teacher and student relation maps (relations.py)."""
     weight: float = 1.0  # 0 = off
+    # relation maps to match: qk, vv (the paper's), also qq, kk, kq, qv, vq, kv, vk
     relations: list[str] = field(default_factory=lambda: ["qk", "vv"])
     weights: list[float] | None = None  # per relation; None = 1 each
-    softmax: bool = True
+    softmax: bool = True  # compare softmax maps by KL (the paper); false: raw scaled products by MSE
 
     def validate(self) -> None:
         unknown = [r for r in self.relations if r not in RELATION_NAMES]
@@ -75,8 +76,8 @@ class RelationLossConfig:
 class ClassTokenLossConfig:
     """The class-token baseline (targets.py): student class token vs the teacher's."""
     weight: float = 0.0  # 0 = off
-    criterion: Literal["smooth_l1", "kl"] = "smooth_l1"
-    beta: float = 2.0
+    criterion: Literal["smooth_l1", "kl"] = "smooth_l1"  # smooth_l1 between tokens, or kl between their softmaxes
+    beta: float = 2.0  # smooth-L1 threshold
     teacher_norm: bool = True  # parameter-free LayerNorm on the teacher token
 
 
@@ -84,9 +85,10 @@ class ClassTokenLossConfig:
 class FeatureLossConfig:
     """The feature-distillation baseline (targets.py): projected student feature vs whitened teacher's."""
     weight: float = 0.0  # 0 = off
+    # where in the blocks the features are taken (block output, FFN, attention, qkv ...)
     site: Literal["block", "ffn", "ffn_residual", "attn", "attn_residual", "qkv"] = "block"
-    beta: float = 2.0
-    teacher_norm: bool = True
+    beta: float = 2.0  # smooth-L1 threshold
+    teacher_norm: bool = True  # whiten the teacher's features (parameter-free LayerNorm)
 
 
 @dataclass
@@ -94,7 +96,7 @@ class MAELossConfig:
     """Auxiliary MAE reconstruction of the masked patches from the student's output (needs mask_ratio > 0)."""
     weight: float = 0.0  # 0 = off
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(embed_dim=256, depth=2, num_heads=8))
-    norm_pix_loss: bool = True
+    norm_pix_loss: bool = True  # reconstruct per-patch normalized pixels (MAE's default)
 
 
 @dataclass

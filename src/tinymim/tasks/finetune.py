@@ -63,11 +63,11 @@ _posterize_zero_bits_compat()
 class ClassifyDataConfig(DataConfig):
     """Labelled data: `root` (or cifar10/cifar100/synthetic) to train on, `val_root` to evaluate."""
 
-    val_root: str | None = None
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25
-    eval_crop_pct: float = 0.875
+    val_root: str | None = None  # the evaluation ImageFolder (or cifar/synthetic: their test split)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range [low, high]
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec (rand-m9-mstd0.5-inc1); null: none
+    reprob: float = 0.25  # random-erasing probability
+    eval_crop_pct: float = 0.875  # evaluation center crop: resize to img_size / crop_pct, crop img_size
     color_jitter: float = 0.0  # ignored by timm when auto_augment is set, as in MAE
     # hold out this many training images (a fixed random sample) and evaluate on them instead of
     # val_root: for tuning a recipe without looking at the test split. 0 = evaluate on val_root
@@ -90,11 +90,11 @@ class FinetuneConfig:
     init: str | None = None
     num_classes: int | None = None  # None: the training data's class count
     global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens + fc_norm (MAE)
-    head_init_std: float = 2e-5
-    layer_decay: float = 0.65
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    label_smoothing: float = 0.1
+    head_init_std: float = 2e-5  # std of the fresh classifier head's trunc-normal init
+    layer_decay: float = 0.65  # layer-wise lr decay: block j gets decay^(depth+1-j) of the lr
+    mixup: float = 0.8  # mixup alpha; 0: off
+    cutmix: float = 1.0  # cutmix alpha; 0: off
+    label_smoothing: float = 0.1  # label smoothing of the cross-entropy
     ema_decay: float | None = None  # e.g. 0.9999; None = no EMA
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(

@@ -21,8 +21,9 @@ from tinymim.tasks.finetune import (ClassifyDataConfig, FinetuneConfig, Finetune
 @dataclass
 class LinearProbeConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224"))
-    init: str | None = None
-    num_classes: int | None = None
+    init: str | None = None  # pre-trained weights of the frozen backbone (run directory, file, timm name)
+    num_classes: int | None = None  # null: the training data's class count
+    # token: the class token (MAE's probe); avg: mean of the patch tokens
     global_pool: Literal["avg", "token"] = "token"
     data: ClassifyDataConfig = field(default_factory=lambda: ClassifyDataConfig(auto_augment=None, reprob=0.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(

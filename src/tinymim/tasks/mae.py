@@ -27,9 +27,9 @@ from tinymim.tasks.base import Task
 
 @dataclass
 class DecoderConfig:
-    embed_dim: int = 512
-    depth: int = 8
-    num_heads: int = 16
+    embed_dim: int = 512  # decoder token width
+    depth: int = 8  # decoder blocks
+    num_heads: int = 16  # decoder attention heads
 
 
 @dataclass
@@ -38,8 +38,8 @@ class MAEConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224", init="mae",
                                                                    pos_embed="sincos"))
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
+    mask_ratio: float = 0.75  # fraction of patches removed from the encoder's input (MAE: 0.75)
+    norm_pix_loss: bool = True  # reconstruct per-patch normalized pixels (MAE's default)
     data: DataConfig = field(default_factory=lambda: DataConfig(color_jitter=0.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=800, batch_size=4096, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05))
