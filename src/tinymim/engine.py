@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tinymim.config import ConfigError
 from tinymim.data import data_fingerprint
 from tinymim.errors import NonFiniteLossError, TinymimError
+from tinymim.loggers import LOGGERS, MetricsLogger, check_available
 from tinymim.rundir import RESUMABLE_CHANGES, RunDir, RunDirError, locked, save_torch, write_error  # noqa: F401
 
 log = logging.getLogger("tinymim")
@@ -62,6 +63,12 @@ class TrainConfig:
     checkpoint_every: int = 500  # optimizer steps between checkpoints (also at every epoch end)
     max_steps: int | None = None  # stop after this many optimizer steps in total (quick runs)
     tensorboard: bool = False  # also log to RUN_DIR/tensorboard (needs the tensorboard extra)
+    # also log to these trackers: tensorboard, wandb, mlflow (each an extra: pip install 'tinymim[wandb]')
+    loggers: list[str] = field(default_factory=list)
+    wandb_project: str = "tinymim"  # the W&B project
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: RUN_DIR/wandb, uploaded later by `wandb sync`
+    mlflow_uri: str | None = None  # MLflow tracking URI; null: a file store in RUN_DIR/mlruns
+    mlflow_experiment: str = "tinymim"  # the MLflow experiment
     progress: bool = True  # show a progress bar
 
     def validate(self) -> None:
@@ -88,6 +95,10 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         check_device(self.device)
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        if unknown:
+            raise ValueError(f"unknown logger(s) {', '.join(unknown)}; choose from {', '.join(LOGGERS)}")
+        check_available(self.loggers)
 
 
 def check_device(device: str) -> None:
@@ -269,44 +280,6 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-class MetricsLogger:
-    def __init__(self, run: RunDir, enabled: bool, tensorboard: bool):
-        self.enabled, self.path = enabled, run.metrics
-        self.file = None
-        if enabled:
-            try:
-                self.file = open(run.metrics, "a")
-            except OSError as e:
-                raise write_error(e, run.metrics) from e
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ConfigError("train.tensorboard=true needs TensorBoard: pip install 'tinymim[tensorboard]'") from e
-            self.tb = SummaryWriter(str(run.path / "tensorboard"))
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        try:  # one line per write: a kill leaves at most a partial last line, which readers skip
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        except OSError as e:
-            raise write_error(e, self.path) from e
-        if self.tb:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.file:
-            with contextlib.suppress(OSError):  # a full disk: the error was reported by log()
-                self.file.close()
-        if self.tb:
-            self.tb.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # the loop
 
@@ -431,7 +404,7 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
             log.info("resuming %s from step %d", run.path, global_step)
     scheduler.step_update(global_step)
 
-    metrics = MetricsLogger(run, ctx.is_main, cfg.tensorboard)
+    metrics = MetricsLogger(run, ctx.is_main, cfg, config)
     bar = None
     if ctx.is_main and cfg.progress:
         from tqdm.auto import tqdm

@@ -58,6 +58,7 @@ _HELD: set[Path] = set()  # run directories this process has locked
 # keys that may change between a run and its resumption: they do not change the result. data.root
 # may move (a mounted copy elsewhere): the data's fingerprint, not its path, must match.
 RESUMABLE_CHANGES = ("train.progress", "train.log_every", "train.checkpoint_every", "train.tensorboard",
+                     "train.loggers", "train.wandb", "train.mlflow",
                      "data.num_workers", "data.root", "data.val_root", "train.device", "train.compile")
 
 

@@ -1,0 +1,151 @@
+"""Where a run's metrics go: always RUN_DIR/metrics.jsonl, and on request TensorBoard, Weights & Biases
+and MLflow (`train.loggers`, each an optional extra). Only the main process logs.
+
+- W&B: `train.wandb_mode` offline by default (RUN_DIR/wandb, `wandb sync` uploads it later) or online;
+  the W&B run id is derived from the run directory, so a resumed run continues the same W&B run.
+- MLflow: the tracking URI `train.mlflow_uri`, by default a file store in RUN_DIR/mlruns; the MLflow run
+  id is kept in RUN_DIR/mlflow_run_id, so a resumed run continues it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+
+
+from tinymim.config import ConfigError
+from tinymim.rundir import RunDir, write_error, write_text
+
+LOGGERS = ("tensorboard", "wandb", "mlflow")
+_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+             "mlflow": ("mlflow", "mlflow")}  # logger -> (module to import, extra to install)
+
+
+def check_available(loggers) -> None:
+    """Config-time check that the requested loggers' packages are installed."""
+    import importlib.util
+
+    for name in loggers:
+        module, extra = _PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"train.loggers has {name}, which needs its package: pip install 'tinymim[{extra}]'")
+
+
+def _scalars(record: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+
+
+class _TensorBoard:
+    def __init__(self, run: RunDir, config: dict, cfg):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run.path / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        for k, v in _scalars(record).items():
+            if k != "epoch":
+                self.writer.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    def __init__(self, run: RunDir, config: dict, cfg):
+        import wandb
+
+        run_id = hashlib.sha1(str(run.path.resolve()).encode()).hexdigest()[:16]
+        self.run = wandb.init(project=cfg.wandb_project, name=run.path.name, id=run_id, resume="allow",
+                              dir=str(run.path), mode=cfg.wandb_mode, config=config,
+                              settings=wandb.Settings(silent=True, console="off"))
+
+    def log(self, record: dict) -> None:
+        self.run.log(_scalars(record), step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    def __init__(self, run: RunDir, config: dict, cfg):
+        from mlflow.tracking import MlflowClient
+
+        uri = cfg.mlflow_uri or (run.path / "mlruns").resolve().as_uri()
+        if uri.startswith("file:") or "://" not in uri:
+            # MLflow 3 keeps file stores in maintenance and asks for this opt-in; offline runs need one
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=uri)
+        id_file = run.path / "mlflow_run_id"
+        if id_file.is_file():
+            self.run_id = id_file.read_text().strip()
+        else:
+            experiment = self.client.get_experiment_by_name(cfg.mlflow_experiment)
+            experiment_id = (experiment.experiment_id if experiment else
+                             self.client.create_experiment(cfg.mlflow_experiment))
+            self.run_id = self.client.create_run(experiment_id, run_name=run.path.name).info.run_id
+            for key, value in _flatten(config).items():
+                self.client.log_param(self.run_id, key, json.dumps(value)[:500])
+            write_text(id_file, self.run_id + "\n")
+
+    def log(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, record["step"]) for k, v in _scalars(record).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+_BACKENDS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _MLflow}
+
+
+class MetricsLogger:
+    """metrics.jsonl (one JSON record per line) plus the configured trackers, on the main process."""
+
+    def __init__(self, run: RunDir, enabled: bool, cfg, config: dict | None = None):
+        self.enabled, self.path, self.file, self.backends = enabled, run.metrics, None, []
+        if not enabled:
+            return
+        try:
+            self.file = open(run.metrics, "a")
+        except OSError as e:
+            raise write_error(e, run.metrics) from e
+        names = list(dict.fromkeys([*(["tensorboard"] if cfg.tensorboard else []), *cfg.loggers]))
+        check_available(names)
+        self.backends = [_BACKENDS[name](run, config or {}, cfg) for name in names]
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        try:  # one line per write: a kill leaves at most a partial last line, which readers skip
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise write_error(e, self.path) from e
+        for backend in self.backends:
+            backend.log(record)
+
+    def close(self) -> None:
+        if self.file:
+            with contextlib.suppress(OSError):  # a full disk: the error was reported by log()
+                self.file.close()
+        for backend in self.backends:
+            backend.close()
+
+
+
