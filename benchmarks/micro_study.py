@@ -98,7 +98,7 @@ def study(args, train: Path, test: Path) -> PipelineConfig:
 
 def knn_scores(args, out: Path, train: Path, test: Path) -> dict[str, float]:
     """k-NN top-1 of every pre-trained student (cached in its run directory as knn.json)."""
-    from tinymim.knn import knn_evaluate
+    from tinymim.robustness import knn_evaluate
 
     scores = {}
     index, count = args.shard

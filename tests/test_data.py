@@ -40,7 +40,8 @@ def test_views_are_a_function_of_the_sample_seed():
 
 
 def test_holdout_is_a_fixed_split_of_the_training_images():
-    from tinymim.tasks.finetune import ClassifyDataConfig, _source
+    from tinymim.classification import ClassifyDataConfig
+    from tinymim.classification import classify_source as _source
 
     cfg = ClassifyDataConfig(name="synthetic", synthetic_size=200, img_size=32, holdout=50, subset=100)
     train, held = _source(cfg, None, True), _source(cfg, None, False)

@@ -20,12 +20,14 @@ def test_recipes_exist():
 
 
 def _kind(recipe: Path):
-    from tinymim.tasks.finetune import FinetuneConfig, build_finetune_task
+    """(config class, builder, overrides that need no files) of a recipe, by its task (the file name's prefix)."""
+    from tinymim.tasks import TASKS, task_module
 
-    prefix = recipe.stem.split("_")[0]
-    return {"distill": (DistillConfig, build_distill_task, ["teacher.checkpoint=null"]),
-            "mae": (MAEConfig, build_mae_task, []),
-            "finetune": (FinetuneConfig, build_finetune_task, ["init=null", "num_classes=10"])}[prefix]
+    task = recipe.stem.split("_")[0]
+    module = task_module(task)
+    overrides = {"distill": ["teacher.checkpoint=null"], "finetune": ["init=null", "num_classes=10"]}.get(task, [])
+    config_class = type(module.load(None, []))
+    return config_class, getattr(module, TASKS[task].builder), overrides
 
 
 @pytest.mark.parametrize("recipe", ALL, ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -9,7 +9,7 @@ from tinymim.errors import TinymimError
 from tinymim.cli import main
 from tinymim.robustness import (ALEXNET_ERROR, corruption_errors, evaluate_folder, imagenet_wnids,
                                 subset_class_indices)
-from tinymim.tasks.finetune import ClassifyDataConfig, build_eval_loader
+from tinymim.classification import ClassifyDataConfig, build_eval_loader
 
 
 class ColorCodedClassifier(torch.nn.Module):

@@ -54,7 +54,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         weights = RunDir(path).weights()
         if weights is not None:
             return load_state_dict(weights)
-        raise CheckpointError(f"{path} is a directory without any of {', '.join(RunDir.WEIGHTS)}; "
+        raise CheckpointError(f"{path} is a directory without final weights (*.safetensors); "
                               "is it a tinymim run, and is the run finished?")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")

@@ -72,8 +72,8 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from tinymim import robustness
 
-    result = robustness.evaluate_path(args.source, args.data, args.protocol, args.weights, args.batch_size,
-                                      args.workers)
+    result = robustness.evaluate_path(args.source, args.data, protocol=args.protocol, weights=args.weights,
+                                      batch_size=args.batch_size, num_workers=args.workers)
     print(robustness.format_report(result))
     if args.json:
         from tinymim.rundir import write_json
@@ -83,10 +83,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_knn(args) -> int:
-    from tinymim.knn import knn_evaluate
+    from tinymim.robustness import knn_evaluate
 
-    r = knn_evaluate(args.source, args.data, args.val, args.model, args.block, args.k, args.temperature,
-                     args.mean, args.std, args.batch_size, args.workers, args.bank_size)
+    r = knn_evaluate(args.source, args.data, args.val, model_name=args.model, block=args.block, k=args.k,
+                     temperature=args.temperature, mean=args.mean, std=args.std, batch_size=args.batch_size,
+                     num_workers=args.workers, bank_size=args.bank_size)
     print(f"k-NN (k={args.k}, T={args.temperature}) top-1 {r['knn_top1']:.2f}% "
           f"({r['queries']} queries, bank of {r['bank']})")
     return 0

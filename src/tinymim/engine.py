@@ -351,6 +351,7 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
     # from here on the directory is written: the config, metrics from the resumed step, the classes
     checked()
     if ctx.is_main:
+        run.write_info(task.name)
         run.write_config(config)
         run.truncate_metrics(resume["global_step"] if resume is not None else 0)
         if getattr(task, "classes", None) is not None:

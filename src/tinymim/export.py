@@ -44,9 +44,7 @@ def _run_info(path: Path) -> tuple[ModelConfig, dict, str]:
     for section in RunDir.MODEL_SECTIONS:
         if isinstance(cfg.get(section), dict):
             known = {k: v for k, v in cfg[section].items() if k in ModelConfig.__dataclass_fields__}
-            kind = ("distill" if section == "student" else "mae" if "decoder" in cfg else
-                    "finetune" if "layer_decay" in cfg else "linprobe")
-            return ModelConfig(**known), cfg, kind
+            return ModelConfig(**known), cfg, RunDir(path).task()
     raise CheckpointError(f"{path}/config.yaml describes no model (no 'student' or 'model' section)")
 
 

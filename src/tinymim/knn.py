@@ -9,7 +9,7 @@ with k = 20 and T = 0.07 by default (InstDisc / DINO).
 """
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,6 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
 # ---------------------------------------------------------------------------------------------
 # k-NN monitoring during pre-training, and the `tinymim knn` command
 
-from dataclasses import dataclass, field  # noqa: E402
 
 
 @dataclass
@@ -98,7 +97,7 @@ def knn_loader_accuracy(features: torch.nn.Module, bank, queries, device: torch.
 
 class KNNMonitor:
     def __init__(self, cfg: KNNMonitorConfig, data_cfg):
-        from tinymim.tasks.finetune import ClassifyDataConfig
+        from tinymim.classification import ClassifyDataConfig
 
         self.cfg = cfg
         size = cfg.img_size or data_cfg.img_size
@@ -112,7 +111,7 @@ class KNNMonitor:
         return self.cfg.every_epochs > 0 and epoch % self.cfg.every_epochs == 0
 
     def __call__(self, features: torch.nn.Module, device: torch.device) -> dict:
-        from tinymim.tasks.finetune import build_eval_loader
+        from tinymim.classification import build_eval_loader
 
         if self.loaders is None:  # built on first use: monitoring that never runs costs nothing
             self.loaders = (
@@ -120,38 +119,3 @@ class KNNMonitor:
                 _sample(build_eval_loader(self.data, self.cfg.batch_size), self.cfg.val_size))
         result = knn_loader_accuracy(features, *self.loaders, device, self.cfg.k, self.cfg.temperature)
         return {"knn_top1": result["knn_top1"]}
-
-
-def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None = None, block: int | None = None,
-                 k: int = 20, temperature: float = 0.07, mean=None, std=None, batch_size: int = 256,
-                 num_workers: int = 2, bank_size: int | None = None) -> dict:
-    """k-NN top-1 of a model's frozen features: the average patch token after the final norm, or
-    entering block `block` (1-indexed)."""
-    from tinymim.export import build_exportable
-    from tinymim.models import TokenFeatures
-    from tinymim.tasks.finetune import ClassifyDataConfig, build_eval_loader
-
-    from tinymim.errors import TinymimError
-
-    if k < 1 or not temperature > 0 or (bank_size is not None and bank_size < 1):
-        raise TinymimError(f"k ({k}) and --bank-size ({bank_size}) must be positive, and the temperature "
-                           f"({temperature}) above 0")
-    for folder in (train_root, val_root):
-        if not Path(folder).is_dir():
-            raise TinymimError(f"{folder} is not a folder; --data and --val take labelled ImageFolders "
-                               "(root/<class>/<image>)")
-    model, _ = build_exportable(source, model_name)
-    if block is not None and not 1 <= block <= len(model.blocks) + 1:
-        raise TinymimError(f"--block {block} is out of range: the model has blocks 1..{len(model.blocks)} "
-                           f"({len(model.blocks) + 1}: after the last)")
-    size = model.patch_embed.img_size[0]
-    data = ClassifyDataConfig(name="folder", root=str(train_root), val_root=str(val_root), img_size=size,
-                              eval_crop_pct=_eval_crop_pct(size), num_workers=num_workers)
-    if mean is not None:
-        data.mean = list(mean)
-    if std is not None:
-        data.std = list(std)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return knn_loader_accuracy(TokenFeatures(model.to(device), block),
-                               _sample(build_eval_loader(data, batch_size, split_train=True), bank_size),
-                               build_eval_loader(data, batch_size), device, k, temperature)

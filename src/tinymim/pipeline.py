@@ -26,7 +26,6 @@ names them) with loss curves and accuracy bars as PNG (report.py).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import shutil
@@ -36,15 +35,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tinymim.tasks import TASKS
+from tinymim.tasks import TASKS, task_module
 from tinymim.config import diff_configs, load_config
 from tinymim.rundir import (RESUMABLE_CHANGES, RunDir, architecture_overrides, locked, produced_architecture,
                             write_json)
 
 log = logging.getLogger("tinymim")
 
-TASK_MODULES = {name: spec.module for name, spec in TASKS.items()}
-WEIGHTS = {name: spec.weights for name, spec in TASKS.items()}  # the file a finished run leaves
 
 
 @dataclass
@@ -75,8 +72,8 @@ class PipelineConfig:
     def validate(self) -> None:
         for item in self.command_line:
             task = command_line_task(item)
-            if task and task not in TASK_MODULES:
-                raise ValueError(f"override {item!r}: unknown task {task!r} ({', '.join(TASK_MODULES)})")
+            if task and task not in TASKS:
+                raise ValueError(f"override {item!r}: unknown task {task!r} ({', '.join(TASKS)})")
         seen: dict[str, str] = {}
         for s in self.stages:
             if not s.name or "/" in s.name or s.name.startswith("."):
@@ -93,9 +90,9 @@ class PipelineConfig:
             if s.init is not None and s.task not in ("finetune", "linprobe"):
                 raise ValueError(f"stage {s.name!r}: only finetune and linprobe stages have an init")
             seen[s.name] = s.task
-        unknown = set(self.task_overrides) - set(TASK_MODULES)
+        unknown = set(self.task_overrides) - set(TASKS)
         if unknown:
-            raise ValueError(f"task_overrides for unknown task(s) {sorted(unknown)}; tasks: {list(TASK_MODULES)}")
+            raise ValueError(f"task_overrides for unknown task(s) {sorted(unknown)}; tasks: {list(TASKS)}")
         if not self.stages:
             raise ValueError("the pipeline declares no stages")
 
@@ -163,7 +160,7 @@ def plan(cfg: PipelineConfig, out: str | Path) -> list[tuple[StageConfig, list[s
     every recipe and override is checked."""
     out, configs, planned = Path(out), {}, []
     for stage in cfg.stages:
-        module = importlib.import_module(TASK_MODULES[stage.task])
+        module = task_module(stage.task)
         overrides = stage_overrides(cfg, stage, out, configs)
         configs[stage.name] = json.loads(json.dumps(asdict(module.load(stage.config, overrides))))
         planned.append((stage, overrides, configs[stage.name]))
@@ -207,11 +204,11 @@ def _run_stages(cfg: PipelineConfig, out: Path, planned, procs: _Processes, repo
     for stage, overrides, config in planned:
         procs.barrier()
         stage_dir = out / stage.name
-        module = importlib.import_module(TASK_MODULES[stage.task])
+        module = task_module(stage.task)
         upstream = {d: run_ids[d] for d in (stage.teacher, stage.init) if d is not None}
         record = _record(stage_dir)
         matches = record is not None and record.get("upstream") == upstream and _same(record.get("config", {}), config)
-        done = matches and record.get("status") == "done" and (stage_dir / WEIGHTS[stage.task]).is_file()
+        done = matches and record.get("status") == "done" and (stage_dir / TASKS[stage.task].weights).is_file()
         if done:
             log.info("stage %s: finished before, reused (%s)", stage.name, stage_dir)
         else:

@@ -7,7 +7,9 @@ import json
 import time
 from pathlib import Path
 
-CLASSIFY = ("finetune", "linprobe")
+from tinymim.tasks import TASKS
+
+CLASSIFY = tuple(name for name, spec in TASKS.items() if spec.kind == "classify")
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -68,7 +68,7 @@ def corruption_errors(errors: dict[str, list[float]], reference: dict[str, float
 def evaluate_folder(model: torch.nn.Module, loader, device: torch.device, class_indices: list[int] | None = None) -> dict:
     """Top-1 / top-5 (%) and mean cross-entropy of a classifier over a loader; logits restricted to
     `class_indices` when given (labels are positions in that list)."""
-    from tinymim.tasks.finetune import classification_sums, sums_to_metrics
+    from tinymim.classification import classification_sums, sums_to_metrics
 
     model.eval()
     return sums_to_metrics(classification_sums(model, loader, device, class_indices))
@@ -216,7 +216,7 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
     (ImageNet-A/R) or a corruption tree (ImageNet-C style)."""
     from dataclasses import replace
 
-    from tinymim.tasks.finetune import build_eval_loader
+    from tinymim.classification import build_eval_loader
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg = load_classifier(source, weights)
@@ -290,3 +290,43 @@ def format_report(result: dict) -> str:
     else:
         lines.append("mCE: not computed (defined for the 15 ImageNet-C corruptions, normalized by AlexNet's errors)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# `tinymim knn`
+
+
+def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None = None, block: int | None = None,
+                 k: int = 20, temperature: float = 0.07, mean=None, std=None, batch_size: int = 256,
+                 num_workers: int = 2, bank_size: int | None = None) -> dict:
+    """k-NN top-1 of a model's frozen features: the average patch token after the final norm, or
+    entering block `block` (1-indexed)."""
+    from tinymim.export import build_exportable
+    from tinymim.models import TokenFeatures
+    from tinymim.classification import ClassifyDataConfig, build_eval_loader
+    from tinymim.knn import _eval_crop_pct, _sample, knn_loader_accuracy
+
+    from tinymim.errors import TinymimError
+
+    if k < 1 or not temperature > 0 or (bank_size is not None and bank_size < 1):
+        raise TinymimError(f"k ({k}) and --bank-size ({bank_size}) must be positive, and the temperature "
+                           f"({temperature}) above 0")
+    for folder in (train_root, val_root):
+        if not Path(folder).is_dir():
+            raise TinymimError(f"{folder} is not a folder; --data and --val take labelled ImageFolders "
+                               "(root/<class>/<image>)")
+    model, _ = build_exportable(source, model_name)
+    if block is not None and not 1 <= block <= len(model.blocks) + 1:
+        raise TinymimError(f"--block {block} is out of range: the model has blocks 1..{len(model.blocks)} "
+                           f"({len(model.blocks) + 1}: after the last)")
+    size = model.patch_embed.img_size[0]
+    data = ClassifyDataConfig(name="folder", root=str(train_root), val_root=str(val_root), img_size=size,
+                              eval_crop_pct=_eval_crop_pct(size), num_workers=num_workers)
+    if mean is not None:
+        data.mean = list(mean)
+    if std is not None:
+        data.std = list(std)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return knn_loader_accuracy(TokenFeatures(model.to(device), block),
+                               _sample(build_eval_loader(data, batch_size, split_train=True), bank_size),
+                               build_eval_loader(data, batch_size), device, k, temperature)

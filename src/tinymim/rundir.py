@@ -210,7 +210,6 @@ def read_json(path: str | Path, what: str = "file") -> dict | None:
 
 
 class RunDir:
-    WEIGHTS = ("student.safetensors", "encoder.safetensors", "model.safetensors")  # one per task
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -218,6 +217,7 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.checkpoint = self.path / "checkpoints" / "last.pt"
         self.classes_file = self.path / "classes.json"
+        self.info_file = self.path / "run.json"
         self.lock_file = self.path / ".lock"
         self._lock_fd: int | None = None
 
@@ -369,8 +369,30 @@ class RunDir:
     # -- weights and classes ----------------------------------------------------------------
 
     def weights(self) -> Path | None:
-        """The final weights file of the run, when there is one."""
-        return next((self.path / w for w in self.WEIGHTS if (self.path / w).is_file()), None)
+        """The final weights file of the run (the task's: student, encoder or model.safetensors), when
+        there is one; best.safetensors is the fine-tuning's best epoch, not the final weights."""
+        found = sorted(p for p in self.path.glob("*.safetensors") if p.name != "best.safetensors")
+        return found[0] if found else None
+
+    def write_info(self, task: str) -> None:
+        """RUN_DIR/run.json: which task made the run (tools read it instead of guessing from the config)."""
+        from tinymim import __version__
+
+        write_json(self.info_file, {"task": task, "tinymim": __version__})
+
+    def task(self) -> str | None:
+        """The task that made the run: from run.json, else recognized by its config's sections."""
+        info = read_json(self.info_file, "the run's task record") if self.info_file.is_file() else None
+        if info and info.get("task"):
+            return info["task"]
+        config = self.stored_config()
+        if not config:
+            return None
+        if "student" in config:
+            return "distill"
+        if "decoder" in config:
+            return "mae"
+        return "finetune" if "layer_decay" in config else "linprobe" if "model" in config else None
 
     def write_classes(self, classes: list[str]) -> None:
         write_json(self.classes_file, {"classes": list(classes)})

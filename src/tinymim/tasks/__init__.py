@@ -6,25 +6,28 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    module: str  # exposes load(recipe, overrides) -> config and run(config, output)
+    module: str  # exposes load(recipe, overrides) -> config, run(config, output) and the builder
+    builder: str  # the module's function config -> Task
     weights: str  # the file a finished run leaves in its directory
     model_section: str  # the config section of the model the task produces
+    kind: Literal["pretrain", "classify"]  # what the task's results are: losses and k-NN, or top-1
     help: str
 
 
 TASKS = {spec.name: spec for spec in (
-    TaskSpec("distill", "tinymim.tasks.distill", "student.safetensors", "student",
+    TaskSpec("distill", "tinymim.tasks.distill", "build_distill_task", "student.safetensors", "student", "pretrain",
              "TinyMIM relation-distillation pre-training of a student ViT"),
-    TaskSpec("mae", "tinymim.tasks.mae", "encoder.safetensors", "model",
+    TaskSpec("mae", "tinymim.tasks.mae", "build_mae_task", "encoder.safetensors", "model", "pretrain",
              "MAE pre-training of a ViT (a teacher for distillation)"),
-    TaskSpec("finetune", "tinymim.tasks.finetune", "model.safetensors", "model",
+    TaskSpec("finetune", "tinymim.tasks.finetune", "build_finetune_task", "model.safetensors", "model", "classify",
              "fine-tune a pre-trained (or randomly initialized) ViT for classification"),
-    TaskSpec("linprobe", "tinymim.tasks.linprobe", "model.safetensors", "model",
+    TaskSpec("linprobe", "tinymim.tasks.linprobe", "build_linprobe_task", "model.safetensors", "model", "classify",
              "linear probe: a frozen backbone, BatchNorm + linear head"),
 )}
 
@@ -46,3 +49,8 @@ def run(task: str, config, output: str | Path):
     """Train (or resume) `task` with `config` into the run directory `output`, as the command line
     does; returns the final metrics, or None when the run had already finished."""
     return task_module(task).run(config, str(output))
+
+
+def build_task(task: str, config):
+    """The Task object of a config (models built, weights loaded), without training it."""
+    return getattr(task_module(task), TASKS[task].builder)(config)

@@ -32,7 +32,7 @@ from tinymim.models import (ModelConfig, TokenFeatures, create_vit, embed, num_t
 from tinymim.relations import RELATION_NAMES, RelationLoss, block_qkv, split_heads
 from tinymim.targets import ClassTokenLoss, FeatureLoss, block_parts
 from tinymim.tasks.base import Task
-from tinymim.tasks.mae import DecoderConfig, MAEDecoder, random_masking, reconstruction_loss
+from tinymim.mae import DecoderConfig, MAEDecoder, random_masking, reconstruction_loss
 
 log = logging.getLogger("tinymim")
 

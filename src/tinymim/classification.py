@@ -1,0 +1,172 @@
+"""Labelled images for classification: the data config, the dataset with seeded per-sample timm
+transforms, the train / evaluation loaders (data.holdout included), and the top-1 / top-5 sums every
+evaluation reduces over processes. Used by fine-tuning, linear probing, the k-NN monitor and `tinymim eval`."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.utils.data as tud
+
+from timm.data import create_transform
+
+from tinymim.config import ConfigError
+from tinymim.data import DataConfig, GlobalBatchSampler, build_source, load_or_substitute, worker_init
+
+
+def _posterize_zero_bits_compat() -> None:
+    """Pillow >= 12 refuses posterize(bits=0), which timm's 'PosterizeIncreasing' asks for at the top
+    magnitude (m9 + noise reaches 10): keep the old result, an image with every bit cleared."""
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment as aa
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        return
+    except ValueError:
+        pass
+    original = aa.posterize
+
+    def posterize(img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return original(img, bits_to_keep, **kwargs)
+
+    for name, fn in list(aa.NAME_TO_OP.items()):
+        if fn is original:
+            aa.NAME_TO_OP[name] = posterize
+
+
+
+@dataclass
+class ClassifyDataConfig(DataConfig):
+    """Labelled data: `root` (or cifar10/cifar100/synthetic) to train on, `val_root` to evaluate."""
+
+    val_root: str | None = None  # the evaluation ImageFolder (or cifar/synthetic: their test split)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range [low, high]
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec (rand-m9-mstd0.5-inc1); null: none
+    reprob: float = 0.25  # random-erasing probability
+    eval_crop_pct: float = 0.875  # evaluation center crop: resize to img_size / crop_pct, crop img_size
+    color_jitter: float = 0.0  # ignored by timm when auto_augment is set, as in MAE
+    # hold out this many training images (a fixed random sample) and evaluate on them instead of
+    # val_root: for tuning a recipe without looking at the test split. 0 = evaluate on val_root
+    holdout: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be 0 or more, got {self.holdout}")
+        if not 0 < self.eval_crop_pct <= 1:
+            raise ValueError(f"eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
+        if not 0 <= self.reprob <= 1:
+            raise ValueError(f"reprob must be in [0, 1], got {self.reprob}")
+
+
+class ClassifyDataset(tud.Dataset):
+    """Indexed by (index, sample_seed): timm's training transform with every random choice seeded per
+    sample (same augmentation for any number of workers/processes); unreadable images are replaced
+    by the next readable one and counted."""
+
+    def __init__(self, source, transform, length: int | None = None):
+        self.source, self.transform = source, transform
+        self.length = min(length or len(source), len(source))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        img, label, skipped = load_or_substitute(self.source, index, self.length)
+        if seed is None:
+            return self.transform(img), label, skipped
+        in_worker = tud.get_worker_info() is not None
+        with torch.random.fork_rng(devices=[], enabled=not in_worker):
+            state = random.getstate()
+            random.seed(seed)
+            torch.manual_seed(seed)
+            x = self.transform(img)
+            if not in_worker:
+                random.setstate(state)
+        return x, label, skipped
+
+
+def collate_classify(samples) -> dict:
+    x, y, skipped = zip(*samples)
+    return {"image": torch.stack(x), "label": torch.tensor(y), "skipped": sum(skipped)}
+
+
+def classify_source(cfg: ClassifyDataConfig, root: str | None, train: bool):
+    """The training images (data.subset of them), or the evaluation images: val_root's, or with
+    data.holdout the training images held out (then the training side never sees them)."""
+    from dataclasses import replace
+
+    from tinymim.data import SubsetImages, TorchvisionCIFAR, split_holdout
+
+    if cfg.holdout:
+        rest, held = split_holdout(classify_source(replace(cfg, holdout=0, subset=None), cfg.root, True), cfg.holdout)
+        if not train:
+            return held
+        return SubsetImages(rest, cfg.subset) if cfg.subset is not None else rest
+    if cfg.name == "synthetic":  # a held-out synthetic split: other seeds
+        return build_source(cfg if train else replace(cfg, subset=None), seed=0 if train else 1)
+    if cfg.name in ("cifar10", "cifar100"):
+        src = TorchvisionCIFAR(cfg.name, root, train=train)
+        return SubsetImages(src, cfg.subset) if train and cfg.subset is not None else src
+    if not root:
+        raise ConfigError("data.val_root is needed to evaluate a folder dataset" if not train else "data.root is needed")
+    return build_source(replace(cfg, root=root, subset=cfg.subset if train else None))
+
+
+def build_classify_loaders(cfg: ClassifyDataConfig, batch: int, rank: int, world: int, seed: int):
+    _posterize_zero_bits_compat()
+    train_tf = create_transform(cfg.img_size, is_training=True, scale=tuple(cfg.crop_scale),
+                                auto_augment=cfg.auto_augment, interpolation="bicubic", re_prob=cfg.reprob,
+                                re_mode="pixel", re_count=1, mean=tuple(cfg.mean), std=tuple(cfg.std),
+                                color_jitter=cfg.color_jitter or None)
+    train = ClassifyDataset(classify_source(cfg, cfg.root, True), train_tf)
+    sampler = GlobalBatchSampler(len(train), batch, rank, world, seed)
+    loader = tud.DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_classify,
+                            worker_init_fn=worker_init,
+                            generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
+                            prefetch_factor=4 if cfg.num_workers else None)
+    return loader, sampler
+
+
+def build_eval_loader(cfg: ClassifyDataConfig, batch: int, rank: int = 0, world: int = 1, root: str | None = None,
+                      split_train: bool = False):
+    """Evaluation transform (resize, center crop) over the validation split, or over the training
+    split with split_train (a k-NN bank)."""
+    eval_tf = create_transform(cfg.img_size, is_training=False, interpolation="bicubic", crop_pct=cfg.eval_crop_pct,
+                               mean=tuple(cfg.mean), std=tuple(cfg.std))
+    source = classify_source(cfg, root or (cfg.root if split_train else cfg.val_root), split_train)
+    ds = ClassifyDataset(source, eval_tf)
+    shard = tud.Subset(ds, range(rank, len(ds), world))  # each process a strided shard; sums are reduced
+    return tud.DataLoader(shard, batch_size=batch, num_workers=cfg.num_workers, collate_fn=collate_classify,
+                          worker_init_fn=worker_init)
+
+
+@torch.no_grad()
+def classification_sums(model: nn.Module, loader, device: torch.device, class_indices=None) -> torch.Tensor:
+    """[top-1 hits, top-5 hits, images, summed cross-entropy] over a loader, as a float64 tensor on
+    `device` (ready for an all-reduce); logits restricted to `class_indices` when given."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    idx = torch.tensor(class_indices, device=device) if class_indices is not None else None
+    for batch in loader:
+        x, y = batch["image"].to(device), batch["label"].to(device)
+        logits = model(x).float()
+        if idx is not None:
+            logits = logits.index_select(1, idx)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums += torch.tensor([float((top[:, 0] == y).sum()), float((top == y[:, None]).any(1).sum()), len(y),
+                              float(nn.functional.cross_entropy(logits, y, reduction="sum"))],
+                             dtype=torch.float64, device=device)
+    return sums
+
+
+def sums_to_metrics(sums: torch.Tensor) -> dict:
+    c1, c5, n, loss = sums.tolist()
+    return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n, "images": int(n)}
+
+
