@@ -1,15 +1,12 @@
-"""Reading weights safely and writing training checkpoints atomically.
+"""Weights in and out: any layout (MAE, DeiT, TinyMIM*-T, timm, tinymim runs) into a timm ViT, and
+safetensors files written atomically (through tinymim.rundir).
 
 Pickled checkpoints are only ever read with `torch.load(weights_only=True)`: a file that would run
 code while unpickling is refused. safetensors files are preferred for weights.
 """
 from __future__ import annotations
 
-from tinymim.errors import TinymimError
-
 import logging
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,40 +14,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from tinymim.rundir import CheckpointError, RunDir, safe_torch_load  # noqa: F401 - re-exported
 
 log = logging.getLogger("tinymim")
-
-
-class CheckpointError(TinymimError):
-    """A weights or checkpoint file that cannot be used, with what to do about it."""
 
 
 # checkpoint containers used by MAE, DeiT, timm and others
 _CONTAINER_KEYS = ("model", "state_dict", "model_state", "module", "student")
 
 
-def safe_torch_load(path: str | Path) -> Any:
-    """torch.load that refuses pickled code and names the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refused to load {path}: it holds pickled objects other than tensors and plain "
-            f"containers, which could run code ({str(e).splitlines()[0]}). If you trust the file, "
-            "convert it to safetensors yourself; tinymim never unpickles arbitrary objects.") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"cannot read {path}: the file is truncated or not a PyTorch checkpoint ({e})") from e
-
-
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat name -> tensor dict from a .safetensors/.pt/.pth file or a tinymim run directory."""
     path = Path(path)
     if path.is_dir():
-        from tinymim.rundir import RunDir
-
         weights = RunDir(path).weights()
         if weights is not None:
             return load_state_dict(weights)

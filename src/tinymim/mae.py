@@ -9,9 +9,38 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 
-from tinymim.models import fix_sincos_pos_embed, sincos_table
+
+
+def sincos_table(grid: tuple[int, int], dim: int, num_prefix: int = 1) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos position embedding: 1 x (prefix + H*W) x dim, zeros for the prefix tokens.
+
+    Patch (h, w), 0-indexed in row-major order, gets [sin(w W), cos(w W), sin(h W), cos(h W)] with
+    W_i = 10000^(-i / (dim/4)), i = 0 .. dim/4 - 1 (the first half encodes the column, as MAE's).
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    hh, ww = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
+                            indexing="ij")
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([one_axis(ww), one_axis(hh)], dim=1)
+    return torch.cat([torch.zeros(num_prefix, dim, dtype=torch.float64), table]).float().unsqueeze(0)
+
+
+def fix_sincos_pos_embed(model: VisionTransformer) -> None:
+    """Set the position embedding to MAE's sin-cos table and freeze it (no gradient, no weight decay)."""
+    if model.pos_embed is None or getattr(model, "no_embed_class", False):
+        raise ValueError("pos_embed=sincos needs a ViT with a position embedding over prefix + patch tokens")
+    prefix = model.pos_embed.shape[1] - model.patch_embed.num_patches
+    with torch.no_grad():
+        model.pos_embed.copy_(sincos_table(model.patch_embed.grid_size, model.embed_dim, prefix))
+    model.pos_embed.requires_grad_(False)
 
 
 @dataclass

@@ -26,10 +26,12 @@ import fcntl
 import json
 import logging
 import os
+import pickle
 import secrets
 import shutil
 import socket
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -42,6 +44,10 @@ log = logging.getLogger("tinymim")
 
 class RunDirError(TinymimError):
     """A run directory that cannot be used as asked, with what to do about it."""
+
+
+class CheckpointError(TinymimError):
+    """A weights or checkpoint file that cannot be used, with what to do about it."""
 
 
 class RunLockedError(RunDirError):
@@ -205,6 +211,25 @@ def read_json(path: str | Path, what: str = "file") -> dict | None:
     return obj
 
 
+def safe_torch_load(path: str | Path) -> Any:
+    """torch.load that refuses pickled code and names the problem."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load {path}: it holds pickled objects other than tensors and plain "
+            f"containers, which could run code ({str(e).splitlines()[0]}). If you trust the file, "
+            "convert it to safetensors yourself; tinymim never unpickles arbitrary objects.") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"cannot read {path}: the file is truncated or not a PyTorch checkpoint ({e})") from e
+
+
+
 # ---------------------------------------------------------------------------------------------
 # the run directory
 
@@ -301,8 +326,6 @@ class RunDir:
     def read_checkpoint(self) -> dict:
         """last.pt, checked: written atomically, it can only be damaged from outside (a copy cut
         short, a disk error), and then the user decides."""
-        from tinymim.checkpoint import CheckpointError, safe_torch_load
-
         fix = (f"move it away to start this run over (its weights are lost), or restore it from a copy")
         try:
             state = safe_torch_load(self.checkpoint)
