@@ -29,17 +29,17 @@ def test_lr_is_linear_warmup_then_half_cycle_cosine_per_step(tmp_path):
 
 
 def test_parameter_groups():
-    import timm.optim
+    from tinymim.engine import build_optimizer
 
-    task = build_distill_task(tiny_distill_config())
-    opt = timm.optim.create_optimizer_v2(task.get_trainable_module(), opt="adamw", lr=1e-3, weight_decay=0.05,
-                                         betas=(0.9, 0.95))
+    cfg = tiny_distill_config(lr=1e-3, weight_decay=0.05, betas=[0.9, 0.95])
+    task = build_distill_task(cfg)
+    opt = build_optimizer(task.get_trainable_module(), cfg.train)  # the engine's own optimizer
     names = {id(p): n for n, p in task.get_trainable_module().named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert "vit.blocks.0.attn.qkv.weight" in decayed and "vit.cls_token" in decayed
     assert "vit.blocks.0.attn.qkv.bias" in plain and "vit.blocks.0.norm1.weight" in plain
-    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["lr"] == 1e-3
     # the relation block's unused parts are not optimized at all
     assert not any(n.startswith(("vit.blocks.1.mlp", "vit.blocks.1.attn.proj", "vit.norm.")) for n in decayed | plain)
 

@@ -305,33 +305,120 @@ def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: d
         return _train(task, cfg, data_loader_fn, run, config, ctx, optimizer_kwargs, stop, checked)
 
 
+FINISHED = "finished"
+
+
 def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ctx: DistContext,
            optimizer_kwargs, stop: StopSignals, checked):
-    # an existing run: same config (the one inside last.pt rules); a finished one says so and exits
-    resume = None
-    if run.checkpoint.is_file():
-        resume = run.read_checkpoint()
-        run.check_config(config, resume)
-        if resume.get("finished"):
-            if ctx.is_main:
-                _repair_finished(task, run, config, resume)
-                log.info("run in %s already finished (step %d); nothing to do", run.path, resume["global_step"])
-            return None
-    elif run.weights() is not None:  # finished, and its checkpoint removed to save space
-        if run.stored_config() is None:
-            raise RunDirError(f"{run.path} holds final weights ({run.weights().name}) but neither checkpoints/last.pt "
-                              "nor a readable config.yaml, so it cannot be checked; choose a new --output, or move "
-                              "the weights away to train again here")
-        run.check_config(config)
-        if ctx.is_main:
-            log.info("run in %s already finished (its checkpoint was removed); nothing to do", run.path)
+    """The loop, nanoGPT-style: one optimizer step per iteration, then logging, evaluation at epoch
+    ends, checkpoints, and a stop on request. The pieces it calls are defined below it."""
+    resume = _open_run(task, run, config, ctx)
+    if resume == FINISHED:
         return None
-
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.seed + ctx.rank)
+    loader, sampler, data_id, plan = _data(cfg, data_loader_fn, ctx, run, resume)
+    checked()  # from here on the directory is written
+    if ctx.is_main:
+        _write_run_files(task, run, config, resume)
+    optimizer, scheduler, scaler = _prepare(task, cfg, ctx, plan, optimizer_kwargs)
+    state = TrainState(optimizer, scheduler, scaler)
+    if resume is not None:
+        _restore(task, state, resume, cfg, ctx, run)
+    scheduler.step_update(state.step)
+    logs = RunLogs(run, ctx, cfg, config, plan, task.name, state.step)
+    checkpointer = Checkpointer(task, state, run, ctx, config, data_id)
+    task.train()
+    batches = None
+    try:
+        while state.step < plan.total:
+            epoch, step_in_epoch = divmod(state.step, plan.per_epoch)
+            sampler.set_epoch(epoch, step_in_epoch * cfg.accum_steps)
+            batches = iter(loader)
+            for _ in range(step_in_epoch, min(plan.per_epoch, step_in_epoch + plan.total - state.step)):
+                losses, stopping = train_step(task, batches, cfg, ctx, state, logs.window, stop, run.checkpoint)
+                state.step += 1
+                scheduler.step_update(state.step)
+                task.after_step(state.step)
+                logs.step(state.step, losses, optimizer)
+                if state.step % plan.per_epoch == 0 or state.step == plan.total:
+                    logs.evaluation(_evaluate(task, state, cfg, ctx, run, plan))
+                saved = state.step < plan.total and (state.step % cfg.checkpoint_every == 0 or
+                                                      state.step % plan.per_epoch == 0)
+                if saved:
+                    checkpointer.save()
+                if stopping and state.step < plan.total:
+                    if not saved:
+                        checkpointer.save()
+                    name = signal.Signals(stop.received).name if stop.received is not None else "a signal"
+                    raise Preempted(f"stopped on {name} at step {state.step} of {plan.total}; checkpoint "
+                                    f"written to {run.checkpoint}; run the same command again to resume")
+        if ctx.is_main:
+            task.export(run.path)
+        checkpointer.save(finished=True)
+    finally:
+        # the loader's workers end now, not whenever the iterator is collected (an exception's
+        # traceback may hold it; the workers ignore stop signals, so they must be told)
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        batches = None  # noqa: F841
+        logs.close()
+    return logs.final()
 
-    # data: the sampler slices each global micro batch among processes
+
+# ---------------------------------------------------------------------------------------------
+# the loop's pieces
+
+
+@dataclass
+class Plan:
+    """The run's length in optimizer steps."""
+
+    per_epoch: int
+    total: int
+
+
+@dataclass
+class TrainState:
+    """What the loop advances and a checkpoint keeps, besides the task's weights."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    best: float = float("-inf")
+
+
+def _open_run(task, run: RunDir, config: dict, ctx: DistContext):
+    """The checkpoint to resume from, None for a fresh run, or FINISHED (then there is nothing to do).
+    The config must be the run's (the one inside last.pt rules)."""
+    if run.checkpoint.is_file():
+        resume = run.read_checkpoint()
+        run.check_config(config, resume)
+        if not resume.get("finished"):
+            return resume
+        if ctx.is_main:
+            _repair_finished(task, run, config, resume)
+            log.info("run in %s already finished (step %d); nothing to do", run.path, resume["global_step"])
+        return FINISHED
+    if run.weights() is None:
+        return None
+    # final weights without a checkpoint: finished, and checkpoints/ removed to save space
+    if run.stored_config() is None:
+        raise RunDirError(f"{run.path} holds final weights ({run.weights().name}) but neither checkpoints/last.pt "
+                          "nor a readable config.yaml, so it cannot be checked; choose a new --output, or move "
+                          "the weights away to train again here")
+    run.check_config(config)
+    if ctx.is_main:
+        log.info("run in %s already finished (its checkpoint was removed); nothing to do", run.path)
+    return FINISHED
+
+
+def _data(cfg: TrainConfig, data_loader_fn, ctx: DistContext, run: RunDir, resume):
+    """(loader, sampler, data fingerprint, plan): the sampler slices each global micro batch among
+    processes; a resumed run must see the data it was checkpointed with."""
     micro_global = cfg.batch_size // cfg.accum_steps
     if micro_global % ctx.world:
         raise ConfigError(f"train.batch_size / accum_steps = {micro_global} is not divisible by {ctx.world} processes")
@@ -342,28 +429,45 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
             f"the data changed since {run.path} was checkpointed (it trained on {_describe(resume['data'])}, the "
             f"data now gives {_describe(data_id)}): a different data source is a different run; restore the "
             "data, or choose a new --output")
-
-    updates_per_epoch = sampler.steps_per_epoch // cfg.accum_steps
-    if updates_per_epoch < 1:
+    per_epoch = sampler.steps_per_epoch // cfg.accum_steps
+    if per_epoch < 1:
         raise ConfigError(f"one epoch holds fewer than {cfg.accum_steps} batches of {micro_global}; "
                           "lower train.batch_size or accum_steps")
+    total = per_epoch * cfg.epochs
+    return loader, sampler, data_id, Plan(per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total)
 
-    # from here on the directory is written: the config, metrics from the resumed step, the classes
-    checked()
-    if ctx.is_main:
-        run.write_info(task.name)
-        run.write_config(config)
-        run.truncate_metrics(resume["global_step"] if resume is not None else 0)
-        if getattr(task, "classes", None) is not None:
-            run.write_classes(task.classes)
-    total_updates = updates_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total_updates = min(total_updates, cfg.max_steps)
 
-    # model, optimizer, schedule, precision
+def _write_run_files(task, run: RunDir, config: dict, resume) -> None:
+    run.write_info(task.name)
+    run.write_config(config)
+    run.truncate_metrics(resume["global_step"] if resume is not None else 0)
+    if getattr(task, "classes", None) is not None:
+        run.write_classes(task.classes)
+
+
+def build_optimizer(trainable: torch.nn.Module, cfg: TrainConfig, optimizer_kwargs: dict | None = None):
+    """timm's optimizer with its parameter groups: no weight decay on biases and 1-D (norm) parameters;
+    the trainable module has no no_weight_decay() list, so cls_token/pos_embed are decayed, as in MAE
+    and TinyMIM. optimizer_kwargs: e.g. layer_decay for fine-tuning."""
     import timm.optim
+
+    opt_args = {"betas": tuple(cfg.betas)} if cfg.optimizer == "adamw" else {"momentum": cfg.momentum}
+    return timm.optim.create_optimizer_v2(trainable, opt=cfg.optimizer, lr=lr_for(cfg), weight_decay=cfg.weight_decay,
+                                          **opt_args, **(optimizer_kwargs or {}))
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, per_epoch: int):
+    """Linear warmup from 0, then a half-cycle cosine to min_lr, updated every optimizer step."""
     import timm.scheduler
 
+    warmup = int(round(cfg.warmup_epochs * per_epoch))
+    return timm.scheduler.CosineLRScheduler(
+        optimizer, t_initial=max(1, per_epoch * cfg.epochs - warmup), lr_min=cfg.min_lr,
+        warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+
+
+def _prepare(task, cfg: TrainConfig, ctx: DistContext, plan: Plan, optimizer_kwargs):
+    """The task on its device (compiled, wrapped for DDP), its optimizer, schedule and grad scaler."""
     if ctx.device.type == "cpu":
         cpu_performance_settings()
     task.to(ctx.device)
@@ -372,173 +476,171 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
         task.compile()
     if ctx.distributed:
         task.prepare_distributed(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    trainable = task.get_trainable_module()
-    lr = lr_for(cfg)
-    # timm's parameter groups: no weight decay on biases and 1-D (norm) parameters; the trainable
-    # module has no no_weight_decay() list, so cls_token/pos_embed are decayed, as in MAE and TinyMIM
-    opt_args = {"betas": tuple(cfg.betas)} if cfg.optimizer == "adamw" else {"momentum": cfg.momentum}
-    optimizer = timm.optim.create_optimizer_v2(trainable, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
-                                               **opt_args, **(optimizer_kwargs or {}))
-    warmup = int(round(cfg.warmup_epochs * updates_per_epoch))
-    scheduler = timm.scheduler.CosineLRScheduler(
-        optimizer, t_initial=max(1, updates_per_epoch * cfg.epochs - warmup), lr_min=cfg.min_lr,
-        warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
+    optimizer = build_optimizer(task.get_trainable_module(), cfg, optimizer_kwargs)
+    scheduler = build_scheduler(optimizer, cfg, plan.per_epoch)
+    return optimizer, scheduler, torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
 
-    global_step, best = 0, float("-inf")
-    if resume is not None:
-        best = resume.get("best", best)
-        task.load_trainable_state(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        global_step = resume["global_step"]
-        if resume["world"] == ctx.world:
-            set_rng_state(resume["rng"][ctx.rank])
-        else:  # RNG streams are per process; a new process count gets fresh, still seeded ones
-            seed_everything(cfg.seed + ctx.rank + 7919 * global_step)
-            if ctx.is_main:
-                log.warning("resuming with %d processes instead of %d: drop-path randomness will differ",
-                            ctx.world, resume["world"])
+
+def _restore(task, state: TrainState, resume: dict, cfg: TrainConfig, ctx: DistContext, run: RunDir) -> None:
+    state.best = resume.get("best", state.best)
+    task.load_trainable_state(resume["model"])
+    state.optimizer.load_state_dict(resume["optimizer"])
+    state.scheduler.load_state_dict(resume["scheduler"])
+    state.scaler.load_state_dict(resume["scaler"])
+    state.step = resume["global_step"]
+    if resume["world"] == ctx.world:
+        set_rng_state(resume["rng"][ctx.rank])
+    else:  # RNG streams are per process; a new process count gets fresh, still seeded ones
+        seed_everything(cfg.seed + ctx.rank + 7919 * state.step)
         if ctx.is_main:
-            run.truncate_metrics(global_step)
-            log.info("resuming %s from step %d", run.path, global_step)
-    scheduler.step_update(global_step)
+            log.warning("resuming with %d processes instead of %d: drop-path randomness will differ",
+                        ctx.world, resume["world"])
+    if ctx.is_main:
+        log.info("resuming %s from step %d", run.path, state.step)
 
-    metrics = MetricsLogger(run, ctx.is_main, cfg, config)
-    bar = None
-    if ctx.is_main and cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total_updates, initial=global_step, desc=task.name, unit="step", dynamic_ncols=True)
 
-    def save(finished: bool = False) -> None:
+@dataclass
+class LogWindow:
+    """Sums over the optimizer steps since the last metrics line."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    steps: int = 0
+    skipped: int = 0
+    sums: dict = field(default_factory=dict)
+
+
+def train_step(task, batches, cfg: TrainConfig, ctx: DistContext, state: TrainState, window: LogWindow,
+               stop: StopSignals, checkpoint: Path) -> tuple[dict[str, float], bool]:
+    """One optimizer step over accum_steps micro batches (DDP syncs gradients on the last only).
+    Returns the step's losses averaged over processes, and whether any process was asked to stop."""
+    sums = {}
+    for micro in range(cfg.accum_steps):
+        batch = next(batches)
+        sync = micro == cfg.accum_steps - 1
+        with (contextlib.nullcontext() if sync else task.no_sync()):
+            with _autocast(ctx.device, cfg.precision):
+                out = task(batch)
+            state.scaler.scale(out["loss"] / cfg.accum_steps).backward()
+        for k, v in out.items():
+            if k.startswith("loss"):
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.accum_steps
+        window.images += batch["image"].shape[0] * ctx.world
+        window.skipped += batch["skipped"]
+    names = sorted(sums)
+    # a stop request rides with the losses' all-reduce: every process sees it at the same step
+    requested = torch.ones(1) if stop.received is not None else torch.zeros(1)
+    values = torch.cat([torch.stack([sums[k] for k in names]), requested.to(sums[names[0]])])
+    if ctx.distributed:
+        dist.all_reduce(values)
+        values /= ctx.world
+    values, stopping = values[:-1], bool(values[-1] > 0)
+    if not torch.isfinite(values).all():
+        bad = {k: float(v) for k, v in zip(names, values)}
+        raise NonFiniteLossError(
+            f"non-finite loss at step {state.step + 1}: {bad}. The last good checkpoint, {checkpoint}, is kept. "
+            "Lower the learning rate (train.blr), use train.precision=bf16 or fp32 instead of fp16, or set "
+            "train.clip_grad.")
+    if cfg.clip_grad is not None:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(task.get_trainable_module().parameters(), cfg.clip_grad)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    return dict(zip(names, values.tolist())), stopping
+
+
+def _evaluate(task, state: TrainState, cfg: TrainConfig, ctx: DistContext, run: RunDir, plan: Plan) -> dict | None:
+    """The task's end-of-epoch evaluation as a metrics record; a new best exports the best weights."""
+    task.eval()
+    with torch.no_grad(), _autocast(ctx.device, cfg.precision):
+        result = task.evaluate(-(-state.step // plan.per_epoch))
+    task.train()
+    if not result:
+        return None
+    record = {"step": state.step, "epoch": round(state.step / plan.per_epoch, 4),
+              **{f"val_{k}": v for k, v in result.items()}}
+    if task.best_metric and result[task.best_metric] > state.best:
+        state.best = result[task.best_metric]
+        if ctx.is_main:
+            task.export_best(run.path)
+    if task.best_metric:
+        record["val_best"] = state.best
+    return record
+
+
+class RunLogs:
+    """metrics.jsonl and the trackers (MetricsLogger), the progress bar, and the log window."""
+
+    def __init__(self, run: RunDir, ctx: DistContext, cfg: TrainConfig, config: dict, plan: Plan, name: str,
+                 step: int):
+        self.ctx, self.cfg, self.plan = ctx, cfg, plan
+        self.metrics = MetricsLogger(run, ctx.is_main, cfg, config)
+        self.bar = None
+        if ctx.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=plan.total, initial=step, desc=name, unit="step", dynamic_ncols=True)
+        self.window, self.reported_skips, self.last, self.last_eval = LogWindow(), 0, None, {}
+
+    def step(self, step: int, losses: dict[str, float], optimizer) -> None:
+        w = self.window
+        for k, v in losses.items():
+            w.sums[k] = w.sums.get(k, 0.0) + v
+        w.steps += 1
+        if step % self.cfg.log_every == 0 or step == 1 or step == self.plan.total:
+            # on the device: nccl reduces only device tensors
+            skipped = torch.tensor(float(w.skipped), device=self.ctx.device)
+            if self.ctx.distributed:
+                dist.all_reduce(skipped)
+            self.last = {"step": step, "epoch": round(step / self.plan.per_epoch, 4),
+                         **{k: s / w.steps for k, s in w.sums.items()},
+                         "lr": max(g["lr"] for g in optimizer.param_groups),
+                         "images_per_s": w.images / (time.perf_counter() - w.t0), "skipped_images": int(skipped)}
+            self.metrics.log(self.last)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", lr=f"{self.last['lr']:.2e}")
+            if int(skipped) > self.reported_skips and self.ctx.is_main:
+                log.warning("%d unreadable images skipped so far", int(skipped))
+            self.reported_skips = int(skipped)
+            self.window = LogWindow(skipped=w.skipped)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def evaluation(self, record: dict | None) -> None:
+        if record is None:
+            return
+        self.metrics.log(record)
+        self.last_eval = record
+        if self.bar is not None:
+            self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def final(self) -> dict:
+        return {**(self.last or {}), **self.last_eval}
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Checkpointer:
+    """checkpoints/last.pt, written by the main process on every process's behalf (each one's RNG)."""
+
+    def __init__(self, task, state: TrainState, run: RunDir, ctx: DistContext, config: dict, data_id: dict):
+        self.task, self.state, self.run, self.ctx, self.config, self.data_id = task, state, run, ctx, config, data_id
+
+    def save(self, finished: bool = False) -> None:
+        ctx, state = self.ctx, self.state
         rng = [None] * ctx.world
         if ctx.distributed:
             dist.all_gather_object(rng, rng_state())
         else:
             rng = [rng_state()]
         if ctx.is_main:
-            save_torch({"model": task.trainable_state(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                        "global_step": global_step, "world": ctx.world, "rng": rng, "finished": finished,
-                        "best": best, "config": config, "data": data_id}, run.checkpoint)
-
-    window = {"t0": time.perf_counter(), "images": 0, "steps": 0, "sums": {}, "skipped": 0, "reported_skips": 0}
-    last, last_eval = None, {}
-    task.train()
-    batches = None
-    try:
-        while global_step < total_updates:
-            epoch, step_in_epoch = divmod(global_step, updates_per_epoch)
-            sampler.set_epoch(epoch, step_in_epoch * cfg.accum_steps)
-            batches = iter(loader)
-            for _ in range(step_in_epoch, updates_per_epoch):
-                if global_step >= total_updates:
-                    break
-                # one optimizer step = accum_steps micro batches; DDP syncs grads on the last only
-                sums = {}
-                for micro in range(cfg.accum_steps):
-                    batch = next(batches)
-                    sync = micro == cfg.accum_steps - 1
-                    with (contextlib.nullcontext() if sync else task.no_sync()):
-                        with _autocast(ctx.device, cfg.precision):
-                            out = task(batch)
-                        scaler.scale(out["loss"] / cfg.accum_steps).backward()
-                    for k, v in out.items():
-                        if k.startswith("loss"):
-                            sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.accum_steps
-                    window["images"] += batch["image"].shape[0] * ctx.world
-                    window["skipped"] += batch["skipped"]
-                names = sorted(sums)
-                # a stop request rides with the losses' all-reduce: every process sees it at the same step
-                requested = torch.ones(1) if stop.received is not None else torch.zeros(1)
-                values = torch.cat([torch.stack([sums[k] for k in names]), requested.to(sums[names[0]])])
-                if ctx.distributed:
-                    dist.all_reduce(values)
-                    values /= ctx.world
-                values, stopping = values[:-1], bool(values[-1] > 0)
-                if not torch.isfinite(values).all():
-                    bad = {k: float(v) for k, v in zip(names, values)}
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {global_step + 1} (epoch {epoch}): {bad}. The last good "
-                        f"checkpoint, {run.checkpoint}, is kept. Lower the learning rate (train.blr), use "
-                        "train.precision=bf16 or fp32 instead of fp16, or set train.clip_grad.")
-                if cfg.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                scheduler.step_update(global_step)
-                task.after_step(global_step)
-
-                for k, v in zip(names, values.tolist()):
-                    window["sums"][k] = window["sums"].get(k, 0.0) + v
-                window["steps"] += 1
-                if global_step % cfg.log_every == 0 or global_step == 1 or global_step == total_updates:
-                    elapsed = time.perf_counter() - window["t0"]
-                    # on the device: nccl reduces only device tensors
-                    skipped = torch.tensor(float(window["skipped"]), device=ctx.device)
-                    if ctx.distributed:
-                        dist.all_reduce(skipped)
-                    last = {"step": global_step, "epoch": round(global_step / updates_per_epoch, 4),
-                            **{k: s / window["steps"] for k, s in window["sums"].items()},
-                            "lr": max(g["lr"] for g in optimizer.param_groups), "images_per_s": window["images"] / elapsed,
-                            "skipped_images": int(skipped)}
-                    metrics.log(last)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-                    if int(skipped) > window["reported_skips"] and ctx.is_main:
-                        log.warning("%d unreadable images skipped so far", int(skipped))
-                    window["reported_skips"] = int(skipped)
-                    window.update(t0=time.perf_counter(), images=0, steps=0, sums={})
-                if bar is not None:
-                    bar.update(1)
-                if global_step % updates_per_epoch == 0 or global_step == total_updates:
-                    task.eval()
-                    with torch.no_grad(), _autocast(ctx.device, cfg.precision):
-                        result = task.evaluate(-(-global_step // updates_per_epoch))
-                    task.train()
-                    if result:
-                        record = {"step": global_step, "epoch": round(global_step / updates_per_epoch, 4),
-                                  **{f"val_{k}": v for k, v in result.items()}}
-                        if task.best_metric and result[task.best_metric] > best:
-                            best = result[task.best_metric]
-                            if ctx.is_main:
-                                task.export_best(run.path)
-                        if task.best_metric:
-                            record["val_best"] = best
-                        metrics.log(record)
-                        last_eval = record
-                        if bar is not None:
-                            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                               for k, v in record.items()))
-                checkpointed = False
-                if global_step % cfg.checkpoint_every == 0 or global_step % updates_per_epoch == 0:
-                    if global_step < total_updates:
-                        save()
-                        checkpointed = True
-                if stopping and global_step < total_updates:
-                    if not checkpointed:
-                        save()
-                    name = signal.Signals(stop.received).name if stop.received is not None else "a signal"
-                    raise Preempted(f"stopped on {name} at step {global_step} of {total_updates}; checkpoint "
-                                    f"written to {run.checkpoint}; run the same command again to resume")
-        if ctx.is_main:
-            task.export(run.path)
-        save(finished=True)
-    finally:
-        # the loader's workers end now, not whenever the iterator is collected (an exception's
-        # traceback may hold it; the workers ignore stop signals, so they must be told)
-        shutdown = getattr(batches, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-        batches = None  # noqa: F841
-        metrics.close()
-        if bar is not None:
-            bar.close()
-    return {**(last or {}), **last_eval}
+            save_torch({"model": self.task.trainable_state(), "optimizer": state.optimizer.state_dict(),
+                        "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
+                        "global_step": state.step, "world": ctx.world, "rng": rng, "finished": finished,
+                        "best": state.best, "config": self.config, "data": self.data_id}, self.run.checkpoint)
 
 
 def _repair_finished(task, run: RunDir, config: dict, resume: dict) -> None:
