@@ -151,3 +151,16 @@ def test_model_ema_is_what_gets_evaluated_and_exported(tmp_path):
     raw = ckpt["model"]["blocks.0.attn.qkv.weight"]
     assert not torch.equal(exported["blocks.0.attn.qkv.weight"], raw)
     assert torch.equal(ckpt["model"]["__ema__.blocks.0.attn.qkv.weight"], exported["blocks.0.attn.qkv.weight"])
+
+
+def test_ema_follows_the_task_and_every_task_compiles(tmp_path):
+    """The EMA copy is a registered submodule (it moves with the task: timm's EMA lerps in place, so a
+    CPU copy of a GPU model would fail); compile() wraps the trainable part for every task, and the
+    wrappers stay out of the task's state_dict."""
+    cfg = tiny_finetune_config(max_steps=3)
+    cfg.ema_decay = 0.5
+    task = build_finetune_task(cfg).to(torch.float64)
+    assert next(task.ema.module.parameters()).dtype == torch.float64
+    compiled = task.compile()
+    assert task.trainable_forward is compiled and compiled is not task.model
+    assert not any(k.startswith("wrapped") for k in task.state_dict())

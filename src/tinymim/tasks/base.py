@@ -16,26 +16,29 @@ class Task(TrainingTask):
     def __init__(self, trainable: nn.Module):
         super().__init__(verbose=False)
         self.trainable_module = trainable  # what the optimizer updates; wrapped by DDP when distributed
-        self._ddp: nn.Module | None = None
+        # runtime views of registered modules (compiled, DDP): a plain dict keeps them out of the module
+        # tree, so the task's state_dict, .to() and parameters() see every weight once
+        self.wrapped: dict[str, nn.Module] = {}
 
     def get_trainable_module(self, ema: bool = False) -> nn.Module:
         return self.trainable_module
 
     @property
     def trainable_forward(self) -> nn.Module:
-        """The callable to run the trainable part through: DDP wrapper when distributed."""
-        if self._ddp is not None:
-            return self._ddp
-        return self._compiled if self._compiled is not None else self.trainable_module
+        """The callable to run the trainable part through: DDP's wrapper when distributed, else the
+        compiled module when compiled, else the module itself."""
+        return self.wrapped.get("ddp") or self.wrapped.get("compiled") or self.trainable_module
 
-    _compiled: nn.Module | None = None
+    def compile(self, backend: str = "inductor", mode=None, **kw) -> nn.Module:
+        """torch.compile the trainable part (every task; timm's TrainingTask.compile differs between
+        timm releases, so tinymim does not rely on it)."""
+        self.wrapped["compiled"] = torch.compile(self.trainable_module, backend=backend, mode=mode, **kw)
+        return self.wrapped["compiled"]
 
     def prepare_distributed(self, device_ids=None, **ddp_kwargs) -> "Task":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # set outside nn.Module's registry: the wrapper must not appear as a second copy of the weights
-        object.__setattr__(self, "_ddp", DDP(self.trainable_forward, device_ids=device_ids,
-                                             **ddp_kwargs))
+        self.wrapped["ddp"] = DDP(self.trainable_forward, device_ids=device_ids, **ddp_kwargs)
         return self
 
     def prepare(self, device: torch.device, precision: str) -> None:
@@ -48,7 +51,7 @@ class Task(TrainingTask):
                 m.fused_attn = not explicit
 
     def no_sync(self):
-        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
+        return self.wrapped["ddp"].no_sync() if "ddp" in self.wrapped else contextlib.nullcontext()
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return self.trainable_module.state_dict()
@@ -71,13 +74,3 @@ class Task(TrainingTask):
 
     def export_best(self, run_dir: Path) -> None:
         """Called on the main process when evaluate()[best_metric] reaches a new best."""
-
-    def knn_monitor(self, epoch: int, features: nn.Module) -> dict | None:
-        """k-NN accuracy of `features` when the config's `knn` monitor is due after `epoch` epochs."""
-        knn_cfg = getattr(getattr(self, "config", None), "knn", None)
-        if knn_cfg is None:
-            return None
-        if self.__dict__.get("_knn") is None:
-            from tinymim.knn import KNNMonitor
-            object.__setattr__(self, "_knn", KNNMonitor(knn_cfg, self.data_cfg))
-        return self._knn(features, self.device) if self._knn.due(epoch) else None

@@ -26,7 +26,7 @@ from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.config import ConfigError
 from tinymim.data import DataConfig, paired_views
 from tinymim.engine import TrainConfig
-from tinymim.knn import KNNMonitorConfig
+from tinymim.knn import KNNMonitor, KNNMonitorConfig
 from tinymim.models import (ModelConfig, TokenFeatures, create_vit, embed, num_tokens, set_block_heads,
                              set_drop_path, tokens_before_block, truncate)
 from tinymim.relations import RELATION_NAMES, RelationLoss, block_qkv, split_heads
@@ -261,6 +261,7 @@ class DistillTask(Task):
         self.teacher = TeacherTargets(teacher, target_block, trainable.sites)
         self.data_cfg = data_cfg
         self.config = config
+        self.knn = KNNMonitor(config.knn, data_cfg) if config is not None and config.knn.every_epochs else None
 
     def prepare(self, device: torch.device, precision: str) -> None:
         super().prepare(device, precision)  # the student's attention path; the frozen teacher only runs forward
@@ -274,13 +275,12 @@ class DistillTask(Task):
                     m.to(dtype)
 
     def compile(self, backend: str = "inductor", mode=None, **kw):
-        object.__setattr__(self, "_compiled", torch.compile(self.trainable_module, backend=backend, mode=mode, **kw))
-        object.__setattr__(self, "_teacher_fn", torch.compile(self.teacher, backend=backend, mode=mode, **kw))
-        return self._compiled
+        self.wrapped["teacher"] = torch.compile(self.teacher, backend=backend, mode=mode, **kw)
+        return super().compile(backend, mode, **kw)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         teacher_x, student_x = paired_views(batch, self.data_cfg, self.device)
-        teacher_out = getattr(self, "_teacher_fn", self.teacher)(teacher_x)
+        teacher_out = self.wrapped.get("teacher", self.teacher)(teacher_x)
         return self.trainable_forward(student_x, teacher_out)
 
     @torch.no_grad()
@@ -294,7 +294,9 @@ class DistillTask(Task):
     def evaluate(self, epoch: int) -> dict | None:
         """k-NN accuracy of the student's features (patch tokens entering its last block: with
         relation targets the blocks after it are not trained) when the k-NN monitor is due."""
-        return self.knn_monitor(epoch, TokenFeatures(self.student, len(self.student.blocks)))
+        if self.knn is None or not self.knn.due(epoch):
+            return None
+        return self.knn(TokenFeatures(self.student, len(self.student.blocks)), self.device)
 
     def export(self, run_dir: Path) -> None:
         meta = {"format": "timm.VisionTransformer"}

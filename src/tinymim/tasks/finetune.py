@@ -91,7 +91,8 @@ class FinetuneTask(Task):
     def setup_model_ema(self) -> None:
         if self.cfg.ema_decay:
             from timm.utils import ModelEmaV3
-            object.__setattr__(self, "ema", ModelEmaV3(self.model, decay=self.cfg.ema_decay))
+            # a registered submodule: it follows the task to its device (timm's EMA lerps in place)
+            self.ema = ModelEmaV3(self.model, decay=self.cfg.ema_decay)
 
     _EMA = "__ema__."
 

@@ -18,7 +18,7 @@ from tinymim.checkpoint import save_weights
 from tinymim.config import ConfigError
 from tinymim.data import DataConfig, plain_view
 from tinymim.engine import TrainConfig
-from tinymim.knn import KNNMonitorConfig
+from tinymim.knn import KNNMonitor, KNNMonitorConfig
 from tinymim.mae import DecoderConfig, MaskedAutoencoder
 from tinymim.models import ModelConfig, TokenFeatures, create_vit
 from tinymim.tasks.base import Task
@@ -51,17 +51,16 @@ class MAETask(Task):
     def __init__(self, mae: MaskedAutoencoder, data_cfg: DataConfig, config: MAEConfig | None = None):
         super().__init__(mae)
         self.mae, self.data_cfg, self.config = mae, data_cfg, config
-
-    def compile(self, backend: str = "inductor", mode=None, **kw):
-        object.__setattr__(self, "_compiled", torch.compile(self.mae, backend=backend, mode=mode, **kw))
-        return self._compiled
+        self.knn = KNNMonitor(config.knn, data_cfg) if config is not None and config.knn.every_epochs else None
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"loss": self.trainable_forward(plain_view(batch, self.data_cfg, self.device))}
 
     def evaluate(self, epoch: int) -> dict | None:
         """k-NN accuracy of the encoder's features (average of its final patch tokens) when due."""
-        return self.knn_monitor(epoch, TokenFeatures(self.mae.encoder))
+        if self.knn is None or not self.knn.due(epoch):
+            return None
+        return self.knn(TokenFeatures(self.mae.encoder), self.device)
 
     def export(self, run_dir: Path) -> None:
         meta = {"format": "timm.VisionTransformer"}
