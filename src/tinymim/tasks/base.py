@@ -27,7 +27,10 @@ class Task(TrainingTask):
     def trainable_forward(self) -> nn.Module:
         """The callable to run the trainable part through: DDP's wrapper when distributed, else the
         compiled module when compiled, else the module itself."""
-        return self.wrapped.get("ddp") or self.wrapped.get("compiled") or self.trainable_module
+        for key in ("ddp", "compiled"):
+            if key in self.wrapped:
+                return self.wrapped[key]
+        return self.trainable_module
 
     def compile(self, backend: str = "inductor", mode=None, **kw) -> nn.Module:
         """torch.compile the trainable part (every task; timm's TrainingTask.compile differs between
