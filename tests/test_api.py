@@ -92,7 +92,8 @@ def test_config_command_lists_every_key_with_type_and_meaning(capsys):
     printed = {line.split(" = ", 1)[0] for line in lines}
     cfg = tinymim.load_config("distill", "cifar10/distill_micro")
     assert printed == _leaves(asdict(cfg)) and len(printed) == len(lines)
-    assert "train.epochs = 7" in "\n".join(lines) and 'teacher.checkpoint = "builtin:cifar10_mae_vit128x6"' in "\n".join(lines)
+    text = "\n".join(lines)
+    assert "train.epochs = 7" in text and 'teacher.checkpoint = "builtin:cifar10_mae_vit128x6"' in text
     for line in lines:
         meaning = line.split("  # ", 1)[1]
         assert ": " in meaning and meaning.split(": ", 1)[1].strip(), line  # a type, then a meaning

@@ -13,6 +13,7 @@ from tinymim.data import DataConfig, DataError, build_loader
 from tinymim.engine import TrainConfig, run_task
 from tinymim.errors import NonFiniteLossError
 from tinymim.tasks.distill import DistillConfig, TeacherConfig, build_distill_task
+from tinymim.rundir import RunDir
 
 from conftest import tiny_distill_config, tiny_vit
 
@@ -62,7 +63,7 @@ def test_corrupt_images_are_counted_in_metrics(tmp_path):
     cfg.data = DataConfig(name="folder", root=str(root), img_size=32, num_workers=0)
     run_task(build_distill_task, cfg, tmp_path / "run")
     import json
-    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    last = RunDir(tmp_path / "run").read_metrics()[-1]
     assert last["skipped_images"] == 1
 
 

@@ -8,12 +8,13 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from tinymim.cli import main
+from tinymim.rundir import RunDir
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "cifar10"
 
 
 def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return RunDir(run).read_metrics()
 
 
 @pytest.fixture(scope="module")

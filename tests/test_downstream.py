@@ -9,6 +9,7 @@ from tinymim.knn import knn_accuracy
 from tinymim.models import ModelConfig
 from tinymim.tasks import finetune, linprobe
 from tinymim.tasks.finetune import ClassifyDataConfig, FinetuneConfig, build_finetune_task
+from tinymim.rundir import RunDir
 
 from conftest import tiny_vit
 
@@ -62,7 +63,7 @@ def test_head_init_and_pooling():
 def test_finetune_runs_and_evaluates(tmp_path):
     cfg = tiny_finetune_config(epochs=2)
     finetune.run(cfg, str(tmp_path / "run"))
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(tmp_path / "run").read_metrics()
     evals = [r for r in records if "val_top1" in r]
     assert [r["epoch"] for r in evals] == [1.0, 2.0]
     assert all(0 <= r["val_top1"] <= 100 and r["val_top5"] >= r["val_top1"] for r in evals)
@@ -131,7 +132,7 @@ def test_knn_monitoring_during_distillation(tmp_path):
     cfg = tiny_distill_config(epochs=2)
     cfg.knn.every_epochs, cfg.knn.name, cfg.knn.bank_size, cfg.knn.val_size = 2, "synthetic", 256, 128
     run_task(build_distill_task, cfg, tmp_path / "run")
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(tmp_path / "run").read_metrics()
     knn = [r for r in records if "val_knn_top1" in r]
     assert [r["epoch"] for r in knn] == [2.0]  # every 2 epochs: once
     assert 0 <= knn[0]["val_knn_top1"] <= 100

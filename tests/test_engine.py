@@ -7,12 +7,13 @@ import torch
 
 from tinymim.engine import run_task
 from tinymim.tasks.distill import build_distill_task
+from tinymim.rundir import RunDir
 
 from conftest import tiny_distill_config
 
 
 def metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return RunDir(run).read_metrics()
 
 
 def test_lr_is_linear_warmup_then_half_cycle_cosine_per_step(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tinymim.tasks import load_config, run
+from tinymim.rundir import RunDir
 
 MICRO = ["student.name=vit_custom", "student.img_size=32", "student.patch_size=8", "student.embed_dim=32",
          "student.depth=2", "student.num_heads=2", "teacher.model.name=vit_custom", "teacher.model.img_size=32",
@@ -19,8 +20,7 @@ MICRO = ["student.name=vit_custom", "student.img_size=32", "student.patch_size=8
 
 
 def jsonl_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
+    return {r["step"]: r["loss"] for r in RunDir(run_dir).read_metrics() if "loss" in r}
 
 
 def wandb_history(path: str) -> list[dict]:

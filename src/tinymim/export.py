@@ -28,6 +28,7 @@ import torch
 from tinymim.checkpoint import CheckpointError, load_state_dict, load_vit_weights, load_weights
 from tinymim.errors import TinymimError
 from tinymim.models import ModelConfig, size_args, timm_architecture
+from tinymim.rundir import RunDir
 
 log = logging.getLogger("tinymim")
 
@@ -68,7 +69,7 @@ def build_exportable(source: str | Path, model_name: str | None = None,
     if features not in FEATURES:
         raise TinymimError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
     source = Path(source)
-    if source.is_dir() and (source / "config.yaml").is_file():
+    if source.is_dir() and RunDir(source).stored_config() is not None:
         model_cfg, run_cfg, kind = _run_info(source)
     elif source.exists():
         if not model_name:

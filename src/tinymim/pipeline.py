@@ -208,7 +208,7 @@ def _run_stages(cfg: PipelineConfig, out: Path, planned, procs: _Processes, repo
         upstream = {d: run_ids[d] for d in (stage.teacher, stage.init) if d is not None}
         record = _record(stage_dir)
         matches = record is not None and record.get("upstream") == upstream and _same(record.get("config", {}), config)
-        done = matches and record.get("status") == "done" and (stage_dir / TASKS[stage.task].weights).is_file()
+        done = matches and record.get("status") == "done" and RunDir(stage_dir).weights() is not None
         if done:
             log.info("stage %s: finished before, reused (%s)", stage.name, stage_dir)
         else:

@@ -201,9 +201,9 @@ def load_classifier(source: str | Path, weights: str = "best"):
                               "classifier); pass the --output folder of `tinymim finetune`")
     # evaluated wherever it is: the device the run trained on need not be here
     cfg = from_dict(FinetuneConfig, {**raw, "init": None, "train": {**raw.get("train", {}), "device": "auto"}})
-    file = run.path / ("best.safetensors" if weights == "best" else "model.safetensors")
-    if not file.is_file():
-        file = run.path / "model.safetensors"
+    file = run.weights(best=weights == "best")
+    if file is None:
+        raise CheckpointError(f"{run.path} holds no weights yet; is the fine-tuning run finished?")
     model = build_classifier(cfg, cfg.num_classes)
     model.load_state_dict(load_state_dict(file))
     model.classes = run.read_classes()  # None for runs made before tinymim recorded them

@@ -391,10 +391,14 @@ class RunDir:
 
     # -- weights and classes ----------------------------------------------------------------
 
-    def weights(self) -> Path | None:
+    BEST = "best.safetensors"  # fine-tuning: the weights of the best evaluation so far
+
+    def weights(self, best: bool = False) -> Path | None:
         """The final weights file of the run (the task's: student, encoder or model.safetensors), when
-        there is one; best.safetensors is the fine-tuning's best epoch, not the final weights."""
-        found = sorted(p for p in self.path.glob("*.safetensors") if p.name != "best.safetensors")
+        there is one; with best=True the best evaluation's weights when the run kept them."""
+        if best and (self.path / self.BEST).is_file():
+            return self.path / self.BEST
+        found = sorted(p for p in self.path.glob("*.safetensors") if p.name != self.BEST)
         return found[0] if found else None
 
     def write_info(self, task: str) -> None:

@@ -29,7 +29,7 @@ def colorize(values: np.ndarray, vmax: float) -> np.ndarray:
 
 def load_run(run_dir: str | Path):
     """The DistillTask of a finished (or checkpointed) distill run, student weights loaded."""
-    from tinymim.checkpoint import load_state_dict, safe_torch_load
+    from tinymim.checkpoint import load_state_dict
     from tinymim.config import from_dict
     from tinymim.engine import seed_everything
     from tinymim.tasks.distill import DistillConfig, build_distill_task
@@ -44,10 +44,11 @@ def load_run(run_dir: str | Path):
     cfg = from_dict(DistillConfig, {**raw, "train": {**raw.get("train", {}), "device": "auto"}})
     seed_everything(cfg.train.seed)  # the same models as the run built (a random teacher included)
     task = build_distill_task(cfg)
-    if (run / "student.safetensors").is_file():
-        task.student.load_state_dict(load_state_dict(run / "student.safetensors"))
-    else:
-        task.load_trainable_state(safe_torch_load(run / "checkpoints" / "last.pt")["model"])
+    weights = RunDir(run).weights()
+    if weights is not None:
+        task.student.load_state_dict(load_state_dict(weights))
+    else:  # not finished: the latest checkpoint
+        task.load_trainable_state(RunDir(run).read_checkpoint()["model"])
     return task.eval(), cfg
 
 

@@ -31,6 +31,7 @@ from tinymim.models import (ModelConfig, TokenFeatures, create_vit, embed, num_t
                              set_drop_path, tokens_before_block, truncate)
 from tinymim.relations import RELATION_NAMES, RelationLoss, block_qkv, split_heads
 from tinymim.targets import ClassTokenLoss, FeatureLoss, block_parts
+from tinymim.tasks import TASKS
 from tinymim.tasks.base import Task
 from tinymim.mae import DecoderConfig, MAEDecoder, random_masking, reconstruction_loss
 
@@ -302,7 +303,7 @@ class DistillTask(Task):
         meta = {"format": "timm.VisionTransformer"}
         if self.config is not None:
             meta["student"] = json.dumps(asdict(self.config.student))
-        save_weights(self.student.state_dict(), Path(run_dir) / "student.safetensors", meta)
+        save_weights(self.student.state_dict(), Path(run_dir) / TASKS[self.name].weights, meta)
 
 
 def build_teacher(cfg: TeacherConfig, img_size: int) -> nn.Module:

@@ -28,6 +28,8 @@ from tinymim.classification import (ClassifyDataConfig, ClassifyDataset, build_c
 from tinymim.config import ConfigError
 from tinymim.engine import TrainConfig
 from tinymim.models import ModelConfig, size_args, timm_architecture
+from tinymim.rundir import RunDir
+from tinymim.tasks import TASKS
 from tinymim.tasks.base import Task
 
 log = logging.getLogger("tinymim")
@@ -134,12 +136,12 @@ class FinetuneTask(Task):
 
     def export(self, run_dir: Path) -> None:
         model = self.ema.module if self.ema is not None else self.model
-        save_weights(model.state_dict(), Path(run_dir) / "model.safetensors", {"format": "timm.VisionTransformer",
-                                                                                 "model": json.dumps(asdict(self.cfg.model))})
+        meta = {"format": "timm.VisionTransformer", "model": json.dumps(asdict(self.cfg.model))}
+        save_weights(model.state_dict(), Path(run_dir) / TASKS[self.name].weights, meta)
 
     def export_best(self, run_dir: Path) -> None:
         model = self.ema.module if self.ema is not None else self.model
-        save_weights(model.state_dict(), Path(run_dir) / "best.safetensors")
+        save_weights(model.state_dict(), Path(run_dir) / RunDir.BEST)
 
 
 def build_classifier(cfg: FinetuneConfig, num_classes: int) -> nn.Module:

@@ -21,6 +21,7 @@ from tinymim.engine import TrainConfig
 from tinymim.knn import KNNMonitor, KNNMonitorConfig
 from tinymim.mae import DecoderConfig, MaskedAutoencoder
 from tinymim.models import ModelConfig, TokenFeatures, create_vit
+from tinymim.tasks import TASKS
 from tinymim.tasks.base import Task
 
 
@@ -66,7 +67,7 @@ class MAETask(Task):
         meta = {"format": "timm.VisionTransformer"}
         if self.config is not None:
             meta["model"] = json.dumps(asdict(self.config.model))
-        save_weights(self.mae.encoder.state_dict(), Path(run_dir) / "encoder.safetensors", meta)
+        save_weights(self.mae.encoder.state_dict(), Path(run_dir) / TASKS[self.name].weights, meta)
 
 
 def build_mae_task(cfg: MAEConfig) -> MAETask:
