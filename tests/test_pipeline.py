@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from tinymim.config import ConfigError, from_dict
 from tinymim.pipeline import PipelineConfig, run_pipeline
+from tinymim.rundir import RunDir
 
 TINY = ["model.name=vit_custom", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32",
         "model.depth=2", "model.num_heads=2"]
@@ -37,8 +38,7 @@ def _as_config(d: dict) -> PipelineConfig:
 
 
 def run_ids(out):
-    return {d.name: json.loads((d / "pipeline.json").read_text()).get("run_id")
-            for d in out.iterdir() if (d / "pipeline.json").is_file()}
+    return {d.name: RunDir(d).read_record().get("run_id") for d in out.iterdir() if (d / RunDir.RECORD).is_file()}
 
 
 def test_pipeline_reuses_finished_stages_and_redoes_what_depends_on_a_deleted_one(tmp_path):

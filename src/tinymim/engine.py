@@ -438,7 +438,7 @@ def _data(cfg: TrainConfig, data_loader_fn, ctx: DistContext, run: RunDir, resum
 
 
 def _write_run_files(task, run: RunDir, config: dict, resume) -> None:
-    run.write_info(task.name)
+    run.write_info(task.name, task.model_section)
     run.write_config(config)
     run.truncate_metrics(resume["global_step"] if resume is not None else 0)
     if getattr(task, "classes", None) is not None:

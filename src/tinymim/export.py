@@ -41,11 +41,11 @@ def _run_info(path: Path) -> tuple[ModelConfig, dict, str]:
     """(the model the run produced, its config, its kind) of a tinymim run directory."""
     from tinymim.rundir import RunDir
 
-    cfg = RunDir(path).stored_config() or {}
-    for section in RunDir.MODEL_SECTIONS:
-        if isinstance(cfg.get(section), dict):
-            known = {k: v for k, v in cfg[section].items() if k in ModelConfig.__dataclass_fields__}
-            return ModelConfig(**known), cfg, RunDir(path).task()
+    run = RunDir(path)
+    cfg, section = run.stored_config() or {}, run.model_section()
+    if section and isinstance(cfg.get(section), dict):
+        known = {k: v for k, v in cfg[section].items() if k in ModelConfig.__dataclass_fields__}
+        return ModelConfig(**known), cfg, run.task()
     raise CheckpointError(f"{path}/config.yaml describes no model (no 'student' or 'model' section)")
 
 

@@ -33,12 +33,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from tinymim.tasks import TASKS, task_module
 from tinymim.config import diff_configs, load_config
-from tinymim.rundir import (RESUMABLE_CHANGES, RunDir, architecture_overrides, locked, produced_architecture,
-                            write_json)
+from tinymim.rundir import RESUMABLE_CHANGES, RunDir, architecture_overrides, locked, produced_architecture
 
 log = logging.getLogger("tinymim")
 
@@ -47,7 +45,7 @@ log = logging.getLogger("tinymim")
 @dataclass
 class StageConfig:
     name: str  # the stage's folder name under the pipeline's output
-    task: Literal["mae", "distill", "finetune", "linprobe"]  # mae, distill, finetune or linprobe
+    task: str  # a task of the registry: mae, distill, finetune or linprobe
     config: str | None = None  # recipe: a YAML file or a built-in name (cifar10/distill_micro)
     overrides: list[str] = field(default_factory=list)  # this stage's own overrides (they win over the pipeline's)
     teacher: str | None = None  # distill: the earlier stage whose weights teach
@@ -80,15 +78,16 @@ class PipelineConfig:
                 raise ValueError(f"stage name {s.name!r}: use a plain folder name")
             if s.name in seen:
                 raise ValueError(f"two stages are named {s.name!r}")
+            if s.task not in TASKS:
+                raise ValueError(f"stage {s.name!r}: unknown task {s.task!r}; tasks: {', '.join(TASKS)}")
             for role in ("teacher", "init"):
                 dep = getattr(s, role)
                 if dep is not None and dep not in seen:
                     raise ValueError(f"stage {s.name!r}: {role} {dep!r} is not an earlier stage "
                                      f"(earlier: {', '.join(seen) or 'none'})")
-            if s.teacher is not None and s.task != "distill":
-                raise ValueError(f"stage {s.name!r}: only distill stages have a teacher")
-            if s.init is not None and s.task not in ("finetune", "linprobe"):
-                raise ValueError(f"stage {s.name!r}: only finetune and linprobe stages have an init")
+                if dep is not None and TASKS[s.task].upstream != role:
+                    takers = [name for name, spec in TASKS.items() if spec.upstream == role]
+                    raise ValueError(f"stage {s.name!r}: only {' and '.join(takers)} stages have a {role}")
             seen[s.name] = s.task
         unknown = set(self.task_overrides) - set(TASKS)
         if unknown:
@@ -113,10 +112,11 @@ def command_line_overrides(cfg: "PipelineConfig", task: str) -> list[str]:
     return out
 
 
-def _architecture(config: dict, prefix: str, own: list[str], skip=()) -> list[str]:
+def _architecture(config: dict, task: str, prefix: str, own: list[str], skip=()) -> list[str]:
     """Overrides that give `prefix` (e.g. teacher.model) the architecture of an earlier stage's model,
     but for the keys the stage's own overrides set (all of them when those name the model)."""
-    arch = {k: v for k, v in produced_architecture(config).items() if k not in skip}
+    produced = produced_architecture(config, TASKS[task].model_section)
+    arch = {k: v for k, v in produced.items() if k not in skip}
     return architecture_overrides(arch, prefix, own)
 
 
@@ -125,7 +125,7 @@ def _record(stage_dir: Path) -> dict | None:
 
 
 def _write_record(stage_dir: Path, record: dict) -> None:
-    write_json(stage_dir / "pipeline.json", record)
+    RunDir(stage_dir).write_record(record)
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -144,14 +144,15 @@ def stage_overrides(cfg: PipelineConfig, stage: StageConfig, out: Path, configs:
     `configs`: the configs of the earlier stages, by name."""
     cli = command_line_overrides(cfg, stage.task)
     own = [*stage.overrides, *cli]
+    tasks = {s.name: s.task for s in cfg.stages}
     wiring = []
     if stage.teacher is not None:
         wiring.append(f"teacher.checkpoint={out / stage.teacher}")
-        wiring += _architecture(configs[stage.teacher], "teacher.model", own)
+        wiring += _architecture(configs[stage.teacher], tasks[stage.teacher], "teacher.model", own)
     if stage.init is not None:
         wiring.append(f"init={out / stage.init}")
         # not the image size: fine-tuning may change the resolution (position embeddings are resampled)
-        wiring += _architecture(configs[stage.init], "model", own, skip=("img_size",))
+        wiring += _architecture(configs[stage.init], tasks[stage.init], "model", own, skip=("img_size",))
     return [*cfg.overrides, *cfg.task_overrides.get(stage.task, []), *wiring, *own]  # the last word wins
 
 

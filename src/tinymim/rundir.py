@@ -379,15 +379,21 @@ class RunDir:
 
     # -- what the run produced ---------------------------------------------------------------
 
-    # the config section holding the model a run produced: distill runs produce their student, the
-    # others (mae, finetune, linprobe) their `model`
-    MODEL_SECTIONS = ("student", "model")
     ARCHITECTURE_KEYS = ("name", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
 
-    def architecture(self, config: dict | None = None) -> dict | None:
-        """The architecture (ARCHITECTURE_KEYS) of the model the run produced, from its config (or the
-        given config of such a run); None when there is no usable config."""
-        return produced_architecture(config if config is not None else self.stored_config())
+    def model_section(self) -> str | None:
+        """The config section of the model the run produced, as run.json records it (the task registry's
+        fact); runs made before run.json existed: the distill student, else `model`."""
+        info = read_json(self.info_file, "the run's task record") if self.info_file.is_file() else None
+        if info and info.get("model_section"):
+            return info["model_section"]
+        config = self.stored_config() or {}
+        return next((s for s in ("student", "model") if isinstance(config.get(s), dict)), None)
+
+    def architecture(self) -> dict | None:
+        """The architecture (ARCHITECTURE_KEYS) of the model the run produced; None without a usable config."""
+        section = self.model_section()
+        return produced_architecture(self.stored_config(), section) if section else None
 
     # -- weights and classes ----------------------------------------------------------------
 
@@ -401,11 +407,12 @@ class RunDir:
         found = sorted(p for p in self.path.glob("*.safetensors") if p.name != self.BEST)
         return found[0] if found else None
 
-    def write_info(self, task: str) -> None:
-        """RUN_DIR/run.json: which task made the run (tools read it instead of guessing from the config)."""
+    def write_info(self, task: str, model_section: str) -> None:
+        """RUN_DIR/run.json: which task made the run and where its config keeps the produced model
+        (tools read it instead of guessing from the config)."""
         from tinymim import __version__
 
-        write_json(self.info_file, {"task": task, "tinymim": __version__})
+        write_json(self.info_file, {"task": task, "model_section": model_section, "tinymim": __version__})
 
     def task(self) -> str | None:
         """The task that made the run: from run.json, else recognized by its config's sections."""
@@ -428,22 +435,24 @@ class RunDir:
         obj = read_json(self.classes_file, "the class names of the run's head")
         return None if obj is None else list(obj["classes"])
 
-    def read_record(self, name: str = "pipeline.json") -> dict | None:
-        return read_json(self.path / name, "a pipeline stage record")
+    RECORD = "pipeline.json"  # a pipeline stage's record: what it was run from
+
+    def read_record(self) -> dict | None:
+        return read_json(self.path / self.RECORD, "a pipeline stage record")
+
+    def write_record(self, record: dict) -> None:
+        write_json(self.path / self.RECORD, record)
 
 
-def produced_architecture(config: dict | None) -> dict | None:
-    """The architecture of the model a run with this config produced (image size filled from the data)."""
-    if not isinstance(config, dict):
+def produced_architecture(config: dict | None, section: str) -> dict | None:
+    """The architecture of the model in `section` of a run's config (image size filled from the data)."""
+    model = config.get(section) if isinstance(config, dict) else None
+    if not isinstance(model, dict):
         return None
-    for section in RunDir.MODEL_SECTIONS:
-        model = config.get(section)
-        if isinstance(model, dict):
-            arch = {k: model.get(k) for k in RunDir.ARCHITECTURE_KEYS}
-            if arch["img_size"] is None:
-                arch["img_size"] = (config.get("data") or {}).get("img_size")
-            return {k: v for k, v in arch.items() if v is not None}
-    return None
+    arch = {k: model.get(k) for k in RunDir.ARCHITECTURE_KEYS}
+    if arch["img_size"] is None:
+        arch["img_size"] = (config.get("data") or {}).get("img_size")
+    return {k: v for k, v in arch.items() if v is not None}
 
 
 def architecture_overrides(arch: dict, prefix: str, given: list[str] | dict) -> list[str]:

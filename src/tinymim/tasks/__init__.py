@@ -17,17 +17,18 @@ class TaskSpec:
     weights: str  # the file a finished run leaves in its directory
     model_section: str  # the config section of the model the task produces
     kind: Literal["pretrain", "classify"]  # what the task's results are: losses and k-NN, or top-1
+    upstream: Literal["teacher", "init"] | None  # what an earlier pipeline stage can give it
     help: str
 
 
 TASKS = {spec.name: spec for spec in (
-    TaskSpec("distill", "tinymim.tasks.distill", "build_distill_task", "student.safetensors", "student", "pretrain",
+    TaskSpec("distill", "tinymim.tasks.distill", "build_distill_task", "student.safetensors", "student", "pretrain", "teacher",
              "TinyMIM relation-distillation pre-training of a student ViT"),
-    TaskSpec("mae", "tinymim.tasks.mae", "build_mae_task", "encoder.safetensors", "model", "pretrain",
+    TaskSpec("mae", "tinymim.tasks.mae", "build_mae_task", "encoder.safetensors", "model", "pretrain", None,
              "MAE pre-training of a ViT (a teacher for distillation)"),
-    TaskSpec("finetune", "tinymim.tasks.finetune", "build_finetune_task", "model.safetensors", "model", "classify",
+    TaskSpec("finetune", "tinymim.tasks.finetune", "build_finetune_task", "model.safetensors", "model", "classify", "init",
              "fine-tune a pre-trained (or randomly initialized) ViT for classification"),
-    TaskSpec("linprobe", "tinymim.tasks.linprobe", "build_linprobe_task", "model.safetensors", "model", "classify",
+    TaskSpec("linprobe", "tinymim.tasks.linprobe", "build_linprobe_task", "model.safetensors", "model", "classify", "init",
              "linear probe: a frozen backbone, BatchNorm + linear head"),
 )}
 

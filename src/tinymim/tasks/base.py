@@ -13,6 +13,13 @@ from timm.task import TrainingTask
 class Task(TrainingTask):
     name = "task"
 
+    @property
+    def model_section(self) -> str:
+        """The config section of the model this task produces (the task registry's fact)."""
+        from tinymim.tasks import TASKS
+
+        return TASKS[self.name].model_section
+
     def __init__(self, trainable: nn.Module):
         super().__init__(verbose=False)
         self.trainable_module = trainable  # what the optimizer updates; wrapped by DDP when distributed
