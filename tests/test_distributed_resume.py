@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tinymim.rundir import RunDir
+
 TINY = ["student.name=vit_custom", "student.patch_size=4", "student.embed_dim=48", "student.depth=2",
         "student.num_heads=3", "teacher.model.name=vit_custom", "teacher.model.patch_size=4",
         "teacher.model.embed_dim=64", "teacher.model.depth=3", "teacher.model.num_heads=4",

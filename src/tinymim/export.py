@@ -78,7 +78,13 @@ def build_exportable(source: str | Path, model_name: str | None = None,
         model_cfg, run_cfg, kind = ModelConfig(name=model_name), {}, "checkpoint"
     else:
         raise CheckpointError(f"{source} does not exist")
-    classifier = kind == "finetune"
+    from tinymim.tasks import TASKS
+
+    exports = TASKS[kind].exports if kind in TASKS else "encoder"
+    if exports == "probe":
+        raise TinymimError(f"{source} is a linear probe (a frozen backbone + BatchNorm + linear head): export the "
+                           "run its backbone came from (its `init`) instead")
+    classifier = exports == "classifier"
     if classifier and features != "final":
         raise TinymimError(f"{source} is a fine-tuned classifier: --features applies to pre-trained encoders")
     # default head counts everywhere (the relation block's only changed how Q/K/V were split)

@@ -18,18 +18,23 @@ class TaskSpec:
     model_section: str  # the config section of the model the task produces
     kind: Literal["pretrain", "classify"]  # what the task's results are: losses and k-NN, or top-1
     upstream: Literal["teacher", "init"] | None  # what an earlier pipeline stage can give it
+    exports: Literal["encoder", "classifier", "probe"]  # what `tinymim export` makes of its weights
     help: str
 
 
 TASKS = {spec.name: spec for spec in (
-    TaskSpec("distill", "tinymim.tasks.distill", "build_distill_task", "student.safetensors", "student", "pretrain", "teacher",
-             "TinyMIM relation-distillation pre-training of a student ViT"),
-    TaskSpec("mae", "tinymim.tasks.mae", "build_mae_task", "encoder.safetensors", "model", "pretrain", None,
-             "MAE pre-training of a ViT (a teacher for distillation)"),
-    TaskSpec("finetune", "tinymim.tasks.finetune", "build_finetune_task", "model.safetensors", "model", "classify", "init",
-             "fine-tune a pre-trained (or randomly initialized) ViT for classification"),
-    TaskSpec("linprobe", "tinymim.tasks.linprobe", "build_linprobe_task", "model.safetensors", "model", "classify", "init",
-             "linear probe: a frozen backbone, BatchNorm + linear head"),
+    TaskSpec(name="distill", module="tinymim.tasks.distill", builder="build_distill_task",
+             weights="student.safetensors", model_section="student", kind="pretrain", upstream="teacher",
+             exports="encoder", help="TinyMIM relation-distillation pre-training of a student ViT"),
+    TaskSpec(name="mae", module="tinymim.tasks.mae", builder="build_mae_task",
+             weights="encoder.safetensors", model_section="model", kind="pretrain", upstream=None,
+             exports="encoder", help="MAE pre-training of a ViT (a teacher for distillation)"),
+    TaskSpec(name="finetune", module="tinymim.tasks.finetune", builder="build_finetune_task",
+             weights="model.safetensors", model_section="model", kind="classify", upstream="init",
+             exports="classifier", help="fine-tune a pre-trained (or randomly initialized) ViT for classification"),
+    TaskSpec(name="linprobe", module="tinymim.tasks.linprobe", builder="build_linprobe_task",
+             weights="model.safetensors", model_section="model", kind="classify", upstream="init",
+             exports="probe", help="linear probe: a frozen backbone, BatchNorm + linear head"),
 )}
 
 
