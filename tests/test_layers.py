@@ -10,8 +10,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tinymim"
 LAYERS = [
     ["errors", "config"],
     ["relations", "targets", "mae"],
-    ["rundir", "models", "checkpoint", "wrappers"],
-    ["data", "classification"],
+    ["rundir", "models", "checkpoint", "wrappers", "segmentation"],
+    ["data", "classification", "segmentation_data"],
     ["loggers", "engine", "knn"],
     ["tasks", "tasks.base", "tasks.distill", "tasks.mae", "tasks.finetune", "tasks.linprobe"],
     ["robustness", "export", "visualize"],

@@ -1,0 +1,179 @@
+"""Segmentation pieces: metrics against hand counts, sliding-window inference, the pyramid's strides, and
+the UperNet head against a plain restatement."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinymim.models import create_vit
+from tinymim.segmentation import (FCNHead, Segmenter, UperHead, ViTPyramid, confusion_matrix, segmentation_metrics,
+                                  slide_inference)
+
+from conftest import tiny_vit
+
+IGNORE = 255
+
+
+def test_metrics_equal_hand_counts_with_ignored_pixels():
+    # 3 classes; label 255 ignored. Pixels (label -> prediction):
+    label = torch.tensor([[0, 0, 1, 1], [1, 2, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 2, 0, 2]])
+    cm = confusion_matrix(pred, label, 3, IGNORE)
+    # class 0: true 2 (pred 0, 1) ; class 1: true 3 (pred 1, 1, 0) ; class 2: true 1 (pred 2)
+    assert cm.tolist() == [[1, 1, 0], [1, 2, 0], [0, 0, 1]]
+    m = segmentation_metrics(cm, ["a", "b", "c"])
+    iou = {"a": 1 / (2 + 2 - 1), "b": 2 / (3 + 3 - 2), "c": 1 / (1 + 1 - 1)}  # tp / (true + predicted - tp)
+    assert m["per_class_iou"] == pytest.approx({k: 100 * v for k, v in iou.items()})
+    assert m["mIoU"] == pytest.approx(100 * sum(iou.values()) / 3)
+    assert m["mAcc"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 1 / 1) / 3)
+    assert m["aAcc"] == pytest.approx(100 * 4 / 6)  # the two ignored pixels count nowhere
+
+
+def test_a_class_absent_everywhere_is_left_out_of_the_means():
+    label = torch.tensor([0, 0, 1, 1])
+    pred = torch.tensor([0, 0, 1, 0])
+    m = segmentation_metrics(confusion_matrix(pred, label, 3, IGNORE))
+    assert math.isnan(m["per_class_iou"]["2"])
+    assert m["mIoU"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
+
+
+def test_pyramid_strides_are_4_8_16_32_for_patch_16():
+    vit = create_vit(tiny_vit(dim=32, depth=4, heads=2, patch=16, img=64))
+    feats = ViTPyramid(vit, blocks=(1, 2, 3, 4))(torch.randn(2, 3, 64, 64))
+    assert [64 // f.shape[-1] for f in feats] == [4, 8, 16, 32]
+    assert all(f.shape[1] == 32 for f in feats)
+
+
+def test_sliding_window_on_one_window_equals_whole_image():
+    vit = create_vit(tiny_vit(dim=32, depth=4, heads=2, patch=8, img=32))
+    model = Segmenter(vit, num_classes=5, blocks=(1, 2, 3, 4), channels=16, aux_channels=8).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(slide_inference(model, x, 5, window=32, stride=21), model(x))
+
+
+def test_sliding_window_averages_overlaps_like_mmseg():
+    """A 'model' that returns the mean of its window everywhere: every pixel's result is the average of the
+    window means covering it, counted by hand for a 1 x 6 image, window 4, stride 2 (windows 0-4, 2-6)."""
+    class WindowMean(nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+
+    x = torch.arange(6.0).view(1, 1, 1, 6)
+    out = slide_inference(WindowMean(), x, 1, window=4, stride=2)
+    first, second = x[..., :4].mean(), x[..., 2:].mean()
+    expected = torch.tensor([first, first, (first + second) / 2, (first + second) / 2, second, second])
+    assert torch.allclose(out.flatten(), expected)
+
+
+def test_uper_head_matches_a_plain_restatement():
+    """The head's forward, restated step by step with the same modules (PPM on the top level, top-down
+    sums, 3x3 convs, upsample and fuse)."""
+    torch.manual_seed(0)
+    head = UperHead(8, 6, 3).eval()
+    feats = [torch.randn(2, 8, s, s) for s in (16, 8, 4, 2)]
+
+    def up(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    with torch.no_grad():
+        top = feats[3]
+        psp = head.bottleneck(torch.cat([top] + [up(b(top), top.shape[-2:]) for b in head.ppm], 1))
+        l2 = head.lateral[2](feats[2]) + up(psp, (4, 4))
+        l1 = head.lateral[1](feats[1]) + up(l2, (8, 8))
+        l0 = head.lateral[0](feats[0]) + up(l1, (16, 16))
+        o = [head.fpn[0](l0), head.fpn[1](l1), head.fpn[2](l2), psp]
+        fused = head.fuse(torch.cat([o[0]] + [up(t, (16, 16)) for t in o[1:]], 1))
+        assert torch.allclose(head(feats), head.classifier(fused), atol=1e-6)
+        aux = FCNHead(8, 4, 3).eval()
+        assert aux(feats).shape == (2, 3, 4, 4)
+
+
+def test_segmenter_trains_with_an_auxiliary_head():
+    vit = create_vit(tiny_vit(dim=32, depth=4, heads=2, patch=8, img=32))
+    model = Segmenter(vit, num_classes=4, blocks=(1, 2, 3, 4), channels=16, aux_channels=8).train()
+    logits, aux = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == aux.shape == (2, 4, 32, 32)
+    loss = F.cross_entropy(logits, torch.randint(0, 4, (2, 32, 32))) + 0.4 * F.cross_entropy(
+        aux, torch.randint(0, 4, (2, 32, 32)))
+    loss.backward()
+    assert vit.blocks[0].attn.qkv.weight.grad is not None
+
+
+def _pairs(root, split="train", sizes=((16, 12),), label_values=(0, 1, 2)):
+    import numpy as np
+    from PIL import Image
+
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(sizes):
+        Image.new("RGB", (w, h), (10 * i, 20, 30)).save(root / "images" / split / f"img{i}.jpg")
+        label = np.resize(np.array(label_values, dtype=np.uint8), (h, w))
+        Image.fromarray(label).save(root / "annotations" / split / f"img{i}.png")
+    return root
+
+
+def test_segmentation_folder_reads_pairs_and_reduces_the_zero_label(tmp_path):
+    from tinymim.segmentation_data import SegmentationDataConfig, SegmentationFolder
+
+    root = _pairs(tmp_path, label_values=(0, 1, 3))
+    image, label = SegmentationFolder(SegmentationDataConfig(root=str(root), num_classes=4), "train").load(0)
+    assert image.size == (16, 12) and label.shape == (12, 16) and set(label.flatten().tolist()) == {0, 1, 3}
+    ade = SegmentationDataConfig(root=str(root), num_classes=3, reduce_zero_label=True)
+    _, reduced = SegmentationFolder(ade, "train").load(0)
+    assert set(reduced.flatten().tolist()) == {255, 0, 2}  # 0 ignored, 1 -> 0, 3 -> 2
+
+
+@pytest.mark.parametrize("fault", ["image without a label", "label map of another size", "label outside the classes"])
+def test_bad_segmentation_data_is_one_line_naming_the_file(tmp_path, fault):
+    from tinymim.data import DataError
+    from tinymim.segmentation_data import SegmentationDataConfig, SegmentationFolder
+
+    root = _pairs(tmp_path, label_values=(0, 1, 11))  # CamVid: 11 classes 0..10, 11 ignored
+    cfg = SegmentationDataConfig(root=str(root), num_classes=11, ignore_index=11)
+    if fault == "image without a label":
+        (root / "annotations" / "train" / "img0.png").unlink()
+        with pytest.raises(DataError, match=r"img0\.jpg has no label map") as e:
+            SegmentationFolder(cfg, "train")
+    else:
+        from PIL import Image
+
+        if fault == "label map of another size":
+            Image.new("L", (8, 8)).save(root / "annotations" / "train" / "img0.png")
+            match = r"img0\.png is 8x8, its image img0\.jpg 16x12"
+        else:
+            Image.new("L", (16, 12), 12).save(root / "annotations" / "train" / "img0.png")
+            match = r"img0\.png holds label value\(s\) 12, neither a class \(0\.\.10\) nor the ignore label 11"
+        with pytest.raises(DataError, match=match) as e:
+            SegmentationFolder(cfg, "train").load(0)
+    assert "\n" not in str(e.value)
+    _, label = SegmentationFolder(SegmentationDataConfig(root=str(_pairs(tmp_path / "ok", label_values=(0, 11))),
+                                                         num_classes=11, ignore_index=11), "train").load(0)
+    assert set(label.flatten().tolist()) == {0, 11}  # the ignore label itself is fine
+
+
+def test_camvid_reads_with_its_classes_and_ignore_label(tmp_path):
+    """The real ../shared/data/camvid (SegNet split): every validation pair loads, labels within 0..11."""
+    import tarfile
+
+    import numpy as np
+
+    from conftest import SHARED_DATA
+    from tinymim.segmentation_data import CAMVID_CLASSES, SegmentationDataConfig, SegmentationFolder
+
+    tar = SHARED_DATA / "camvid" / "camvid.tar"
+    if not tar.is_file():
+        pytest.skip(f"real data not present: {tar}")
+    with tarfile.open(tar) as t:
+        t.extractall(tmp_path, members=[m for m in t.getmembers() if "/val/" in m.name or m.isdir()], filter="data")
+    cfg = SegmentationDataConfig(root=str(tmp_path / "camvid"), num_classes=11, ignore_index=11,
+                                 class_names=CAMVID_CLASSES)
+    folder = SegmentationFolder(cfg, "val")
+    assert len(folder) == 101 and folder.classes[3] == "road"
+    seen = set()
+    for i in range(len(folder)):
+        image, label = folder.load(i)
+        seen |= set(np.unique(label).tolist())
+    assert image.size == (480, 360) and seen == set(range(12))
