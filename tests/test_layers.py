@@ -13,7 +13,7 @@ LAYERS = [
     ["rundir", "models", "checkpoint", "wrappers", "segmentation"],
     ["data", "classification", "segmentation_data"],
     ["loggers", "engine", "knn"],
-    ["tasks", "tasks.base", "tasks.distill", "tasks.mae", "tasks.finetune", "tasks.linprobe"],
+    ["tasks", "tasks.base", "tasks.distill", "tasks.mae", "tasks.finetune", "tasks.linprobe", "tasks.segment"],
     ["robustness", "export", "visualize"],
     ["report", "pipeline", "demo"],
     ["cli", "__main__"],

@@ -177,3 +177,60 @@ def test_camvid_reads_with_its_classes_and_ignore_label(tmp_path):
         image, label = folder.load(i)
         seen |= set(np.unique(label).tolist())
     assert image.size == (480, 360) and seen == set(range(12))
+
+
+def _seg_folder(root, split, n, size=(48, 36), classes=4, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        label = rng.integers(0, classes, (size[1] // 4, size[0] // 4)).repeat(4, 0).repeat(4, 1).astype(np.uint8)
+        label[:2] = 255  # an ignored band
+        c = label.astype(np.int64) % 8
+        image = np.stack([c * 30, 255 - c * 30, c * 20], -1) + rng.integers(0, 20, (*label.shape, 3))
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / split / f"{i}.png")
+        Image.fromarray(label).save(root / "annotations" / split / f"{i}.png")
+    return root
+
+
+def test_two_process_evaluation_sums_the_same_confusion_matrix(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = _seg_folder(tmp_path / "data", "val", 5)
+    worker = Path(__file__).resolve().parent / "seg_eval_worker.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    one = subprocess.run([sys.executable, str(worker), str(root)], env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(worker), str(root)], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    read = [json.loads(next(line for line in r.stdout.splitlines() if line.startswith("METRICS "))[8:])
+            for r in (one, two)]
+    assert read[0] == read[1] and read[0]["aAcc"] > 0  # the same sums: every metric equal, exactly
+
+
+def test_segment_task_trains_evaluates_and_records_classes(tmp_path):
+    from tinymim.rundir import RunDir
+    from tinymim.tasks import load_config, run
+
+    root = _seg_folder(tmp_path / "data", "train", 8)
+    _seg_folder(root, "val", 2, seed=1)
+    cfg = load_config("segment", None, [
+        "model.name=vit_custom", "model.patch_size=8", "model.embed_dim=32", "model.depth=4", "model.num_heads=2",
+        "blocks=[1,2,3,4]", "channels=16", "aux_channels=8", f"data.root={root}", "data.num_classes=4",
+        "data.scale=[48,36]", "data.crop_size=32", "data.eval_stride=21", "data.num_workers=0",
+        "data.class_names=[a,b,c,d]", "train.batch_size=4", "train.max_steps=4", "train.warmup_steps=1",
+        "train.precision=fp32", "train.progress=false", "train.log_every=1"])
+    last = run("segment", cfg, tmp_path / "run")
+    assert last["step"] == 4 and 0 <= last["val_mIoU"] <= 100 and "loss_aux" in last
+    out = RunDir(tmp_path / "run")
+    assert out.read_classes() == ["a", "b", "c", "d"] and out.weights().name == "segmenter.safetensors"
+    assert out.task() == "segment"

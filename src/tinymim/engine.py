@@ -49,6 +49,9 @@ class TrainConfig:
     lr: float | None = None  # absolute learning rate; overrides blr when given
     min_lr: float = 0.0  # learning rate at the end of the cosine schedule
     warmup_epochs: float = 15.0  # linear warmup length, in epochs (fractions allowed)
+    warmup_steps: int | None = None  # linear warmup length in optimizer steps; overrides warmup_epochs
+    schedule: Literal["cosine", "poly"] = "cosine"  # after warmup: half-cycle cosine, or poly (segmentation)
+    poly_power: float = 1.0  # poly schedule: lr x (1 - t/T)^power
     weight_decay: float = 0.05  # decoupled weight decay (none on biases and norms)
     optimizer: Literal["adamw", "lars", "sgd"] = "adamw"  # adamw (MAE/TinyMIM), lars (linear probe) or sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # adamw
@@ -457,13 +460,18 @@ def build_optimizer(trainable: torch.nn.Module, cfg: TrainConfig, optimizer_kwar
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, per_epoch: int):
-    """Linear warmup from 0, then a half-cycle cosine to min_lr, updated every optimizer step."""
+    """Linear warmup from 0, then a half-cycle cosine (or poly) to min_lr, updated every optimizer step,
+    over the run's length (max_steps when it is shorter than the epochs)."""
     import timm.scheduler
 
-    warmup = int(round(cfg.warmup_epochs * per_epoch))
-    return timm.scheduler.CosineLRScheduler(
-        optimizer, t_initial=max(1, per_epoch * cfg.epochs - warmup), lr_min=cfg.min_lr,
-        warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * per_epoch))
+    length = per_epoch * cfg.epochs if cfg.schedule == "cosine" else min(
+        per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
+    common = dict(t_initial=max(1, length - warmup), lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
+                  warmup_prefix=True, t_in_epochs=False)
+    if cfg.schedule == "poly":
+        return timm.scheduler.PolyLRScheduler(optimizer, power=cfg.poly_power, **common)
+    return timm.scheduler.CosineLRScheduler(optimizer, **common)
 
 
 def _prepare(task, cfg: TrainConfig, ctx: DistContext, plan: Plan, optimizer_kwargs):

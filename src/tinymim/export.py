@@ -84,6 +84,9 @@ def build_exportable(source: str | Path, model_name: str | None = None,
     if exports == "probe":
         raise TinymimError(f"{source} is a linear probe (a frozen backbone + BatchNorm + linear head): export the "
                            "run its backbone came from (its `init`) instead")
+    if exports == "segmenter":
+        raise TinymimError(f"{source} is a segmentation run: its segmenter.safetensors loads with "
+                           "tinymim.tasks.segment.build_segment_task; timm has no UperNet to export it to")
     classifier = exports == "classifier"
     if classifier and features != "final":
         raise TinymimError(f"{source} is a fine-tuned classifier: --features applies to pre-trained encoders")

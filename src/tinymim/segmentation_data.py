@@ -89,3 +89,127 @@ class SegmentationFolder:
 
     def describe(self, i: int) -> str:
         return str(self.images[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms (mmseg's training pipeline), seeded per sample, and loaders
+
+
+@dataclass
+class SegmentDataConfig(SegmentationDataConfig):
+    """Segmentation data plus the release's augmentation and evaluation settings."""
+
+    scale: list[int] = field(default_factory=lambda: [2048, 512])  # (long, short) sides images are resized to
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # training: random factor on `scale`
+    crop_size: int = 512  # training crop (padded with the ignore label when the image is smaller)
+    cat_max_ratio: float = 0.75  # a training crop may hold at most this share of one class (10 tries)
+    hflip: bool = True  # random horizontal flip
+    photometric: bool = True  # random brightness, contrast, saturation and hue, each with probability 0.5
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel normalization mean
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # per-channel normalization std
+    eval_mode: str = "slide"  # slide: windows of crop_size every eval_stride pixels; whole: the image at once
+    eval_stride: int = 341  # sliding-window stride (the release: 341 for 512 windows)
+    num_workers: int = 4  # data-loading worker processes per training process
+
+
+def _rescale_size(w: int, h: int, long: float, short: float) -> tuple[int, int]:
+    """mmseg's keep-ratio resize: the largest size with long side <= long and short side <= short."""
+    factor = min(long / max(w, h), short / min(w, h))
+    return max(1, int(w * factor + 0.5)), max(1, int(h * factor + 0.5))
+
+
+def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmseg's PhotoMetricDistortion: brightness +-32, contrast 0.5-1.5 (before or after), saturation
+    0.5-1.5 and hue +-18 degrees in HSV, each applied with probability 0.5."""
+    x = img.astype(np.float32)
+    if rng.random() < 0.5:
+        x = x + rng.uniform(-32, 32)
+    contrast_first = rng.random() < 0.5
+    contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
+    if contrast_first and contrast is not None:
+        x = x * contrast
+    hsv = np.asarray(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).convert("HSV"), dtype=np.float32)
+    if rng.random() < 0.5:
+        hsv[..., 1] = hsv[..., 1] * rng.uniform(0.5, 1.5)
+    if rng.random() < 0.5:
+        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18) * 256 / 360) % 256
+    x = np.asarray(Image.fromarray(np.clip(hsv, 0, 255).astype(np.uint8), "HSV").convert("RGB"), dtype=np.float32)
+    if not contrast_first and contrast is not None:
+        x = x * contrast
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def train_transform(image: Image.Image, label: np.ndarray, cfg: SegmentDataConfig, seed: int):
+    """(3 x crop x crop float image, crop x crop int64 labels): random rescale, a crop with at most
+    cat_max_ratio of one class, flip, photometric distortion, normalization, padding."""
+    rng = np.random.default_rng(seed)
+    ratio = rng.uniform(*cfg.ratio_range)
+    w, h = _rescale_size(image.width, image.height, cfg.scale[0] * ratio, cfg.scale[1] * ratio)
+    image = image.resize((w, h), Image.BILINEAR)
+    label = np.asarray(Image.fromarray(label.astype(np.int32)).resize((w, h), Image.NEAREST), dtype=np.int64)
+    c = cfg.crop_size
+    for _ in range(10):
+        y, x = int(rng.integers(0, max(h - c, 0) + 1)), int(rng.integers(0, max(w - c, 0) + 1))
+        crop = label[y:y + c, x:x + c]
+        _, counts = np.unique(crop[crop != cfg.ignore_index], return_counts=True)
+        if len(counts) > 1 and counts.max() / counts.sum() < cfg.cat_max_ratio:
+            break
+    img = np.asarray(image, dtype=np.uint8)[y:y + c, x:x + c]
+    label = label[y:y + c, x:x + c]
+    if cfg.hflip and rng.random() < 0.5:
+        img, label = img[:, ::-1], label[:, ::-1]
+    if cfg.photometric:
+        img = _photometric(np.ascontiguousarray(img), rng)
+    return _pad(_normalize(img, cfg), label, c, cfg.ignore_index)
+
+
+def _normalize(img: np.ndarray, cfg: SegmentDataConfig):
+    import torch
+
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+    return (x - torch.tensor(cfg.mean).view(3, 1, 1)) / torch.tensor(cfg.std).view(3, 1, 1)
+
+
+def _pad(x, label: np.ndarray, size: int, ignore: int):
+    import torch
+
+    h, w = label.shape
+    image = torch.zeros(3, max(h, size), max(w, size))
+    image[:, :h, :w] = x
+    target = torch.full((max(h, size), max(w, size)), ignore, dtype=torch.int64)
+    target[:h, :w] = torch.from_numpy(np.ascontiguousarray(label))
+    return image, target
+
+
+def eval_transform(image: Image.Image, cfg: SegmentDataConfig):
+    """The image resized to `scale` (keep ratio) and normalized; labels stay at their own size."""
+    w, h = _rescale_size(image.width, image.height, *cfg.scale)
+    return _normalize(np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.uint8), cfg)
+
+
+class SegmentationDataset:
+    """Indexed by (index, sample_seed) for training (GlobalBatchSampler), by index for evaluation."""
+
+    def __init__(self, folder: SegmentationFolder, cfg: SegmentDataConfig, train: bool):
+        self.folder, self.cfg, self.train = folder, cfg, train
+        self.source = folder  # what data_fingerprint reads
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, item):
+        import torch
+
+        index, seed = item if isinstance(item, tuple) else (item, 0)
+        image, label = self.folder.load(index)
+        if self.train:
+            x, y = train_transform(image, label, self.cfg, seed)
+            return {"image": x, "label": y}
+        return {"image": eval_transform(image, self.cfg), "label": torch.from_numpy(np.array(label))}
+
+
+def collate_segment(samples: list[dict]) -> dict:
+    import torch
+
+    return {"image": torch.stack([s["image"] for s in samples]), "label": torch.stack([s["label"] for s in samples]),
+            "skipped": 0}

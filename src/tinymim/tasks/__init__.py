@@ -16,9 +16,9 @@ class TaskSpec:
     builder: str  # the module's function config -> Task
     weights: str  # the file a finished run leaves in its directory
     model_section: str  # the config section of the model the task produces
-    kind: Literal["pretrain", "classify"]  # what the task's results are: losses and k-NN, or top-1
+    kind: Literal["pretrain", "classify", "segment"]  # what its results are: losses and k-NN, top-1, mIoU
     upstream: Literal["teacher", "init"] | None  # what an earlier pipeline stage can give it
-    exports: Literal["encoder", "classifier", "probe"]  # what `tinymim export` makes of its weights
+    exports: Literal["encoder", "classifier", "probe", "segmenter"]  # what `tinymim export` makes of them
     help: str
 
 
@@ -35,6 +35,9 @@ TASKS = {spec.name: spec for spec in (
     TaskSpec(name="linprobe", module="tinymim.tasks.linprobe", builder="build_linprobe_task",
              weights="model.safetensors", model_section="model", kind="classify", upstream="init",
              exports="probe", help="linear probe: a frozen backbone, BatchNorm + linear head"),
+    TaskSpec(name="segment", module="tinymim.tasks.segment", builder="build_segment_task",
+             weights="segmenter.safetensors", model_section="model", kind="segment", upstream="init",
+             exports="segmenter", help="semantic segmentation: UperNet on a pre-trained (or random) ViT backbone"),
 )}
 
 

@@ -1,0 +1,156 @@
+"""Semantic segmentation (TINYMIM.md section 4): UperNet + an auxiliary FCN head on a ViT backbone
+initialized from any weights tinymim loads, trained with layer-wise lr decay, AdamW and a poly schedule
+by iterations, evaluated by sliding-window (or whole-image) inference: mIoU, mAcc, aAcc and per-class IoU
+from a confusion matrix summed over processes. RUN_DIR/segmenter.safetensors holds the whole model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.data as tud
+
+from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
+from tinymim.data import GlobalBatchSampler, worker_init
+from tinymim.engine import TrainConfig
+from tinymim.models import ModelConfig, check_input_size, create_vit
+from tinymim.segmentation import Segmenter, confusion_matrix, segmentation_metrics, slide_inference
+from tinymim.segmentation_data import SegmentationDataset, SegmentationFolder, SegmentDataConfig, collate_segment
+from tinymim.tasks import TASKS
+from tinymim.tasks.base import Task
+
+log = logging.getLogger("tinymim")
+
+
+@dataclass
+class SegmentConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224", drop_path_rate=0.1))
+    init: str | None = None  # pre-trained backbone weights (run directory, file, timm name); None = random init
+    blocks: list[int] = field(default_factory=lambda: [4, 6, 8, 12])  # backbone blocks (1-indexed) of the pyramid
+    channels: int = 768  # UperNet head width (the release: 768; 192 for a light ViT-T head)
+    aux_channels: int = 256  # auxiliary FCN head width
+    aux_weight: float = 0.4  # auxiliary head's loss weight
+    layer_decay: float = 0.75  # layer-wise lr decay over the backbone; the heads get the full lr
+    data: SegmentDataConfig = field(default_factory=SegmentDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=10_000, max_steps=160_000, batch_size=16, lr=1e-4, warmup_steps=1500, schedule="poly",
+        betas=[0.9, 0.999], weight_decay=0.05, checkpoint_every=2000))
+
+    def validate(self) -> None:
+        check_input_size(self.model, self.data.crop_size, "model")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+
+
+class SegmenterWithGroups(Segmenter):
+    """timm's layer-decay grouping: the backbone's own groups, then the pyramid and heads last."""
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^pyramid\.vit\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
+                    blocks=[(r"^pyramid\.vit\.blocks\.(\d+)", None),
+                            (r"^pyramid\.(?:up4|up2)|^decode|^aux|^pyramid\.vit\.norm", (99999,))])
+
+
+class SegmentTask(Task):
+    name = "segment"
+    best_metric = "mIoU"
+
+    def __init__(self, model: Segmenter, cfg: SegmentConfig):
+        super().__init__(model)
+        self.model, self.cfg = model, cfg
+        self.eval_loader = None
+        self.classes: list[str] | None = None
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device, non_blocking=True)
+        logits, aux = self.trainable_forward(x)
+        ignore = self.cfg.data.ignore_index
+        main = F.cross_entropy(logits.float(), y, ignore_index=ignore)
+        auxiliary = F.cross_entropy(aux.float(), y, ignore_index=ignore)
+        return {"loss": main + self.cfg.aux_weight * auxiliary, "loss_decode": main, "loss_aux": auxiliary}
+
+    def evaluate(self, epoch: int) -> dict | None:
+        if self.eval_loader is None:
+            return None
+        metrics = evaluate_segmenter(self.model, self.eval_loader, self.cfg.data, self.device)
+        return {k: v for k, v in metrics.items() if k != "per_class_iou"}
+
+    def export(self, run_dir: Path) -> None:
+        meta = {"format": "tinymim.Segmenter", "model": json.dumps(asdict(self.cfg.model))}
+        save_weights(self.model.state_dict(), Path(run_dir) / TASKS[self.name].weights, meta)
+
+
+@torch.no_grad()
+def evaluate_segmenter(model: nn.Module, loader, cfg: SegmentDataConfig, device: torch.device,
+                       class_names=None) -> dict:
+    """Metrics over a loader of single images (labels at their own size); the confusion matrix is summed
+    over processes under torchrun."""
+    was_training = model.training
+    model.eval()
+    cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.int64, device=device)
+    for batch in loader:
+        x, label = batch["image"].to(device), batch["label"].to(device)
+        if cfg.eval_mode == "slide":
+            logits = slide_inference(model, x, cfg.num_classes, cfg.crop_size, cfg.eval_stride)
+        else:
+            logits = model(x)
+        logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        cm += confusion_matrix(logits.argmax(1), label, cfg.num_classes, cfg.ignore_index)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(cm)
+    model.train(was_training)
+    return segmentation_metrics(cm.cpu(), class_names)
+
+
+def build_backbone(cfg: SegmentConfig) -> nn.Module:
+    model_cfg = cfg.model
+    if model_cfg.img_size is None:
+        model_cfg.img_size = cfg.data.crop_size
+    vit = create_vit(model_cfg)
+    if cfg.init:  # position embeddings are resized to the crop's grid by load_vit_weights
+        ignored = load_vit_weights(vit, load_weights(cfg.init), source=f"init weights {cfg.init}",
+                                   ignore_prefixes=("decoder_", "mask_token", "head.", "fc_norm."))
+        if ignored:
+            log.info("init weights: set aside %s", ", ".join(ignored[:6]))
+    return vit
+
+
+def build_segment_task(cfg: SegmentConfig) -> SegmentTask:
+    model = SegmenterWithGroups(build_backbone(cfg), cfg.data.num_classes, tuple(cfg.blocks), cfg.channels,
+                                cfg.aux_channels)
+    return SegmentTask(model, cfg)
+
+
+def segment_loaders(task: SegmentTask, batch: int, rank: int, world: int, seed: int):
+    cfg = task.cfg.data
+    train = SegmentationDataset(SegmentationFolder(cfg, cfg.train_split), cfg, train=True)
+    sampler = GlobalBatchSampler(len(train), batch, rank, world, seed)
+    loader = tud.DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_segment,
+                            worker_init_fn=worker_init, generator=torch.Generator().manual_seed(seed),
+                            prefetch_factor=2 if cfg.num_workers else None)
+    val = SegmentationDataset(SegmentationFolder(cfg, cfg.val_split), cfg, train=False)
+    task.eval_loader = tud.DataLoader(tud.Subset(val, range(rank, len(val), world)), batch_size=1,
+                                      num_workers=cfg.num_workers, collate_fn=collate_segment,
+                                      worker_init_fn=worker_init)
+    task.classes = train.folder.classes
+    return loader, sampler
+
+
+def run(cfg: SegmentConfig, output: str):
+    from tinymim import engine
+
+    return engine.run_task(build_segment_task, cfg, output, make_loader=segment_loaders,
+                           optimizer_kwargs={"layer_decay": cfg.layer_decay})
+
+
+def load(recipe, overrides) -> SegmentConfig:
+    from tinymim.config import load_config
+
+    return load_config(SegmentConfig, recipe, overrides)
