@@ -234,3 +234,12 @@ def test_segment_task_trains_evaluates_and_records_classes(tmp_path):
     out = RunDir(tmp_path / "run")
     assert out.read_classes() == ["a", "b", "c", "d"] and out.weights().name == "segmenter.safetensors"
     assert out.task() == "segment"
+    from tinymim.cli import main
+
+    assert main(["eval", str(tmp_path / "run"), "--data", str(root), "--split", "val", "--workers", "0",
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    import json
+
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["images"] == 2 and set(result["per_class_iou"]) == {"a", "b", "c", "d"}
+    assert result["mIoU"] == pytest.approx(last["val_mIoU"])  # the same evaluation as the run's own

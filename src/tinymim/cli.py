@@ -73,7 +73,7 @@ def cmd_eval(args) -> int:
     from tinymim import robustness
 
     result = robustness.evaluate_path(args.source, args.data, protocol=args.protocol, weights=args.weights,
-                                      batch_size=args.batch_size, num_workers=args.workers)
+                                      batch_size=args.batch_size, num_workers=args.workers, split=args.split)
     print(robustness.format_report(result))
     if args.json:
         from tinymim.rundir import write_json
@@ -172,14 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pre-trained encoders: the final pooled features (default), or the tokens entering the "
                         "last (relation) block, which relation distillation trained")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned run: plain, ImageNet-A/R subsets, corruptions")
-    p.add_argument("source", help="a tinymim finetune run directory")
+    p = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned run (plain, ImageNet-A/R subsets, corruptions), "
+                                    "or mIoU of a segment run")
+    p.add_argument("source", help="a tinymim finetune or segment run directory")
     p.add_argument("--data", required=True, help="ImageFolder, 200-class subset folder, or corruption tree")
     p.add_argument("--protocol", default="auto", choices=["auto", "plain", "subset", "corruptions"])
     p.add_argument("--weights", default="best", choices=["best", "last"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--split", help="segmentation runs: the split under DATA/images/ (default val)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("knn", help="weighted k-NN accuracy of a model's frozen features")
     p.add_argument("source", help="a run directory or weights (then --model)")

@@ -211,13 +211,19 @@ def load_classifier(source: str | Path, weights: str = "best"):
 
 
 def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str = "best", batch_size: int = 128,
-                  num_workers: int = 2, device: str | None = None) -> dict:
+                  num_workers: int = 2, device: str | None = None, split: str | None = None) -> dict:
     """Evaluate a fine-tuned run on a folder: plain ImageFolder, a 200-class ImageNet subset
     (ImageNet-A/R) or a corruption tree (ImageNet-C style)."""
     from dataclasses import replace
 
     from tinymim.classification import build_eval_loader
 
+    from tinymim.rundir import RunDir
+
+    if RunDir(source).task() == "segment":
+        from tinymim.tasks.segment import evaluate_segmentation_run
+
+        return evaluate_segmentation_run(source, data, split or "val", num_workers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg = load_classifier(source, weights)
     model.to(dev)
@@ -273,6 +279,11 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
 
 
 def format_report(result: dict) -> str:
+    if result["protocol"] == "segmentation":
+        rows = [f"| {name} | {iou:.2f} |" for name, iou in result["per_class_iou"].items()]
+        return "\n".join([f"mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc {result['aAcc']:.2f}  "
+                          f"({result['images']} images of split {result['split']})", "", "| class | IoU |",
+                          "|---|---|", *rows])
     if result["protocol"] != "corruptions":
         extra = f" over {result['classes']} classes (logits restricted)" if "classes" in result else ""
         return (f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "

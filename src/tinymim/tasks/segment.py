@@ -154,3 +154,36 @@ def load(recipe, overrides) -> SegmentConfig:
     from tinymim.config import load_config
 
     return load_config(SegmentConfig, recipe, overrides)
+
+
+def load_segmenter(run_dir: str | Path) -> tuple[nn.Module, SegmentConfig]:
+    """The trained segmenter of a `tinymim segment` run directory (its final weights), in eval mode."""
+    from tinymim.checkpoint import CheckpointError, load_state_dict
+    from tinymim.config import from_dict
+    from tinymim.rundir import RunDir
+
+    run = RunDir(run_dir)
+    raw = run.stored_config()
+    if raw is None or run.task() != "segment":
+        raise CheckpointError(f"{run.path} is not a tinymim segment run directory")
+    cfg = from_dict(SegmentConfig, {**raw, "init": None, "train": {**raw.get("train", {}), "device": "auto"}})
+    weights = run.weights()
+    if weights is None:
+        raise CheckpointError(f"{run.path} holds no final weights yet; is the segmentation run finished?")
+    task = build_segment_task(cfg)
+    task.model.load_state_dict(load_state_dict(weights))
+    return task.model.eval(), cfg
+
+
+def evaluate_segmentation_run(run_dir: str | Path, data_root: str | Path, split: str, num_workers: int = 2) -> dict:
+    """mIoU, mAcc, aAcc and per-class IoU of a segment run on `data_root`/images/`split` (its own settings)."""
+    from dataclasses import replace
+
+    model, cfg = load_segmenter(run_dir)
+    data = replace(cfg.data, root=str(data_root), num_workers=num_workers)
+    folder = SegmentationFolder(data, split)
+    loader = tud.DataLoader(SegmentationDataset(folder, data, train=False), batch_size=1, num_workers=num_workers,
+                            collate_fn=collate_segment, worker_init_fn=worker_init)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = evaluate_segmenter(model.to(device), loader, data, device, folder.classes)
+    return {"protocol": "segmentation", "split": split, "images": len(folder), **metrics}
