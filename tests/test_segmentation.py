@@ -234,6 +234,10 @@ def test_segment_task_trains_evaluates_and_records_classes(tmp_path):
     out = RunDir(tmp_path / "run")
     assert out.read_classes() == ["a", "b", "c", "d"] and out.weights().name == "segmenter.safetensors"
     assert out.task() == "segment"
+    from PIL import Image
+
+    picture = Image.open(tmp_path / "run" / "predictions.png")  # image | ground truth | prediction, 2 rows
+    assert picture.size == (3 * 240, 2 * 180)
     from tinymim.cli import main
 
     assert main(["eval", str(tmp_path / "run"), "--data", str(root), "--split", "val", "--workers", "0",

@@ -85,6 +85,9 @@ class SegmentTask(Task):
     def export(self, run_dir: Path) -> None:
         meta = {"format": "tinymim.Segmenter", "model": json.dumps(asdict(self.cfg.model))}
         save_weights(self.model.state_dict(), Path(run_dir) / TASKS[self.name].weights, meta)
+        if self.eval_loader is not None:  # a look at what was learned
+            folder = self.eval_loader.dataset.dataset.folder
+            prediction_picture(self.model, folder, self.cfg.data, Path(run_dir) / "predictions.png", self.device)
 
 
 @torch.no_grad()
@@ -187,3 +190,50 @@ def evaluate_segmentation_run(run_dir: str | Path, data_root: str | Path, split:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate_segmenter(model.to(device), loader, data, device, folder.classes)
     return {"protocol": "segmentation", "split": split, "images": len(folder), **metrics}
+
+
+@torch.no_grad()
+def prediction_picture(model: nn.Module, folder: SegmentationFolder, cfg: SegmentDataConfig, path: Path,
+                       device: torch.device, count: int = 4, width: int = 240) -> Path:
+    """A PNG with one row per image (the first `count` of the split): image | ground truth | prediction,
+    in the dataset's palette (ignored pixels black)."""
+    import numpy as np
+    from PIL import Image
+
+    from tinymim.rundir import atomic_write
+    from tinymim.segmentation_data import eval_transform
+
+    was_training = model.training
+    model.eval()
+    palette = np.array([*folder.palette, (0, 0, 0)], dtype=np.uint8)  # the last colour: ignored
+
+    def paint(label: np.ndarray) -> Image.Image:
+        index = np.where(label == cfg.ignore_index, len(palette) - 1, np.clip(label, 0, len(palette) - 2))
+        return Image.fromarray(palette[index])
+
+    rows = []
+    for i in range(min(count, len(folder))):
+        image, label = folder.load(i)
+        x = eval_transform(image, cfg)[None].to(device)
+        logits = (slide_inference(model, x, cfg.num_classes, cfg.crop_size, cfg.eval_stride)
+                  if cfg.eval_mode == "slide" else model(x))
+        pred = F.interpolate(logits.float(), size=label.shape, mode="bilinear", align_corners=False).argmax(1)[0]
+        height = round(width * image.height / image.width)
+        rows.append([p.resize((width, height), Image.NEAREST) for p in (image, paint(label), paint(pred.cpu().numpy()))])
+    model.train(was_training)
+    canvas = Image.new("RGB", (3 * width, sum(r[0].height for r in rows)), "white")
+    y = 0
+    for row in rows:
+        for col, panel in enumerate(row):
+            canvas.paste(panel, (col * width, y))
+        y += row[0].height
+
+    def write(f):
+        import io
+
+        buffer = io.BytesIO()
+        canvas.save(buffer, "PNG")
+        f.write(buffer.getvalue())
+
+    atomic_write(path, write)
+    return path
