@@ -9,7 +9,7 @@ from tinymim.tasks.distill import DistillConfig, build_distill_task
 from tinymim.tasks.mae import MAEConfig, build_mae_task
 
 PIPELINES = sorted(RECIPES.glob("pipelines/*.yaml"))
-ALL = sorted(set(RECIPES.glob("*/*.yaml")) - set(PIPELINES))
+ALL = sorted(p for p in set(RECIPES.glob("*/*.yaml")) - set(PIPELINES) if not p.name.startswith("_"))  # _base: fragments
 
 
 def test_recipes_exist():
