@@ -260,3 +260,18 @@ def test_ade20k_recipes_have_the_papers_settings(size, channels, decay):
     assert (cfg.layer_decay, cfg.channels, cfg.aux_channels, cfg.aux_weight) == (decay, channels, 256, 0.4)
     assert (cfg.data.num_classes, cfg.data.reduce_zero_label, cfg.data.eval_stride) == (150, True, 341)
     assert cfg.blocks == [4, 6, 8, 12] and cfg.model.drop_path_rate == 0.1
+
+
+def test_a_pipeline_can_end_in_segmentation(tmp_path):
+    """A `segment` stage takes an earlier stage as its init, with that model's architecture."""
+    from tinymim.config import from_dict
+    from tinymim.pipeline import PipelineConfig, plan
+
+    cfg = from_dict(PipelineConfig, {"stages": [
+        {"name": "student", "task": "distill", "config": "cifar10/distill_micro"},
+        {"name": "seg", "task": "segment", "config": "camvid/segment_micro", "init": "student",
+         "overrides": ["blocks=[1,2,3,4]"]}]})
+    planned = {stage.name: config for stage, _, config in plan(cfg, tmp_path)}
+    seg = planned["seg"]
+    assert seg["init"] == str(tmp_path / "student")
+    assert (seg["model"]["embed_dim"], seg["model"]["depth"], seg["model"]["num_heads"]) == (64, 4, 2)
