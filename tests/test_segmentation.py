@@ -260,6 +260,9 @@ def test_ade20k_recipes_have_the_papers_settings(size, channels, decay):
     assert (cfg.layer_decay, cfg.channels, cfg.aux_channels, cfg.aux_weight) == (decay, channels, 256, 0.4)
     assert (cfg.data.num_classes, cfg.data.reduce_zero_label, cfg.data.eval_stride) == (150, True, 341)
     assert cfg.blocks == [4, 6, 8, 12] and cfg.model.drop_path_rate == 0.1
+    from tinymim.segmentation_data import ADE20K_CLASSES
+
+    assert cfg.data.class_names == ADE20K_CLASSES and len(set(ADE20K_CLASSES)) == 150
 
 
 def test_a_pipeline_can_end_in_segmentation(tmp_path):
