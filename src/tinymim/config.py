@@ -116,6 +116,12 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     return obj
 
 
+def from_run_config(cls: type[T], raw: dict, **top) -> T:
+    """A run's stored config rebuilt to use its model here (evaluation, pictures): `top` keys replaced,
+    and the device chosen afresh (the machine the run trained on need not be this one)."""
+    return from_dict(cls, {**raw, **top, "train": {**raw.get("train", {}), "device": "auto"}})
+
+
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 

@@ -187,7 +187,7 @@ def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severitie
 def load_classifier(source: str | Path, weights: str = "best"):
     """A fine-tuned classifier and its data config, from a `tinymim finetune` run directory."""
     from tinymim.checkpoint import CheckpointError, load_state_dict
-    from tinymim.config import from_dict
+    from tinymim.config import from_run_config
     from tinymim.tasks.finetune import FinetuneConfig, build_classifier
 
     from tinymim.rundir import RunDir
@@ -199,8 +199,7 @@ def load_classifier(source: str | Path, weights: str = "best"):
     if raw is None or not isinstance(raw.get("model"), dict) or "num_classes" not in raw:
         raise CheckpointError(f"{run.path} is not a finished tinymim finetune run (no usable config.yaml with a "
                               "classifier); pass the --output folder of `tinymim finetune`")
-    # evaluated wherever it is: the device the run trained on need not be here
-    cfg = from_dict(FinetuneConfig, {**raw, "init": None, "train": {**raw.get("train", {}), "device": "auto"}})
+    cfg = from_run_config(FinetuneConfig, raw, init=None)
     file = run.weights(best=weights == "best")
     if file is None:
         raise CheckpointError(f"{run.path} holds no weights yet; is the fine-tuning run finished?")

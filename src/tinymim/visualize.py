@@ -30,7 +30,7 @@ def colorize(values: np.ndarray, vmax: float) -> np.ndarray:
 def load_run(run_dir: str | Path):
     """The DistillTask of a finished (or checkpointed) distill run, student weights loaded."""
     from tinymim.checkpoint import load_state_dict
-    from tinymim.config import from_dict
+    from tinymim.config import from_run_config
     from tinymim.engine import seed_everything
     from tinymim.tasks.distill import DistillConfig, build_distill_task
 
@@ -41,7 +41,7 @@ def load_run(run_dir: str | Path):
     if raw is None or "teacher" not in raw or "student" not in raw:
         raise TinymimError(f"{run} is not a tinymim distill run (no config.yaml with a teacher and a student); "
                            "pass the --output folder of `tinymim distill`")
-    cfg = from_dict(DistillConfig, {**raw, "train": {**raw.get("train", {}), "device": "auto"}})
+    cfg = from_run_config(DistillConfig, raw)
     seed_everything(cfg.train.seed)  # the same models as the run built (a random teacher included)
     task = build_distill_task(cfg)
     weights = RunDir(run).weights()

@@ -91,6 +91,23 @@ class SegmentTask(Task):
 
 
 @torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, cfg: SegmentDataConfig, size) -> torch.Tensor:
+    """Class indices at `size` (the label map's): sliding-window or whole-image logits, resized bilinearly."""
+    if cfg.eval_mode == "slide":
+        logits = slide_inference(model, x, cfg.num_classes, cfg.crop_size, cfg.eval_stride)
+    else:
+        logits = model(x)
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False).argmax(1)
+
+
+def eval_loader(cfg: SegmentDataConfig, split: str, rank: int = 0, world: int = 1) -> tud.DataLoader:
+    """One image at a time (labels keep their own sizes), each process a strided shard of the split."""
+    val = SegmentationDataset(SegmentationFolder(cfg, split), cfg, train=False)
+    return tud.DataLoader(tud.Subset(val, range(rank, len(val), world)), batch_size=1, num_workers=cfg.num_workers,
+                          collate_fn=collate_segment, worker_init_fn=worker_init)
+
+
+@torch.no_grad()
 def evaluate_segmenter(model: nn.Module, loader, cfg: SegmentDataConfig, device: torch.device,
                        class_names=None) -> dict:
     """Metrics over a loader of single images (labels at their own size); the confusion matrix is summed
@@ -100,12 +117,7 @@ def evaluate_segmenter(model: nn.Module, loader, cfg: SegmentDataConfig, device:
     cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.int64, device=device)
     for batch in loader:
         x, label = batch["image"].to(device), batch["label"].to(device)
-        if cfg.eval_mode == "slide":
-            logits = slide_inference(model, x, cfg.num_classes, cfg.crop_size, cfg.eval_stride)
-        else:
-            logits = model(x)
-        logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-        cm += confusion_matrix(logits.argmax(1), label, cfg.num_classes, cfg.ignore_index)
+        cm += confusion_matrix(predict(model, x, cfg, label.shape[-2:]), label, cfg.num_classes, cfg.ignore_index)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(cm)
     model.train(was_training)
@@ -138,10 +150,7 @@ def segment_loaders(task: SegmentTask, batch: int, rank: int, world: int, seed: 
     loader = tud.DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_segment,
                             worker_init_fn=worker_init, generator=torch.Generator().manual_seed(seed),
                             prefetch_factor=2 if cfg.num_workers else None)
-    val = SegmentationDataset(SegmentationFolder(cfg, cfg.val_split), cfg, train=False)
-    task.eval_loader = tud.DataLoader(tud.Subset(val, range(rank, len(val), world)), batch_size=1,
-                                      num_workers=cfg.num_workers, collate_fn=collate_segment,
-                                      worker_init_fn=worker_init)
+    task.eval_loader = eval_loader(cfg, cfg.val_split, rank, world)
     task.classes = train.folder.classes
     return loader, sampler
 
@@ -162,14 +171,14 @@ def load(recipe, overrides) -> SegmentConfig:
 def load_segmenter(run_dir: str | Path) -> tuple[nn.Module, SegmentConfig]:
     """The trained segmenter of a `tinymim segment` run directory (its final weights), in eval mode."""
     from tinymim.checkpoint import CheckpointError, load_state_dict
-    from tinymim.config import from_dict
+    from tinymim.config import from_run_config
     from tinymim.rundir import RunDir
 
     run = RunDir(run_dir)
     raw = run.stored_config()
     if raw is None or run.task() != "segment":
         raise CheckpointError(f"{run.path} is not a tinymim segment run directory")
-    cfg = from_dict(SegmentConfig, {**raw, "init": None, "train": {**raw.get("train", {}), "device": "auto"}})
+    cfg = from_run_config(SegmentConfig, raw, init=None)
     weights = run.weights()
     if weights is None:
         raise CheckpointError(f"{run.path} holds no final weights yet; is the segmentation run finished?")
@@ -184,9 +193,8 @@ def evaluate_segmentation_run(run_dir: str | Path, data_root: str | Path, split:
 
     model, cfg = load_segmenter(run_dir)
     data = replace(cfg.data, root=str(data_root), num_workers=num_workers)
-    folder = SegmentationFolder(data, split)
-    loader = tud.DataLoader(SegmentationDataset(folder, data, train=False), batch_size=1, num_workers=num_workers,
-                            collate_fn=collate_segment, worker_init_fn=worker_init)
+    loader = eval_loader(data, split)
+    folder = loader.dataset.dataset.folder
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate_segmenter(model.to(device), loader, data, device, folder.classes)
     return {"protocol": "segmentation", "split": split, "images": len(folder), **metrics}
@@ -214,10 +222,7 @@ def prediction_picture(model: nn.Module, folder: SegmentationFolder, cfg: Segmen
     rows = []
     for i in range(min(count, len(folder))):
         image, label = folder.load(i)
-        x = eval_transform(image, cfg)[None].to(device)
-        logits = (slide_inference(model, x, cfg.num_classes, cfg.crop_size, cfg.eval_stride)
-                  if cfg.eval_mode == "slide" else model(x))
-        pred = F.interpolate(logits.float(), size=label.shape, mode="bilinear", align_corners=False).argmax(1)[0]
+        pred = predict(model, eval_transform(image, cfg)[None].to(device), cfg, label.shape)[0]
         height = round(width * image.height / image.width)
         rows.append([p.resize((width, height), Image.NEAREST) for p in (image, paint(label), paint(pred.cpu().numpy()))])
     model.train(was_training)
