@@ -24,6 +24,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torch.utils.data as tud
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -53,6 +54,10 @@ class DataConfig:
     # per-channel normalization std (R, G, B)
     std: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
     num_workers: int = 8  # data-loading worker processes per training process
+    # where JPEGs are decoded: "cpu" (Pillow in the loader workers) or "device" (workers only read the
+    # file and its header and draw the same random crop; the training device decodes the batch at once,
+    # torchvision.io.decode_jpeg on CUDA, then crops, resizes and flips; other formats stay on Pillow)
+    decode: Literal["cpu", "device"] = "cpu"
     subset: int | None = None  # use a fixed random sample of N images (quick experiments)
     synthetic_size: int = 2048  # synthetic: number of images
     synthetic_classes: int = 10  # synthetic: number of classes
@@ -112,6 +117,12 @@ class FolderImages(tud.Dataset):
             img = Image.open(f)
             img.load()  # decode now, so a corrupt file fails here
         return img.convert("RGB"), label
+
+    def read_bytes(self, i: int) -> tuple[bytes, int]:
+        """The encoded file and its label, undecoded (for decoding on the training device)."""
+        path, label = self.samples[i]
+        with open(path, "rb") as f:
+            return f.read(), label
 
     def describe(self, i: int) -> str:
         return self.samples[i][0]
@@ -201,6 +212,9 @@ class SubsetImages:
 
     def load(self, i: int):
         return self.source.load(self.indices[i])
+
+    def read_bytes(self, i: int):
+        return self.source.read_bytes(self.indices[i])
 
     def describe(self, i: int) -> str:
         return self.source.describe(self.indices[i])
@@ -300,38 +314,92 @@ def load_or_substitute(source, index: int, length: int) -> tuple[Image.Image, in
                     "is the dataset corrupt?")
 
 
+def reads_encoded(source) -> bool:
+    """Whether a source can hand out encoded files (a folder of files can; CIFAR arrays cannot)."""
+    inner = source.source if isinstance(source, SubsetImages) else source
+    return hasattr(inner, "read_bytes")
+
+
 class PairedViewDataset(tud.Dataset):
     """Indexed by (index, sample_seed). Returns the shared crop as uint8 CxHxW, the student's jitter
     factors (brightness, contrast, saturation) and their order, and the label. A sample that cannot
-    be read is replaced by the next readable one and reported in `skipped`."""
+    be read is replaced by the next readable one and reported in `skipped`.
+
+    With `decode: device`, a JPEG is not decoded here: the sample carries the file's bytes and the crop
+    box (top, left, height, width, flip) drawn from its header, from the same random stream in the same
+    order as the Pillow path, and `device_images` finishes it on the training device."""
 
     def __init__(self, source, cfg: DataConfig):
         self.source, self.cfg = source, cfg
         self.length = len(source)
+        self.encoded = cfg.decode == "device" and reads_encoded(source)
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, item):
-        index, sample_seed = item
-        rng = random.Random(sample_seed)
-        img, label, skipped = load_or_substitute(self.source, index, self.length)
-        s = self.cfg.img_size
-        top, left, h, w = random_resized_crop_params(rng, img.width, img.height, self.cfg.crop_scale)
-        img = TF.resized_crop(img, top, left, h, w, [s, s], InterpolationMode.BICUBIC)
-        if self.cfg.hflip and rng.random() < 0.5:
-            img = TF.hflip(img)
+    def draw(self, rng: random.Random, width: int, height: int):
+        """Every random choice of one sample, in a fixed order: crop box, flip, jitter factors and order."""
+        box = random_resized_crop_params(rng, width, height, self.cfg.crop_scale)
+        flip = bool(self.cfg.hflip and rng.random() < 0.5)
         j = self.cfg.color_jitter
         factors = [rng.uniform(max(0.0, 1 - j), 1 + j) for _ in range(3)]
         order = list(range(3))
         rng.shuffle(order)
-        return TF.pil_to_tensor(img), torch.tensor(factors), torch.tensor(order), label, skipped
+        return box, flip, torch.tensor(factors), torch.tensor(order)
+
+    def __getitem__(self, item):
+        index, sample_seed = item
+        if self.encoded:
+            sample = self._encoded(index, sample_seed)
+            if sample is not None:
+                return sample
+        img, label, skipped = load_or_substitute(self.source, index, self.length)
+        (top, left, h, w), flip, factors, order = self.draw(random.Random(sample_seed), img.width, img.height)
+        s = self.cfg.img_size
+        img = TF.resized_crop(img, top, left, h, w, [s, s], InterpolationMode.BICUBIC)
+        if flip:
+            img = TF.hflip(img)
+        return TF.pil_to_tensor(img), factors, order, label, skipped
+
+    def _encoded(self, index: int, sample_seed: int):
+        """The undecoded sample, or None when the file is not a baseline RGB/gray JPEG or its header
+        cannot be read (then the Pillow path decodes it, or skips it as unreadable)."""
+        import io
+
+        try:
+            data, label = self.source.read_bytes(index)
+            with Image.open(io.BytesIO(data)) as header:  # parses the header only
+                if header.format != "JPEG" or header.mode not in ("RGB", "L"):
+                    return None
+                width, height = header.size
+        except Exception:  # noqa: BLE001 - the Pillow path reports it
+            return None
+        (top, left, h, w), flip, factors, order = self.draw(random.Random(sample_seed), width, height)
+        encoded = {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                   "box": torch.tensor([top, left, h, w, int(flip)]), "name": self.source.describe(index)}
+        return encoded, factors, order, label, 0
 
 
 def collate(samples) -> dict:
-    images, factors, orders, labels, skipped = zip(*samples)
-    return {"image": torch.stack(images), "jitter": torch.stack(factors), "jitter_order": torch.stack(orders),
-            "label": torch.tensor(labels), "skipped": sum(skipped)}
+    """A batch: "image" (uint8 B x 3 x S x S) when every sample was decoded by the worker; otherwise
+    "jpeg" (the encoded files), "jpeg_box", "jpeg_name", "jpeg_index" (their positions) and, for the
+    rest, "image" with "image_index"."""
+    payloads, factors, orders, labels, skipped = zip(*samples)
+    batch = {"jitter": torch.stack(factors), "jitter_order": torch.stack(orders), "label": torch.tensor(labels),
+             "skipped": sum(skipped)}
+    encoded = [i for i, p in enumerate(payloads) if isinstance(p, dict)]
+    if not encoded:
+        batch["image"] = torch.stack(payloads)
+        return batch
+    batch["jpeg_index"] = torch.tensor(encoded)
+    batch["jpeg"] = [payloads[i]["data"] for i in encoded]
+    batch["jpeg_box"] = torch.stack([payloads[i]["box"] for i in encoded])
+    batch["jpeg_name"] = [payloads[i]["name"] for i in encoded]
+    decoded = [i for i, p in enumerate(payloads) if not isinstance(p, dict)]
+    if decoded:
+        batch["image_index"] = torch.tensor(decoded)
+        batch["image"] = torch.stack([payloads[i] for i in decoded])
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,15 +521,64 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
+def decode_jpegs(files: list[torch.Tensor], names: list[str], device: torch.device) -> list[torch.Tensor | None]:
+    """Encoded JPEGs -> uint8 3 x H x W images on `device`, the whole batch in one call (nvJPEG on
+    CUDA). A file that does not decode gives None (it is logged by name)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:  # a damaged file fails the batch: decode one by one to find it
+        out = []
+        for data, name in zip(files, names):
+            try:
+                out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as e:
+                log.warning("skipping unreadable image %s: %s", name, str(e).splitlines()[0])
+                out.append(None)
+        return out
+
+
+def crop_resize_flip(img: torch.Tensor, box, size: int) -> torch.Tensor:
+    """uint8 3 x H x W -> float 3 x size x size in [0, 1]: the crop box (top, left, h, w, flip), resized
+    by antialiased bicubic interpolation (PIL's filter, a = -0.5), then flipped when asked."""
+    top, left, h, w, flip = box
+    crop = img[:, top:top + h, left:left + w].unsqueeze(0).float()
+    out = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
+    out = out.div_(255).clamp_(0, 1)
+    return out.flip(-1) if flip else out
+
+
+def device_images(batch: dict, cfg: DataConfig, device: torch.device) -> torch.Tensor:
+    """The batch's shared crops as floats in [0, 1] on `device`, B x 3 x S x S: transferred when the
+    loader workers decoded them, decoded and cropped here when they sent the files (decode: device)."""
+    if "jpeg" not in batch:
+        return batch["image"].to(device, non_blocking=True).float().div_(255)
+    s = cfg.img_size
+    out = torch.empty(len(batch["label"]), 3, s, s, device=device)
+    if "image_index" in batch:
+        out[batch["image_index"].to(device)] = batch["image"].to(device, non_blocking=True).float().div_(255)
+    images = decode_jpegs(batch["jpeg"], batch["jpeg_name"], device)
+    good = [i for i, img in enumerate(images) if img is not None]
+    if not good:
+        raise DataError(f"no image of the batch could be decoded ({', '.join(batch['jpeg_name'][:3])} ...); "
+                        "is the dataset corrupt?")
+    boxes = batch["jpeg_box"].tolist()
+    for i, pos in enumerate(batch["jpeg_index"].tolist()):
+        j = i if images[i] is not None else good[i % len(good)]  # an unreadable file: another of the batch
+        out[pos] = crop_resize_flip(images[j], boxes[j], s)
+    batch["skipped"] = batch["skipped"] + len(images) - len(good)
+    return out
+
+
 def plain_view(batch: dict, cfg: DataConfig, device: torch.device) -> torch.Tensor:
     """The shared crop, normalized, as a float tensor on `device` (the teacher's view)."""
-    x = batch["image"].to(device, non_blocking=True).float().div_(255)
-    return normalize(x, cfg.mean, cfg.std)
+    return normalize(device_images(batch, cfg, device), cfg.mean, cfg.std)
 
 
 def paired_views(batch: dict, cfg: DataConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher view, student view) as normalized float tensors on `device`."""
-    x = batch["image"].to(device, non_blocking=True).float().div_(255)
+    x = device_images(batch, cfg, device)
     teacher = normalize(x, cfg.mean, cfg.std)
     student = x
     if cfg.color_jitter > 0:

@@ -533,7 +533,7 @@ def train_step(task, batches, cfg: TrainConfig, ctx: DistContext, state: TrainSt
         for k, v in out.items():
             if k.startswith("loss"):
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.accum_steps
-        window.images += batch["image"].shape[0] * ctx.world
+        window.images += len(batch["label"]) * ctx.world
         window.skipped += batch["skipped"]
     names = sorted(sums)
     # a stop request rides with the losses' all-reduce: every process sees it at the same step
