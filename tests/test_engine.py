@@ -87,3 +87,29 @@ def test_tensorboard_logging(tmp_path):
     pytest.importorskip("tensorboard")
     run_task(build_distill_task, tiny_distill_config(max_steps=2, tensorboard=True), tmp_path / "run")
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """train.activation_checkpointing recomputes the student's blocks in the backward: same loss and
+    gradients (drop path included: the recomputation replays the RNG), nothing else changes."""
+    from conftest import tiny_distill_config
+    from tinymim.data import build_loader
+    from tinymim.tasks.distill import build_distill_task
+
+    cfg = tiny_distill_config()
+    cfg.student.drop_path_rate = 0.2
+    batch = next(iter(build_loader(cfg.data, 8)[0]))
+    grads = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        task = build_distill_task(cfg)
+        task.to(torch.device("cpu"))
+        task.prepare(torch.device("cpu"), "fp32")
+        task.set_grad_checkpointing(enable)
+        assert task.student.grad_checkpointing is enable
+        torch.manual_seed(1)
+        task(batch)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in task.student.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name

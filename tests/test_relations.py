@@ -133,3 +133,21 @@ def test_teacher_drop_path_is_off_by_default_and_only_active_in_training():
     assert not any(p.requires_grad for p in task.teacher.parameters())
     task.eval()
     assert torch.equal(task.teacher(x)["qkv"], task.teacher(x)["qkv"])  # and off in eval
+
+
+def test_kl_backward_matches_autograd_of_the_plain_formula():
+    """The hand-written backward (saving only the logits) equals autograd through log_softmax, for the
+    student and, when it asks for one, the teacher; in bf16 the gradient comes back in bf16."""
+    torch.manual_seed(0)
+    t = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    ref = (torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1).mean()
+    gt_ref, gs_ref = torch.autograd.grad(ref, (t, s))
+    out = relation_kl(t, s)
+    gt, gs = torch.autograd.grad(out, (t, s))
+    assert torch.allclose(out, ref) and torch.allclose(gs, gs_ref) and torch.allclose(gt, gt_ref)
+    assert torch.autograd.gradcheck(relation_kl, (t, s))
+    sb = s.detach().bfloat16().requires_grad_()
+    relation_kl(t.detach().bfloat16(), sb).backward()
+    assert sb.grad.dtype == torch.bfloat16
+    assert torch.allclose(sb.grad.double(), gs_ref, atol=2e-3)

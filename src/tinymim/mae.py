@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 
 
@@ -129,7 +130,13 @@ class MaskedAutoencoder(nn.Module):
         enc = self.encoder
         x, _, restore, mask = random_masking(enc.patch_embed(img) + enc.pos_embed[:, 1:], self.mask_ratio)
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        latent = enc.norm(enc.blocks(torch.cat([cls, x], dim=1)))
+        x = torch.cat([cls, x], dim=1)
+        if enc.grad_checkpointing and torch.is_grad_enabled():  # train.activation_checkpointing
+            for blk in enc.blocks:
+                x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = enc.blocks(x)
+        latent = enc.norm(x)
         pred = self.decoder(latent, restore)
         return reconstruction_loss(pred, img, mask, self.patch, self.norm_pix_loss)
 

@@ -201,6 +201,20 @@ def embed(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     return model.norm_pre(x)
 
 
+def run_blocks(model: VisionTransformer, x: torch.Tensor, blocks) -> torch.Tensor:
+    """Tokens through `blocks` of `model`; with timm's grad checkpointing on (set_grad_checkpointing)
+    and gradients wanted, each block's activations are recomputed in the backward instead of kept."""
+    if getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        for blk in blocks:
+            x = checkpoint(blk, x, use_reentrant=False)
+        return x
+    for blk in blocks:
+        x = blk(x)
+    return x
+
+
 def tokens_before_block(model: VisionTransformer, x: torch.Tensor, k: int) -> torch.Tensor:
     """Run an image through blocks 1..k-1 (1-indexed) and return the tokens entering block k."""
     if not 1 <= k <= len(model.blocks):

@@ -50,19 +50,52 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def relation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(teacher) || softmax(student)) over the last axis, mean over all other axes.
+class _RelationKL(torch.autograd.Function):
+    """KL(softmax(t) || softmax(s)) per row, averaged; keeps only its two inputs for the backward.
 
-    With t = log_softmax(teacher), p = exp(t) and log_softmax(s) = s - logsumexp(s):
-        sum_j p_j (t_j - log_softmax(s)_j) = sum_j p_j t_j - sum_j p_j s_j + logsumexp(s)
-    (sum_j p_j = 1), which never materializes the student's log-probabilities: fewer passes over
-    the N x N maps, the same value.
+    With p = softmax(t), q = softmax(s) and R rows, the gradients are
+        dL/ds = (q - p) / R                     dL/dt = p * (log p - log q - KL_row) / R
+    so the backward recomputes the softmaxes from the saved logits (in their own dtype, bf16 under
+    autocast) instead of keeping fp32 copies, log-probabilities and products of the B x M x N x N maps.
     """
+
+    @staticmethod
+    def forward(ctx, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(teacher_logits, student_logits)
+        return _kl_rows(teacher_logits, student_logits).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        t_logits, s_logits = ctx.saved_tensors
+        scale = grad / (s_logits.numel() // s_logits.shape[-1])
+        t = F.log_softmax(_at_least_fp32(t_logits), dim=-1)
+        s = F.log_softmax(_at_least_fp32(s_logits), dim=-1)
+        p = t.exp()
+        grad_s = ((s.exp() - p) * scale).to(s_logits.dtype) if ctx.needs_input_grad[1] else None
+        grad_t = None
+        if ctx.needs_input_grad[0]:
+            kl = (p * (t - s)).sum(-1, keepdim=True)
+            grad_t = (p * (t - s - kl) * scale).to(t_logits.dtype)
+        return grad_t, grad_s
+
+
+def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """sum_j p_j (t_j - log_softmax(s)_j) = sum_j p_j t_j - sum_j p_j s_j + logsumexp(s), with
+    t = log_softmax(teacher), p = exp(t) (sum_j p_j = 1): the student's log-probabilities are never
+    materialized."""
     t = F.log_softmax(_at_least_fp32(teacher_logits), dim=-1)
     s = _at_least_fp32(student_logits)
     p = t.exp()
-    kl = (p * t).sum(-1) - (p * s).sum(-1) + torch.logsumexp(s, dim=-1)
-    return kl.mean()
+    return (p * t).sum(-1) - (p * s).sum(-1) + torch.logsumexp(s, dim=-1)
+
+
+def relation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)) over the last axis, mean over all other axes.
+
+    Computed in at least fp32 from log_softmax on both sides; for the backward only the two logit
+    maps are kept (_RelationKL), not the fp32 intermediates autograd would keep.
+    """
+    return _RelationKL.apply(teacher_logits, student_logits)
 
 
 def relation_mse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,13 @@ class Task(TrainingTask):
             if hasattr(m, "fused_attn") and hasattr(m, "qkv"):
                 m.fused_attn = not explicit
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in every trained timm ViT (timm's own flag, which timm's forward and
+        tinymim's block loops both honour)."""
+        for m in self.trainable_module.modules():
+            if hasattr(m, "set_grad_checkpointing") and hasattr(m, "blocks"):
+                m.set_grad_checkpointing(enable)
+
     def no_sync(self):
         return self.wrapped["ddp"].no_sync() if "ddp" in self.wrapped else contextlib.nullcontext()
 

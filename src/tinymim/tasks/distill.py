@@ -27,7 +27,7 @@ from tinymim.config import ConfigError
 from tinymim.data import DataConfig, paired_views
 from tinymim.engine import TrainConfig
 from tinymim.knn import KNNMonitor, KNNMonitorConfig
-from tinymim.models import (ModelConfig, TokenFeatures, create_vit, embed, num_tokens, set_block_heads,
+from tinymim.models import (ModelConfig, TokenFeatures, create_vit, embed, num_tokens, run_blocks, set_block_heads,
                              set_drop_path, tokens_before_block, truncate)
 from tinymim.relations import RELATION_NAMES, RelationLoss, block_qkv, split_heads
 from tinymim.targets import ClassTokenLoss, FeatureLoss, block_parts
@@ -220,8 +220,7 @@ class DistillStudent(nn.Module):
             tokens = torch.cat([tokens[:, :p], visible_tokens], dim=1)
             index = torch.cat([torch.arange(p, device=x.device).expand(x.shape[0], -1), visible + p], dim=1)
             teacher = {k: v.gather(1, index.unsqueeze(-1).expand(-1, -1, v.shape[-1])) for k, v in teacher.items()}
-        for blk in vit.blocks[:-1]:
-            tokens = blk(tokens)
+        tokens = run_blocks(vit, tokens, vit.blocks[:-1])
         last = vit.blocks[-1]
         sites = self.sites | ({"block"} if self.decoder is not None else set())
         student = block_parts(last, tokens, sites)
