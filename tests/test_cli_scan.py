@@ -138,6 +138,14 @@ def cases(ws: Path) -> dict[str, list[str]]:
         "corrupt: missing source": ["corrupt", f"{w}/nope", "--output", f"{w}/new_c"],
         "corrupt: severity 9": ["corrupt", f"{w}/data/val", "--severities", "9", "--output", f"{w}/new_c"],
         "corrupt: unknown corruption": ["corrupt", f"{w}/data/val", "--corruptions", "rain", "--output", f"{w}/new_c"],
+        "shards: missing source": ["shards", f"{w}/nope", "--output", f"{w}/new_shards"],
+        "shards: source without images": ["shards", f"{w}/empty_dir", "--output", f"{w}/new_shards"],
+        "shards: shard size 0": ["shards", f"{w}/data/train", "--output", f"{w}/new_shards", "--shard-size", "0"],
+        "shards: output already holds shards": ["shards", f"{w}/data/train", "--output", f"{w}/shards"],
+        "distill: shard folder without an index": ["distill", *DISTILL, "data.name=shards", f"data.root={w}/empty_dir",
+                                                   *out],
+        "distill: shard URL without an index": ["distill", *DISTILL, "data.name=shards", f"data.root=file://{w}/nope",
+                                                f"data.shard_cache={w}/cache", *out],
     }
     if not ROOT:
         c["distill: unreadable recipe"] = ["distill", "--config", f"{w}/unreadable.yaml", *out]
@@ -168,6 +176,10 @@ def workspace(tmp_path_factory) -> Path:
     _folder(ws / "data" / "train", {"a": 6, "b": 6})
     _folder(ws / "data" / "val", {"a": 2, "b": 2})
     _folder(ws / "partial", {"a": 2})
+    from tinymim.data import FolderImages
+    from tinymim.shards import write_shards
+
+    write_shards(FolderImages(ws / "data" / "train"), ws / "shards", shard_size=4)
     Image.new("RGB", (40, 40), (10, 200, 30)).save(ws / "img.png")
     for run_dir, args in (("distill_run", ["distill", *DISTILL]),
                           ("ft_run", ["finetune", *FINETUNE, "data.name=folder", f"data.root={ws}/data/train",

@@ -11,7 +11,7 @@ LAYERS = [
     ["errors", "config"],
     ["relations", "targets", "mae"],
     ["rundir", "models", "checkpoint", "wrappers", "segmentation"],
-    ["data", "classification", "segmentation_data"],
+    ["data", "shards", "classification", "segmentation_data"],
     ["loggers", "engine", "knn"],
     ["tasks", "tasks.base", "tasks.distill", "tasks.mae", "tasks.finetune", "tasks.linprobe", "tasks.segment"],
     ["robustness", "export", "visualize"],

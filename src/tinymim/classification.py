@@ -13,7 +13,7 @@ import torch.utils.data as tud
 from timm.data import create_transform
 
 from tinymim.config import ConfigError
-from tinymim.data import DataConfig, GlobalBatchSampler, build_source, load_or_substitute, worker_init
+from tinymim.data import DataConfig, batch_sampler, build_source, load_or_substitute, worker_init
 
 
 def _posterize_zero_bits_compat() -> None:
@@ -44,7 +44,8 @@ def _posterize_zero_bits_compat() -> None:
 class ClassifyDataConfig(DataConfig):
     """Labelled data: `root` (or cifar10/cifar100/synthetic) to train on, `val_root` to evaluate."""
 
-    val_root: str | None = None  # the evaluation ImageFolder (or cifar/synthetic: their test split)
+    # the evaluation ImageFolder (shards: the evaluation shards' folder or URL; cifar/synthetic: their test split)
+    val_root: str | None = None
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range [low, high]
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec (rand-m9-mstd0.5-inc1); null: none
     reprob: float = 0.25  # random-erasing probability
@@ -126,7 +127,7 @@ def build_classify_loaders(cfg: ClassifyDataConfig, batch: int, rank: int, world
                                 re_mode="pixel", re_count=1, mean=tuple(cfg.mean), std=tuple(cfg.std),
                                 color_jitter=cfg.color_jitter or None)
     train = ClassifyDataset(classify_source(cfg, cfg.root, True), train_tf)
-    sampler = GlobalBatchSampler(len(train), batch, rank, world, seed)
+    sampler = batch_sampler(train.source, batch, rank, world, seed)
     loader = tud.DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_classify,
                             worker_init_fn=worker_init,
                             generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),

@@ -131,6 +131,18 @@ def cmd_corrupt(args) -> int:
     return 0
 
 
+def cmd_shards(args) -> int:
+    from tinymim.data import FolderImages
+    from tinymim.shards import write_shards
+
+    index = write_shards(FolderImages(args.source), args.output, args.shard_size, args.seed)
+    shards = index["shards"]
+    print(f"wrote {len(shards)} shards ({index['total']} images, {len(index['classes'])} classes, "
+          f"{sum(s['bytes'] for s in shards) / 2**20:.1f} MiB) and index.json to {args.output}; "
+          f"train on them with data.name=shards data.root={args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinymim", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -213,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     p.add_argument("--per-class", type=int, help="at most this many images per class")
     p.set_defaults(func=cmd_corrupt)
+    p = sub.add_parser("shards", help="write an ImageFolder as WebDataset tar shards with an index, for "
+                                      "data.name=shards (local or served over http)")
+    p.add_argument("source", help="ImageFolder root (root/<class>/<image>)")
+    p.add_argument("--output", required=True, help="a new folder for shard-NNNNNN.tar and index.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (about 100 MiB of ImageNet)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order images are written in")
+    p.set_defaults(func=cmd_shards)
     return parser
 
 

@@ -100,10 +100,14 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"valid keys here: {', '.join(prefix + k for k in types_)}"
-        )
+        import difflib
+
+        # the closest valid keys, not all of them: a section can have 30 (`tinymim config TASK` lists all)
+        close = sorted({prefix + m for k in unknown for m in difflib.get_close_matches(k, list(types_), n=3)})
+        hint = f"did you mean {', '.join(close)}?" if close else f"valid keys here: {', '.join(prefix + k for k in types_)}"
+        if len(hint) > 300:
+            hint = "`tinymim config TASK` lists every key"
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; {hint}")
     kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):

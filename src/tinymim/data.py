@@ -13,7 +13,7 @@ number of workers or processes, and a resumed run sees exactly the data an unint
 """
 from __future__ import annotations
 
-from tinymim.errors import TinymimError
+from tinymim.errors import DataError  # defined below this module: tinymim.shards raises it too
 
 import logging
 import math
@@ -35,16 +35,16 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 log = logging.getLogger(__name__)
 
 
-class DataError(TinymimError):
-    """Data that cannot be read, with what to do about it."""
-
-
 @dataclass
 class DataConfig:
-    # folder: an ImageFolder tree (ImageNet layout root/<class>/<image>); cifar10/cifar100: torchvision
-    # (downloaded into root when missing); synthetic: procedural images generated on the fly, offline
-    name: Literal["folder", "cifar10", "cifar100", "synthetic"] = "synthetic"
-    root: str | None = None  # folder: the ImageFolder root; cifar10/100: where torchvision keeps (or downloads) it
+    # folder: an ImageFolder tree (ImageNet layout root/<class>/<image>); shards: tar shards written by
+    # `tinymim shards`; cifar10/cifar100: torchvision (downloaded into root when missing); synthetic:
+    # procedural images generated on the fly, offline
+    name: Literal["folder", "shards", "cifar10", "cifar100", "synthetic"] = "synthetic"
+    # folder: the ImageFolder root; shards: their folder or URL prefix (http://, https://, file://);
+    # cifar10/100: where torchvision keeps (or downloads) it
+    root: str | None = None
+    shard_cache: str | None = None  # shards from a URL: where to download them (null: ~/.cache/tinymim/shards)
     img_size: int = 224  # training image size in pixels (the random crop's output)
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range [low, high]
     hflip: bool = True  # random horizontal flip
@@ -63,8 +63,8 @@ class DataConfig:
     synthetic_classes: int = 10  # synthetic: number of classes
 
     def validate(self) -> None:
-        if self.name in ("folder",) and not self.root:
-            raise ValueError("data.root is needed for data.name=folder")
+        if self.name in ("folder", "shards") and not self.root:
+            raise ValueError(f"data.root is needed for data.name={self.name}")
         if self.img_size < 1:
             raise ValueError(f"img_size must be positive, got {self.img_size}")
         for key in ("mean", "std"):
@@ -243,6 +243,10 @@ def _listing(source) -> list[str] | None:
         return [f"{type(source.ds).__name__} train={source.ds.train} {len(source.ds)}"]
     if isinstance(source, SyntheticImages):
         return [f"synthetic {source.size} {source.img_size} {source.num_classes} {source.seed}"]
+    from tinymim.shards import ShardImages
+
+    if isinstance(source, ShardImages):  # its shards and sample keys: the same wherever it is served from
+        return source.listing()
     return None
 
 
@@ -263,6 +267,10 @@ def data_fingerprint(dataset) -> dict:
 def build_source(cfg: DataConfig, seed: int = 0):
     if cfg.name == "folder":
         src = FolderImages(cfg.root)
+    elif cfg.name == "shards":
+        from tinymim.shards import ShardImages
+
+        src = ShardImages(cfg.root, cache=cfg.shard_cache)
     elif cfg.name in ("cifar10", "cifar100"):
         src = TorchvisionCIFAR(cfg.name, cfg.root)
     else:
@@ -382,8 +390,8 @@ class PairedViewDataset(tud.Dataset):
 
 def collate(samples) -> dict:
     """A batch: "image" (uint8 B x 3 x S x S) when every sample was decoded by the worker; otherwise
-    "jpeg" (the encoded files), "jpeg_box", "jpeg_name", "jpeg_index" (their positions) and, for the
-    rest, "image" with "image_index"."""
+    "jpeg" (the encoded files end to end, "jpeg_sizes" long each), "jpeg_box", "jpeg_name", "jpeg_index"
+    (their positions) and, for the rest, "image" with "image_index"."""
     payloads, factors, orders, labels, skipped = zip(*samples)
     batch = {"jitter": torch.stack(factors), "jitter_order": torch.stack(orders), "label": torch.tensor(labels),
              "skipped": sum(skipped)}
@@ -392,7 +400,10 @@ def collate(samples) -> dict:
         batch["image"] = torch.stack(payloads)
         return batch
     batch["jpeg_index"] = torch.tensor(encoded)
-    batch["jpeg"] = [payloads[i]["data"] for i in encoded]
+    # one flat tensor, not one per file: each tensor crossing from a worker costs a shared-memory
+    # segment (and a pinning call), which made the loader, not the decode, the bottleneck on a GPU
+    batch["jpeg"] = torch.cat([payloads[i]["data"] for i in encoded])
+    batch["jpeg_sizes"] = torch.tensor([len(payloads[i]["data"]) for i in encoded])
     batch["jpeg_box"] = torch.stack([payloads[i]["box"] for i in encoded])
     batch["jpeg_name"] = [payloads[i]["name"] for i in encoded]
     decoded = [i for i, p in enumerate(payloads) if not isinstance(p, dict)]
@@ -472,11 +483,21 @@ def _register_exit_handler() -> None:
 _register_exit_handler()
 
 
+def batch_sampler(source, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0):
+    """The sampler for a source: whole shards per process for shards (tinymim.shards.ShardBatchSampler,
+    the same interface), GlobalBatchSampler for everything else (a subset of shards included)."""
+    from tinymim.shards import ShardBatchSampler, ShardImages
+
+    if isinstance(source, ShardImages):
+        return ShardBatchSampler(source.shard_ranges, global_batch, rank, world, seed)
+    return GlobalBatchSampler(len(source), global_batch, rank, world, seed)
+
+
 def build_loader(cfg: DataConfig, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0,
                  pin_memory: bool = False) -> tuple[tud.DataLoader, GlobalBatchSampler]:
     source = build_source(cfg, seed)
     dataset = PairedViewDataset(source, cfg)
-    sampler = GlobalBatchSampler(len(dataset), global_batch, rank, world, seed)
+    sampler = batch_sampler(source, global_batch, rank, world, seed)
     # the loader gets its own generator: starting an iterator must not consume the global RNG
     # (drop path draws from it), or a run resumed mid-epoch would diverge from an uninterrupted one
     loader = tud.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
@@ -558,7 +579,8 @@ def device_images(batch: dict, cfg: DataConfig, device: torch.device) -> torch.T
     out = torch.empty(len(batch["label"]), 3, s, s, device=device)
     if "image_index" in batch:
         out[batch["image_index"].to(device)] = batch["image"].to(device, non_blocking=True).float().div_(255)
-    images = decode_jpegs(batch["jpeg"], batch["jpeg_name"], device)
+    files = list(torch.split(batch["jpeg"], batch["jpeg_sizes"].tolist()))
+    images = decode_jpegs(files, batch["jpeg_name"], device)
     good = [i for i, img in enumerate(images) if img is not None]
     if not good:
         raise DataError(f"no image of the batch could be decoded ({', '.join(batch['jpeg_name'][:3])} ...); "

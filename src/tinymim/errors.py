@@ -7,3 +7,7 @@ class TinymimError(RuntimeError):
 
 class NonFiniteLossError(TinymimError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class DataError(TinymimError):
+    """Data that cannot be read, with what to do about it (tinymim.data and tinymim.shards raise it)."""

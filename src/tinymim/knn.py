@@ -59,7 +59,7 @@ class KNNMonitorConfig:
     """k-NN accuracy of the model being pre-trained, every `every_epochs` epochs (0 = off)."""
 
     every_epochs: int = 0  # run the k-NN monitor every N epochs; 0: never
-    name: str = "folder"  # folder | cifar10 | cifar100 | synthetic (labelled data)
+    name: str = "folder"  # folder | shards | cifar10 | cifar100 | synthetic (labelled data)
     root: str | None = None  # the labelled bank (a training split)
     val_root: str | None = None  # the queries (a validation split)
     bank_size: int | None = 5000  # a fixed random sample of N images of the bank (None: all)
@@ -104,7 +104,8 @@ class KNNMonitor:
         self.data = ClassifyDataConfig(
             name=cfg.name, root=cfg.root, val_root=cfg.val_root, img_size=size,
             mean=list(data_cfg.mean), std=list(data_cfg.std), num_workers=min(data_cfg.num_workers, 4),
-            eval_crop_pct=_eval_crop_pct(size), synthetic_size=getattr(data_cfg, "synthetic_size", 2048))
+            eval_crop_pct=_eval_crop_pct(size), synthetic_size=getattr(data_cfg, "synthetic_size", 2048),
+            shard_cache=getattr(data_cfg, "shard_cache", None))
         self.loaders = None
 
     def due(self, epoch: int) -> bool:

@@ -65,7 +65,8 @@ _HELD: set[Path] = set()  # run directories this process has locked
 # may move (a mounted copy elsewhere): the data's fingerprint, not its path, must match.
 RESUMABLE_CHANGES = ("train.progress", "train.log_every", "train.checkpoint_every", "train.tensorboard",
                      "train.loggers", "train.wandb", "train.mlflow",
-                     "data.num_workers", "data.root", "data.val_root", "train.device", "train.compile")
+                     "data.num_workers", "data.root", "data.val_root", "data.shard_cache", "train.device",
+                     "train.compile", "train.activation_checkpointing")
 
 
 # ---------------------------------------------------------------------------------------------

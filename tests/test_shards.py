@@ -1,0 +1,326 @@
+"""Sharded data (tinymim.shards): an ImageFolder written as WebDataset tar shards holds every file byte
+for byte where its index says; ranks read disjoint whole shards that together cover every sample once an
+epoch, in one process and under torchrun; training from shards resumes bit-identically after SIGKILL;
+shards served from a URL are downloaded once into a cache; bad input is one line naming the file."""
+import collections
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tinymim.data import DataConfig, DataError, FolderImages, PairedViewDataset, data_fingerprint
+from tinymim.rundir import RunDir
+from tinymim.shards import ShardBatchSampler, ShardImages, write_shards
+
+HERE = Path(__file__).resolve().parent
+# webdataset's split of a member name into (key, extension) (webdataset.tariterators.base_plus_ext)
+WDS_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+CLASSES, PER_CLASS, SHARD = 4, 12, 6  # 48 images in 8 shards of 6
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def one_line(e: Exception) -> str:
+    text = str(e)
+    assert "\n" not in text and len(text) < 600, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """4 classes of 12 random 32px images: JPEGs, an upper-case .JPEG, a PNG beside a JPEG of the same
+    name, and a name with dots (WebDataset keys may hold none)."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for c in range(CLASSES):
+        (root / f"class_{c}").mkdir()
+        for i in range(PER_CLASS):
+            name = {0: "first.v2.jpg", 1: "upper.JPEG", 2: "flat.png", 3: "flat.jpg"}.get(i, f"{i:03d}.jpg")
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"class_{c}" / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "train"
+    write_shards(FolderImages(folder), out, shard_size=SHARD, seed=0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def test_shards_hold_the_folder_byte_for_byte_where_the_index_says(folder, shards):
+    source = FolderImages(folder)
+    index = json.loads((shards / "index.json").read_text())
+    assert (index["format"], index["version"], index["total"]) == ("tinymim-shards", 1, CLASSES * PER_CLASS)
+    assert index["classes"] == source.classes and index["class_counts"] == {c: PER_CLASS for c in source.classes}
+    assert [s["name"] for s in index["shards"]] == [f"shard-{k:06d}.tar" for k in range(8)]
+    assert [s["samples"] for s in index["shards"]] == [SHARD] * 8
+    assert sorted(p.name for p in shards.iterdir()) == ["index.json", *(s["name"] for s in index["shards"])]
+
+    read = []
+    for s in index["shards"]:
+        path = shards / s["name"]
+        assert path.stat().st_size == s["bytes"]
+        with open(path, "rb") as f:  # straight to each sample by the index's offset
+            for key, ext, offset, size, label in zip(s["keys"], s["exts"], s["offsets"], s["sizes"], s["labels"]):
+                f.seek(offset)
+                data = f.read(size)
+                read.append((data, label))
+                plain = folder / f"{key}.{ext}"
+                if plain.is_file():
+                    assert data == plain.read_bytes(), key
+        with tarfile.open(path) as tar:  # a valid tar: image then label per sample, WebDataset-style
+            members = tar.getmembers()
+            assert len(members) == 2 * s["samples"]
+            for n, key in enumerate(s["keys"]):
+                image, cls = members[2 * n], members[2 * n + 1]
+                assert WDS_NAME.match(image.name).groups() == (key, s["exts"][n])
+                assert WDS_NAME.match(cls.name).groups() == (key, "cls")
+                assert image.offset_data == s["offsets"][n] and image.size == s["sizes"][n]
+                assert tar.extractfile(cls).read() == str(s["labels"][n]).encode()
+        assert len(set(s["labels"])) > 1, f"{s['name']} holds one class"  # the write order is shuffled
+    expected = [(Path(p).read_bytes(), label) for p, label in source.samples]
+    assert sorted(read) == sorted(expected)  # every file once, with its label
+
+    keys = {k: e for s in index["shards"] for k, e in zip(s["keys"], s["exts"])}
+    assert keys["class_0/first_v2"] == "jpg" and keys["class_0/upper"] == "jpeg"  # no dot in a key; ext lowercased
+    assert {keys["class_0/flat"], keys["class_0/flat_2"]} == {"jpg", "png"}  # same name, two files: two keys
+    assert len(keys) == CLASSES * PER_CLASS and not list(shards.rglob("*.tmp"))
+
+
+def test_shard_sizes_are_equal_but_the_last(folder, tmp_path):
+    index = write_shards(FolderImages(folder), tmp_path / "s", shard_size=10, seed=1)
+    assert [s["samples"] for s in index["shards"]] == [10, 10, 10, 10, 8]
+
+
+def test_the_reader_gives_the_source_images(folder, shards):
+    src, source = ShardImages(shards), FolderImages(folder)
+    assert len(src) == len(source) and src.classes == source.classes
+    assert [len(r) for r in src.shard_ranges] == [SHARD] * 8 and src.shard_of(13).name == "shard-000002.tar"
+    by_bytes = {Path(p).read_bytes(): (p, label) for p, label in source.samples}
+    for i in range(len(src)):
+        data, label = src.read_bytes(i)
+        path, expected = by_bytes[data]
+        img, got = src.load(i)
+        assert got == label == expected
+        assert np.array_equal(np.asarray(img), np.asarray(Image.open(path).convert("RGB")))
+        assert re.fullmatch(rf"{src.shard_of(i).name}:class_\d/\w+", src.describe(i))
+    # the device-decode path gets the shard's encoded JPEG
+    dataset = PairedViewDataset(src, DataConfig(name="shards", root=str(shards), img_size=16, decode="device"))
+    jpeg = next(i for i in range(len(src)) if src.read_bytes(i)[0][:2] == b"\xff\xd8")
+    payload = dataset[(jpeg, 7)][0]
+    assert bytes(payload["data"].numpy()) == src.read_bytes(jpeg)[0] and payload["name"] == src.describe(jpeg)
+
+
+def test_writing_refuses_bad_input_in_one_line_and_writes_nothing(folder, shards, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in shards.iterdir()}
+    with pytest.raises(DataError, match="already holds shards") as e:
+        write_shards(FolderImages(folder), shards)
+    assert str(shards) in one_line(e.value)
+    assert {p: p.stat().st_mtime_ns for p in shards.iterdir()} == before
+    with pytest.raises(DataError, match="shard size must be 1 or more") as e:
+        write_shards(FolderImages(folder), tmp_path / "out", shard_size=0)
+    one_line(e.value)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images") as e:
+        write_shards(FolderImages(tmp_path / "empty"), tmp_path / "out")
+    one_line(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_writes_shards_and_says_what(folder, tmp_path, capsys):
+    from tinymim.cli import main
+
+    assert main(["shards", str(folder), "--output", str(tmp_path / "s"), "--shard-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote 3 shards (48 images, 4 classes" in out and f"data.root={tmp_path / 's'}" in out
+    assert len(ShardImages(tmp_path / "s")) == 48
+    assert main(["shards", str(folder), "--output", str(tmp_path / "s")]) == 1  # the error path: one line
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "already holds shards" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def epoch(sampler: ShardBatchSampler, e: int, start: int = 0) -> list[list[tuple[int, int]]]:
+    sampler.set_epoch(e, start)
+    return list(sampler)
+
+
+def test_two_ranks_read_disjoint_whole_shards_covering_every_sample_once(shards):
+    src = ShardImages(shards)
+    ranks = [ShardBatchSampler(src.shard_ranges, 8, rank, 2, seed=5) for rank in (0, 1)]
+    orders, seeds, assignments = [], [], []
+    for e in range(3):
+        read = [epoch(s, e) for s in ranks]
+        assert [len(r) for r in read] == [s.steps_per_epoch for s in ranks] == [6, 6]
+        assert all(len(batch) == 4 for r in read for batch in r)
+        mine = [[i for batch in r for i, _ in batch] for r in read]
+        names = [{src.shard_of(i).name for i in m} for m in mine]
+        assert not names[0] & names[1]  # disjoint shards
+        for m, ns in zip(mine, names):  # whole shards: every sample of a rank's shards, once
+            assert sorted(m) == sorted(i for s in src.shards if s.name in ns for i in s.range)
+        assert collections.Counter(mine[0] + mine[1]) == collections.Counter(range(48))
+        orders.append(mine[0])
+        assignments.append(ranks[0].assignment(e))
+        seeds += [seed for r in read for batch in r for _, seed in batch]
+    assert orders[0] != orders[1] != orders[2] and assignments[0] != assignments[1]
+    assert len(set(seeds)) == len(seeds)  # one sample seed per (epoch, global position)
+    again = ShardBatchSampler(src.shard_ranges, 8, 1, 2, seed=5)
+    assert epoch(again, 1) == epoch(ranks[1], 1)  # deterministic from (seed, epoch)
+    resumed = epoch(again, 1, start=4)
+    assert len(again) == 2 and resumed == epoch(ranks[1], 1)[4:]  # exactly the remaining batches
+
+
+def test_uneven_shards_wrap_and_every_rank_takes_the_same_steps():
+    ranges = [range(0, 10), range(10, 20), range(20, 30), range(30, 33)]
+    samplers = [ShardBatchSampler(ranges, 8, rank, 2, seed=0) for rank in (0, 1)]
+    read = [[i for batch in s for i, _ in batch] for s in samplers]
+    assert [len(s) for s in samplers] == [4, 4] and [len(r) for r in read] == [16, 16]  # 33 // 8 steps each
+    assigned = samplers[0].assignment(0)
+    assert sorted(sum(assigned, [])) == [0, 1, 2, 3] and sorted(map(len, assigned)) == [2, 2]
+    for r, shards_of_rank in zip(read, assigned):
+        own = {i for s in shards_of_rank for i in ranges[s]}
+        assert set(r) <= own and (len(own) >= 16 or set(r) == own)  # short of samples: it starts over
+
+
+def test_more_processes_than_shards_is_refused():
+    with pytest.raises(DataError, match="3 processes but 2 shards") as e:
+        ShardBatchSampler([range(0, 8), range(8, 16)], 6, 0, 3)
+    assert "--shard-size" in one_line(e.value)
+
+
+def test_two_processes_under_torchrun_read_disjoint_shards_and_every_sample_once(shards, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(HERE / "shard_loader_worker.py"), str(shards), str(tmp_path / "records")],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("READS "))[6:])
+    assert [(x["rank"], x["sampler"], x["steps"], x["steps_per_epoch"]) for x in ranks] == \
+        [(0, "ShardBatchSampler", 6, 6), (1, "ShardBatchSampler", 6, 6)]
+    names = [{read.split(":")[0] for read in x["reads"]} for x in ranks]
+    assert not names[0] & names[1] and len(names[0]) == len(names[1]) == 4
+    everything = [read for x in ranks for read in x["reads"]]
+    src = ShardImages(shards)
+    assert collections.Counter(everything) == collections.Counter(src.describe(i) for i in range(len(src)))
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+TINY = ["student.name=vit_custom", "student.img_size=32", "student.patch_size=8", "student.embed_dim=32",
+        "student.depth=2", "student.num_heads=2", "student.drop_path_rate=0.1", "teacher.model.name=vit_custom",
+        "teacher.model.img_size=32", "teacher.model.patch_size=8", "teacher.model.embed_dim=64",
+        "teacher.model.depth=2", "teacher.model.num_heads=4", "teacher.target_block=2", "data.name=shards",
+        "data.img_size=32", "data.num_workers=1", "train.batch_size=8", "train.epochs=2", "train.precision=fp32",
+        "train.progress=false", "train.log_every=1", "train.warmup_epochs=0.5", "train.checkpoint_every=4"]
+# 6 steps an epoch, 12 in all; checkpoints at steps 4, 6 and 8
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in RunDir(run_dir).read_metrics() if "loss" in r]
+
+
+def test_training_from_shards_resumes_bit_identically_after_sigkill(shards, tmp_path):
+    args = ["distill", *TINY, f"data.root={shards}"]
+    straight = tmp_path / "straight"
+    r = subprocess.run([sys.executable, "-m", "tinymim", *args, "--output", str(straight)], env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    killed = tmp_path / "killed"  # SIGKILLed while writing its second checkpoint: last.pt holds step 4
+    r = subprocess.run([sys.executable, str(HERE / "faulty_run.py"), "kill", "2", "--", *args, "--output", str(killed)],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 4
+    r = subprocess.run([sys.executable, "-m", "tinymim", *args, "--output", str(killed)], env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"resuming {killed} from step 4" in r.stderr, r.stderr[-3000:]
+    a, b = load_file(straight / "student.safetensors"), load_file(killed / "student.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [s for s, _ in losses(killed)] == [s for s, _ in losses(straight)] == list(range(1, 13))
+    assert [x for _, x in losses(killed)] == pytest.approx([x for _, x in losses(straight)], abs=1e-6)
+
+
+def test_classification_trains_and_evaluates_on_shards(shards):
+    from tinymim.classification import ClassifyDataConfig, build_classify_loaders, build_eval_loader
+
+    cfg = ClassifyDataConfig(name="shards", root=str(shards), val_root=str(shards), img_size=32, num_workers=0,
+                             auto_augment=None, reprob=0)
+    loader, sampler = build_classify_loaders(cfg, 8, 0, 1, 0)
+    assert isinstance(sampler, ShardBatchSampler) and len(sampler) == 6
+    batch = next(iter(loader))
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["skipped"] == 0
+    evaluation = build_eval_loader(cfg, 16)
+    assert sum(len(b["label"]) for b in evaluation) == 48
+
+
+# ---------------------------------------------------------------------------------------------
+# served from a URL, and what goes wrong
+
+
+def test_a_file_url_is_downloaded_once_into_the_cache_and_reads_the_same(folder, shards, tmp_path, monkeypatch):
+    local, url = ShardImages(shards), f"{shards.as_uri()}/"
+    remote = ShardImages(url, cache=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.tar"))  # nothing fetched before a sample is read
+    remote.read_bytes(13)
+    assert [p.name for p in remote.cache.glob("*.tar")] == ["shard-000002.tar"]
+    assert all(remote.read_bytes(i) == local.read_bytes(i) for i in range(len(local)))
+    assert remote.describe(5) == local.describe(5)
+    assert data_fingerprint(remote) == data_fingerprint(local)  # a run may move between the two
+    for s in local.shards:
+        assert (remote.cache / s.name).read_bytes() == (shards / s.name).read_bytes()
+    assert remote.cache.parent == tmp_path / "cache"  # a subfolder per URL and index: sets never share files
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert ShardImages(url).cache == tmp_path / "home" / ".cache" / "tinymim" / "shards" / remote.cache.name
+    other = tmp_path / "other"
+    write_shards(FolderImages(folder), other, shard_size=SHARD, seed=1)  # another set, the same shard names
+    assert ShardImages(other.as_uri(), cache=tmp_path / "cache").cache != remote.cache
+
+
+def test_missing_index_or_shard_is_one_line_naming_the_file(shards, tmp_path, capsys):
+    with pytest.raises(DataError) as e:
+        ShardImages(tmp_path / "nope")
+    assert str(tmp_path / "nope" / "index.json") in one_line(e.value) and "tinymim shards" in str(e.value)
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    (broken / "shard-000003.tar").unlink()
+    with pytest.raises(DataError, match="is missing") as e:
+        ShardImages(broken)
+    assert str(broken / "shard-000003.tar") in one_line(e.value)
+    with pytest.raises(DataError) as e:
+        ShardImages(broken.as_uri(), cache=tmp_path / "cache")
+    assert f"{broken.as_uri()}/shard-000003.tar" in one_line(e.value)
+    (broken / "index.json").write_text((shards / "index.json").read_text()[:300])  # cut short
+    with pytest.raises(DataError, match="corrupt") as e:
+        ShardImages(broken)
+    assert str(broken / "index.json") in one_line(e.value)
+
+    from tinymim.cli import main
+
+    shutil.copy(shards / "index.json", broken)
+    rc = main(["distill", *TINY, f"data.root={broken}", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("error: shard ") and "shard-000003.tar is missing" in err[-1]
