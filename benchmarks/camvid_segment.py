@@ -1,9 +1,12 @@
 """CamVid semantic segmentation, TinyMIM backbone vs random init, the same recipe and budget for both:
 `tinymim segment --config camvid/segment_micro` for each arm, then the test split through `tinymim eval`.
 
-    python benchmarks/camvid_segment.py --camvid PATH/camvid --init RUN_DIR --out runs/camvid [--steps 1200]
+    python benchmarks/camvid_segment.py --camvid PATH/camvid --init RUN_DIR --out runs/camvid \
+        [--steps 1200] [--seeds 0 1]
 
-Prints a markdown table (mIoU, mAcc, aAcc, per-class IoU, minutes) for docs/results/camvid_segmentation.md.
+Each arm runs alone (both cores), one after the other; each run's test metrics and wall time are kept in
+OUT/results.jsonl, so an interrupted benchmark keeps what finished. Prints a markdown table (mIoU, mAcc,
+aAcc, per-class IoU, minutes) per run and the mean over seeds, for docs/results/camvid_segmentation.md.
 """
 import argparse
 import json
@@ -20,31 +23,42 @@ def main() -> None:
     ap.add_argument("--init", required=True, help="the TinyMIM-distilled backbone (a distill run directory)")
     ap.add_argument("--out", default="runs/camvid")
     ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--train-only", action="store_true", help="only train (the arms run in parallel elsewhere)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = ap.parse_args()
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    rows = {}
-    for arm, init in (("tinymim", args.init), ("random", "null")):
-        run = Path(args.out) / arm
-        start = time.time()
-        subprocess.run([sys.executable, "-m", "tinymim", "segment", "--config", "camvid/segment_micro",
-                        f"data.root={args.camvid}", f"init={init}", f"train.max_steps={args.steps}",
-                        "data.num_workers=1", "train.progress=false", "--output", str(run)], check=True, env=env)
-        minutes = (time.time() - start) / 60
-        if args.train_only:
-            continue
-        subprocess.run([sys.executable, "-m", "tinymim", "eval", str(run), "--data", args.camvid, "--split", "test",
-                        "--workers", "1", "--json", str(run / "test.json")], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-        rows[arm] = (json.loads((run / "test.json").read_text()), minutes)
-    if not rows:
-        return
-    classes = list(next(iter(rows.values()))[0]["per_class_iou"])
-    print("| backbone | mIoU | mAcc | aAcc | " + " | ".join(classes) + " |")
-    print("|---|---|---|---|" + "---|" * len(classes))
-    for arm, (r, _) in rows.items():
-        print(f"| {arm} | {r['mIoU']:.2f} | {r['mAcc']:.2f} | {r['aAcc']:.2f} | "
-              + " | ".join(f"{r['per_class_iou'][c]:.1f}" for c in classes) + " |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = {(r["arm"], r["seed"]) for r in map(json.loads, results.read_text().splitlines())} \
+        if results.exists() else set()
+    for seed in args.seeds:
+        for arm, init in (("tinymim", args.init), ("random", "null")):
+            if (arm, seed) in done:
+                continue
+            run = out / f"{arm}_s{seed}"
+            start = time.time()
+            subprocess.run([sys.executable, "-m", "tinymim", "segment", "--config", "camvid/segment_micro",
+                            f"data.root={args.camvid}", f"init={init}", f"train.max_steps={args.steps}",
+                            f"train.seed={seed}", "train.progress=false", "--output", str(run)], check=True)
+            minutes = (time.time() - start) / 60
+            subprocess.run([sys.executable, "-m", "tinymim", "eval", str(run), "--data", args.camvid,
+                            "--split", "test", "--json", str(run / "test.json")], check=True,
+                           stdout=subprocess.DEVNULL)
+            row = dict(arm=arm, seed=seed, minutes=round(minutes, 1), **json.loads((run / "test.json").read_text()))
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    classes = list(rows[0]["per_class_iou"])
+    print("| backbone | seed | mIoU | mAcc | aAcc | " + " | ".join(classes) + " | train minutes |")
+    print("|---|---|---|---|---|" + "---|" * len(classes) + "---|")
+    for r in rows:
+        print(f"| {r['arm']} | {r['seed']} | {r['mIoU']:.2f} | {r['mAcc']:.2f} | {r['aAcc']:.2f} | "
+              + " | ".join(f"{r['per_class_iou'][c]:.1f}" for c in classes) + f" | {r['minutes']} |")
+    for arm in ("tinymim", "random"):
+        m = [r["mIoU"] for r in rows if r["arm"] == arm]
+        if m:
+            mean = sum(m) / len(m)
+            spread = (sum((x - mean) ** 2 for x in m) / max(len(m) - 1, 1)) ** 0.5
+            print(f"{arm}: mIoU {mean:.2f} +- {spread:.2f} over {len(m)} seed(s)")
 
 
 if __name__ == "__main__":
