@@ -116,3 +116,11 @@ def test_decode_is_a_config_choice(decode):
     from tinymim.tasks.distill import DistillConfig
 
     assert load_config(DistillConfig, None, [f"data.decode={decode}"]).data.decode == decode
+
+
+def test_finetune_refuses_device_decode():
+    from tinymim.config import ConfigError
+    from tinymim.tasks import load_config
+
+    with pytest.raises(ConfigError, match="decode=device builds pre-training views"):
+        load_config("finetune", None, ["data.decode=device"])

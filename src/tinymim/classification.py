@@ -57,6 +57,10 @@ class ClassifyDataConfig(DataConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.decode != "cpu":
+            raise ValueError("decode=device builds pre-training views (distill, mae); fine-tuning, linear probes "
+                             "and k-NN decode with Pillow (timm's RandAugment works on PIL images): leave "
+                             "data.decode at cpu")
         if self.holdout < 0:
             raise ValueError(f"holdout must be 0 or more, got {self.holdout}")
         if not 0 < self.eval_crop_pct <= 1:
