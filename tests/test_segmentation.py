@@ -249,6 +249,23 @@ def test_segment_task_trains_evaluates_and_records_classes(tmp_path):
     assert result["mIoU"] == pytest.approx(last["val_mIoU"])  # the same evaluation as the run's own
 
 
+def test_eval_every_validates_every_n_epochs_and_at_the_end(tmp_path):
+    from tinymim.rundir import read_jsonl
+    from tinymim.tasks import load_config, run
+
+    root = _seg_folder(tmp_path / "data", "train", 8)  # batch 4: 2 steps an epoch, 5 epochs
+    _seg_folder(root, "val", 2, seed=1)
+    cfg = load_config("segment", None, [
+        "model.name=vit_custom", "model.patch_size=8", "model.embed_dim=32", "model.depth=4", "model.num_heads=2",
+        "blocks=[1,2,3,4]", "channels=16", "aux_channels=8", f"data.root={root}", "data.num_classes=4",
+        "data.scale=[48,36]", "data.crop_size=32", "data.eval_stride=21", "data.num_workers=0",
+        "train.batch_size=4", "train.max_steps=10", "train.warmup_steps=1", "eval_every=3",
+        "train.precision=fp32", "train.progress=false", "train.log_every=1"])
+    run("segment", cfg, tmp_path / "run")
+    evaluated = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "val_mIoU" in r]
+    assert evaluated == [6, 10]  # epoch 3, then the last epoch (5)
+
+
 @pytest.mark.parametrize("size,channels,decay", [("tiny", 192, 0.8), ("small", 768, 0.75), ("base", 768, 0.75)])
 def test_ade20k_recipes_have_the_papers_settings(size, channels, decay):
     from tinymim.tasks import load_config

@@ -334,6 +334,7 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
         _restore(task, state, resume, cfg, ctx, run)
     scheduler.step_update(state.step)
     logs = RunLogs(run, ctx, cfg, config, plan, task.name, state.step)
+    task.last_epoch = -(-plan.total // plan.per_epoch)  # a task evaluating every N epochs still evaluates the end
     checkpointer = Checkpointer(task, state, run, ctx, config, data_id)
     task.train()
     batches = None

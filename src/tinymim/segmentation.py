@@ -29,8 +29,10 @@ class ViTPyramid(nn.Module):
     def __init__(self, vit: nn.Module, blocks=(4, 6, 8, 12)):
         super().__init__()
         depth = len(vit.blocks)
-        if len(blocks) != 4 or not all(1 <= b <= depth for b in blocks):
-            raise ValueError(f"four backbone blocks in 1..{depth} are needed, got {list(blocks)}")
+        if len(blocks) != 4 or not all(1 <= b <= depth for b in blocks) or sorted(set(blocks)) != list(blocks):
+            # timm's forward_intermediates returns each block once, in order
+            raise ValueError(f"four different backbone blocks in 1..{depth}, in increasing order, are needed, "
+                             f"got {list(blocks)}")
         self.vit, self.indices = vit, [b - 1 for b in blocks]
         dim = vit.embed_dim
         self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),

@@ -84,6 +84,7 @@ class Task(TrainingTask):
 
     # evaluation at each epoch end (optional): a dict of metrics, reduced over processes
     best_metric: str | None = None  # a key of evaluate()'s dict; higher is better
+    last_epoch: int | None = None  # set by the engine: the epoch the run ends in
 
     def evaluate(self, epoch: int) -> dict | None:
         """Metrics after `epoch` epochs (1-based), or None when there is nothing to evaluate."""

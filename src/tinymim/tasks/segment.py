@@ -37,6 +37,7 @@ class SegmentConfig:
     aux_channels: int = 256  # auxiliary FCN head width
     aux_weight: float = 0.4  # auxiliary head's loss weight
     layer_decay: float = 0.75  # layer-wise lr decay over the backbone; the heads get the full lr
+    eval_every: int = 1  # validate every N epochs (and at the end of the run)
     data: SegmentDataConfig = field(default_factory=SegmentDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=10_000, max_steps=160_000, batch_size=16, lr=1e-4, warmup_steps=1500, schedule="poly",
@@ -46,6 +47,8 @@ class SegmentConfig:
         check_input_size(self.model, self.data.crop_size, "model")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be 1 or more, got {self.eval_every}")
 
 
 class SegmenterWithGroups(Segmenter):
@@ -77,7 +80,7 @@ class SegmentTask(Task):
         return {"loss": main + self.cfg.aux_weight * auxiliary, "loss_decode": main, "loss_aux": auxiliary}
 
     def evaluate(self, epoch: int) -> dict | None:
-        if self.eval_loader is None:
+        if self.eval_loader is None or (epoch % self.cfg.eval_every and epoch != self.last_epoch):
             return None
         metrics = evaluate_segmenter(self.model, self.eval_loader, self.cfg.data, self.device)
         return {k: v for k, v in metrics.items() if k != "per_class_iou"}
