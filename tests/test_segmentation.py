@@ -217,18 +217,22 @@ def test_two_process_evaluation_sums_the_same_confusion_matrix(tmp_path):
     assert read[0] == read[1] and read[0]["aAcc"] > 0  # the same sums: every metric equal, exactly
 
 
+def tiny_segment_overrides(root, *extra: str) -> list[str]:
+    """A 4-block, 32-wide segmenter on _seg_folder data (4 classes, 32-pixel crops), batch 4, fp32."""
+    return ["model.name=vit_custom", "model.patch_size=8", "model.embed_dim=32", "model.depth=4",
+            "model.num_heads=2", "blocks=[1,2,3,4]", "channels=16", "aux_channels=8", f"data.root={root}",
+            "data.num_classes=4", "data.scale=[48,36]", "data.crop_size=32", "data.eval_stride=21",
+            "data.num_workers=0", "train.batch_size=4", "train.warmup_steps=1", "train.precision=fp32",
+            "train.progress=false", "train.log_every=1", *extra]
+
+
 def test_segment_task_trains_evaluates_and_records_classes(tmp_path):
     from tinymim.rundir import RunDir
     from tinymim.tasks import load_config, run
 
     root = _seg_folder(tmp_path / "data", "train", 8)
     _seg_folder(root, "val", 2, seed=1)
-    cfg = load_config("segment", None, [
-        "model.name=vit_custom", "model.patch_size=8", "model.embed_dim=32", "model.depth=4", "model.num_heads=2",
-        "blocks=[1,2,3,4]", "channels=16", "aux_channels=8", f"data.root={root}", "data.num_classes=4",
-        "data.scale=[48,36]", "data.crop_size=32", "data.eval_stride=21", "data.num_workers=0",
-        "data.class_names=[a,b,c,d]", "train.batch_size=4", "train.max_steps=4", "train.warmup_steps=1",
-        "train.precision=fp32", "train.progress=false", "train.log_every=1"])
+    cfg = load_config("segment", None, tiny_segment_overrides(root, "data.class_names=[a,b,c,d]", "train.max_steps=4"))
     last = run("segment", cfg, tmp_path / "run")
     assert last["step"] == 4 and 0 <= last["val_mIoU"] <= 100 and "loss_aux" in last
     out = RunDir(tmp_path / "run")
@@ -255,12 +259,7 @@ def test_eval_every_validates_every_n_epochs_and_at_the_end(tmp_path):
 
     root = _seg_folder(tmp_path / "data", "train", 8)  # batch 4: 2 steps an epoch, 5 epochs
     _seg_folder(root, "val", 2, seed=1)
-    cfg = load_config("segment", None, [
-        "model.name=vit_custom", "model.patch_size=8", "model.embed_dim=32", "model.depth=4", "model.num_heads=2",
-        "blocks=[1,2,3,4]", "channels=16", "aux_channels=8", f"data.root={root}", "data.num_classes=4",
-        "data.scale=[48,36]", "data.crop_size=32", "data.eval_stride=21", "data.num_workers=0",
-        "train.batch_size=4", "train.max_steps=10", "train.warmup_steps=1", "eval_every=3",
-        "train.precision=fp32", "train.progress=false", "train.log_every=1"])
+    cfg = load_config("segment", None, tiny_segment_overrides(root, "train.max_steps=10", "eval_every=3"))
     run("segment", cfg, tmp_path / "run")
     evaluated = [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "val_mIoU" in r]
     assert evaluated == [6, 10]  # epoch 3, then the last epoch (5)

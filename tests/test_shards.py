@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from tinymim.data import DataConfig, DataError, FolderImages, PairedViewDataset, data_fingerprint
 from tinymim.rundir import RunDir
-from tinymim.shards import ShardBatchSampler, ShardImages, write_shards
+from tinymim.data import ShardBatchSampler
+from tinymim.shards import ShardImages, write_shards
 
 HERE = Path(__file__).resolve().parent
 # webdataset's split of a member name into (key, extension) (webdataset.tariterators.base_plus_ext)

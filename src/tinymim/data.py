@@ -453,6 +453,51 @@ class GlobalBatchSampler:
             yield [(perm[p], base + p) for p in range(lo, lo + self.local_batch)]
 
 
+class ShardBatchSampler(GlobalBatchSampler):
+    """Yields this rank's part of each global batch of an epoch as (index, sample_seed) pairs, reading
+    whole shards per rank (tinymim.shards' docstring states the split); GlobalBatchSampler's length,
+    steps and resumption, another order. Everything follows from (seed, epoch, step), so a run resumed
+    mid-epoch sees what an uninterrupted one would."""
+
+    def __init__(self, shard_ranges, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0):
+        self.ranges = [r if isinstance(r, range) else range(*r) for r in shard_ranges]
+        length = sum(len(r) for r in self.ranges)
+        if world > len(self.ranges) and not global_batch % world:  # an indivisible batch: GlobalBatchSampler says so
+            raise DataError(f"{world} processes but {len(self.ranges)} shards: each process reads whole shards; "
+                            f"write smaller ones (tinymim shards SRC --output DIR --shard-size N, N at most "
+                            f"{max(1, length // world)})")
+        super().__init__(length, global_batch, rank, world, seed)
+
+    def assignment(self, epoch: int) -> list[list[int]]:
+        """Per rank, the shards (positions in shard_ranges) it reads in `epoch`, in its shuffled order."""
+        order = _rng(1, self.seed, epoch, 0).permutation(len(self.ranges)).tolist()
+        loads, out = [0] * self.world, [[] for _ in range(self.world)]
+        # largest first (a stable sort: equal shards keep the shuffled order), each to the least loaded rank
+        for s in sorted(order, key=lambda s: -len(self.ranges[s])):
+            r = min(range(self.world), key=lambda r: (loads[r], r))
+            out[r].append(s)
+            loads[r] += len(self.ranges[s])
+        return out
+
+    def __iter__(self):
+        mine = self.assignment(self.epoch)[self.rank]
+        indices = np.concatenate([np.arange(self.ranges[s].start, self.ranges[s].stop) for s in mine])
+        # all of the rank's shards mixed: reads are preads by offset, locality within a shard buys nothing
+        perm = _rng(2, self.seed, self.epoch, self.rank).permutation(indices).tolist()
+        n, high = self.local_batch, ((self.seed * 100_003 + self.epoch) << 32)
+        for step in range(self.start_step, self.steps_per_epoch):
+            lo = step * n
+            # sample seeds: unique per (epoch, global position), below 2**63 (torch.manual_seed takes them)
+            first = step * self.global_batch + self.rank * n
+            yield [(perm[p % len(perm)], (high | (first + j)) & (2**63 - 1)) for j, p in enumerate(range(lo, lo + n))]
+
+
+def _rng(*key: int) -> np.random.Generator:
+    """A stream per key: a tag, then the numbers (numpy's seeding ignores trailing zeros, [1] and [1, 0]
+    give one stream, so every key has the same length and its own tag)."""
+    return np.random.default_rng([k % 2**64 for k in key])
+
+
 def worker_init(worker_id: int) -> None:
     """Loader workers leave stop signals to the main process: a scheduler signals every process of a
     job, and a worker that died of SIGTERM would end the run before its checkpoint is written."""
@@ -484,9 +529,9 @@ _register_exit_handler()
 
 
 def batch_sampler(source, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0):
-    """The sampler for a source: whole shards per process for shards (tinymim.shards.ShardBatchSampler,
-    the same interface), GlobalBatchSampler for everything else (a subset of shards included)."""
-    from tinymim.shards import ShardBatchSampler, ShardImages
+    """The sampler for a source: whole shards per process for shards (ShardBatchSampler), GlobalBatchSampler
+    for everything else (a subset of shards included)."""
+    from tinymim.shards import ShardImages
 
     if isinstance(source, ShardImages):
         return ShardBatchSampler(source.shard_ranges, global_batch, rank, world, seed)

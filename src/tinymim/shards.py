@@ -21,7 +21,7 @@ remote shards are downloaded whole, once, into a cache folder the first time one
 (one subfolder per URL and index content: shard sets never share files, and shards written anew at
 the same URL are fetched anew).
 
-`ShardBatchSampler` splits by whole shards: each epoch the shard order is shuffled with (seed, epoch),
+`tinymim.data.ShardBatchSampler` splits by whole shards: each epoch the shard order is shuffled with (seed, epoch),
 the shards are dealt to ranks greedily by sample count (largest first, to the rank holding fewest, so
 ranks hold disjoint shards), and each rank shuffles all of its shards' samples together with
 (seed, epoch, rank). Every rank takes total // global_batch steps; a rank whose shards hold fewer samples
@@ -431,68 +431,3 @@ def _download(url: str, path: Path, expected: int) -> None:
                             "with room for the shards") from e
     _check_size(url, _size(path) or 0, expected)
     log.info("downloaded %s into %s", url, path.parent)
-
-
-# ---------------------------------------------------------------------------------------------
-# sampling
-
-
-class ShardBatchSampler:
-    """Yields this rank's part of each global batch of an epoch as (index, sample_seed) pairs, reading
-    whole shards per rank (the split is in the module's docstring). The interface of
-    tinymim.data.GlobalBatchSampler: `set_epoch(epoch, start_step)`, `steps_per_epoch`, `len`; everything
-    follows from (seed, epoch, step), so a run resumed mid-epoch sees what an uninterrupted one would."""
-
-    def __init__(self, shard_ranges, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0):
-        self.ranges = [r if isinstance(r, range) else range(*r) for r in shard_ranges]
-        self.length = sum(len(r) for r in self.ranges)
-        if global_batch % world:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
-        if world > len(self.ranges):
-            raise DataError(f"{world} processes but {len(self.ranges)} shards: each process reads whole shards; "
-                            f"write smaller ones (tinymim shards SRC --output DIR --shard-size N, N at most "
-                            f"{max(1, self.length // world)})")
-        if self.length < global_batch:
-            raise DataError(f"the dataset has {self.length} images, fewer than one global batch ({global_batch})")
-        self.global_batch, self.rank, self.world, self.seed = global_batch, rank, world, seed
-        self.local_batch = global_batch // world
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.length // self.global_batch
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
-
-    def assignment(self, epoch: int) -> list[list[int]]:
-        """Per rank, the shards (positions in shard_ranges) it reads in `epoch`, in its shuffled order."""
-        order = _rng(1, self.seed, epoch, 0).permutation(len(self.ranges)).tolist()
-        loads, out = [0] * self.world, [[] for _ in range(self.world)]
-        # largest first (a stable sort: equal shards keep the shuffled order), each to the least loaded rank
-        for s in sorted(order, key=lambda s: -len(self.ranges[s])):
-            r = min(range(self.world), key=lambda r: (loads[r], r))
-            out[r].append(s)
-            loads[r] += len(self.ranges[s])
-        return out
-
-    def __iter__(self):
-        mine = self.assignment(self.epoch)[self.rank]
-        indices = np.concatenate([np.arange(self.ranges[s].start, self.ranges[s].stop) for s in mine])
-        # all of the rank's shards mixed: reads are preads by offset, locality within a shard buys nothing
-        perm = _rng(2, self.seed, self.epoch, self.rank).permutation(indices).tolist()
-        n, high = self.local_batch, ((self.seed * 100_003 + self.epoch) << 32)
-        for step in range(self.start_step, self.steps_per_epoch):
-            lo = step * n
-            # sample seeds: unique per (epoch, global position), below 2**63 (torch.manual_seed takes them)
-            first = step * self.global_batch + self.rank * n
-            yield [(perm[p % len(perm)], (high | (first + j)) & (2**63 - 1)) for j, p in enumerate(range(lo, lo + n))]
-
-
-def _rng(*key: int) -> np.random.Generator:
-    """A stream per key: a tag, then the numbers (numpy's seeding ignores trailing zeros, [1] and [1, 0]
-    give one stream, so every key has the same length and its own tag)."""
-    return np.random.default_rng([k % 2**64 for k in key])
