@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torch.utils.data as tud
 
 from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
+from tinymim.config import ConfigError
 from tinymim.data import GlobalBatchSampler, worker_init
 from tinymim.engine import TrainConfig
 from tinymim.models import ModelConfig, check_input_size, create_vit
@@ -141,8 +142,11 @@ def build_backbone(cfg: SegmentConfig) -> nn.Module:
 
 
 def build_segment_task(cfg: SegmentConfig) -> SegmentTask:
-    model = SegmenterWithGroups(build_backbone(cfg), cfg.data.num_classes, tuple(cfg.blocks), cfg.channels,
-                                cfg.aux_channels)
+    backbone = build_backbone(cfg)
+    try:
+        model = SegmenterWithGroups(backbone, cfg.data.num_classes, tuple(cfg.blocks), cfg.channels, cfg.aux_channels)
+    except ValueError as e:  # the pyramid's blocks do not fit the backbone: a config choice, said in one line
+        raise ConfigError(f"blocks={list(cfg.blocks)}: {e}") from e
     return SegmentTask(model, cfg)
 
 
