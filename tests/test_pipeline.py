@@ -159,3 +159,42 @@ def test_command_line_overrides_win_over_the_pipeline_file(tmp_path):
     (tmp_path / "out").mkdir()
     report = write_report(cfg, tmp_path / "out").read_text()
     assert "`train.epochs=1 finetune:train.batch_size=64`" in report
+
+
+def test_two_shards_share_a_pipeline_each_stage_run_once_and_wait_for_what_they_build_on(tmp_path):
+    """--shard 0/2 and 1/2 on the same output, started together: every stage runs in exactly one
+    process (stage j in shard j % 2), whichever starts first: shard 1's student waits for shard 0's
+    teacher, shard 0's fine-tune for shard 1's student; the plain command then reuses all four and
+    writes the report."""
+    import os
+
+    import yaml
+
+    recipe = tmp_path / "pipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_pipeline()))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    shards = [subprocess.Popen([sys.executable, "-m", "tinymim", "pipeline", "--config", str(recipe), "--output",
+                                str(out), "--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in shards]
+    assert [p.returncode for p in shards] == [0, 0], logs
+
+    def ran(log: str) -> set[str]:
+        return {line.split("stage ")[1].split(":")[0] for line in log.splitlines()
+                if "stage " in line and (": running " in line or ": resuming " in line)}
+
+    assert ran(logs[0]) == {"teacher", "ft_student"} and ran(logs[1]) == {"student", "ft_scratch"}, logs
+    assert not (out / "report.md").exists()  # the shards write no report
+    summaries = run_pipeline(_as_config(tiny_pipeline()), out)
+    assert [s["reused"] for s in summaries] == [True] * 4 and (out / "report.md").is_file()
+    # the student learned from the teacher shard 0 made
+    assert str(out / "teacher") in (out / "student" / "config.yaml").read_text()
+
+
+def test_a_shard_out_of_range_is_one_line(tmp_path, capsys):
+    from tinymim.cli import main
+
+    assert main(["pipeline", "--config", "pipelines/demo", "--output", str(tmp_path / "o"), "--shard", "2/2"]) == 1
+    err = capsys.readouterr().err
+    assert "--shard 2/2" in err and err.count("\n") == 1

@@ -93,6 +93,19 @@ def cmd_knn(args) -> int:
     return 0
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'I/N' -> (I, N); None -> (0, 1)."""
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise TinymimError(f"--shard {text}: give I/N, e.g. 0/2 and 1/2 for two processes") from None
+    if not 0 <= index < count:
+        raise TinymimError(f"--shard {text}: give I/N with 0 <= I < N")
+    return index, count
+
+
 def cmd_pipeline(args) -> int:
     import json
 
@@ -100,9 +113,14 @@ def cmd_pipeline(args) -> int:
 
     # "key=value" for every stage, "task:key=value" for one task's stages: applied last, so they win
     cfg = pipeline.load(args.config, [f"command_line={json.dumps(list(args.overrides))}"])
-    summaries = pipeline.run_pipeline(cfg, args.output)
+    shard = parse_shard(args.shard)
+    summaries = pipeline.run_pipeline(cfg, args.output, shard=shard)
     reused = sum(s["reused"] for s in summaries)
-    print(f"done: {len(summaries)} stages ({reused} reused); report: {args.output}/report.md")
+    if shard[1] > 1:
+        print(f"done: shard {shard[0]}/{shard[1]} ran or reused its {len(summaries)} stages ({reused} reused); "
+              f"the plain command (no --shard) writes {args.output}/report.md")
+    else:
+        print(f"done: {len(summaries)} stages ({reused} reused); report: {args.output}/report.md")
     return 0
 
 
@@ -165,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder of the stages' run directories and the report")
     p.add_argument("overrides", nargs="*", metavar="[task:]section.key=value",
                    help="overrides for every stage, or with a task prefix (finetune:train.epochs=5) for that task's")
+    p.add_argument("--shard", metavar="I/N", help="run every N-th stage from the I-th, waiting for the other "
+                   "shards' stages it builds on: N processes (e.g. OMP_NUM_THREADS=1 each) share one pipeline; "
+                   "then the plain command writes the report")
     p.set_defaults(func=cmd_pipeline)
     p = sub.add_parser("demo", help="the main job in miniature, in minutes on a CPU: a shipped MAE teacher -> "
                                     "TinyMIM student, fine-tuned beside a from-scratch twin, with a report")

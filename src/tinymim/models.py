@@ -57,6 +57,9 @@ class ModelConfig:
             if missing:
                 raise ValueError(f"model {CUSTOM} needs {', '.join(missing)}")
         self.block_heads = {int(k): int(v) for k, v in self.block_heads.items()}
+        if self.pretrained and self.name == CUSTOM:
+            raise ValueError(f"pretrained=true needs a timm model name: {CUSTOM} has no pretrained weights "
+                             "(give init=PATH for your own, or name a timm ViT)")
         if self.name != CUSTOM:
             if not self.name.startswith(("vit_", "hf-hub:", "hf_hub:", "local-dir:")):
                 raise ValueError(f"name {self.name!r} is not a ViT; use a timm vit_* name or {CUSTOM}")

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tinymim.tasks import TASKS, task_module
-from tinymim.config import diff_configs, load_config
+from tinymim.config import ConfigError, diff_configs, load_config
 from tinymim.rundir import RESUMABLE_CHANGES, RunDir, architecture_overrides, locked, produced_architecture
 
 log = logging.getLogger("tinymim")
@@ -189,24 +189,67 @@ class _Processes:
             self.dist.barrier()
 
 
-def run_pipeline(cfg: PipelineConfig, output: str | Path, report: bool = True) -> list[dict]:
+def run_pipeline(cfg: PipelineConfig, output: str | Path, report: bool = True,
+                 shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Run (or reuse) every stage in order; returns one summary dict per stage. The output folder is
-    locked for the whole pipeline: a second pipeline on it refuses at once."""
+    locked for the whole pipeline: a second pipeline on it refuses at once.
+
+    shard=(i, n): n processes share the stages of one pipeline on the same folder (small models use
+    one core better than two). Process i runs stage j when j % n == i and waits for the others'
+    stages it needs as teacher or init until their records say done; it returns its own stages'
+    summaries and writes no report (the plain run does, reusing everything). Each shard holds its own
+    lock (OUTPUT/.shard-i-of-n), each stage its run directory's."""
     out = Path(output)
+    index, count = shard
+    if not 0 <= index < count:
+        raise ConfigError(f"--shard {index}/{count}: give I/N with 0 <= I < N")
     procs = _Processes()
     planned = plan(cfg, out)  # every stage's config checked before anything runs or is written
-    with locked(RunDir(out), procs.is_main, procs.launched):
-        return _run_stages(cfg, out, planned, procs, report)
+    lock_dir = out if count == 1 else out / f".shard-{index}-of-{count}"
+    with locked(RunDir(lock_dir), procs.is_main, procs.launched):
+        return _run_stages(cfg, out, planned, procs, report and count == 1, shard)
 
 
-def _run_stages(cfg: PipelineConfig, out: Path, planned, procs: _Processes, report: bool) -> list[dict]:
+def _wait_for(stage: StageConfig, stage_dir: Path, upstream: dict, config: dict, owner: int) -> dict:
+    """The record of a stage another shard runs, once it is done with this config and upstream (a
+    shard that died leaves this waiting: run it again with the same --shard)."""
+    waited, said = 0.0, -1.0
+    while True:
+        record = _record(stage_dir)
+        if (record is not None and record.get("status") == "done" and record.get("upstream") == upstream
+                and _same(record.get("config", {}), config) and RunDir(stage_dir).weights() is not None):
+            return record
+        if waited - said >= 300 or said < 0:  # say so now and every five minutes, not every poll
+            log.info("stage %s: waiting for shard %d to finish it", stage.name, owner)
+            said = waited
+        time.sleep(POLL_SECONDS)
+        waited += POLL_SECONDS
+
+
+POLL_SECONDS = 5.0
+
+
+def _run_stages(cfg: PipelineConfig, out: Path, planned, procs: _Processes, report: bool,
+                shard: tuple[int, int] = (0, 1)) -> list[dict]:
     run_ids: dict[str, str] = {}
+    others: dict[str, tuple] = {}  # another shard's stages, waited for only when a stage here needs them
     summaries = []
-    for stage, overrides, config in planned:
+
+    def run_id(name: str) -> str:
+        if name not in run_ids:
+            stage, config, owner = others[name]
+            upstream = {d: run_id(d) for d in (stage.teacher, stage.init) if d is not None}
+            run_ids[name] = _wait_for(stage, out / name, upstream, config, owner)["run_id"]
+        return run_ids[name]
+
+    for position, (stage, overrides, config) in enumerate(planned):
+        if position % shard[1] != shard[0]:
+            others[stage.name] = (stage, config, position % shard[1])
+            continue
         procs.barrier()
         stage_dir = out / stage.name
         module = task_module(stage.task)
-        upstream = {d: run_ids[d] for d in (stage.teacher, stage.init) if d is not None}
+        upstream = {d: run_id(d) for d in (stage.teacher, stage.init) if d is not None}
         record = _record(stage_dir)
         matches = record is not None and record.get("upstream") == upstream and _same(record.get("config", {}), config)
         done = matches and record.get("status") == "done" and RunDir(stage_dir).weights() is not None

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -27,7 +26,7 @@ from tinymim.classification import (ClassifyDataConfig, ClassifyDataset, build_c
                                     sums_to_metrics)
 from tinymim.config import ConfigError
 from tinymim.engine import TrainConfig
-from tinymim.models import ModelConfig, size_args, timm_architecture
+from tinymim.models import ModelConfig, create_vit
 from tinymim.rundir import RunDir
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import Task
@@ -145,10 +144,10 @@ class FinetuneTask(Task):
 
 
 def build_classifier(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
-    m = cfg.model
-    model = timm.create_model(timm_architecture(m), pretrained=False, num_classes=num_classes,
-                              global_pool=cfg.global_pool, fc_norm=cfg.global_pool == "avg",
-                              drop_path_rate=m.drop_path_rate, **size_args(m))
+    # through create_vit, so every model.* key (init, pos_embed, drop_path_schedule, block_heads,
+    # pretrained) builds the model it names, as in pre-training and segmentation
+    model = create_vit(cfg.model, num_classes=num_classes, global_pool=cfg.global_pool,
+                       fc_norm=cfg.global_pool == "avg")
     if cfg.init:
         ignored = load_vit_weights(model, _encoder_only(load_weights(cfg.init), model),
                                    source=f"init weights {cfg.init}")

@@ -31,6 +31,9 @@ class LinearProbeConfig:
 
     def validate(self) -> None:
         validate_classifier(self)
+        if self.model.drop_path_rate > 0:  # the frozen backbone runs in eval mode: it would never apply
+            raise ValueError(f"model.drop_path_rate={self.model.drop_path_rate} cannot apply to a linear probe "
+                             "(its backbone is frozen, in eval mode); set model.drop_path_rate=0")
 
 
 class ProbeModel(nn.Module):
