@@ -6,7 +6,10 @@ pre-training runs `--pretrain-epochs` over the 50,000 training images without la
 fine-tuning runs `--finetune-epochs` over a fixed random `--finetune-subset` of them with labels
 (cifar10/finetune_short, a recipe made for short schedules) and is scored on the 10,000 test images.
 Compared, for every seed:
-  scratch      fine-tuned from random init
+  scratch      fine-tuned from random init with the students' recipe (timm init, learned position embedding)
+  scratch_best fine-tuned from random init with its own best recipe (--scratch-best: chosen on held-out images
+               by benchmarks/baseline_grid.py)
+  setup        the students' setup without pre-training: MAE init + fixed sin-cos table, the students' recipe
   MAE          the student MAE-pre-trained itself (same epochs)
   class token  distilled from the teacher's class token (smooth-L1, projected)
   feature      distilled from the teacher's block output (smooth-L1 beta 2, projected, whitened)
@@ -36,8 +39,13 @@ from tinymim.pipeline import PipelineConfig, StageConfig, run_pipeline
 from tinymim.report import stage_result
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# the from-scratch recipe benchmarks/baseline_grid.py chose on held-out images (docs/results/baseline_grid.md)
+SCRATCH_BEST = ["model.init=mae", "model.pos_embed=sincos", "layer_decay=0.85", "train.blr=0.006"]
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
-LABELS = {"scratch": "from scratch", "mae": "MAE on the student itself", "class_token": "class-token distillation",
+LABELS = {"scratch": "from scratch, the students' recipe (timm init, learned position embedding)",
+          "scratch_best": "from scratch at its best (recipe chosen on held-out images)",
+          "setup": "same setup as the students (MAE init, sin-cos table), no pre-training",
+          "mae": "MAE on the student itself", "class_token": "class-token distillation",
           "feature": "feature distillation (block output)", "relation": "relation distillation (TinyMIM)"}
 
 
@@ -66,8 +74,10 @@ def study(args, train: Path, test: Path) -> PipelineConfig:
     pairing = [f"teacher.checkpoint={args.teacher.resolve()}", *arch, f"teacher.target_block={teacher['depth']}",
                f"teacher.relation_heads={teacher['num_heads']}"]
     distill = dict(task="distill", config="cifar10/distill_micro")
+    no_pretraining = {"scratch": [], "scratch_best": list(args.scratch_best),
+                      "setup": ["model.init=mae", "model.pos_embed=sincos"]}
     methods = {
-        "scratch": None,
+        "scratch": None, "scratch_best": None, "setup": None,
         "mae": dict(task="mae", config="cifar10/mae_micro", overrides=student_args(args, "model")),
         "class_token": dict(**distill, overrides=[*student_args(args, "student"), *pairing,
                                                   "loss.relation.weight=0", "loss.class_token.weight=1"]),
@@ -91,9 +101,9 @@ def study(args, train: Path, test: Path) -> PipelineConfig:
                 name=f"finetune_{method}_s{seed}", task="finetune", config="cifar10/finetune_short", init=init,
                 label=f"{LABELS[method]}, seed {seed}",
                 overrides=[*student_args(args, "model"), f"data.val_root={test}", f"data.subset={args.finetune_subset}",
-                           f"train.epochs={args.finetune_epochs}", f"train.seed={seed}"]))
-    index, count = args.shard
-    return PipelineConfig(overrides=common, stages=stages + finetunes[index::count])
+                           f"train.epochs={args.finetune_epochs}", f"train.seed={seed}",
+                           *no_pretraining.get(method, [])]))
+    return PipelineConfig(overrides=common, stages=stages + finetunes)
 
 
 def knn_scores(args, out: Path, train: Path, test: Path) -> dict[str, float]:
@@ -136,10 +146,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--knn-bank", type=int, default=10000,
                     help="k-NN bank: a fixed random sample of this many training images (0: all 50,000)")
+    ap.add_argument("--scratch-best", nargs="*", default=SCRATCH_BEST, metavar="KEY=VALUE",
+                    help="the from-scratch baseline's own recipe, as overrides of cifar10/finetune_short (default: "
+                         "the choice of benchmarks/baseline_grid.py at the demo's scale)")
     ap.add_argument("--pretrain-only", action="store_true", help="run the pre-training stages only (no table)")
     ap.add_argument("--shard", type=lambda v: tuple(map(int, v.split("/"))), default=(0, 1), metavar="I/N",
-                    help="run only every N-th fine-tuning (and k-NN scoring) from the I-th, so that N processes "
-                         "on the same --out share the work (small models use one core better than two); "
+                    help="run only every N-th stage (and k-NN scoring) from the I-th, so that N processes "
+                         "on the same --out share the work (tinymim pipeline --shard) (small models use one core better than two); "
                          "then run once without --shard for the table")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -147,7 +160,8 @@ def main() -> None:
     train, test = extract(args.data, args.out / "data")
     cfg = study(args, train, test)
     start = time.perf_counter()
-    summaries = run_pipeline(cfg, args.out, report=not args.pretrain_only and args.shard[1] == 1)
+    summaries = run_pipeline(cfg, args.out, report=not args.pretrain_only and args.shard[1] == 1,
+                             shard=args.shard)
     if args.pretrain_only:
         return
     knn = knn_scores(args, args.out, train, test)
@@ -204,7 +218,8 @@ CPU, plus k-NN scoring; this invocation took {wall:.0f} minutes, reusing finishe
 Measured ordering by fine-tuned top-1: {" > ".join(LABELS[m] for m in ranked)}.
 - {versus("relation", "mae")}.
 - {versus("relation", "feature")}.
-- {versus("relation", "scratch")}.
+- {versus("relation", "scratch_best")}.
+- {versus("relation", "setup")}.
 
 The paper's ordering (ImageNet-1K, 300 epochs, ViT-T/S/B) is relation > feature > class token and MAE.
 This is a tiny budget on tiny images; the pipeline report with loss curves and accuracy plots is in the run
