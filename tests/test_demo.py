@@ -27,13 +27,14 @@ def test_demo_offline_says_so_and_runs_on_synthetic_images(tmp_path, monkeypatch
     assert len(notice) == 1 and "synthetic" in notice[0] and "--data" in notice[0]
     # the report says, at its top, that synthetic images cannot show the effect
     assert text.index("synthetic images") < text.index("| stage |") and "cannot show" in text
-    for stage in ("TinyMIM student", "fine-tuned TinyMIM student", "fine-tuned from scratch"):
+    for stage in ("TinyMIM student", "fine-tuned TinyMIM student", "fine-tuned from scratch at its best",
+                  "fine-tuned from scratch, the student's recipe"):
         assert stage in text
     assert (out / "plots" / "losses.png").is_file() and (out / "plots" / "accuracy.png").is_file()
     assert (out / "student_tinymim" / "student.safetensors").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["notes"] and [s["stage"] for s in report["stages"]] == [
-        "student_tinymim", "finetune_tinymim", "finetune_scratch"]
+        "student_tinymim", "finetune_tinymim", "finetune_baseline", "finetune_scratch"]
     tuned = report["stages"][1]
     assert tuned["task"] == "finetune" and 0 <= tuned["final"]["top1"] <= 100 and "top1" in tuned["best"]
     assert tuned["minutes"] > 0 and report["stages"][0]["final"]["final_loss"] > 0
@@ -48,6 +49,32 @@ def test_demo_teacher_ships_with_the_package():
     distill = [c for s, _, c in plan(load("pipelines/demo"), "/tmp/unused") if s.task == "distill"][0]
     assert distill["teacher"]["checkpoint"] == "builtin:cifar10_mae_vit128x6"
     assert (distill["teacher"]["target_block"], distill["teacher"]["relation_heads"]) == (6, 4)
+
+
+def test_demo_baseline_is_the_grid_s_choice_and_the_twin_the_student_s_recipe(tmp_path):
+    """The best from-scratch baseline trains the setup baseline_grid chose (and says which in its
+    label); the twin differs from the student's fine-tuning in its init only."""
+    import importlib.util
+    from pathlib import Path
+
+    from tinymim.pipeline import load, plan
+
+    spec = importlib.util.spec_from_file_location(
+        "baseline_grid", Path(__file__).resolve().parents[1] / "benchmarks" / "baseline_grid.py")
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    planned = {s.name: (s, c) for s, _, c in plan(load("pipelines/demo"), tmp_path)}
+    stage, baseline = planned["finetune_baseline"]
+    chosen = dict(o.split("=", 1) for o in grid.setup_overrides(grid.CHOSEN))
+    assert (baseline["model"]["init"], baseline["model"]["pos_embed"]) == (chosen["model.init"], chosen["model.pos_embed"])
+    assert baseline["layer_decay"] == float(chosen["layer_decay"])
+    assert baseline["train"]["blr"] == float(chosen["train.blr"])
+    assert baseline["init"] is None and grid.setup_name(grid.CHOSEN) in stage.label
+    _, twin = planned["finetune_scratch"]
+    _, student = planned["finetune_tinymim"]
+    assert twin["init"] is None and student["init"] is not None
+    assert {k: v for k, v in twin.items() if k != "init"} == {k: v for k, v in student.items() if k != "init"}
+    assert (twin["model"]["init"], twin["model"]["pos_embed"]) == ("timm", "learned")
 
 
 def test_demo_data_forms(tmp_path):

@@ -2,9 +2,10 @@
 
 Runs the pipeline recipe `pipelines/demo`: a small CIFAR-10 MAE teacher shipped with tinymim
 (`builtin:cifar10_mae_vit128x6`, made by `tinymim mae`; tinymim/teachers/*/README.md gives the
-command) teaches a 4x smaller student its Q-K / V-V relations (TinyMIM); the student and a randomly
-initialized twin are then fine-tuned with the same short recipe on the same labelled images, and
-both are scored on the test split. Data (--data):
+command) teaches a 4x smaller student its Q-K / V-V relations (TinyMIM); the student is then
+fine-tuned on labelled images beside two from-scratch baselines of its shape, budget and images (the
+best setup of a grid chosen on held-out images, and the same-recipe twin), and all three are scored
+on the test split. Data (--data):
 - `cifar10` (default): torchvision's CIFAR-10 in ~/.cache/tinymim/cifar10, downloaded once. Offline
   and without a cached copy, the demo says so in one line and runs on synthetic images instead;
 - a folder with train/ and val/ (or test/) ImageFolders, or with train.tar and test.tar (extracted
@@ -19,8 +20,8 @@ from pathlib import Path
 
 from tinymim.config import ConfigError
 
-PRETRAIN_IMAGES = 25000  # a fixed random sample of the training images, without labels
-FINETUNE_IMAGES = 20000  # a fixed random sample, with labels, for both fine-tuned models
+PRETRAIN_IMAGES = 50000  # the training images (CIFAR-10's all), without labels
+FINETUNE_IMAGES = 20000  # a fixed random sample, with labels, for every fine-tuned model
 SYNTHETIC_NOTE = (
     "These results come from synthetic images (procedural stripes and blobs), not real ones. The shipped "
     "teacher learned real images, and synthetic classes are told apart by colour and stripe angle alone: "

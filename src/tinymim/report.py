@@ -74,8 +74,10 @@ def plot_accuracy(curves: dict[str, list[dict]], finals: dict[str, float], path:
     left.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1 while fine-tuning")
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
-    names = list(finals)
-    bars = right.barh(names, [finals[n] for n in names], color="tab:blue")
+    import textwrap
+
+    names = list(finals)  # long stage labels wrapped, so that the bars keep their width
+    bars = right.barh([textwrap.fill(n, 30) for n in names], [finals[n] for n in names], color="tab:blue")
     right.bar_label(bars, fmt="%.2f", fontsize=8)
     right.invert_yaxis()
     right.set(xlabel="final top-1 (%)", title="fine-tuned top-1")
