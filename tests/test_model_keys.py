@@ -78,6 +78,10 @@ def test_keys_that_cannot_apply_are_refused_in_one_line():
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="pretrained=true needs a timm model name"):
         finetune_vit("model.pretrained=true")
+    from tinymim.tasks.mae import MAEConfig
+    with pytest.raises(ConfigError, match="sin-cos") as e:
+        load_config(MAEConfig, None, [*SIZES, "data.img_size=32", "model.pos_embed=learned"])
+    assert "\n" not in str(e.value)
 
 
 def test_the_same_setup_baseline_is_mae_initialized_throughout():

@@ -44,6 +44,9 @@ class MAEConfig:
         check_input_size(self.model, self.data.img_size, "model")
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.model.pos_embed != "sincos":  # MaskedAutoencoder fixes the table: a learned one would be ignored
+            raise ValueError(f"model.pos_embed={self.model.pos_embed} cannot apply to MAE pre-training, which uses "
+                             "MAE's fixed sin-cos table; leave model.pos_embed=sincos")
 
 
 class MAETask(Task):
