@@ -41,7 +41,7 @@ from pathlib import Path
 import yaml
 
 from tinymim.pipeline import PipelineConfig, StageConfig, run_pipeline
-from tinymim.report import stage_result
+from tinymim.report import read_metrics, stage_result
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
@@ -148,7 +148,8 @@ def knn_scores(args, train: Path, test: Path, names: list[str]) -> dict[str, flo
         if not cache.is_file():
             if i % count != index or not (run / "student.safetensors").is_file():
                 continue
-            r = knn_evaluate(run, train, test, block=args.small[1], mean=CIFAR_MEAN, std=CIFAR_STD,
+            block = args.medium[1] if name.startswith("medium_") else args.small[1]
+            r = knn_evaluate(run, train, test, block=block, mean=CIFAR_MEAN, std=CIFAR_STD,
                              num_workers=args.workers, bank_size=args.knn_bank or None)
             cache.write_text(json.dumps(r))
         scores[name] = json.loads(cache.read_text())["knn_top1"]
@@ -201,8 +202,7 @@ def main() -> None:
     start = time.perf_counter()
     pre = [s for s in stages if s.task == "distill"]
     summaries = run_pipeline(PipelineConfig(overrides=common, stages=stages), args.out, report=False, shard=args.shard)
-    small_runs = [s.name for s in pre if not s.name.startswith("medium_")]
-    knn = knn_scores(args, train, test, small_runs)
+    knn = knn_scores(args, train, test, [s.name for s in pre])  # the medium students too (finding 6)
     if count > 1:
         return
     wall = (time.perf_counter() - start) / 60
@@ -236,11 +236,22 @@ def main() -> None:
         if kind == "no gain":
             holds = "no" if "no" in overall else "yes"
         rows.append(f"| {title} | {paper} | {'<br>'.join(cells)} | **{holds}**<br>{'<br>'.join(calls)} |")
+    def final_loss(arm: str) -> str:
+        losses = []
+        for seed in args.seeds:
+            steps = read_metrics(args.out / f"{arm}_s{seed}")[0]
+            if steps:
+                losses.append(steps[-1]["loss"])
+        return f"{statistics.mean(losses):.4f}" if losses else "–"
+
     per_seed = []
-    for arm, (label, _) in ARMS.items():
+    labels = {**{a: label for a, (label, _) in ARMS.items()},
+              "medium": f"finding 6's medium student ({args.medium[0]} wide, {args.medium[1]} blocks), from the teacher"}
+    for arm, label in labels.items():
         k = scores(arm, "knn")
         f = scores(arm, "finetune") if arm in FINETUNED else []
-        per_seed.append(f"| {arm} | {label} | " + " / ".join(f"{v:.2f}" for v in k) + f" | {mean_std(k)} | "
+        per_seed.append(f"| {arm} | {label} | {final_loss(arm)} | " + " / ".join(f"{v:.2f}" for v in k)
+                        + f" | {mean_std(k)} | "
                         + (" / ".join(f"{v:.2f}" for v in f) + f" | {mean_std(f)} |" if f else "– | – |"))
     teacher = yaml.safe_load((args.teacher / "config.yaml").read_text())["model"]
     command = "python benchmarks/findings.py " + " ".join([
@@ -276,10 +287,11 @@ training in all, k-NN scoring not counted; this invocation took {wall:.0f} minut
 |---|---|---|---|
 {chr(10).join(rows)}
 
-Per seed:
+Per seed (k-NN of the medium students reads their block-{args.medium[1]} input; distillation losses
+compare only between arms with the same target and input: the relation arms, full or masked):
 
-| arm | setting | k-NN top-1 per seed | k-NN mean ± std | fine-tuned top-1 per seed | fine-tuned mean ± std |
-|---|---|---|---|---|---|
+| arm | setting | final distillation loss (mean) | k-NN top-1 per seed | k-NN mean ± std | fine-tuned top-1 per seed | fine-tuned mean ± std |
+|---|---|---|---|---|---|---|
 {chr(10).join(per_seed)}
 """
     args.table.parent.mkdir(parents=True, exist_ok=True)
