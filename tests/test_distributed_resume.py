@@ -73,7 +73,9 @@ def test_sigkill_and_restart_gives_the_same_weights(tmp_path):
     while time.time() < deadline and proc.poll() is None:
         metrics = killed / "metrics.jsonl"
         if metrics.is_file() and metrics.read_text().strip():
-            step = json.loads(metrics.read_text().strip().splitlines()[-1])["step"]
+            complete = metrics.read_text().split("\n")[:-1]  # a line being written is not complete yet
+            if complete:
+                step = json.loads(complete[-1])["step"]
             if step >= 22:  # mid-epoch 2, with checkpoints written at steps 4, 8, ..., 20
                 break
         time.sleep(0.005)
