@@ -24,29 +24,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import sys
-import tarfile
 import time
 from pathlib import Path
 
+from cifar_study import SHARED, extract, shape
 from tinymim.pipeline import PipelineConfig, StageConfig, run_pipeline
 from tinymim.report import read_metrics
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BLR = 3.0e-3  # cifar10/finetune_short's
 GRID = {"init": ["timm", "mae"], "pos_embed": ["learned", "sincos"], "layer_decay": [1.0, 0.85], "lr": [1, 2]}
-
-
-def extract(data: Path, cache: Path) -> Path:
-    if not (cache / "train").is_dir():
-        tar = data / "train.tar"
-        if not tar.is_file():
-            sys.exit(f"CIFAR-10 not found: {tar} (pass --data DIR holding train.tar)")
-        with tarfile.open(tar) as t:
-            t.extractall(cache, filter="data")
-    return cache / "train"
-
-
 # the setup this grid chose at the demo's scale (docs/results/baseline_grid.md); pipelines/demo trains it
 CHOSEN = {"init": "mae", "pos_embed": "sincos", "layer_decay": 0.85, "lr": 2}
 
@@ -65,13 +51,13 @@ def setup_overrides(s: dict) -> list[str]:
             f"train.blr={BLR * s['lr']:g}"]
 
 
-def grid(args, train: Path) -> PipelineConfig:
+def grid(args, train: Path, candidates: list[dict]) -> PipelineConfig:
+    """One fine-tuning stage per setup, all at the demo's shape, budget and held-out split."""
     common = ["train.progress=false", "data.name=folder", f"data.root={train}", f"data.num_workers={args.workers}",
               f"data.holdout={args.holdout}", f"data.subset={args.images}", f"train.epochs={args.epochs}",
-              f"model.embed_dim={args.width}", f"model.depth={args.depth}", f"model.num_heads={args.heads}",
-              f"train.seed={args.seed}"]
+              *shape("model", args.width, args.depth, args.heads), f"train.seed={args.seed}"]
     stages = [StageConfig(name=setup_name(s), task="finetune", config="cifar10/finetune_short",
-                          overrides=setup_overrides(s)) for s in setups()]
+                          overrides=setup_overrides(s)) for s in candidates]
     return PipelineConfig(overrides=common, stages=stages)
 
 
@@ -92,11 +78,12 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    train = extract(args.data, args.out / "data")
+    [train] = extract(args.data, args.out / "data", splits=("train",))
     start = time.perf_counter()
-    summaries = run_pipeline(grid(args, train), args.out, report=False, shard=args.shard)
+    summaries = run_pipeline(grid(args, train, setups()), args.out, report=False, shard=args.shard)
     if args.shard[1] > 1:
         return
+
     def scored(candidates: list[dict]) -> list[tuple[dict, list[float]]]:
         out = []
         for s in candidates:
@@ -107,10 +94,7 @@ def main() -> None:
     results = scored(setups())
     if results[0][0]["lr"] == max(GRID["lr"]):  # the best sits at the edge: one step further
         edge = {**results[0][0], "lr": 2 * max(GRID["lr"])}
-        cfg = grid(args, train)
-        cfg.stages = [StageConfig(name=setup_name(edge), task="finetune", config="cifar10/finetune_short",
-                                  overrides=setup_overrides(edge))]
-        summaries += run_pipeline(cfg, args.out, report=False)
+        summaries += run_pipeline(grid(args, train, [edge]), args.out, report=False)
         results = scored([*setups(), edge])
     minutes = sum(s["record"].get("seconds", 0) for s in summaries) / 60
     rows = [f"| {s['init']} | {s['pos_embed']} | {s['layer_decay']:g} | x{s['lr']} ({BLR * s['lr']:g}) | "

@@ -29,22 +29,15 @@ every N-th stage from the I-th (pre-training stages first, then fine-tuning), so
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
-import sys
-import tarfile
 import time
 from pathlib import Path
 
-import yaml
-
+from cifar_study import SHARED, cached_knn, extract, mean_std, shape, teacher_model, teacher_pairing
 from tinymim.pipeline import PipelineConfig, StageConfig, run_pipeline
 from tinymim.report import read_metrics, stage_result
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 # arm -> (label, overrides of the distill stage on top of the default arm)
 ARMS = {
@@ -89,27 +82,8 @@ FINDINGS = [
 ]
 
 
-def extract(data: Path, cache: Path) -> tuple[Path, Path]:
-    for split in ("train", "test"):
-        if not (cache / split).is_dir():
-            tar = data / f"{split}.tar"
-            if not tar.is_file():
-                sys.exit(f"CIFAR-10 not found: {tar} (pass --data DIR holding train.tar and test.tar)")
-            with tarfile.open(tar) as t:
-                t.extractall(cache, filter="data")
-    return cache / "train", cache / "test"
-
-
-def shape(section: str, width: int, depth: int, heads: int) -> list[str]:
-    return [f"{section}.embed_dim={width}", f"{section}.depth={depth}", f"{section}.num_heads={heads}"]
-
-
 def study(args, train: Path) -> list[StageConfig]:
-    teacher = yaml.safe_load((args.teacher / "config.yaml").read_text())["model"]
-    arch = [f"teacher.model.{k}={teacher[k]}" for k in ("name", "img_size", "patch_size", "embed_dim", "depth",
-                                                         "num_heads")]
-    pairing = [f"teacher.checkpoint={args.teacher.resolve()}", *arch, f"teacher.target_block={teacher['depth']}",
-               f"teacher.relation_heads={teacher['num_heads']}"]
+    pairing = teacher_pairing(args.teacher)
     small = shape("student", *args.small)
     budget = [f"data.subset={args.pretrain_images}", f"train.epochs={args.pretrain_epochs}", "train.warmup_epochs=0.2"]
     pre, fine = [], []
@@ -137,29 +111,17 @@ def study(args, train: Path) -> list[StageConfig]:
 
 
 def knn_scores(args, train: Path, test: Path, names: list[str]) -> dict[str, float]:
-    """k-NN top-1 of every pre-trained small student (cached in its run directory as knn.json)."""
-    from tinymim.robustness import knn_evaluate
-
+    """k-NN top-1 of the named pre-trained students (cached in each run directory as knn.json); with
+    --shard, this process scores its share of those not cached yet."""
     scores = {}
     index, count = args.shard
     for i, name in enumerate(names):
         run = args.out / name
-        cache = run / "knn.json"
-        if not cache.is_file():
-            if i % count != index or not (run / "student.safetensors").is_file():
-                continue
-            block = args.medium[1] if name.startswith("medium_") else args.small[1]
-            r = knn_evaluate(run, train, test, block=block, mean=CIFAR_MEAN, std=CIFAR_STD,
-                             num_workers=args.workers, bank_size=args.knn_bank or None)
-            cache.write_text(json.dumps(r))
-        scores[name] = json.loads(cache.read_text())["knn_top1"]
+        if not (run / "knn.json").is_file() and (i % count != index or not (run / "student.safetensors").is_file()):
+            continue
+        block = args.medium[1] if name.startswith("medium_") else args.small[1]
+        scores[name] = cached_knn(run, train, test, block, args.workers, args.knn_bank)
     return scores
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
 def verdict(better: list[float], other: list[float]) -> tuple[str, float, float]:
@@ -198,20 +160,14 @@ def main() -> None:
     args.test = test
     stages = study(args, train)
     common = ["train.progress=false", "data.name=folder", f"data.root={train}", f"data.num_workers={args.workers}"]
-    index, count = args.shard
     start = time.perf_counter()
-    pre = [s for s in stages if s.task == "distill"]
     summaries = run_pipeline(PipelineConfig(overrides=common, stages=stages), args.out, report=False, shard=args.shard)
-    knn = knn_scores(args, train, test, [s.name for s in pre])  # the medium students too (finding 6)
-    if count > 1:
+    # every pre-trained student, the medium ones too (finding 6)
+    knn = knn_scores(args, train, test, [s.name for s in stages if s.task == "distill"])
+    if args.shard[1] > 1:
         return
     wall = (time.perf_counter() - start) / 60
-    seconds = {}
-    for s in stages:
-        record = args.out / s.name / "pipeline.json"
-        if record.is_file():
-            seconds[s.name] = json.loads(record.read_text()).get("seconds", 0)
-    total = sum(seconds.values()) / 60 if seconds else sum(s["record"].get("seconds", 0) for s in summaries) / 60
+    total = sum(s["record"].get("seconds", 0) for s in summaries) / 60  # the plain run: every stage's record
 
     def scores(arm: str, metric: str) -> list[float]:
         if metric == "knn":
@@ -253,7 +209,7 @@ def main() -> None:
         per_seed.append(f"| {arm} | {label} | {final_loss(arm)} | " + " / ".join(f"{v:.2f}" for v in k)
                         + f" | {mean_std(k)} | "
                         + (" / ".join(f"{v:.2f}" for v in f) + f" | {mean_std(f)} |" if f else "– | – |"))
-    teacher = yaml.safe_load((args.teacher / "config.yaml").read_text())["model"]
+    teacher = teacher_model(args.teacher)
     command = "python benchmarks/findings.py " + " ".join([
         f"--seeds {' '.join(map(str, args.seeds))}", f"--small {' '.join(map(str, args.small))}",
         f"--medium {' '.join(map(str, args.medium))}", f"--pretrain-images {args.pretrain_images}",

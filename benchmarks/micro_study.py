@@ -25,23 +25,18 @@ finished one only rewrites the table:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
-import sys
-import tarfile
 import time
 from pathlib import Path
 
-import yaml
-
+from baseline_grid import CHOSEN, setup_overrides
+from cifar_study import SHARED, cached_knn, extract, mean_std, shape, teacher_model, teacher_pairing
 from tinymim.pipeline import PipelineConfig, StageConfig, run_pipeline
 from tinymim.report import stage_result
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # the from-scratch recipe benchmarks/baseline_grid.py chose on held-out images (docs/results/baseline_grid.md)
-SCRATCH_BEST = ["model.init=mae", "model.pos_embed=sincos", "layer_decay=0.85", "train.blr=0.006"]
-CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+SCRATCH_BEST = setup_overrides(CHOSEN)
 LABELS = {"scratch": "from scratch, the students' recipe (timm init, learned position embedding)",
           "scratch_best": "from scratch at its best (recipe chosen on held-out images)",
           "setup": "same setup as the students (MAE init, sin-cos table), no pre-training",
@@ -49,30 +44,14 @@ LABELS = {"scratch": "from scratch, the students' recipe (timm init, learned pos
           "feature": "feature distillation (block output)", "relation": "relation distillation (TinyMIM)"}
 
 
-def extract(data: Path, cache: Path) -> tuple[Path, Path]:
-    for split in ("train", "test"):
-        if not (cache / split).is_dir():
-            tar = data / f"{split}.tar"
-            if not tar.is_file():
-                sys.exit(f"CIFAR-10 not found: {tar} (pass --data DIR holding train.tar and test.tar)")
-            with tarfile.open(tar) as t:
-                t.extractall(cache, filter="data")
-    return cache / "train", cache / "test"
-
-
 def student_args(args, section: str) -> list[str]:
-    return [f"{section}.embed_dim={args.student_width}", f"{section}.depth={args.student_depth}",
-            f"{section}.num_heads={args.student_heads}"]
+    return shape(section, args.student_width, args.student_depth, args.student_heads)
 
 
 def study(args, train: Path, test: Path) -> PipelineConfig:
     common = ["train.progress=false", "data.name=folder", f"data.root={train}", f"data.num_workers={args.workers}"]
     stages = []
-    teacher = yaml.safe_load((args.teacher / "config.yaml").read_text())["model"]
-    arch = [f"teacher.model.{k}={teacher[k]}" for k in ("name", "img_size", "patch_size", "embed_dim", "depth",
-                                                         "num_heads")]
-    pairing = [f"teacher.checkpoint={args.teacher.resolve()}", *arch, f"teacher.target_block={teacher['depth']}",
-               f"teacher.relation_heads={teacher['num_heads']}"]
+    pairing = teacher_pairing(args.teacher)
     distill = dict(task="distill", config="cifar10/distill_micro")
     no_pretraining = {"scratch": [], "scratch_best": list(args.scratch_best),
                       "setup": ["model.init=mae", "model.pos_embed=sincos"]}
@@ -108,25 +87,13 @@ def study(args, train: Path, test: Path) -> PipelineConfig:
 
 def knn_scores(args, out: Path, train: Path, test: Path) -> dict[str, float]:
     """k-NN top-1 of every pre-trained student (cached in its run directory as knn.json)."""
-    from tinymim.robustness import knn_evaluate
-
     scores = {}
     index, count = args.shard
     for i, run in enumerate(sorted(r for r in out.glob("*_s[0-9]*") if not r.name.startswith("finetune_"))):
         if not (run / "config.yaml").is_file() or (i % count != index and not (run / "knn.json").is_file()):
             continue
-        cache = run / "knn.json"
-        stale = cache.is_file() and args.knn_bank and json.loads(cache.read_text())["bank"] != args.knn_bank
-        if not cache.is_file() or stale:
-            r = knn_evaluate(run, train, test, block=args.student_depth, mean=CIFAR_MEAN, std=CIFAR_STD,
-                             num_workers=args.workers, bank_size=args.knn_bank or None)
-            cache.write_text(json.dumps(r))
-        scores[run.name] = json.loads(cache.read_text())["knn_top1"]
+        scores[run.name] = cached_knn(run, train, test, args.student_depth, args.workers, args.knn_bank)
     return scores
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
 def main() -> None:
@@ -189,7 +156,7 @@ def main() -> None:
         f"--seeds {' '.join(map(str, args.seeds))}", f"--pretrain-epochs {args.pretrain_epochs}",
         f"--finetune-epochs {args.finetune_epochs}", f"--finetune-subset {args.finetune_subset}",
         f"--student-width {args.student_width} --student-depth {args.student_depth} --student-heads {args.student_heads}"])
-    teacher = yaml.safe_load((args.teacher / "config.yaml").read_text())["model"]
+    teacher = teacher_model(args.teacher)
     bank = ("all 50,000 training images" if not args.knn_bank else
             f"a fixed random sample of {args.knn_bank} training images (the same for every row, about {args.knn_bank // 10} "
             "per class)")

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
+from cifar_study import ARCHITECTURE, CIFAR_MEAN, CIFAR_STD, SHARED, teacher_model
 from tinymim.checkpoint import load_vit_weights, load_weights
 from tinymim.models import ModelConfig, create_vit, embed
 from tinymim.relations import block_qkv, relation_logits
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def main() -> None:
@@ -31,13 +29,12 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, default=SHARED / "teachers" / "cifar10_mae_vit192x6")
     ap.add_argument("--images", type=Path, required=True, help="an ImageFolder of 32 px images (the test split)")
     ap.add_argument("--count", type=int, default=500)
-    ap.add_argument("--mean", type=float, nargs=3, default=[0.4914, 0.4822, 0.4465])
-    ap.add_argument("--std", type=float, nargs=3, default=[0.2470, 0.2435, 0.2616])
+    ap.add_argument("--mean", type=float, nargs=3, default=CIFAR_MEAN)
+    ap.add_argument("--std", type=float, nargs=3, default=CIFAR_STD)
     args = ap.parse_args()
 
-    arch = yaml.safe_load((args.teacher / "config.yaml").read_text())["model"]
-    vit = create_vit(ModelConfig(**{k: arch[k] for k in ("name", "img_size", "patch_size", "embed_dim", "depth",
-                                                          "num_heads")})).eval()
+    arch = teacher_model(args.teacher)
+    vit = create_vit(ModelConfig(**{k: arch[k] for k in ARCHITECTURE})).eval()
     load_vit_weights(vit, load_weights(str(args.teacher)), source=str(args.teacher),
                      ignore_prefixes=("decoder_", "mask_token"))
     files = sorted(args.images.glob("*/*"))

@@ -39,6 +39,15 @@ def cifar_train(tmp_path_factory) -> Path:
     return out / "train"
 
 
+@pytest.fixture
+def benchmark_module(monkeypatch):
+    """Import a script of benchmarks/ as its siblings do (they import each other by name)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module
+
+
 @pytest.fixture(autouse=True)
 def _quiet_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))

@@ -51,18 +51,12 @@ def test_demo_teacher_ships_with_the_package():
     assert (distill["teacher"]["target_block"], distill["teacher"]["relation_heads"]) == (6, 4)
 
 
-def test_demo_baseline_is_the_grid_s_choice_and_the_twin_the_student_s_recipe(tmp_path):
+def test_demo_baseline_is_the_grid_s_choice_and_the_twin_the_student_s_recipe(tmp_path, benchmark_module):
     """The best from-scratch baseline trains the setup baseline_grid chose (and says which in its
     label); the twin differs from the student's fine-tuning in its init only."""
-    import importlib.util
-    from pathlib import Path
-
     from tinymim.pipeline import load, plan
 
-    spec = importlib.util.spec_from_file_location(
-        "baseline_grid", Path(__file__).resolve().parents[1] / "benchmarks" / "baseline_grid.py")
-    grid = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grid)
+    grid = benchmark_module("baseline_grid")
     planned = {s.name: (s, c) for s, _, c in plan(load("pipelines/demo"), tmp_path)}
     stage, baseline = planned["finetune_baseline"]
     chosen = dict(o.split("=", 1) for o in grid.setup_overrides(grid.CHOSEN))

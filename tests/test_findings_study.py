@@ -1,7 +1,6 @@
 """benchmarks/findings.py: each finding's arms differ from the default arm only in the setting the
 finding is about (planned configs compared key by key), and the verdict rule."""
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,6 @@ from tinymim.pipeline import PipelineConfig, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT.parent / "shared" / "teachers" / "cifar10_mae_vit192x6"
-
-
-def findings_module():
-    spec = importlib.util.spec_from_file_location("findings", ROOT / "benchmarks" / "findings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # arm -> the only config keys (dotted prefixes) in which it may differ from the default arm
@@ -32,10 +24,10 @@ EXPECTED = {
 }
 
 
-def test_each_arm_differs_from_the_default_arm_only_in_its_setting(tmp_path):
+def test_each_arm_differs_from_the_default_arm_only_in_its_setting(tmp_path, benchmark_module):
     if not (TEACHER / "config.yaml").is_file():
         pytest.skip(f"the shared teacher is not present: {TEACHER}")
-    findings = findings_module()
+    findings = benchmark_module("findings")
     args = argparse.Namespace(teacher=TEACHER, seeds=[0], small=[48, 4, 2], medium=[96, 6, 3], pretrain_images=100,
                               pretrain_epochs=1, finetune_images=100, finetune_epochs=1, test=tmp_path / "test")
     stages = findings.study(args, tmp_path / "train")
@@ -54,8 +46,8 @@ def test_each_arm_differs_from_the_default_arm_only_in_its_setting(tmp_path):
         assert all(a in findings.ARMS for pair in pairs for a in pair)
 
 
-def test_verdict_uses_twice_the_standard_error_of_the_difference():
-    verdict = findings_module().verdict
+def test_verdict_uses_twice_the_standard_error_of_the_difference(benchmark_module):
+    verdict = benchmark_module("findings").verdict
     assert verdict([2.0, 2.1, 1.9], [1.0, 1.1, 0.9])[0] == "yes"
     assert verdict([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])[0] == "no"
     # gap 0.1, s.e. sqrt(2 * 0.01 / 3) = 0.0816: 2 s.e. 0.163 > 0.1

@@ -210,6 +210,9 @@ def run_pipeline(cfg: PipelineConfig, output: str | Path, report: bool = True,
         return _run_stages(cfg, out, planned, procs, report and count == 1, shard)
 
 
+POLL_SECONDS = 5.0  # how often a shard looks at a stage another shard runs
+
+
 def _wait_for(stage: StageConfig, stage_dir: Path, upstream: dict, config: dict, owner: int) -> dict:
     """The record of a stage another shard runs, once it is done with this config and upstream (a
     shard that died leaves this waiting: run it again with the same --shard)."""
@@ -224,9 +227,6 @@ def _wait_for(stage: StageConfig, stage_dir: Path, upstream: dict, config: dict,
             said = waited
         time.sleep(POLL_SECONDS)
         waited += POLL_SECONDS
-
-
-POLL_SECONDS = 5.0
 
 
 def _run_stages(cfg: PipelineConfig, out: Path, planned, procs: _Processes, report: bool,

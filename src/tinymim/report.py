@@ -4,6 +4,7 @@ under DIR/plots/: pre-training loss curves, fine-tuning accuracy curves and fina
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -74,8 +75,6 @@ def plot_accuracy(curves: dict[str, list[dict]], finals: dict[str, float], path:
     left.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1 while fine-tuning")
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
-    import textwrap
-
     names = list(finals)  # long stage labels wrapped, so that the bars keep their width
     bars = right.barh([textwrap.fill(n, 30) for n in names], [finals[n] for n in names], color="tab:blue")
     right.bar_label(bars, fmt="%.2f", fontsize=8)
