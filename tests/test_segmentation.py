@@ -265,7 +265,7 @@ def test_eval_every_validates_every_n_epochs_and_at_the_end(tmp_path):
     assert evaluated == [6, 10]  # epoch 3, then the last epoch (5)
 
 
-@pytest.mark.parametrize("size,channels,decay", [("tiny", 192, 0.8), ("small", 768, 0.75), ("base", 768, 0.75)])
+@pytest.mark.parametrize("size,channels,decay", [("tiny", 768, 0.8), ("small", 768, 0.75), ("base", 768, 0.75)])
 def test_ade20k_recipes_have_the_papers_settings(size, channels, decay):
     from tinymim.tasks import load_config
 
@@ -276,6 +276,8 @@ def test_ade20k_recipes_have_the_papers_settings(size, channels, decay):
     assert (cfg.layer_decay, cfg.channels, cfg.aux_channels, cfg.aux_weight) == (decay, channels, 256, 0.4)
     assert (cfg.data.num_classes, cfg.data.reduce_zero_label, cfg.data.eval_stride) == (150, True, 341)
     assert cfg.blocks == [4, 6, 8, 12] and cfg.model.drop_path_rate == 0.1
+    assert (cfg.rel_pos_bias, cfg.layer_scale, cfg.sync_bn, cfg.loss_average, cfg.head_init, cfg.data.hue_delta) == (
+        True, 1.0, "auto", "all_pixels", "mmseg", 18)  # the release's backbone and mmseg 0.11's defaults
     from tinymim.segmentation_data import ADE20K_CLASSES
 
     assert cfg.data.class_names == ADE20K_CLASSES and len(set(ADE20K_CLASSES)) == 150

@@ -113,20 +113,31 @@ _MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
 _CLASSIFIER_MODULES = ("head", "head_dist", "fc_norm", "fc", "pre_logits")
 
 
+def _timm_layer_scale_name(key: str) -> str:
+    """BEiT / the release's layer scale `blocks.i.gamma_1` / `gamma_2` -> timm's `blocks.i.ls1.gamma` / `ls2.gamma`."""
+    for old, new in ((".gamma_1", ".ls1.gamma"), (".gamma_2", ".ls2.gamma")):
+        if key.startswith("blocks.") and key.endswith(old):
+            return key[: -len(old)] + new
+    return key
+
+
 def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
-                     ignore_prefixes: tuple[str, ...] = _MAE_DECODER_PREFIXES) -> list[str]:
+                     ignore_prefixes: tuple[str, ...] = _MAE_DECODER_PREFIXES, fresh: tuple[str, ...] = ()) -> list[str]:
     """Load a ViT state dict into a timm VisionTransformer; returns the keys set aside.
 
     Understands the official MAE layouts (pre-training: decoder keys and mask_token set aside;
     fine-tuned: head/fc_norm set aside, and a final `norm` the global-pool checkpoint lacks stays at
     its init) and released TinyMIM*-T checkpoints (distillation token and its position set aside,
     head_dist/fc_norm/extra FC set aside). Position embeddings are resized (bicubic, class token kept
-    apart) when the patch grid differs. Any other mismatch (a missing encoder key, a key of another
-    architecture, a shape mismatch) is an error: no silent partial loads.
+    apart) when the patch grid differs. Model keys containing one of `fresh` (parameters a task adds,
+    such as segmentation's relative position bias tables) may be missing: they keep their init and are
+    reported as newly initialised; BEiT-style layer scale names (gamma_1/gamma_2) are read as timm's.
+    Any other mismatch (a missing encoder key, a key of another architecture, a shape mismatch) is an
+    error: no silent partial loads.
     """
     from timm.layers import resample_abs_pos_embed
 
-    state = dict(state)
+    state = {_timm_layer_scale_name(k): v for k, v in state.items()}
     own = model.state_dict()
     set_aside = sorted(k for k in state if k.startswith(ignore_prefixes))
     if "dist_token" in state and "dist_token" not in own:  # TinyMIM*-T / DeiT: [cls, dist, patches]
@@ -142,6 +153,8 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         state["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(model.patch_embed.grid_size),
                                                     num_prefix_tokens=prefix)
     missing = sorted(set(own) - set(state))
+    new = [k for k in missing if any(f in k for f in fresh)]
+    missing = [k for k in missing if k not in new]
     kept = []
     if any(k.startswith("fc_norm.") for k in set_aside):  # global-pool fine-tuned: no final per-token norm
         kept = [k for k in missing if k.startswith("norm.")]
@@ -162,5 +175,8 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         raise CheckpointError("\n".join(lines))
     if kept:
         log.info("%s has no final norm (global-pool fine-tuned layout); model.norm keeps its init", source)
+    if new:
+        kinds = sorted({k.split(".", 2)[-1] if k.startswith("blocks.") else k for k in new})
+        log.info("%s: newly initialised (not in the weights): %s in %d places", source, ", ".join(kinds), len(new))
     model.load_state_dict(state, strict=False)
     return set_aside

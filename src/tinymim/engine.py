@@ -455,11 +455,14 @@ def _write_run_files(task, run: RunDir, config: dict, resume) -> None:
 def build_optimizer(trainable: torch.nn.Module, cfg: TrainConfig, optimizer_kwargs: dict | None = None):
     """timm's optimizer with its parameter groups: no weight decay on biases and 1-D (norm) parameters;
     the trainable module has no no_weight_decay() list, so cls_token/pos_embed are decayed, as in MAE
-    and TinyMIM. optimizer_kwargs: e.g. layer_decay for fine-tuning."""
+    and TinyMIM. optimizer_kwargs: e.g. layer_decay for fine-tuning. `trainable` may instead be a list
+    of parameter groups (each with its weight_decay and lr_scale) a task built itself."""
     import timm.optim
 
     opt_args = {"betas": tuple(cfg.betas)} if cfg.optimizer == "adamw" else {"momentum": cfg.momentum}
-    if cfg.optimizer == "adamw" and all(p.is_cuda for p in trainable.parameters()):
+    params = ([p for g in trainable for p in g["params"]] if isinstance(trainable, list)
+              else list(trainable.parameters()))
+    if cfg.optimizer == "adamw" and all(p.is_cuda for p in params):
         opt_args["fused"] = True  # one kernel for the whole update on CUDA, not several per tensor
     return timm.optim.create_optimizer_v2(trainable, opt=cfg.optimizer, lr=lr_for(cfg), weight_decay=cfg.weight_decay,
                                           **opt_args, **(optimizer_kwargs or {}))
@@ -492,7 +495,8 @@ def _prepare(task, cfg: TrainConfig, ctx: DistContext, plan: Plan, optimizer_kwa
         task.compile()
     if ctx.distributed:
         task.prepare_distributed(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    optimizer = build_optimizer(task.get_trainable_module(), cfg, optimizer_kwargs)
+    groups = task.param_groups(cfg.weight_decay)
+    optimizer = build_optimizer(groups if groups is not None else task.get_trainable_module(), cfg, optimizer_kwargs)
     scheduler = build_scheduler(optimizer, cfg, plan.per_epoch)
     return optimizer, scheduler, torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
 

@@ -7,6 +7,10 @@ mmcv/mmseg.
 - `UperHead`: pyramid pooling (scales 1, 2, 3, 6) on the coarsest level, lateral 1x1 convs, top-down
   FPN, 3x3 convs, all levels upsampled to the finest and fused (UperNet, Xiao et al. 2018, as mmseg's).
 - `FCNHead`: the auxiliary head on the third level (loss weight 0.4 in the recipes).
+- The release's backbone options: `add_relative_position_bias` (BEiT's per-block relative position bias
+  table, zero-initialised) on timm's blocks; layer scale is timm's own (`init_values`).
+- `release_layer_id`: the release's layer-wise lr decay assignment (embeddings 0, block i i, the rest
+  depth + 1), and `mmseg_init_` for the heads (mmcv's ConvModule / decode-head init).
 - `slide_inference`: mmseg's sliding window (windows clipped to the image, logits averaged where they
   overlap); `confusion_matrix` and `segmentation_metrics`: mIoU, mAcc, aAcc and per-class IoU with the
   ignore label honoured (a class absent from both labels and predictions is left out of the means).
@@ -16,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.beit import gen_relative_position_index
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -23,8 +29,115 @@ def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
+class RelPosBiasAttention(Attention):
+    """timm's Attention plus BEiT's relative position bias (the release's `use_rel_pos_bias`): a learned
+    table of (2 Wh - 1)(2 Ww - 1) + 3 entries per head (every 2-D offset between patches, then
+    class->patch, patch->class, class->class) added to the attention logits q k^T / sqrt(d) before the
+    softmax. Zero-initialised, so a block starts as the plain one. The index is built for one patch
+    grid (the training crop's); the bias goes in through timm's additive `attn_mask`, so the fused and
+    the plain attention paths both take it. With TinyMIM*-T's distillation token the table has 6 extra
+    entries, laid out as the release's backbone (`relative_position_index`)."""
+
+    def init_relative_position(self, grid: tuple[int, int], prefix_tokens: int = 1) -> None:
+        index = relative_position_index(grid, prefix_tokens)
+        device = self.qkv.weight.device
+        self.grid = tuple(grid)
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros(int(index.max()) + 1, self.num_heads, device=device))
+        self.register_buffer("relative_position_index", index.to(device), persistent=False)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """heads x N x N (N = patches + 1): the table's entry for each token pair."""
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return bias.reshape(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        if x.shape[1] != self.relative_position_index.shape[0]:
+            raise ValueError(f"relative position bias is built for a {self.grid[0]}x{self.grid[1]} patch grid plus "
+                             f"prefix tokens ({self.relative_position_index.shape[0]} tokens), got {x.shape[1]} "
+                             "tokens: infer on crop-sized windows (data.eval_mode=slide)")
+        bias = self.relative_position_bias().to(x.dtype)[None]  # autocast casts it with q, k, v where it must
+        return super().forward(x, attn_mask=bias if attn_mask is None else attn_mask + bias, is_causal=is_causal)
+
+
+def relative_position_index(grid: tuple[int, int], prefix_tokens: int = 1) -> torch.Tensor:
+    """N x N indices into the bias table (N = patches + prefix tokens). One prefix token (the class
+    token): BEiT's layout, patch pairs by 2-D offset, then class->patch, patch->class, class->class.
+    Two (class, distillation): the release's TinyMIM*-T layout, 6 extra entries (its code assigns them
+    in an order where later lines overwrite earlier ones; this is the result): class->class n-1, class->
+    any other n-3, any other->class n-2, dist->dist n-4, dist->patch n-6, patch->dist n-5."""
+    index = gen_relative_position_index(tuple(grid))
+    if prefix_tokens == 1:
+        return index
+    n = int(index.max()) + 1 + 3
+    out = torch.zeros(index.shape[0] + 1, index.shape[1] + 1, dtype=index.dtype)
+    out[2:, 2:] = index[1:, 1:]
+    out[1, 2:], out[2:, 1], out[1, 1] = n - 6, n - 5, n - 4
+    out[0, 1:], out[1:, 0], out[0, 0] = n - 3, n - 2, n - 1
+    return out
+
+
+def add_relative_position_bias(vit: nn.Module) -> None:
+    """Give every block of a timm ViT a relative position bias table (zero) for its patch grid. Needs a
+    class token and no register tokens (BEiT's index has a row and column for the class token; the
+    release's TinyMIM*-T adds its distillation token)."""
+    prefix = vit.num_prefix_tokens
+    if (not getattr(vit, "has_class_token", True) or getattr(vit, "num_reg_tokens", 0)
+            or prefix - (1 if hasattr(vit, "dist_token") else 0) != 1):
+        raise ValueError(f"relative position bias needs a ViT with a class token and no register tokens "
+                         f"(this one has {prefix} prefix tokens)")
+    grid = tuple(vit.patch_embed.grid_size)
+    for block in vit.blocks:
+        if type(block.attn) is not Attention:
+            raise ValueError(f"relative position bias is written for timm's Attention, not {type(block.attn).__name__}")
+        block.attn.__class__ = RelPosBiasAttention  # same weights and forward, plus the table
+        block.attn.init_relative_position(grid, prefix)
+
+
+def release_layer_id(name: str, depth: int, prefix: str = "pyramid.vit.") -> int:
+    """The release's layer for a parameter (mmcv_custom/layer_decay_optimizer_constructor.py,
+    get_num_layer_for_vit): class token, position embedding and patch embedding 0, block i (0-indexed)
+    i + 1, everything else (pyramid, heads) depth + 1. Its lr is scaled by decay ** (depth + 1 - layer)."""
+    if not name.startswith(prefix):
+        return depth + 1
+    rest = name[len(prefix):]
+    if rest in ("cls_token", "mask_token", "pos_embed") or rest.startswith("patch_embed"):
+        return 0
+    if rest.startswith("blocks."):
+        return int(rest.split(".")[1]) + 1
+    return depth + 1
+
+
+def mmseg_init_(module: nn.Module, classifier_std: float = 0.01) -> None:
+    """mmseg's decode-head init: every convolution kaiming-normal (fan_out, relu) with zero bias, every
+    norm weight 1 and bias 0 (mmcv ConvModule.init_weights), the classifiers normal std 0.01
+    (BaseDecodeHead.init_weights)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if isinstance(getattr(m, "classifier", None), nn.Conv2d):
+            nn.init.normal_(m.classifier.weight, std=classifier_std)
+            nn.init.zeros_(m.classifier.bias)
+
+
 class ViTPyramid(nn.Module):
-    """A timm VisionTransformer -> four feature maps at strides patch/4, patch/2, patch, 2 x patch."""
+    """A timm VisionTransformer -> four feature maps at strides patch/4, patch/2, patch, 2 x patch.
+
+    The pyramid reads blocks' outputs only: the ViT's final norm, pooling norm and classifiers are
+    dropped (a parameter without a gradient stops DistributedDataParallel at its second step).
+
+    A plain ViT (the release's TinyMIM backbone): D channels at every level; 4x up (deconv-BN-GELU-
+    deconv), 2x up (deconv), identity, 2x down (max-pool). A ViT with TinyMIM*-T's extra head path
+    (`conv1x1`: LayerNorm, Linear D -> E, GELU): 4D channels at every level, as the release's T*
+    backbone: deconv D -> 2D, BN, GELU, deconv 2D -> 4D; deconv D -> 4D; a 1x1 conv D -> 4D; and the
+    last block's tokens through conv1x1, then a 3x3 stride-2 conv E -> 4D."""
 
     def __init__(self, vit: nn.Module, blocks=(4, 6, 8, 12)):
         super().__init__()
@@ -33,17 +146,34 @@ class ViTPyramid(nn.Module):
             # timm's forward_intermediates returns each block once, in order
             raise ValueError(f"four different backbone blocks in 1..{depth}, in increasing order, are needed, "
                              f"got {list(blocks)}")
+        vit.norm, vit.fc_norm, vit.head = nn.Identity(), nn.Identity(), nn.Identity()
+        if hasattr(vit, "head_dist"):
+            vit.head_dist = nn.Identity()
         self.vit, self.indices = vit, [b - 1 for b in blocks]
         dim = vit.embed_dim
-        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),
-                                 nn.ConvTranspose2d(dim, dim, 2, 2))
-        self.up2 = nn.ConvTranspose2d(dim, dim, 2, 2)
-        self.down2 = nn.MaxPool2d(2)
-        self.channels = dim
+        self.star = hasattr(vit, "conv1x1")
+        if self.star:
+            extra = vit.conv1x1[1].out_features
+            self.channels = 4 * dim
+            self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, 2 * dim, 2, 2), nn.BatchNorm2d(2 * dim), nn.GELU(),
+                                     nn.ConvTranspose2d(2 * dim, 4 * dim, 2, 2))
+            self.up2 = nn.ConvTranspose2d(dim, 4 * dim, 2, 2)
+            self.same = nn.Conv2d(dim, 4 * dim, 1)
+            self.down2 = nn.Conv2d(extra, 4 * dim, 3, stride=2, padding=1)
+        else:
+            self.channels = dim
+            self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),
+                                     nn.ConvTranspose2d(dim, dim, 2, 2))
+            self.up2 = nn.ConvTranspose2d(dim, dim, 2, 2)
+            self.same = nn.Identity()
+            self.down2 = nn.MaxPool2d(2)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = self.vit.forward_intermediates(x, indices=self.indices, output_fmt="NCHW", intermediates_only=True)
-        return [self.up4(feats[0]), self.up2(feats[1]), feats[2], self.down2(feats[3])]
+        last = feats[3]
+        if self.star:  # conv1x1 works token by token: on the patch tokens of the map it is the same
+            last = self.vit.conv1x1(last.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return [self.up4(feats[0]), self.up2(feats[1]), self.same(feats[2]), self.down2(last)]
 
 
 class UperHead(nn.Module):

@@ -122,6 +122,8 @@ class SegmentDataConfig(SegmentationDataConfig):
     cat_max_ratio: float = 0.75  # a training crop may hold at most this share of one class (10 tries)
     hflip: bool = True  # random horizontal flip
     photometric: bool = True  # random brightness, contrast, saturation and hue, each with probability 0.5
+    # hue shift range in OpenCV's hue units (0-179, 2 degrees each), mmseg's hue_delta: 18 = +-36 degrees
+    hue_delta: int = 18
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel normalization mean
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # per-channel normalization std
     eval_mode: str = "slide"  # slide: windows of crop_size every eval_stride pixels; whole: the image at once
@@ -135,9 +137,11 @@ def _rescale_size(w: int, h: int, long: float, short: float) -> tuple[int, int]:
     return max(1, int(w * factor + 0.5)), max(1, int(h * factor + 0.5))
 
 
-def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _photometric(img: np.ndarray, rng: np.random.Generator, hue_delta: int = 18) -> np.ndarray:
     """mmseg's PhotoMetricDistortion: brightness +-32, contrast 0.5-1.5 (before or after), saturation
-    0.5-1.5 and hue +-18 degrees in HSV, each applied with probability 0.5."""
+    0.5-1.5 and hue by an integer in [-hue_delta, hue_delta) in HSV, each applied with probability 0.5.
+    mmseg shifts hue in OpenCV's units (0-179, 2 degrees each): its default 18 is -36..+34 degrees; PIL's
+    hue runs 0-255."""
     x = img.astype(np.float32)
     if rng.random() < 0.5:
         x = x + rng.uniform(-32, 32)
@@ -149,7 +153,7 @@ def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:
         hsv[..., 1] = hsv[..., 1] * rng.uniform(0.5, 1.5)
     if rng.random() < 0.5:
-        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18) * 256 / 360) % 256
+        hsv[..., 0] = (hsv[..., 0] + rng.integers(-hue_delta, hue_delta) * 256 / 180) % 256
     x = np.asarray(Image.fromarray(np.clip(hsv, 0, 255).astype(np.uint8), "HSV").convert("RGB"), dtype=np.float32)
     if not contrast_first and contrast is not None:
         x = x * contrast
@@ -176,7 +180,7 @@ def train_transform(image: Image.Image, label: np.ndarray, cfg: SegmentDataConfi
     if cfg.hflip and rng.random() < 0.5:
         img, label = img[:, ::-1], label[:, ::-1]
     if cfg.photometric:
-        img = _photometric(np.ascontiguousarray(img), rng)
+        img = _photometric(np.ascontiguousarray(img), rng, cfg.hue_delta)
     return _pad(_normalize(img, cfg), label, c, cfg.ignore_index)
 
 

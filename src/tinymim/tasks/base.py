@@ -60,6 +60,11 @@ class Task(TrainingTask):
             if hasattr(m, "fused_attn") and hasattr(m, "qkv"):
                 m.fused_attn = not explicit
 
+    def param_groups(self, weight_decay: float) -> list[dict] | None:
+        """The optimizer's parameter groups when the task assigns them itself (each a dict with params,
+        weight_decay and lr_scale); None: timm's groups from the trainable module (the default)."""
+        return None
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in every trained timm ViT (timm's own flag, which timm's forward and
         tinymim's block loops both honour)."""

@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,8 @@ from tinymim.config import ConfigError
 from tinymim.data import GlobalBatchSampler, worker_init
 from tinymim.engine import TrainConfig
 from tinymim.models import ModelConfig, check_input_size, create_vit
-from tinymim.segmentation import Segmenter, confusion_matrix, segmentation_metrics, slide_inference
+from tinymim.segmentation import (Segmenter, add_relative_position_bias, confusion_matrix, mmseg_init_,
+                                  release_layer_id, segmentation_metrics, slide_inference)
 from tinymim.segmentation_data import SegmentationDataset, SegmentationFolder, SegmentDataConfig, collate_segment
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import Task
@@ -38,6 +40,19 @@ class SegmentConfig:
     aux_channels: int = 256  # auxiliary FCN head width
     aux_weight: float = 0.4  # auxiliary head's loss weight
     layer_decay: float = 0.75  # layer-wise lr decay over the backbone; the heads get the full lr
+    # the release's backbone options (BEiT's): a relative position bias table per block, zero-initialised
+    # and sized for the crop's patch grid, and layer scale with this init value (the release: 1.0; null: none)
+    rel_pos_bias: bool = False
+    layer_scale: float | None = None
+    # BatchNorm in the pyramid and heads: "auto" = SyncBatchNorm under torchrun on GPUs (the release), plain
+    # BatchNorm on one process or on CPU processes; true = SyncBatchNorm (GPU processes only); false = never
+    sync_bn: bool | Literal["auto"] = "auto"
+    # cross-entropy averaged over every pixel of the batch, ignored ones counting as zero (mmseg 0.x, the
+    # release: avg_non_ignore=False), or over the non-ignored pixels only
+    loss_average: Literal["all_pixels", "valid_pixels"] = "all_pixels"
+    # decode-head init: "mmseg" (kaiming-normal convolutions, classifiers normal 0.01, the release) or
+    # "pytorch" (PyTorch's defaults)
+    head_init: Literal["mmseg", "pytorch"] = "mmseg"
     eval_every: int = 1  # validate every N epochs (and at the end of the run)
     data: SegmentDataConfig = field(default_factory=SegmentDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -50,15 +65,33 @@ class SegmentConfig:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be 1 or more, got {self.eval_every}")
+        if self.layer_scale is not None and self.layer_scale <= 0:
+            raise ValueError(f"layer_scale must be positive (the release: 1.0) or null, got {self.layer_scale}")
+        if not 0 <= self.data.hue_delta <= 90:
+            raise ValueError(f"data.hue_delta must be in 0..90 (OpenCV hue units, 2 degrees each), got {self.data.hue_delta}")
+        if self.sync_bn is True and (self.train.device == "cpu"
+                                     or (self.train.device == "auto" and not torch.cuda.is_available())):
+            raise ValueError("sync_bn=true needs GPU processes (PyTorch's SyncBatchNorm runs on CUDA only); "
+                             "use sync_bn=auto, which keeps BatchNorm on CPU processes")
 
 
-class SegmenterWithGroups(Segmenter):
-    """timm's layer-decay grouping: the backbone's own groups, then the pyramid and heads last."""
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^pyramid\.vit\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
-                    blocks=[(r"^pyramid\.vit\.blocks\.(\d+)", None),
-                            (r"^pyramid\.(?:up4|up2)|^decode|^aux|^pyramid\.vit\.norm", (99999,))])
+def release_param_groups(model: Segmenter, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW parameter groups as the release's LayerDecayOptimizerConstructor makes them: each parameter's
+    lr scaled by layer_decay ** (depth + 1 - release_layer_id), no weight decay on 1-D parameters and
+    biases. The release also means to exempt the position embedding and class token, but its check
+    compares the bare names with prefixed ones and never matches: they (and the relative position
+    tables, and TinyMIM*-T's distillation token) are decayed in the runs behind its numbers, and here."""
+    depth = len(model.pyramid.vit.blocks)
+    groups: dict[tuple, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = release_layer_id(name, depth)
+        no_decay = param.ndim == 1 or name.endswith(".bias")
+        group = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                      "lr_scale": layer_decay ** (depth + 1 - layer)})
+        group["params"].append(param)
+    return [g for _, g in sorted(groups.items())]
 
 
 class SegmentTask(Task):
@@ -70,19 +103,58 @@ class SegmentTask(Task):
         self.model, self.cfg = model, cfg
         self.eval_loader = None
         self.classes: list[str] | None = None
+        self.sync_bn = False
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return release_param_groups(self.model, weight_decay, self.cfg.layer_decay)
+
+    def prepare(self, device: torch.device, precision: str) -> None:
+        super().prepare(device, precision)
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if distributed else 1
+        choice = self.cfg.sync_bn
+        if choice is True and device.type != "cuda":
+            raise ConfigError("sync_bn=true needs GPU processes (PyTorch's SyncBatchNorm runs on CUDA only); "
+                              "use sync_bn=auto, which keeps BatchNorm on CPU processes")
+        self.sync_bn = distributed and device.type == "cuda" and choice in (True, "auto")
+        if not distributed or dist.get_rank() == 0:
+            if self.sync_bn:
+                why = f"SyncBatchNorm over {world} GPU processes"
+            elif choice is False:
+                why = "BatchNorm per process (sync_bn=false)"
+            elif distributed:
+                why = f"BatchNorm per process: {world} CPU processes, and PyTorch's SyncBatchNorm runs on GPUs only"
+            else:
+                why = "BatchNorm (one process)"
+            log.info("pyramid and heads normalize with %s", why)
+
+    def prepare_distributed(self, device_ids=None, **ddp_kwargs) -> "SegmentTask":
+        if self.sync_bn:  # before DDP wraps it and before the optimizer sees its parameters
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        return super().prepare_distributed(device_ids=device_ids, **ddp_kwargs)
+
+    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ignore = self.cfg.data.ignore_index
+        if self.cfg.loss_average == "valid_pixels":
+            return F.cross_entropy(logits.float(), y, ignore_index=ignore)
+        # mmseg 0.x: ignored pixels contribute 0 and still count in the mean
+        return F.cross_entropy(logits.float(), y, ignore_index=ignore, reduction="none").mean()
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["label"].to(self.device, non_blocking=True)
         logits, aux = self.trainable_forward(x)
-        ignore = self.cfg.data.ignore_index
-        main = F.cross_entropy(logits.float(), y, ignore_index=ignore)
-        auxiliary = F.cross_entropy(aux.float(), y, ignore_index=ignore)
+        main, auxiliary = self.cross_entropy(logits, y), self.cross_entropy(aux, y)
         return {"loss": main + self.cfg.aux_weight * auxiliary, "loss_decode": main, "loss_aux": auxiliary}
 
     def evaluate(self, epoch: int) -> dict | None:
         if self.eval_loader is None or (epoch % self.cfg.eval_every and epoch != self.last_epoch):
             return None
+        if dist.is_available() and dist.is_initialized():
+            # plain BatchNorm's running statistics are per process (DDP copies rank 0's before each
+            # training forward, but the last step updated each process's own): evaluate rank 0's model
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
         metrics = evaluate_segmenter(self.model, self.eval_loader, self.cfg.data, self.device)
         return {k: v for k, v in metrics.items() if k != "per_class_iou"}
 
@@ -128,14 +200,24 @@ def evaluate_segmenter(model: nn.Module, loader, cfg: SegmentDataConfig, device:
     return segmentation_metrics(cm.cpu(), class_names)
 
 
+# keys the release's backbone options add: newly initialised when the weights come from a plain ViT
+RELEASE_BACKBONE_KEYS = ("attn.relative_position_bias_table", "ls1.gamma", "ls2.gamma")
+
+
 def build_backbone(cfg: SegmentConfig) -> nn.Module:
     model_cfg = cfg.model
     if model_cfg.img_size is None:
         model_cfg.img_size = cfg.data.crop_size
-    vit = create_vit(model_cfg)
+    vit = create_vit(model_cfg, **({"init_values": cfg.layer_scale} if cfg.layer_scale is not None else {}))
+    if cfg.rel_pos_bias:
+        try:
+            add_relative_position_bias(vit)
+        except ValueError as e:
+            raise ConfigError(f"rel_pos_bias=true: {e}") from e
     if cfg.init:  # position embeddings are resized to the crop's grid by load_vit_weights
         ignored = load_vit_weights(vit, load_weights(cfg.init), source=f"init weights {cfg.init}",
-                                   ignore_prefixes=("decoder_", "mask_token", "head.", "fc_norm."))
+                                   ignore_prefixes=("decoder_", "mask_token", "head.", "fc_norm."),
+                                   fresh=RELEASE_BACKBONE_KEYS)
         if ignored:
             log.info("init weights: set aside %s", ", ".join(ignored[:6]))
     return vit
@@ -144,9 +226,12 @@ def build_backbone(cfg: SegmentConfig) -> nn.Module:
 def build_segment_task(cfg: SegmentConfig) -> SegmentTask:
     backbone = build_backbone(cfg)
     try:
-        model = SegmenterWithGroups(backbone, cfg.data.num_classes, tuple(cfg.blocks), cfg.channels, cfg.aux_channels)
+        model = Segmenter(backbone, cfg.data.num_classes, tuple(cfg.blocks), cfg.channels, cfg.aux_channels)
     except ValueError as e:  # the pyramid's blocks do not fit the backbone: a config choice, said in one line
         raise ConfigError(f"blocks={list(cfg.blocks)}: {e}") from e
+    if cfg.head_init == "mmseg":
+        mmseg_init_(model.decode)
+        mmseg_init_(model.aux)
     return SegmentTask(model, cfg)
 
 
@@ -165,8 +250,7 @@ def segment_loaders(task: SegmentTask, batch: int, rank: int, world: int, seed: 
 def run(cfg: SegmentConfig, output: str):
     from tinymim import engine
 
-    return engine.run_task(build_segment_task, cfg, output, make_loader=segment_loaders,
-                           optimizer_kwargs={"layer_decay": cfg.layer_decay})
+    return engine.run_task(build_segment_task, cfg, output, make_loader=segment_loaders)
 
 
 def load(recipe, overrides) -> SegmentConfig:
@@ -190,7 +274,9 @@ def load_segmenter(run_dir: str | Path) -> tuple[nn.Module, SegmentConfig]:
     if weights is None:
         raise CheckpointError(f"{run.path} holds no final weights yet; is the segmentation run finished?")
     task = build_segment_task(cfg)
-    task.model.load_state_dict(load_state_dict(weights))
+    state = load_state_dict(weights)
+    # segmenters saved before the pyramid dropped the backbone's unused final norm still hold it
+    task.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("pyramid.vit.norm.")})
     return task.model.eval(), cfg
 
 
