@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tinymim"
 LAYERS = [
     ["errors", "config"],
     ["relations", "targets", "mae"],
-    ["rundir", "models", "checkpoint", "wrappers", "segmentation"],
+    ["rundir", "models", "star", "checkpoint", "wrappers", "segmentation"],
     ["data", "shards", "classification", "segmentation_data"],
     ["loggers", "engine", "knn"],
     ["tasks", "tasks.base", "tasks.distill", "tasks.mae", "tasks.finetune", "tasks.linprobe", "tasks.segment"],

@@ -25,7 +25,7 @@ def _kind(recipe: Path):
 
     task = recipe.stem.split("_")[0]
     module = task_module(task)
-    overrides = {"distill": ["teacher.checkpoint=null"], "finetune": ["init=null", "num_classes=10"]}.get(task, [])
+    overrides = {"distill": ["teacher.checkpoint=null"], "finetune": ["init=null", "num_classes=10", "distillation.teacher=null"]}.get(task, [])
     config_class = type(module.load(None, []))
     return config_class, getattr(module, TASKS[task].builder), overrides
 

@@ -265,7 +265,8 @@ def test_eval_every_validates_every_n_epochs_and_at_the_end(tmp_path):
     assert evaluated == [6, 10]  # epoch 3, then the last epoch (5)
 
 
-@pytest.mark.parametrize("size,channels,decay", [("tiny", 768, 0.8), ("small", 768, 0.75), ("base", 768, 0.75)])
+@pytest.mark.parametrize("size,channels,decay", [("tiny", 768, 0.8), ("small", 768, 0.75), ("base", 768, 0.75),
+                                                 ("tiny_star", 768, 0.8)])
 def test_ade20k_recipes_have_the_papers_settings(size, channels, decay):
     from tinymim.tasks import load_config
 

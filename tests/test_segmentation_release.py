@@ -372,3 +372,88 @@ def index_of_patches(grid):
     pairs = [(divmod(i, w), divmod(j, w)) for i in range(h * w) for j in range(h * w)]
     return torch.tensor([(yi - yj + h - 1) * (2 * w - 1) + (xi - xj + w - 1) for (yi, xi), (yj, xj) in pairs]
                         ).reshape(h * w, h * w)
+
+
+# ---------------------------------------------------------------------------------------------
+# every parameter trains (DDP stops on one without a gradient), TinyMIM*-T's backbone
+
+
+@pytest.mark.parametrize("star", [False, True])
+def test_every_trained_parameter_gets_a_gradient(star):
+    extra = {"dist_token": True, "extra_head_dim": 48} if star else {}
+    task = _tiny_task(rel_pos_bias=True, layer_scale=1.0,
+                      model={"name": "vit_custom", "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 4,
+                             **extra})
+    model = task.model.train()
+    logits, aux = model(torch.randn(2, 3, 32, 32))
+    (logits.sum() + aux.sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+
+
+def test_tinymim_star_t_pyramid_is_the_releases():
+    """4D channels at strides 4 / 8 / 16 / 32 for patch 16; the coarsest level from conv1x1's 1280-wide
+    tokens (E here) through a 3x3 stride-2 conv; the release's T* neck shapes at D = 192."""
+    from tinymim.models import ModelConfig, create_vit
+    from tinymim.segmentation import ViTPyramid
+
+    vit = create_vit(ModelConfig(name="vit_custom", img_size=64, patch_size=16, embed_dim=24, depth=4, num_heads=12,
+                                 dist_token=True, extra_head_dim=40))
+    pyramid = ViTPyramid(vit, (1, 2, 3, 4))
+    feats = pyramid(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(1, 96, 16, 16), (1, 96, 8, 8), (1, 96, 4, 4), (1, 96, 2, 2)]
+    shapes = {k: tuple(v.shape) for k, v in pyramid.state_dict().items() if not k.startswith("vit.")}
+    assert shapes["up4.0.weight"] == (24, 48, 2, 2) and shapes["up4.1.weight"] == (48,)  # fpn1.0, fpn1.1
+    assert shapes["up4.3.weight"] == (48, 96, 2, 2) and shapes["up2.weight"] == (24, 96, 2, 2)  # fpn1.3, fpn2.0
+    assert shapes["same.weight"] == (96, 24, 1, 1) and shapes["down2.weight"] == (96, 40, 3, 3)  # fpn3, fpn4.0
+    # the coarsest level: the last block's patch tokens through conv1x1 (per token), then fpn4
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        pyramid.eval()
+        last = vit.forward_intermediates(x, indices=[3], output_fmt="NCHW", intermediates_only=True)[0]
+        tokens = last.flatten(2).transpose(1, 2)  # 16 patch tokens x 24
+        projected = vit.conv1x1(tokens).transpose(1, 2).reshape(1, 40, 4, 4)
+        assert torch.allclose(pyramid(x)[3], pyramid.down2(projected), atol=1e-5)
+
+
+def test_released_tinymim_star_t_checkpoint_loads_into_the_segmentation_backbone(tmp_path, caplog):
+    """The released TinyMIM-FT-Tstar.pth layout (key names and shapes from the release's code and log,
+    random values, under 'model'): every encoder key and conv1x1 loaded, the classifier heads set
+    aside and named, the release's new tables and gammas newly initialised."""
+    from tinymim.config import from_dict
+    from tinymim.tasks.segment import SegmentConfig, build_backbone
+
+    d, depth, heads, extra, classes = 192, 12, 12, 1280, 1000
+    g = torch.Generator().manual_seed(0)
+    state = {"cls_token": (1, 1, d), "dist_token": (1, 1, d), "pos_embed": (1, 198, d),
+             "patch_embed.proj.weight": (d, 3, 16, 16), "patch_embed.proj.bias": (d,),
+             "conv1x1.0.weight": (d,), "conv1x1.0.bias": (d,), "conv1x1.1.weight": (extra, d),
+             "conv1x1.1.bias": (extra,), "fc_norm.weight": (extra,), "fc_norm.bias": (extra,),
+             "head.weight": (classes, extra), "head.bias": (classes,), "head_dist.weight": (classes, extra),
+             "head_dist.bias": (classes,)}
+    for b in range(depth):
+        state.update({f"blocks.{b}.norm1.weight": (d,), f"blocks.{b}.norm1.bias": (d,),
+                      f"blocks.{b}.attn.qkv.weight": (3 * d, d), f"blocks.{b}.attn.qkv.bias": (3 * d,),
+                      f"blocks.{b}.attn.proj.weight": (d, d), f"blocks.{b}.attn.proj.bias": (d,),
+                      f"blocks.{b}.norm2.weight": (d,), f"blocks.{b}.norm2.bias": (d,),
+                      f"blocks.{b}.mlp.fc1.weight": (4 * d, d), f"blocks.{b}.mlp.fc1.bias": (4 * d,),
+                      f"blocks.{b}.mlp.fc2.weight": (d, 4 * d), f"blocks.{b}.mlp.fc2.bias": (d,)})
+    assert len(state) == 159
+    state = {k: torch.randn(shape, generator=g) for k, shape in state.items()}
+    torch.save({"model": state, "epoch": 999}, tmp_path / "TinyMIM-FT-Tstar.pth")
+    cfg = from_dict(SegmentConfig, {"model": {"name": "vit_tiny_patch16_224", "num_heads": 12, "dist_token": True,
+                                              "extra_head_dim": 1280},
+                                    "init": str(tmp_path / "TinyMIM-FT-Tstar.pth"), "rel_pos_bias": True,
+                                    "layer_scale": 1.0, "data": {"crop_size": 64}})
+    with caplog.at_level(logging.INFO, logger="tinymim"):
+        vit = build_backbone(cfg)
+    own = vit.state_dict()
+    for k, v in state.items():
+        if k.startswith(("fc_norm.", "head.", "head_dist.")):
+            assert k.split(".")[0] in caplog.text  # set aside, and said
+        elif k == "pos_embed":  # 14 x 14 patches resized to the crop's 4 x 4, prefix rows kept
+            assert torch.equal(own[k][:, :2], v[:, :2]) and own[k].shape == (1, 18, d)
+        else:
+            assert torch.equal(own[k], v), k
+    assert "relative_position_bias_table" in caplog.text and "ls1.gamma" in caplog.text
+    assert vit.blocks[0].attn.relative_position_bias_table.shape == (7 * 7 + 6, 12)

@@ -109,8 +109,10 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dic
 
 # keys of MAE pre-training checkpoints that belong to the decoder, never to the encoder
 _MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
-# classifier-side modules of fine-tuned / TinyMIM*-T checkpoints: not part of the encoder
-_CLASSIFIER_MODULES = ("head", "head_dist", "fc_norm", "fc", "pre_logits")
+# classifier-side modules of fine-tuned / TinyMIM*-T checkpoints: not part of a plain encoder
+_CLASSIFIER_MODULES = ("head", "head_dist", "fc_norm", "fc", "pre_logits", "conv1x1")
+# what a tinymim.star.DistilledViT adds to a plain ViT: may start fresh when loading a plain checkpoint
+_DISTILLED_EXTRAS = ("conv1x1.", "fc_norm.", "head.", "head_dist.")
 
 
 def _timm_layer_scale_name(key: str) -> str:
@@ -127,25 +129,44 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
 
     Understands the official MAE layouts (pre-training: decoder keys and mask_token set aside;
     fine-tuned: head/fc_norm set aside, and a final `norm` the global-pool checkpoint lacks stays at
-    its init) and released TinyMIM*-T checkpoints (distillation token and its position set aside,
-    head_dist/fc_norm/extra FC set aside). Position embeddings are resized (bicubic, class token kept
-    apart) when the patch grid differs. Model keys containing one of `fresh` (parameters a task adds,
-    such as segmentation's relative position bias tables) may be missing: they keep their init and are
-    reported as newly initialised; BEiT-style layer scale names (gamma_1/gamma_2) are read as timm's.
-    Any other mismatch (a missing encoder key, a key of another architecture, a shape mismatch) is an
-    error: no silent partial loads.
+    its init) and released TinyMIM*-T checkpoints: into a plain ViT, the distillation token and its
+    position, head_dist/fc_norm/conv1x1 set aside; into a tinymim.star.DistilledViT, every key loaded.
+    A plain checkpoint (one class token) into a DistilledViT: the distillation token and its position
+    start as copies of the class token's, and conv1x1/fc_norm/head/head_dist keep their init. A
+    classifier head (head, head_dist) for another class count is set aside and keeps its init; a final
+    `norm` the model does not have (global pooling, conv1x1) is set aside. Every key set aside is
+    returned, every parameter left at its init is logged. Position embeddings are resized (bicubic,
+    prefix tokens kept apart) when the patch grid differs. Model keys containing one of `fresh`
+    (parameters a task adds, such as segmentation's relative position bias tables) may be missing:
+    they keep their init and are reported as newly initialised; BEiT-style layer scale names
+    (gamma_1/gamma_2) are read as timm's. Any other mismatch (a missing encoder key, a key of another
+    architecture, a shape mismatch) is an error: no silent partial loads.
     """
     from timm.layers import resample_abs_pos_embed
 
     state = {_timm_layer_scale_name(k): v for k, v in state.items()}
     own = model.state_dict()
     set_aside = sorted(k for k in state if k.startswith(ignore_prefixes))
+    pe, fresh_extras = state.get("pos_embed"), []
     if "dist_token" in state and "dist_token" not in own:  # TinyMIM*-T / DeiT: [cls, dist, patches]
         set_aside.append("dist_token")
-        pe = state.get("pos_embed")
         if pe is not None and pe.shape[1] == model.patch_embed.num_patches + 2:
             state["pos_embed"] = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)
-    set_aside += sorted(k for k in state if k not in own and k.split(".")[0] in _CLASSIFIER_MODULES)
+    elif "dist_token" in own and "dist_token" not in state and "cls_token" in state:  # plain -> DistilledViT
+        state["dist_token"] = state["cls_token"].clone()
+        if pe is not None and ((pe.shape[1] - 1) ** 0.5).is_integer():  # one class-token row: copy it
+            state["pos_embed"] = torch.cat([pe[:, :1], pe[:, :1], pe[:, 1:]], dim=1)
+        fresh_extras.append("dist_token and its position (copies of the class token's)")
+    set_aside += sorted(k for k in state if k not in own and k.split(".")[0] in _CLASSIFIER_MODULES
+                        and k not in set_aside)
+    if "norm.weight" not in own:  # the model has no final per-token norm (global pooling, conv1x1)
+        set_aside += sorted(k for k in state if k.startswith("norm.") and k not in set_aside)
+    other_classes = sorted(k for k in state if k.split(".")[0] in ("head", "head_dist") and k in own
+                           and state[k].shape[1:] == own[k].shape[1:] and state[k].shape != own[k].shape)
+    if other_classes:
+        log.info("%s: its classifier is for %d classes, the model's for %d: %s set aside, kept at their init",
+                 source, state[other_classes[0]].shape[0], own[other_classes[0]].shape[0], ", ".join(other_classes))
+        set_aside += other_classes
     state = {k: v for k, v in state.items() if k not in set_aside}
     pe = state.get("pos_embed")
     if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape and pe.shape[-1] == own["pos_embed"].shape[-1]:
@@ -154,6 +175,8 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
                                                     num_prefix_tokens=prefix)
     missing = sorted(set(own) - set(state))
     new = [k for k in missing if any(f in k for f in fresh)]
+    if "dist_token" in own:  # a DistilledViT's additions to a plain ViT
+        new += [k for k in missing if k.startswith(_DISTILLED_EXTRAS) and k not in new]
     missing = [k for k in missing if k not in new]
     kept = []
     if any(k.startswith("fc_norm.") for k in set_aside):  # global-pool fine-tuned: no final per-token norm
@@ -175,8 +198,12 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         raise CheckpointError("\n".join(lines))
     if kept:
         log.info("%s has no final norm (global-pool fine-tuned layout); model.norm keeps its init", source)
-    if new:
-        kinds = sorted({k.split(".", 2)[-1] if k.startswith("blocks.") else k for k in new})
-        log.info("%s: newly initialised (not in the weights): %s in %d places", source, ", ".join(kinds), len(new))
+    if new or fresh_extras:
+        in_blocks = [k for k in new if k.startswith("blocks.")]
+        parts = fresh_extras + sorted({k.split(".")[0] for k in new if k not in in_blocks})
+        if in_blocks:
+            kinds = sorted({k.split(".", 2)[-1] for k in in_blocks})
+            parts.append(f"{', '.join(kinds)} in {len(in_blocks)} places")
+        log.info("%s: newly initialised (not in the weights): %s", source, ", ".join(parts))
     model.load_state_dict(state, strict=False)
     return set_aside

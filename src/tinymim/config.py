@@ -226,14 +226,17 @@ def dump_config(obj, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
-def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
+def diff_configs(a: dict, b: dict, prefix: str = "", new_keys_ok: bool = False) -> list[str]:
+    """Dotted keys whose values differ between two nested dicts. new_keys_ok: keys only `b` has are no
+    difference (`a` is a stored config written before tinymim had those keys)."""
     keys = sorted(set(a) | set(b))
     out = []
     for k in keys:
+        if new_keys_ok and k not in a:
+            continue
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += diff_configs(va, vb, prefix + k + ".")
+            out += diff_configs(va, vb, prefix + k + ".", new_keys_ok)
         elif va != vb:
             out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
     return out
@@ -294,8 +297,8 @@ def describe(cls, value=None, prefix: str = "") -> list[tuple[str, str, Any, str
     rows = []
     for f in dataclasses.fields(cls):
         tp, v = types_[f.name], getattr(value, f.name)
-        if _is_dataclass_type(tp):
-            rows += describe(tp, v, prefix + f.name + ".")
+        if _is_dataclass_type(tp) or dataclasses.is_dataclass(v):  # a section, or an optional one that is set
+            rows += describe(type(v) if v is not None else tp, v, prefix + f.name + ".")
         else:
             rows.append((prefix + f.name, _type_name(tp), v, docs.get(f.name, "")))
     return rows

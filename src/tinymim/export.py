@@ -9,7 +9,9 @@
   base timm model). The relation block's head count goes back to the model's default: qkv weights do
   not depend on it.
 - A fine-tuning (or linear-probe-free classification) run exports as the classifier it is: head,
-  pooling and fc_norm included, the same logits; class names go into config.json's label_names.
+  pooling and fc_norm included, the same logits; class names go into config.json's label_names. A
+  classifier with a distillation token (model.dist_token, tinymim.star.DistilledViT) exports to ONNX
+  only: timm cannot rebuild it from a hub folder.
 - A pre-training run exports as a feature extractor (`num_classes=0`). `--features relation-input`
   drops the last block and the final norm: with relation targets those were never trained (only the
   last block's Q/K/V were), and the pooled tokens entering that block are what the k-NN monitor reads.
@@ -99,7 +101,13 @@ def build_exportable(source: str | Path, model_name: str | None = None,
     if classifier:
         pool = run_cfg.get("global_pool", "avg")
         model_args.update(global_pool=pool, fc_norm=pool == "avg")
-        model = timm.create_model(arch, pretrained=False, num_classes=int(run_cfg["num_classes"]), **model_args)
+        if model_cfg.dist_token:  # TinyMIM*-T's classifier: tinymim builds it (timm has no conv1x1 / avg-pool DeiT)
+            from tinymim.models import create_vit
+
+            model = create_vit(replace(model_cfg, img_size=model_args.get("img_size")),
+                               num_classes=int(run_cfg["num_classes"]), global_pool=pool, fc_norm=pool == "avg")
+        else:
+            model = timm.create_model(arch, pretrained=False, num_classes=int(run_cfg["num_classes"]), **model_args)
         model.load_state_dict(state)  # all of it: encoder, fc_norm, head
         ignored = []
     else:
@@ -223,6 +231,10 @@ def export_timm(source, output, model_name: str | None = None, features: str = "
     from tinymim.rundir import write_text
 
     model, info = build_exportable(source, model_name, features)
+    if hasattr(model, "dist_token"):
+        raise TinymimError(f"{source} is a classifier with a distillation token (tinymim.star.DistilledViT), which "
+                           "timm cannot rebuild from a hub folder: export it with --format onnx, or load the run "
+                           "with tinymim.load_vit")
     out = Path(output)
     model_config = {}
     if info["classifier"]:

@@ -7,7 +7,8 @@
 3. Running a model only up to block k (a teacher's later blocks are never needed).
 
 And the release's student setup as options: MAE's initialization (`init: mae`) and MAE's fixed 2-D
-sin-cos position embedding, frozen (`pos_embed: sincos`).
+sin-cos position embedding, frozen (`pos_embed: sincos`); TinyMIM*-T's distillation token and extra
+head path (`dist_token`, `extra_head_dim`: tinymim.star.DistilledViT).
 """
 from __future__ import annotations
 
@@ -49,6 +50,12 @@ class ModelConfig:
     init: Literal["timm", "mae"] = "timm"
     # position embedding: "learned" (timm) or "sincos" (MAE's fixed 2-D sin-cos table, never trained)
     pos_embed: Literal["learned", "sincos"] = "learned"
+    # a DeiT distillation token ([cls, dist, patches]) and a second head, head_dist, trained on a teacher's
+    # predictions: the model becomes tinymim.star.DistilledViT (TinyMIM*-T)
+    dist_token: bool = False
+    # width of TinyMIM*-T's extra head path conv1x1 (LayerNorm, Linear, GELU on every token after the
+    # last block; the release: 1280); null: none. Needs dist_token
+    extra_head_dim: int | None = None
 
     def validate(self) -> None:
         if self.name == CUSTOM:
@@ -73,6 +80,14 @@ class ModelConfig:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if not 0 <= self.drop_path_rate < 1:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.extra_head_dim is not None and self.extra_head_dim < 1:
+            raise ValueError(f"extra_head_dim must be positive (the release: 1280) or null, got {self.extra_head_dim}")
+        if self.extra_head_dim is not None and not self.dist_token:
+            raise ValueError(f"extra_head_dim={self.extra_head_dim} is TinyMIM*-T's extra head path, which comes "
+                             "with its distillation token: set dist_token=true (or extra_head_dim=null)")
+        if self.dist_token and self.pretrained:
+            raise ValueError("dist_token=true builds the model in tinymim, without timm's pretrained weights: "
+                             "set pretrained=false and load them with init=NAME (the class token is copied)")
 
 
 def patch_size_of(cfg: ModelConfig) -> int | None:
@@ -108,27 +123,32 @@ def timm_architecture(cfg: ModelConfig) -> str:
 
 
 def create_vit(cfg: ModelConfig, num_classes: int = 0, **extra) -> VisionTransformer:
-    """Build a timm VisionTransformer from a ModelConfig (no classifier head by default)."""
+    """Build a timm VisionTransformer from a ModelConfig (no classifier head by default); with
+    cfg.dist_token a tinymim.star.DistilledViT (a VisionTransformer too)."""
     kwargs = dict(num_classes=num_classes, **size_args(cfg), **extra)
     if cfg.drop_path_schedule == "linear":
         kwargs["drop_path_rate"] = cfg.drop_path_rate
-    if cfg.name == CUSTOM:
-        model = VisionTransformer(**kwargs)
-    else:
-        from tinymim.config import ConfigError
+    from tinymim.config import ConfigError
 
-        if not cfg.name.startswith(("vit_", "hf-hub:", "hf_hub:", "local-dir:")):
-            raise ConfigError(f"model {cfg.name!r} is not a ViT; use a timm vit_* name or {CUSTOM}")
-        try:
+    if cfg.name != CUSTOM and not cfg.name.startswith(("vit_", "hf-hub:", "hf_hub:", "local-dir:")):
+        raise ConfigError(f"model {cfg.name!r} is not a ViT; use a timm vit_* name or {CUSTOM}")
+    try:
+        if cfg.dist_token:
+            from tinymim.star import build_distilled_vit
+
+            model = build_distilled_vit(None if cfg.name == CUSTOM else cfg.name, cfg.extra_head_dim, **kwargs)
+        elif cfg.name == CUSTOM:
+            model = VisionTransformer(**kwargs)
+        else:
             model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                raise ConfigError(f"unknown timm model {cfg.name!r}: see timm.list_models('vit_*')") from e
-            raise
-        except OSError as e:  # offline hub download
-            raise ConfigError(
-                f"could not fetch pretrained weights for {cfg.name!r} ({e}); this needs the network "
-                "or a local checkpoint (teacher.checkpoint=PATH)") from e
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"unknown timm model {cfg.name!r}: see timm.list_models('vit_*')") from e
+        raise
+    except OSError as e:  # offline hub download
+        raise ConfigError(
+            f"could not fetch pretrained weights for {cfg.name!r} ({e}); this needs the network "
+            "or a local checkpoint (teacher.checkpoint=PATH)") from e
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{cfg.name!r} built a {type(model).__name__}, not a timm VisionTransformer")
     if cfg.init == "mae" and not cfg.pretrained:
@@ -148,11 +168,11 @@ def mae_init_(model: VisionTransformer) -> None:
     """MAE's encoder initialization, which the release's TinyMIM student uses: xavier-uniform on every
     linear layer (qkv as one fused matrix: std sqrt(1 / 2D)), zero biases, LayerNorm 1 / 0, the
     patch-embed convolution as a linear layer (xavier-uniform on its flattened weight; its bias keeps
-    PyTorch's default, as MAE's), class and register tokens normal std 0.02."""
+    PyTorch's default, as MAE's), class, register and distillation tokens normal std 0.02."""
     conv = model.patch_embed.proj
     conv.reset_parameters()
     nn.init.xavier_uniform_(conv.weight.data.view(conv.weight.shape[0], -1))
-    for token in (model.cls_token, getattr(model, "reg_token", None)):
+    for token in (model.cls_token, getattr(model, "reg_token", None), getattr(model, "dist_token", None)):
         if token is not None:
             nn.init.normal_(token, std=0.02)
     for m in model.modules():

@@ -128,8 +128,10 @@ def _write_record(stage_dir: Path, record: dict) -> None:
     RunDir(stage_dir).write_record(record)
 
 
-def _same(a: dict, b: dict) -> bool:
-    return not [d for d in diff_configs(a, b) if not d.startswith(RESUMABLE_CHANGES)]
+def _same(stored: dict, config: dict) -> bool:
+    """A stage's stored config and the one it would run with agree (keys tinymim added since the stage
+    ran are no difference)."""
+    return not [d for d in diff_configs(stored, config, new_keys_ok=True) if not d.startswith(RESUMABLE_CHANGES)]
 
 
 def _supersede(out: Path, stage_dir: Path, why: str) -> None:

@@ -186,27 +186,9 @@ def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severitie
 
 def load_classifier(source: str | Path, weights: str = "best"):
     """A fine-tuned classifier and its data config, from a `tinymim finetune` run directory."""
-    from tinymim.checkpoint import CheckpointError, load_state_dict
-    from tinymim.config import from_run_config
-    from tinymim.tasks.finetune import FinetuneConfig, build_classifier
+    from tinymim.tasks.finetune import load_finetune_run
 
-    from tinymim.rundir import RunDir
-
-    run = RunDir(source)
-    if not run.path.is_dir():
-        raise CheckpointError(f"{run.path} does not exist; pass a tinymim finetune run directory")
-    raw = run.stored_config()
-    if raw is None or not isinstance(raw.get("model"), dict) or "num_classes" not in raw:
-        raise CheckpointError(f"{run.path} is not a finished tinymim finetune run (no usable config.yaml with a "
-                              "classifier); pass the --output folder of `tinymim finetune`")
-    cfg = from_run_config(FinetuneConfig, raw, init=None)
-    file = run.weights(best=weights == "best")
-    if file is None:
-        raise CheckpointError(f"{run.path} holds no weights yet; is the fine-tuning run finished?")
-    model = build_classifier(cfg, cfg.num_classes)
-    model.load_state_dict(load_state_dict(file))
-    model.classes = run.read_classes()  # None for runs made before tinymim recorded them
-    return model.eval(), cfg
+    return load_finetune_run(source, best=weights == "best")
 
 
 def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str = "best", batch_size: int = 128,

@@ -352,10 +352,11 @@ class RunDir:
         old = self.stored_config(checkpoint)
         if old is None:
             return
-        if set(old) != set(config):
+        if not set(old) <= set(config):  # a section tinymim added since is no difference (see below)
             raise ConfigError(f"{self.path} holds another kind of run (its config has sections "
                               f"{', '.join(sorted(old))}); choose a new --output directory")
-        diffs = [d for d in diff_configs(old, config) if not d.startswith(RESUMABLE_CHANGES)]
+        # keys added to tinymim after the run started are taken as unchanged: the run ran without them
+        diffs = [d for d in diff_configs(old, config, new_keys_ok=True) if not d.startswith(RESUMABLE_CHANGES)]
         if diffs:
             raise ConfigError(
                 f"{self.path} holds a run with a different config ({'; '.join(diffs[:6])}"

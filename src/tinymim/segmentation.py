@@ -42,8 +42,8 @@ class RelPosBiasAttention(Attention):
         index = relative_position_index(grid, prefix_tokens)
         device = self.qkv.weight.device
         self.grid = tuple(grid)
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros(int(index.max()) + 1, self.num_heads, device=device))
+        entries = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3 * prefix_tokens
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(entries, self.num_heads, device=device))
         self.register_buffer("relative_position_index", index.to(device), persistent=False)
 
     def relative_position_bias(self) -> torch.Tensor:
@@ -70,7 +70,7 @@ def relative_position_index(grid: tuple[int, int], prefix_tokens: int = 1) -> to
     index = gen_relative_position_index(tuple(grid))
     if prefix_tokens == 1:
         return index
-    n = int(index.max()) + 1 + 3
+    n = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 6
     out = torch.zeros(index.shape[0] + 1, index.shape[1] + 1, dtype=index.dtype)
     out[2:, 2:] = index[1:, 1:]
     out[1, 2:], out[2:, 1], out[1, 1] = n - 6, n - 5, n - 4

@@ -5,6 +5,9 @@ layer L+1, scale decay^(L+1-layer)), drop path, mixup / cutmix, label smoothing,
 random erasing (timm's implementations), warmup + cosine, global average pooling + fc_norm or the
 class token, head init trunc-normal std 2e-5, optional model EMA. Evaluates top-1 / top-5 every
 epoch; keeps the last and the best weights (RUN_DIR/model.safetensors, RUN_DIR/best.safetensors).
+
+A model with a distillation token (model.dist_token: TinyMIM*-T's classifier, tinymim.star) trains
+its second head DeiT-style on a frozen teacher's predicted classes (`distillation`).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -35,6 +39,26 @@ log = logging.getLogger("tinymim")
 
 
 @dataclass
+class DistillationConfig:
+    """DeiT's hard-label distillation (Touvron et al. 2021) for a model with a distillation token:
+    `head` learns the labels, `head_dist` the teacher's predicted class (argmax) on the same, mixed
+    images; evaluation averages the two heads. TinyMIM*-T was fine-tuned DeiT-style (TINYMIM.md
+    section 5); the release has no code for it, so this follows DeiT."""
+
+    # the frozen teacher classifier: a timm model name (its pretrained weights, e.g. regnety_160.deit_in1k,
+    # DeiT's teacher), a tinymim finetune run directory, or a weights file (architecture: teacher_model);
+    # null: no teacher (with model.dist_token both heads learn the labels)
+    teacher: str | None = None
+    alpha: float = 0.5  # loss = (1 - alpha) * loss on head + alpha * loss on head_dist (DeiT: 0.5)
+    # the teacher's architecture when `teacher` is a weights file (pooling: avg when it has fc_norm, else token)
+    teacher_model: ModelConfig | None = None
+
+    def validate(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"distillation.alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass
 class FinetuneConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224", drop_path_rate=0.1))
     # pre-trained weights (run directory, file, timm name); None = random init, the from-scratch baseline
@@ -47,6 +71,7 @@ class FinetuneConfig:
     cutmix: float = 1.0  # cutmix alpha; 0: off
     label_smoothing: float = 0.1  # label smoothing of the cross-entropy
     ema_decay: float | None = None  # e.g. 0.9999; None = no EMA
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)  # needs model.dist_token
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=100, batch_size=1024, blr=5e-4, warmup_epochs=5, min_lr=1e-6, weight_decay=0.05,
@@ -58,6 +83,9 @@ class FinetuneConfig:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.mixup < 0 or self.cutmix < 0 or not 0 <= self.label_smoothing < 1:
             raise ValueError("mixup and cutmix must be 0 or more, label_smoothing in [0, 1)")
+        if self.distillation.teacher and not self.model.dist_token:
+            raise ValueError(f"distillation.teacher={self.distillation.teacher} trains a distillation head, which "
+                             "this model lacks: set model.dist_token=true (or distillation.teacher=null)")
 
 
 def validate_classifier(cfg) -> None:
@@ -73,9 +101,10 @@ class FinetuneTask(Task):
     name = "finetune"
     best_metric = "top1"
 
-    def __init__(self, model: nn.Module, cfg: FinetuneConfig, num_classes: int):
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, num_classes: int, teacher: nn.Module | None = None):
         super().__init__(model)
         self.model, self.cfg, self.num_classes = model, cfg, num_classes
+        self.teacher = FrozenTeacher(teacher) if teacher is not None else None
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
@@ -120,7 +149,21 @@ class FinetuneTask(Task):
         if self.mixup is not None and self.training:
             x, y = self.mixup(x, y)
         logits = self.trainable_forward(x)
-        return {"loss": self.criterion(logits, y)}
+        if not isinstance(logits, tuple):
+            return {"loss": self.criterion(logits, y)}
+        return self.distillation_losses(*logits, x, y)
+
+    def distillation_losses(self, logits: torch.Tensor, dist_logits: torch.Tensor, x: torch.Tensor,
+                            y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """DeiT's hard distillation: head on the labels, head_dist on the teacher's argmax for the same
+        images (no smoothing); without a teacher head_dist learns the labels too."""
+        loss_cls = self.criterion(logits, y)
+        if self.teacher is not None:
+            loss_dist = F.cross_entropy(dist_logits, self.teacher(x).argmax(1))
+        else:
+            loss_dist = self.criterion(dist_logits, y)
+        alpha = self.cfg.distillation.alpha
+        return {"loss": (1 - alpha) * loss_cls + alpha * loss_dist, "loss_cls": loss_cls, "loss_dist": loss_dist}
 
     def evaluate(self, epoch: int) -> dict | None:
         if self.eval_loader is None:
@@ -135,12 +178,76 @@ class FinetuneTask(Task):
 
     def export(self, run_dir: Path) -> None:
         model = self.ema.module if self.ema is not None else self.model
-        meta = {"format": "timm.VisionTransformer", "model": json.dumps(asdict(self.cfg.model))}
+        kind = "tinymim.star.DistilledViT" if self.cfg.model.dist_token else "timm.VisionTransformer"
+        meta = {"format": kind, "model": json.dumps(asdict(self.cfg.model))}
         save_weights(model.state_dict(), Path(run_dir) / TASKS[self.name].weights, meta)
 
     def export_best(self, run_dir: Path) -> None:
         model = self.ema.module if self.ema is not None else self.model
         save_weights(model.state_dict(), Path(run_dir) / RunDir.BEST)
+
+
+class FrozenTeacher(nn.Module):
+    """A classifier that never trains: eval mode whatever the task's mode, no gradient."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x)
+
+
+def build_teacher_classifier(cfg: DistillationConfig, num_classes: int, img_size: int) -> nn.Module:
+    """The teacher `cfg.teacher` names (a finetune run directory, a weights file with
+    cfg.teacher_model, or a timm name with pretrained weights); its class count must be the model's."""
+    import timm
+
+    spec, path = cfg.teacher, Path(cfg.teacher)
+    if path.is_dir():
+        kind = RunDir(path).task()
+        if kind != "finetune":
+            raise ConfigError(f"distillation.teacher {spec} is {'a ' + kind if kind else 'not a tinymim'} run, not "
+                              "a fine-tuned classifier: give a tinymim finetune run, a weights file or a timm name")
+        teacher = load_finetune_run(path, best=False)[0]
+    elif path.is_file():
+        if cfg.teacher_model is None:
+            raise ConfigError(f"distillation.teacher {spec} is a weights file: give its architecture in "
+                              "distillation.teacher_model (name and sizes)")
+        state = load_weights(path)
+        if "head.weight" not in state:
+            raise ConfigError(f"distillation.teacher {spec} holds no classifier (no head.weight): the teacher must "
+                              "be a classifier of this data's classes")
+        if cfg.teacher_model.img_size is None:
+            cfg.teacher_model.img_size = img_size
+        pool = "avg" if "fc_norm.weight" in state else "token"
+        teacher = create_vit(cfg.teacher_model, num_classes=state["head.weight"].shape[0], global_pool=pool,
+                             fc_norm=pool == "avg")
+        load_vit_weights(teacher, state, source=f"teacher {spec}")
+    else:
+        try:
+            teacher = timm.create_model(spec, pretrained=True)
+        except RuntimeError as e:
+            if "Unknown model" not in str(e):
+                raise
+            raise ConfigError(f"distillation.teacher {spec!r} is neither a run directory, a file nor a timm "
+                              "model name") from e
+        except Exception as e:  # noqa: BLE001 - offline, unknown tag, hub errors: all end here
+            raise ConfigError(f"could not fetch the teacher's timm weights {spec!r} ({type(e).__name__}); this needs "
+                              "the network or the Hugging Face cache") from e
+    size = getattr(getattr(teacher, "patch_embed", None), "img_size", None)
+    if size is not None and getattr(teacher.patch_embed, "strict_img_size", False) and tuple(size) != (img_size,) * 2:
+        raise ConfigError(f"distillation.teacher {spec} takes {size[0]}px images, the data is {img_size}px: the "
+                          "teacher sees the student's images; use a teacher of this image size")
+    if teacher.num_classes != num_classes:
+        raise ConfigError(f"distillation.teacher {spec} predicts {teacher.num_classes} classes, the model "
+                          f"{num_classes}: hard distillation needs a teacher of the same classes (fine-tune one "
+                          "on this data first)")
+    return teacher
 
 
 def build_classifier(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
@@ -154,30 +261,71 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
         if ignored:
             log.info("init weights: set aside %s", ", ".join(ignored[:6]))
     if num_classes:
-        with torch.no_grad():  # MAE: a fresh head, trunc-normal std 2e-5
-            nn.init.trunc_normal_(model.head.weight, std=cfg.head_init_std)
-            nn.init.zeros_(model.head.bias)
+        with torch.no_grad():  # MAE: a fresh head (and distillation head), trunc-normal std 2e-5
+            for head in (model.head, getattr(model, "head_dist", None)):
+                if isinstance(head, nn.Linear):
+                    nn.init.trunc_normal_(head.weight, std=cfg.head_init_std)
+                    nn.init.zeros_(head.bias)
     return model
 
 
+_HEADS = ("head.", "head_dist.", "fc_norm.")
+
+
 def _encoder_only(state: dict, model: nn.Module) -> dict:
-    """Pre-trained encoders come without this task's head and fc_norm (and maybe with a final norm
+    """Pre-trained encoders come without this task's heads and fc_norm (and maybe with a final norm
     that global pooling does not use): those start fresh."""
     own = model.state_dict()
-    fresh = {k: v for k, v in own.items() if k.startswith(("head.", "fc_norm.")) or
-             (k.startswith("norm.") and k not in state)}
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
+    fresh = {k: v for k, v in own.items() if k.startswith(_HEADS) or (k.startswith("norm.") and k not in state)}
+    state = {k: v for k, v in state.items() if not k.startswith(_HEADS)}
     if not isinstance(model.norm, nn.LayerNorm):  # avg pool + fc_norm: the per-token final norm is unused
         state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     return {**state, **fresh}
 
 
+def load_finetune_run(source: str | Path, best: bool = True) -> tuple[nn.Module, FinetuneConfig]:
+    """A fine-tuned classifier in eval mode (a DistilledViT when its model.dist_token) and its config,
+    rebuilt from a `tinymim finetune` run directory's config.yaml, with its best (or final) weights."""
+    from tinymim.checkpoint import CheckpointError, load_state_dict
+    from tinymim.config import from_run_config
+
+    run = RunDir(source)
+    if not run.path.is_dir():
+        raise CheckpointError(f"{run.path} does not exist; pass a tinymim finetune run directory")
+    raw = run.stored_config()
+    if raw is None or not isinstance(raw.get("model"), dict) or "num_classes" not in raw:
+        raise CheckpointError(f"{run.path} is not a finished tinymim finetune run (no usable config.yaml with a "
+                              "classifier); pass the --output folder of `tinymim finetune`")
+    cfg = from_run_config(FinetuneConfig, raw, init=None)
+    file = run.weights(best=best)
+    if file is None:
+        raise CheckpointError(f"{run.path} holds no weights yet; is the fine-tuning run finished?")
+    model = build_classifier(cfg, cfg.num_classes)
+    model.load_state_dict(load_state_dict(file))
+    model.classes = run.read_classes()  # None for runs made before tinymim recorded them
+    return model.eval(), cfg
+
+
 def build_finetune_task(cfg: FinetuneConfig) -> FinetuneTask:
     if cfg.model.img_size is None:
         cfg.model.img_size = cfg.data.img_size
+    classes = None
     if cfg.num_classes is None:
-        cfg.num_classes = len(training_classes(cfg.data))
-    task = FinetuneTask(build_classifier(cfg, cfg.num_classes), cfg, cfg.num_classes)
+        classes = training_classes(cfg.data)
+        cfg.num_classes = len(classes)
+    teacher = None
+    if cfg.distillation.teacher:
+        teacher = build_teacher_classifier(cfg.distillation, cfg.num_classes, cfg.data.img_size)
+        if getattr(teacher, "classes", None):  # a finetune run's: its labels must mean the same classes
+            from tinymim.rundir import check_classes
+
+            check_classes(teacher.classes, classes or training_classes(cfg.data), "the training data",
+                          f"distill from a teacher fine-tuned on these classes, not {cfg.distillation.teacher}")
+        log.info("distillation: head_dist learns the predicted classes of %s (%s), alpha %g",
+                 cfg.distillation.teacher, type(teacher).__name__, cfg.distillation.alpha)
+    elif cfg.model.dist_token:
+        log.info("model.dist_token without distillation.teacher: head and head_dist both learn the labels")
+    task = FinetuneTask(build_classifier(cfg, cfg.num_classes), cfg, cfg.num_classes, teacher)
     task.setup_model_ema()
     return task
 
