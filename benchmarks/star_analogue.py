@@ -32,23 +32,27 @@ STAR = ["model.dist_token=true", "model.extra_head_dim=384"]
 
 
 def stages(args, teacher_init: str) -> list[StageConfig]:
+    """The pipeline's stages. An external student (--student) and the teacher classifier are given to
+    the arms by path (a stage's `init` names only stages of the pipeline), so run the shards of this
+    benchmark after the teacher classifier, or unsharded."""
     out = []
-    student = args.student
-    if student is None:
-        student = "student"
+    student_init, student = None, [f"init={Path(args.student).resolve()}"] if args.student else []
+    if args.student is None:
+        student_init = "student"
         out.append(StageConfig(name="student", task="distill", config="cifar10/distill_micro", overrides=[
             "student.embed_dim=64", "student.depth=6", "student.num_heads=2", "train.epochs=2",
             "train.warmup_epochs=0.2", f"data.subset={args.pretrain_images}", "teacher.checkpoint=" + teacher_init,
             "teacher.target_block=6", "teacher.relation_heads=4"]))
     out.append(StageConfig(name="teacher_classifier", task="finetune", config="cifar10/finetune_short",
-                           init=teacher_init, overrides=["model.embed_dim=128", "model.depth=6", "model.num_heads=4",
-                                                         "train.seed=0"]))
+                           overrides=[f"init={teacher_init}", "model.embed_dim=128", "model.depth=6",
+                                      "model.num_heads=4", "train.seed=0"]))
+    teacher = (args.out / "teacher_classifier").resolve()
     for seed in args.seeds:
-        out.append(StageConfig(name=f"plain_s{seed}", task="finetune", config="cifar10/finetune_short", init=student,
-                               overrides=[*STUDENT, f"train.seed={seed}"]))
-        out.append(StageConfig(name=f"star_s{seed}", task="finetune", config="cifar10/finetune_short", init=student,
-                               overrides=[*STUDENT, *STAR, "distillation.teacher=teacher_classifier",
-                                          f"train.seed={seed}"]))
+        out.append(StageConfig(name=f"plain_s{seed}", task="finetune", config="cifar10/finetune_short",
+                               init=student_init, overrides=[*student, *STUDENT, f"train.seed={seed}"]))
+        out.append(StageConfig(name=f"star_s{seed}", task="finetune", config="cifar10/finetune_short",
+                               init=student_init, overrides=[*student, *STUDENT, *STAR,
+                                                             f"distillation.teacher={teacher}", f"train.seed={seed}"]))
     return out
 
 
