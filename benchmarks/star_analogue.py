@@ -73,10 +73,11 @@ def main() -> None:
     train, test = extract(args.data, args.out / "data")
     teacher_init = "builtin:cifar10_mae_vit128x6"
     common = ["train.progress=false", "data.name=folder", f"data.root={train}", f"data.val_root={test}",
-              f"data.num_workers={args.workers}", f"finetune:data.subset={args.images}", "train.epochs=3"]
+              f"data.num_workers={args.workers}"]
+    finetune = [f"data.subset={args.images}", "train.epochs=3"]
     start = time.perf_counter()
-    summaries = run_pipeline(PipelineConfig(overrides=common, stages=stages(args, teacher_init)), args.out,
-                             report=False, shard=args.shard)
+    pipeline = PipelineConfig(overrides=common, task_overrides={"finetune": finetune}, stages=stages(args, teacher_init))
+    summaries = run_pipeline(pipeline, args.out, report=False, shard=args.shard)
     if args.shard[1] > 1:
         return
 
