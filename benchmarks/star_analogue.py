@@ -72,9 +72,8 @@ def main() -> None:
 
     train, test = extract(args.data, args.out / "data")
     teacher_init = "builtin:cifar10_mae_vit128x6"
-    common = ["train.progress=false", "data.name=folder", f"data.root={train}", f"data.val_root={test}",
-              f"data.num_workers={args.workers}"]
-    finetune = [f"data.subset={args.images}", "train.epochs=3"]
+    common = ["train.progress=false", "data.name=folder", f"data.root={train}", f"data.num_workers={args.workers}"]
+    finetune = [f"data.val_root={test}", f"data.subset={args.images}", "train.epochs=3"]
     start = time.perf_counter()
     pipeline = PipelineConfig(overrides=common, task_overrides={"finetune": finetune}, stages=stages(args, teacher_init))
     summaries = run_pipeline(pipeline, args.out, report=False, shard=args.shard)
