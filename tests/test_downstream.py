@@ -165,3 +165,11 @@ def test_ema_follows_the_task_and_every_task_compiles(tmp_path):
     compiled = task.compile()
     assert task.trainable_forward is compiled and compiled is not task.model
     assert not any(k.startswith("wrapped") for k in task.state_dict())
+
+
+def test_finetune_eval_every_evaluates_every_n_epochs_and_at_the_end(tmp_path):
+    cfg = tiny_finetune_config(epochs=5)  # 256 synthetic images, batch 32: 8 steps an epoch
+    cfg.eval_every = 2
+    finetune.run(cfg, str(tmp_path / "run"))
+    evaluated = [r["step"] for r in RunDir(tmp_path / "run").read_metrics() if "val_top1" in r]
+    assert evaluated == [16, 32, 40]  # epochs 2, 4, then the last (5)

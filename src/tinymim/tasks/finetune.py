@@ -71,6 +71,7 @@ class FinetuneConfig:
     cutmix: float = 1.0  # cutmix alpha; 0: off
     label_smoothing: float = 0.1  # label smoothing of the cross-entropy
     ema_decay: float | None = None  # e.g. 0.9999; None = no EMA
+    eval_every: int = 1  # evaluate every N epochs (and at the end of the run)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)  # needs model.dist_token
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -83,6 +84,8 @@ class FinetuneConfig:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.mixup < 0 or self.cutmix < 0 or not 0 <= self.label_smoothing < 1:
             raise ValueError("mixup and cutmix must be 0 or more, label_smoothing in [0, 1)")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be 1 or more, got {self.eval_every}")
         if self.distillation.teacher and not self.model.dist_token:
             raise ValueError(f"distillation.teacher={self.distillation.teacher} trains a distillation head, which "
                              "this model lacks: set model.dist_token=true (or distillation.teacher=null)")
@@ -166,7 +169,7 @@ class FinetuneTask(Task):
         return {"loss": (1 - alpha) * loss_cls + alpha * loss_dist, "loss_cls": loss_cls, "loss_dist": loss_dist}
 
     def evaluate(self, epoch: int) -> dict | None:
-        if self.eval_loader is None:
+        if self.eval_loader is None or (epoch % self.cfg.eval_every and epoch != self.last_epoch):
             return None
         model = self.ema.module if self.ema is not None else self.model
         sums = classification_sums(model, self.eval_loader, self.device)
