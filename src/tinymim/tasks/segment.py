@@ -40,10 +40,10 @@ class SegmentConfig:
     aux_channels: int = 256  # auxiliary FCN head width
     aux_weight: float = 0.4  # auxiliary head's loss weight
     layer_decay: float = 0.75  # layer-wise lr decay over the backbone; the heads get the full lr
-    # the release's backbone options (BEiT's): a relative position bias table per block, zero-initialised
-    # and sized for the crop's patch grid, and layer scale with this init value (the release: 1.0; null: none)
+    # the release's backbone option (BEiT's): a relative position bias table per block, zero-initialised
+    # and sized for the crop's patch grid
     rel_pos_bias: bool = False
-    layer_scale: float | None = None
+    layer_scale: float | None = None  # layer scale on every block with this init value (the release: 1.0); null: none
     # BatchNorm in the pyramid and heads: "auto" = SyncBatchNorm under torchrun on GPUs (the release), plain
     # BatchNorm on one process or on CPU processes; true = SyncBatchNorm (GPU processes only); false = never
     sync_bn: bool | Literal["auto"] = "auto"
