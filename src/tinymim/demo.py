@@ -21,7 +21,7 @@ from pathlib import Path
 from tinymim.config import ConfigError
 
 PRETRAIN_IMAGES = 50000  # the training images (CIFAR-10's all), without labels
-FINETUNE_IMAGES = 20000  # a fixed random sample, with labels, for every fine-tuned model
+FINETUNE_IMAGES = 10000  # a fixed random sample, with labels, for every fine-tuned model
 SYNTHETIC_NOTE = (
     "These results come from synthetic images (procedural stripes and blobs), not real ones. The shipped "
     "teacher learned real images, and synthetic classes are told apart by colour and stripe angle alone: "
