@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=SHARED / "data" / "cifar10", help="folder with train.tar")
     ap.add_argument("--out", type=Path, default=Path("runs/baseline_grid"))
     ap.add_argument("--table", type=Path, default=Path("docs/results/baseline_grid.md"))
-    ap.add_argument("--images", type=int, default=20000, help="labelled training images (the demo's)")
+    ap.add_argument("--images", type=int, default=10000, help="labelled training images (the demo's)")
     ap.add_argument("--holdout", type=int, default=5000, help="training images held out to score the setups")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--width", type=int, default=64)
