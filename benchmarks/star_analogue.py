@@ -18,6 +18,7 @@ Resumable and shardable as one `tinymim pipeline` (--shard I/N, then once withou
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import time
@@ -76,14 +77,15 @@ def main() -> None:
     finetune = [f"data.val_root={test}", f"data.subset={args.images}", "train.epochs=3"]
     start = time.perf_counter()
     pipeline = PipelineConfig(overrides=common, task_overrides={"finetune": finetune}, stages=stages(args, teacher_init))
-    summaries = run_pipeline(pipeline, args.out, report=False, shard=args.shard)
+    run_pipeline(pipeline, args.out, report=False, shard=args.shard)
     if args.shard[1] > 1:
         return
 
     def top1(name: str) -> float:
         return [e for e in read_metrics(args.out / name)[1] if "val_top1" in e][-1]["val_top1"]
 
-    minutes = {s["name"]: s["record"].get("seconds", 0) / 60 for s in summaries}
+    minutes = {name: json.loads((args.out / name / "pipeline.json").read_text()).get("seconds", 0) / 60
+               for name in ["teacher_classifier", *(f"{arm}_s{s}" for arm in ("plain", "star") for s in args.seeds)]}
     plain = [top1(f"plain_s{s}") for s in args.seeds]
     star = [top1(f"star_s{s}") for s in args.seeds]
     rows = "\n".join(f"| {s} | {p:.2f} | {t:.2f} | {t - p:+.2f} |" for s, p, t in zip(args.seeds, plain, star))
