@@ -31,6 +31,10 @@ from tinymim.tasks.base import Task
 log = logging.getLogger("tinymim")
 
 
+SYNC_BN_ON_CPU = ("sync_bn=true needs GPU processes (PyTorch's SyncBatchNorm runs on CUDA only); "
+                  "use sync_bn=auto, which keeps BatchNorm on CPU processes")
+
+
 @dataclass
 class SegmentConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224", drop_path_rate=0.1))
@@ -71,8 +75,7 @@ class SegmentConfig:
             raise ValueError(f"data.hue_delta must be in 0..90 (OpenCV hue units, 2 degrees each), got {self.data.hue_delta}")
         if self.sync_bn is True and (self.train.device == "cpu"
                                      or (self.train.device == "auto" and not torch.cuda.is_available())):
-            raise ValueError("sync_bn=true needs GPU processes (PyTorch's SyncBatchNorm runs on CUDA only); "
-                             "use sync_bn=auto, which keeps BatchNorm on CPU processes")
+            raise ValueError(SYNC_BN_ON_CPU)
 
 
 def release_param_groups(model: Segmenter, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -114,8 +117,7 @@ class SegmentTask(Task):
         world = dist.get_world_size() if distributed else 1
         choice = self.cfg.sync_bn
         if choice is True and device.type != "cuda":
-            raise ConfigError("sync_bn=true needs GPU processes (PyTorch's SyncBatchNorm runs on CUDA only); "
-                              "use sync_bn=auto, which keeps BatchNorm on CPU processes")
+            raise ConfigError(SYNC_BN_ON_CPU)
         self.sync_bn = distributed and device.type == "cuda" and choice in (True, "auto")
         if not distributed or dist.get_rank() == 0:
             if self.sync_bn:
