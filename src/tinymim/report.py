@@ -69,12 +69,15 @@ def plot_accuracy(curves: dict[str, list[dict]], finals: dict[str, float], path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, evals in curves.items():
-        left.plot([e["epoch"] for e in evals], [e["val_top1"] for e in evals], marker="o", label=name)
-    left.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1 while fine-tuning")
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    if any(len(evals) > 1 for evals in curves.values()):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, evals in curves.items():
+            left.plot([e["epoch"] for e in evals], [e["val_top1"] for e in evals], marker="o", label=name)
+        left.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1 while fine-tuning")
+        left.grid(alpha=0.3)
+        left.legend(fontsize=8)
+    else:  # each run evaluated once (eval_every): no curve to draw, the bars say it all
+        fig, right = plt.subplots(figsize=(6, 4))
     names = list(finals)  # long stage labels wrapped, so that the bars keep their width
     bars = right.barh([textwrap.fill(n, 30) for n in names], [finals[n] for n in names], color="tab:blue")
     right.bar_label(bars, fmt="%.2f", fontsize=8)
