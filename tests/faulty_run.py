@@ -4,12 +4,19 @@
 
 FAULT: enospc  the N-th write of FILE (default last.pt) fails with ENOSPC after 64 KiB (a full disk)
        kill    the process SIGKILLs itself after writing 64 KiB of the N-th FILE (a kill mid-write)
-Everything else is the real program; only the file object the writer gets is wrapped.
+       startup start-up pauses (before anything is built) with FILE created, until a stop signal arrives:
+               the test signals a process that is certainly still starting
+       EOFError, ConnectionResetError, RuntimeError
+               the N-th fetch of a batch from the loader's workers fails so, as when a worker dies
+       evalfail the N-th evaluation of a fine-tuning run fails as when its loader's worker dies
+Everything else is the real program; only the file object the writer gets (or the one function
+named) is wrapped.
 """
 import errno
 import os
 import signal
 import sys
+import time
 
 import tinymim.rundir as rundir
 
@@ -40,10 +47,72 @@ class FailingFile:
         self.f.close()
 
 
+DEATHS = {"EOFError": EOFError(), "ConnectionResetError": ConnectionResetError(104, "Connection reset by peer"),
+          "RuntimeError": RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")}
+
+
+def pause_start_up(marker: str) -> None:
+    import tinymim.engine as engine
+    from tinymim import preempt
+
+    real = engine.setup_distributed
+
+    def setup_distributed(*a, **k):
+        open(marker, "w").close()
+        deadline = time.monotonic() + 300
+        while preempt._early["received"] is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return real(*a, **k)
+
+    engine.setup_distributed = setup_distributed
+
+
+def fail_batch_fetch(fault: str, n: int) -> None:
+    from torch.utils.data import dataloader
+
+    real, calls = dataloader._MultiProcessingDataLoaderIter._try_get_data, [0]
+
+    def try_get_data(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            raise DEATHS[fault]
+        return real(self, *a, **k)
+
+    dataloader._MultiProcessingDataLoaderIter._try_get_data = try_get_data
+
+
+def fail_evaluation(n: int) -> None:
+    import tinymim.tasks.finetune as finetune
+
+    real, calls = finetune.classification_sums, [0]
+
+    def classification_sums(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            raise DEATHS["RuntimeError"]
+        return real(*a, **k)
+
+    finetune.classification_sums = classification_sums
+
+
 def main() -> int:
     fault, n = sys.argv[1], int(sys.argv[2])
     target = sys.argv[3] if sys.argv[3] != "--" else "last.pt"
     args = sys.argv[sys.argv.index("--") + 1:]
+    if fault == "startup":
+        pause_start_up(target)
+    elif fault in DEATHS:
+        fail_batch_fetch(fault, n)
+    elif fault == "evalfail":
+        fail_evaluation(n)
+    else:
+        wrap_checkpoint_writes(fault, n, target)
+    from tinymim.cli import main as cli
+
+    return cli(args)
+
+
+def wrap_checkpoint_writes(fault: str, n: int, target: str) -> None:
     real_open, writes = rundir._open_tmp, [0]
 
     def open_tmp(path):
@@ -55,9 +124,6 @@ def main() -> int:
         return tmp, f
 
     rundir._open_tmp = open_tmp
-    from tinymim.cli import main as cli
-
-    return cli(args)
 
 
 if __name__ == "__main__":

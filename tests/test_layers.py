@@ -8,9 +8,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tinymim"
 # lowest first: the method, models and weights, data, training machinery, tasks, evaluation and
 # tools, orchestration, the command line
 LAYERS = [
-    ["errors", "config"],
+    ["errors", "preempt", "config"],
     ["relations", "targets", "mae"],
-    ["rundir", "models", "star", "checkpoint", "wrappers", "segmentation"],
+    ["rundir", "models", "star", "checkpoint", "wrappers", "segmentation", "images"],
     ["data", "shards", "classification", "segmentation_data"],
     ["loggers", "engine", "knn"],
     ["tasks", "tasks.base", "tasks.distill", "tasks.mae", "tasks.finetune", "tasks.linprobe", "tasks.segment"],

@@ -20,8 +20,6 @@ import logging
 import math
 import os
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +31,9 @@ import torch.distributed as dist
 
 from tinymim.config import ConfigError
 from tinymim.data import data_fingerprint
-from tinymim.errors import NonFiniteLossError, TinymimError
-from tinymim.loggers import LOGGERS, MetricsLogger, check_available
+from tinymim.errors import WORKER_DEATH, NonFiniteLossError, loader_worker_death
+from tinymim.loggers import LOGGERS, MetricsLogger, check_available, preflight
+from tinymim.preempt import PREEMPT_EXIT_CODE, Preempted, StopSignals, signal_name  # noqa: F401 (re-exported)
 from tinymim.rundir import RESUMABLE_CHANGES, RunDir, RunDirError, locked, save_torch, write_error  # noqa: F401
 
 log = logging.getLogger("tinymim")
@@ -104,7 +103,7 @@ class TrainConfig:
         unknown = [name for name in self.loggers if name not in LOGGERS]
         if unknown:
             raise ValueError(f"unknown logger(s) {', '.join(unknown)}; choose from {', '.join(LOGGERS)}")
-        check_available(self.loggers)
+        check_available([*(["tensorboard"] if self.tensorboard else []), *self.loggers])
 
 
 def check_device(device: str) -> None:
@@ -252,40 +251,6 @@ def lr_for(cfg: TrainConfig) -> float:
 # preemption
 
 
-PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, resumable; schedulers may requeue on it
-
-
-class Preempted(TinymimError):
-    """The run stopped on a scheduler's signal after writing a checkpoint; the same command resumes."""
-
-    exit_code = PREEMPT_EXIT_CODE
-
-
-class StopSignals:
-    """SIGTERM (a scheduler's "you have N seconds") and SIGUSR1 (SLURM's early warning with
-    `--signal=USR1@SECONDS`) ask the run to stop at the end of the current step; the handlers only
-    note the request. Installed for the block, in the main thread only (signals are delivered there)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict = {}
-
-    def _note(self, signum, frame) -> None:
-        self.received = signum
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._note)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
 # ---------------------------------------------------------------------------------------------
 # the loop
 
@@ -325,6 +290,8 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.seed + ctx.rank)
     loader, sampler, data_id, plan = _data(cfg, data_loader_fn, ctx, run, resume)
+    if ctx.is_main:
+        preflight(cfg)  # a tracker that cannot start is said before anything is written
     checked()  # from here on the directory is written
     if ctx.is_main:
         _write_run_files(task, run, config, resume)
@@ -336,9 +303,16 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
     logs = RunLogs(run, ctx, cfg, config, plan, task.name, state.step)
     task.last_epoch = -(-plan.total // plan.per_epoch)  # a task evaluating every N epochs still evaluates the end
     checkpointer = Checkpointer(task, state, run, ctx, config, data_id)
+    if stop.received is not None:  # asked during start-up: nothing new to save, nothing lost
+        kept = f"its checkpoint at step {state.step} is kept" if resume is not None else "nothing had trained yet"
+        raise Preempted(f"stopped on {signal_name(stop.received)} during start-up, before step {state.step + 1} "
+                        f"of {plan.total}; {kept}; run the same command again to resume")
     task.train()
     batches = None
     try:
+        if resume is not None and resume.get("evaluated") is False:  # stopped during its epoch's evaluation
+            logs.evaluation(_evaluate(task, state, cfg, ctx, run, plan))
+            checkpointer.save()
         while state.step < plan.total:
             epoch, step_in_epoch = divmod(state.step, plan.per_epoch)
             sampler.set_epoch(epoch, step_in_epoch * cfg.accum_steps)
@@ -349,18 +323,22 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
                 scheduler.step_update(state.step)
                 task.after_step(state.step)
                 logs.step(state.step, losses, optimizer)
-                if state.step % plan.per_epoch == 0 or state.step == plan.total:
-                    logs.evaluation(_evaluate(task, state, cfg, ctx, run, plan))
-                saved = state.step < plan.total and (state.step % cfg.checkpoint_every == 0 or
-                                                      state.step % plan.per_epoch == 0)
+                epoch_end = state.step % plan.per_epoch == 0 or state.step == plan.total
+                saved = state.step % cfg.checkpoint_every == 0 or epoch_end
                 if saved:
+                    # the epoch's training is saved before its evaluation: an evaluation that fails (a bad
+                    # label, a killed worker) is redone on resume, the epoch is not
+                    checkpointer.save(evaluated=not epoch_end)
+                if epoch_end:
+                    record = _evaluate(task, state, cfg, ctx, run, plan)
+                    logs.evaluation(record)
+                    if record is not None and state.step < plan.total:
+                        checkpointer.save()  # with the evaluation's best
+                if stopping and not saved:
                     checkpointer.save()
                 if stopping and state.step < plan.total:
-                    if not saved:
-                        checkpointer.save()
-                    name = signal.Signals(stop.received).name if stop.received is not None else "a signal"
-                    raise Preempted(f"stopped on {name} at step {state.step} of {plan.total}; checkpoint "
-                                    f"written to {run.checkpoint}; run the same command again to resume")
+                    raise Preempted(f"stopped on {signal_name(stop.received)} at step {state.step} of {plan.total}; "
+                                    f"checkpoint written to {run.checkpoint}; run the same command again to resume")
         if ctx.is_main:
             task.export(run.path)
         checkpointer.save(finished=True)
@@ -369,7 +347,8 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
         # traceback may hold it; the workers ignore stop signals, so they must be told)
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
-            shutdown()
+            with contextlib.suppress(*WORKER_DEATH):  # a dead worker's pipe: the error on its way says so
+                shutdown()
         batches = None  # noqa: F841
         logs.close()
     return logs.final()
@@ -447,7 +426,9 @@ def _data(cfg: TrainConfig, data_loader_fn, ctx: DistContext, run: RunDir, resum
 def _write_run_files(task, run: RunDir, config: dict, resume) -> None:
     run.write_info(task.name, task.model_section)
     run.write_config(config)
-    run.truncate_metrics(resume["global_step"] if resume is not None else 0)
+    # an evaluation the checkpoint does not hold is redone on resume: its record goes too
+    run.truncate_metrics(resume["global_step"] if resume is not None else 0,
+                         evaluated=resume is None or resume.get("evaluated", True))
     if getattr(task, "classes", None) is not None:
         run.write_classes(task.classes)
 
@@ -536,7 +517,7 @@ def train_step(task, batches, cfg: TrainConfig, ctx: DistContext, state: TrainSt
     Returns the step's losses averaged over processes, and whether any process was asked to stop."""
     sums = {}
     for micro in range(cfg.accum_steps):
-        batch = next(batches)
+        batch = next_batch(batches)
         sync = micro == cfg.accum_steps - 1
         with (contextlib.nullcontext() if sync else task.no_sync()):
             with _autocast(ctx.device, cfg.precision):
@@ -558,8 +539,10 @@ def train_step(task, batches, cfg: TrainConfig, ctx: DistContext, state: TrainSt
     if not torch.isfinite(values).all():
         bad = {k: float(v) for k, v in zip(names, values)}
         raise NonFiniteLossError(
-            f"non-finite loss at step {state.step + 1}: {bad}. The last good checkpoint, {checkpoint}, is kept. "
-            "Lower the learning rate (train.blr), use train.precision=bf16 or fp32 instead of fp16, or set "
+            f"non-finite loss at step {state.step + 1}: {bad}. "
+            + (f"The last good checkpoint, {checkpoint}, is kept. " if checkpoint.is_file() else
+               "No checkpoint had been written yet: the run starts over. ")
+            + "Lower the learning rate (train.blr), use train.precision=bf16 or fp32 instead of fp16, or set "
             "train.clip_grad.")
     if cfg.clip_grad is not None:
         state.scaler.unscale_(state.optimizer)
@@ -568,6 +551,17 @@ def train_step(task, batches, cfg: TrainConfig, ctx: DistContext, state: TrainSt
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
     return dict(zip(names, values.tolist())), stopping
+
+
+def next_batch(batches):
+    """next(batches), with a loader worker's death in every form it takes as one error."""
+    try:
+        return next(batches)
+    except (RuntimeError, *WORKER_DEATH) as e:
+        died = loader_worker_death(e)
+        if died is None:
+            raise
+        raise died from e
 
 
 def _evaluate(task, state: TrainState, cfg: TrainConfig, ctx: DistContext, run: RunDir, plan: Plan) -> dict | None:
@@ -649,7 +643,8 @@ class Checkpointer:
     def __init__(self, task, state: TrainState, run: RunDir, ctx: DistContext, config: dict, data_id: dict):
         self.task, self.state, self.run, self.ctx, self.config, self.data_id = task, state, run, ctx, config, data_id
 
-    def save(self, finished: bool = False) -> None:
+    def save(self, finished: bool = False, evaluated: bool = True) -> None:
+        """evaluated=False: written at an epoch's end before its evaluation, which a resume then runs."""
         ctx, state = self.ctx, self.state
         rng = [None] * ctx.world
         if ctx.distributed:
@@ -660,7 +655,8 @@ class Checkpointer:
             save_torch({"model": self.task.trainable_state(), "optimizer": state.optimizer.state_dict(),
                         "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
                         "global_step": state.step, "world": ctx.world, "rng": rng, "finished": finished,
-                        "best": state.best, "config": self.config, "data": self.data_id}, self.run.checkpoint)
+                        "best": state.best, "config": self.config, "data": self.data_id, "evaluated": evaluated},
+                       self.run.checkpoint)
 
 
 def _repair_finished(task, run: RunDir, config: dict, resume: dict) -> None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 
-
 from tinymim.config import ConfigError
+from tinymim.errors import TinymimError
 from tinymim.rundir import RunDir, write_error, write_text
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
@@ -101,6 +102,27 @@ class _MLflow:
         self.client.set_terminated(self.run_id)
 
 
+def preflight(cfg) -> None:
+    """What can be checked of the trackers before the run writes anything: the MLflow server answers."""
+    if "mlflow" in cfg.loggers and (cfg.mlflow_uri or "").startswith(("http://", "https://")):
+        _reachable(cfg.mlflow_uri)
+
+
+def _reachable(uri: str) -> None:
+    """A server that does not answer is said at once (MLflow's client retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri, timeout=10).close()
+    except urllib.error.HTTPError:
+        pass  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackerError(f"the MLflow server {uri} (train.mlflow_uri) does not answer ({reason}); start it or "
+                           "fix the URI, or leave train.mlflow_uri unset for a file store in the run directory") from e
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
@@ -112,6 +134,18 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 _BACKENDS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "mlflow": _MLflow}
+_SETTINGS = {"tensorboard": "the tensorboard install", "wandb": "train.wandb_mode / wandb_project or your W&B login",
+             "mlflow": "train.mlflow_uri / mlflow_experiment"}
+log = logging.getLogger(__name__)
+
+
+class TrackerError(TinymimError):
+    """A tracker (train.loggers) that cannot start; metrics.jsonl does not need it."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {text}"[:300]
 
 
 class MetricsLogger:
@@ -127,7 +161,16 @@ class MetricsLogger:
             raise write_error(e, run.metrics) from e
         names = list(dict.fromkeys([*(["tensorboard"] if cfg.tensorboard else []), *cfg.loggers]))
         check_available(names)
-        self.backends = [_BACKENDS[name](run, config or {}, cfg) for name in names]
+        self.backends = []
+        for name in names:
+            try:
+                self.backends.append((name, _BACKENDS[name](run, config or {}, cfg)))
+            except TinymimError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a tracker's own failure (server, credentials), said in one line
+                raise TrackerError(f"train.loggers: {name} could not start ({_first_line(e)}); fix "
+                                   f"{_SETTINGS[name]}, or drop {name} from train.loggers: metrics.jsonl is "
+                                   "written without it") from e
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -137,15 +180,23 @@ class MetricsLogger:
             self.file.flush()
         except OSError as e:
             raise write_error(e, self.path) from e
-        for backend in self.backends:
-            backend.log(record)
+        for name, backend in list(self.backends):
+            try:
+                backend.log(record)
+            except Exception as e:  # noqa: BLE001 - a tracker that fails mid-run must not end the run
+                log.warning("%s stopped taking metrics (%s); it is dropped for the rest of the run, metrics.jsonl "
+                            "keeps every record", name, _first_line(e))
+                self.backends.remove((name, backend))
 
     def close(self) -> None:
         if self.file:
             with contextlib.suppress(OSError):  # a full disk: the error was reported by log()
                 self.file.close()
-        for backend in self.backends:
-            backend.close()
+        for name, backend in self.backends:
+            try:
+                backend.close()
+            except Exception as e:  # noqa: BLE001 - the metrics are in metrics.jsonl already
+                log.warning("%s did not close cleanly (%s)", name, _first_line(e))
 
 
 

@@ -31,6 +31,7 @@ import secrets
 import shutil
 import socket
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -219,16 +220,57 @@ def safe_torch_load(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    damaged = f"cannot read {path}: the file is damaged, truncated or not a PyTorch checkpoint"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror})") from e
+    # torch.save writes a zip archive (or, before 1.6, a pickle stream starting with PROTO 0x80)
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointError(f"{damaged} (it starts with neither a zip nor a pickle header)")
+    try:
+        with warnings.catch_warnings():  # torch's warnings about odd pickle protocols: the error below says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        reason = _unpickler_reason(str(e))
+        if not _parses_as_pickle(path, head):  # garbage, not an object that would run code
+            raise CheckpointError(f"{damaged} ({reason})") from e
         raise CheckpointError(
             f"refused to load {path}: it holds pickled objects other than tensors and plain "
-            f"containers, which could run code ({str(e).splitlines()[0]}). If you trust the file, "
+            f"containers, which could run code ({reason}). If you trust the file, "
             "convert it to safetensors yourself; tinymim never unpickles arbitrary objects.") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"cannot read {path}: the file is truncated or not a PyTorch checkpoint ({e})") from e
+        raise CheckpointError(f"{damaged} ({_unpickler_reason(str(e))})") from e
 
+
+def _parses_as_pickle(path: Path, head: bytes) -> bool:
+    """Whether the file is a well-formed pickle stream (read, never run): what torch's weights-only
+    unpickler refused is then an object it will not build, else the bytes are damaged."""
+    import pickletools
+
+    if head[:1] != b"\x80":  # a zip archive: torch names a refused object a global
+        return True
+    try:
+        with open(path, "rb") as f:
+            for _ in pickletools.genops(f):
+                pass
+        return True
+    except Exception:  # noqa: BLE001 - any failure to parse means damaged bytes
+        return False
+
+
+def _unpickler_reason(message: str) -> str:
+    """The reason torch gives, without its advice to load with weights_only=False (never ours to give)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error"):
+            rest = line.split(":", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return rest.split(". Please")[0].rstrip(".")
+    keep = [line for line in lines if "weights_only" not in line and "Please file an issue" not in line]
+    first = keep[0] if keep else lines[0] if lines else "unreadable"
+    return first.split(". This is an internal")[0].rstrip(".")[:200]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,12 +413,14 @@ class RunDir:
     def read_metrics(self) -> list[dict]:
         return read_jsonl(self.metrics)
 
-    def truncate_metrics(self, step: int) -> None:
+    def truncate_metrics(self, step: int, evaluated: bool = True) -> None:
         """Keep the records up to `step` (the checkpoint resumed from; 0: a fresh start), dropping a
-        partial last line and anything logged after the checkpoint."""
+        partial last line and anything logged after the checkpoint; evaluated=False: the checkpoint was
+        written before its step's evaluation, whose record (if any) goes too."""
         if not self.metrics.exists():
             return
-        keep = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        keep = [r for r in self.read_metrics() if r.get("step", 0) < step or r.get("step", 0) == step and
+                (evaluated or not any(k.startswith("val_") for k in r))]
         write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in keep))
 
     # -- what the run produced ---------------------------------------------------------------
