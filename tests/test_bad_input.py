@@ -180,3 +180,114 @@ def test_cifar_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.CIFAR10, "download", no_network)
     with pytest.raises(DataError, match="cifar10 is not in .* could not be downloaded.*data.name=folder"):
         build_loader(DataConfig(name="cifar10", root=str(tmp_path / "cifar"), num_workers=0), 4)
+
+
+def bomb_png(path: Path, side: int = 14000) -> Path:
+    """A real decompression bomb for Pillow's default limit: a mode-1 PNG of side x side pixels
+    (14000: 196M, over twice PIL.Image.MAX_IMAGE_PIXELS) that takes a few KB on disk. Written chunk by
+    chunk: Pillow would hold the whole image in memory."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    body = b"".join(packer.compress(row * 100) for _ in range(side // 100)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+def _last_line(err: str) -> str:
+    return [line for line in err.splitlines() if line.strip()][-1]
+
+
+@pytest.mark.parametrize("kind", ["over twice the limit", "over the limit", "garbage"])
+def test_visualize_of_an_unreadable_image_is_one_line(tmp_path, capsys, monkeypatch, kind):
+    image = tmp_path / "img.png"
+    if kind == "over twice the limit":  # Pillow's own refusal, at its default limit
+        bomb_png(image)
+        assert image.stat().st_size < 100_000
+    elif kind == "over the limit":  # where Pillow only warns: refused all the same
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40)
+        Image.new("RGB", (50, 50)).save(image)
+    else:
+        image.write_bytes(b"not an image")
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"an earlier grid")
+    # the image is read before the run: a missing run is never reached
+    assert main(["visualize", str(tmp_path / "run"), "--image", str(image), "--output", str(grid)]) == 1
+    last = _last_line(capsys.readouterr().err)
+    assert last.startswith(f"error: cannot read the image {image}")
+    if kind != "garbage":
+        assert "decompression bomb" in last and "downscaled copy" in last
+    assert grid.read_bytes() == b"an earlier grid"
+
+
+class _RedLevel(torch.nn.Module):
+    """3-way logits: class 0 when the image's red level is low, 1 in the middle, 2 high."""
+
+    def forward(self, x):
+        level = x[:, 0].mean((1, 2))
+        return torch.nn.functional.one_hot(torch.bucketize(level, torch.tensor([0.35, 0.65])), 3).float()
+
+
+def test_evaluation_scores_only_the_readable_images(tmp_path):
+    from tinymim.classification import ClassifyDataConfig, build_eval_loader
+    from tinymim.robustness import evaluate_folder
+
+    reds = {"a": [50, 50, 200, 50], "b": [128, 50, 128], "c": [200, 200, 128]}  # 7 of 10 predicted right
+    for c, levels in reds.items():
+        (tmp_path / c).mkdir()
+        for i, r in enumerate(levels):
+            Image.new("RGB", (8, 8), (r, 0, 0)).save(tmp_path / c / f"{i}.png")
+    garbage = [tmp_path / "a" / "0.png", tmp_path / "a" / "1.png", tmp_path / "a" / "2.png", tmp_path / "c" / "2.png"]
+    for f in garbage:
+        f.write_bytes(b"garbage")  # a batch of 4 entirely unreadable, among others
+    # by hand over the readable ones: a/3 right, b/0 right, b/1 wrong, b/2 right, c/0 right, c/1 right
+    cfg = ClassifyDataConfig(name="folder", val_root=str(tmp_path), img_size=8, eval_crop_pct=1.0,
+                             mean=[0, 0, 0], std=[1, 1, 1], num_workers=0)
+    result = evaluate_folder(_RedLevel(), build_eval_loader(cfg, 4), torch.device("cpu"))
+    assert result["images"] == 6 and result["skipped_images"] == 4
+    assert result["top1"] == pytest.approx(100 * 5 / 6)
+    for f in (tmp_path / c / f"{i}.png" for c, levels in reds.items() for i in range(len(levels))):
+        f.write_bytes(b"garbage")
+    with pytest.raises(DataError, match="none of the 10 evaluation images could be read"):
+        evaluate_folder(_RedLevel(), build_eval_loader(cfg, 4), torch.device("cpu"))
+
+
+def test_eval_command_skips_unreadable_images_and_says_so(tmp_path, capsys, caplog):
+    import json
+    import shutil
+
+    from tinymim.data import SyntheticImages
+    from tinymim.tasks import finetune
+
+    from test_downstream import tiny_finetune_config
+
+    cfg = tiny_finetune_config(max_steps=2)
+    cfg.data.synthetic_classes = 3
+    finetune.run(cfg, str(tmp_path / "run"))
+    clean, damaged = tmp_path / "clean", tmp_path / "damaged"
+    images = SyntheticImages(size=12, img_size=32, num_classes=3, seed=5)
+    for i in range(12):
+        img, c = images.load(i)
+        (clean / f"class_{c}").mkdir(parents=True, exist_ok=True)
+        img.save(clean / f"class_{c}" / f"{i}.png")
+    shutil.copytree(clean, damaged)
+    for name in ("class_0/0.png", "class_1/4.png", "class_2/5.png"):
+        (damaged / name).write_bytes(b"\x89PNG garbage")
+        (clean / name).unlink()  # the reference: the readable images alone
+    assert main(["eval", str(tmp_path / "run"), "--data", str(clean), "--workers", "0",
+                 "--json", str(tmp_path / "clean.json")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--data", str(damaged), "--workers", "0",
+                 "--json", str(tmp_path / "damaged.json")]) == 0
+    out = capsys.readouterr().out
+    assert "(9 images, 3 unreadable skipped)" in out
+    assert "3 unreadable images skipped (each named above): the scores are over the 9 readable ones" in caplog.text
+    reference, result = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("clean", "damaged"))
+    assert result["images"] == 9 and result["skipped_images"] == 3 and reference["skipped_images"] == 0
+    assert {k: result[k] for k in ("top1", "top5", "loss")} == pytest.approx(
+        {k: reference[k] for k in ("top1", "top5", "loss")})

@@ -25,6 +25,16 @@ def test_visualize_writes_a_grid(tmp_path, capsys):
     assert main(["visualize", str(tmp_path / "run"), "--image", str(tmp_path / "img.png"), "--output",
                  str(tmp_path / "bad.png"), "--heads", "9"]) == 1
     assert "head 9 does not exist" in capsys.readouterr().err
+    # a 16-bit gray image draws exactly as its 8-bit version (value >> 8), not as a white one
+    gray = np.asarray(img.convert("L"), dtype=np.uint16)
+    Image.fromarray(gray.astype(np.uint8)).save(tmp_path / "gray8.png")
+    Image.fromarray(gray * 256 + 100).save(tmp_path / "gray16.png")  # (g * 256 + 100) >> 8 == g
+    assert [Image.open(tmp_path / f"{n}.png").mode for n in ("gray8", "gray16")] == ["L", "I;16"]
+    for name in ("gray8", "gray16"):
+        assert main(["visualize", str(tmp_path / "run"), "--image", str(tmp_path / f"{name}.png"), "--output",
+                     str(tmp_path / f"{name}_grid.png"), "--cell", "32"]) == 0
+    grid8, grid16 = (np.asarray(Image.open(tmp_path / f"{n}_grid.png")) for n in ("gray8", "gray16"))
+    assert np.array_equal(grid8, grid16) and grid8[14:46, :32].std() > 0
 
 
 def test_colorize_ramp():

@@ -3,17 +3,21 @@ transforms, the train / evaluation loaders (data.holdout included), and the top-
 evaluation reduces over processes. Used by fine-tuning, linear probing, the k-NN monitor and `tinymim eval`."""
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.utils.data as tud
+from PIL import Image
 
 from timm.data import create_transform
 
 from tinymim.config import ConfigError
-from tinymim.data import DataConfig, batch_sampler, build_source, load_or_substitute, worker_init
+from tinymim.data import DataConfig, DataError, batch_sampler, build_source, load_or_substitute, worker_init
+
+log = logging.getLogger(__name__)
 
 
 def _posterize_zero_bits_compat() -> None:
@@ -69,13 +73,17 @@ class ClassifyDataConfig(DataConfig):
             raise ValueError(f"reprob must be in [0, 1], got {self.reprob}")
 
 
+UNREADABLE = -1  # the label of an evaluation sample whose image could not be read: collate drops it
+
+
 class ClassifyDataset(tud.Dataset):
     """Indexed by (index, sample_seed): timm's training transform with every random choice seeded per
     sample (same augmentation for any number of workers/processes); unreadable images are replaced
-    by the next readable one and counted."""
+    by the next readable one and counted. With `skip_unreadable` (evaluation), an unreadable image is
+    not replaced: its sample is left out of the batch by collate_classify and counted in "skipped"."""
 
-    def __init__(self, source, transform, length: int | None = None):
-        self.source, self.transform = source, transform
+    def __init__(self, source, transform, length: int | None = None, skip_unreadable: bool = False):
+        self.source, self.transform, self.skip_unreadable = source, transform, skip_unreadable
         self.length = min(length or len(source), len(source))
 
     def __len__(self) -> int:
@@ -83,6 +91,14 @@ class ClassifyDataset(tud.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
+        if self.skip_unreadable:
+            try:
+                img, label = self.source.load(index)
+            except Exception as e:  # noqa: BLE001 - any unreadable file is left out, not fatal
+                log.warning("skipping unreadable image %s: %s", self.source.describe(index), e)
+                # a placeholder of the transform's output shape, so that a batch of none still stacks
+                return self.transform(Image.new("RGB", (8, 8))), UNREADABLE, 1
+            return self.transform(img), label, 0
         img, label, skipped = load_or_substitute(self.source, index, self.length)
         if seed is None:
             return self.transform(img), label, skipped
@@ -98,8 +114,14 @@ class ClassifyDataset(tud.Dataset):
 
 
 def collate_classify(samples) -> dict:
+    """A batch of the readable samples; "skipped" counts the unreadable images (substituted in training,
+    left out in evaluation: an evaluation batch may hold no image at all)."""
     x, y, skipped = zip(*samples)
-    return {"image": torch.stack(x), "label": torch.tensor(y), "skipped": sum(skipped)}
+    image, label = torch.stack(x), torch.tensor(y)
+    keep = label != UNREADABLE
+    if not keep.all():
+        image, label = image[keep], label[keep]
+    return {"image": image, "label": label, "skipped": sum(skipped)}
 
 
 def classify_source(cfg: ClassifyDataConfig, root: str | None, train: bool):
@@ -142,11 +164,12 @@ def build_classify_loaders(cfg: ClassifyDataConfig, batch: int, rank: int, world
 def build_eval_loader(cfg: ClassifyDataConfig, batch: int, rank: int = 0, world: int = 1, root: str | None = None,
                       split_train: bool = False):
     """Evaluation transform (resize, center crop) over the validation split, or over the training
-    split with split_train (a k-NN bank)."""
+    split with split_train (a k-NN bank). Unreadable images are left out and counted in each batch's
+    "skipped", so that scores are over the readable images only."""
     eval_tf = create_transform(cfg.img_size, is_training=False, interpolation="bicubic", crop_pct=cfg.eval_crop_pct,
                                mean=tuple(cfg.mean), std=tuple(cfg.std))
     source = classify_source(cfg, root or (cfg.root if split_train else cfg.val_root), split_train)
-    ds = ClassifyDataset(source, eval_tf)
+    ds = ClassifyDataset(source, eval_tf, skip_unreadable=True)
     shard = tud.Subset(ds, range(rank, len(ds), world))  # each process a strided shard; sums are reduced
     return tud.DataLoader(shard, batch_size=batch, num_workers=cfg.num_workers, collate_fn=collate_classify,
                           worker_init_fn=worker_init)
@@ -154,24 +177,33 @@ def build_eval_loader(cfg: ClassifyDataConfig, batch: int, rank: int = 0, world:
 
 @torch.no_grad()
 def classification_sums(model: nn.Module, loader, device: torch.device, class_indices=None) -> torch.Tensor:
-    """[top-1 hits, top-5 hits, images, summed cross-entropy] over a loader, as a float64 tensor on
-    `device` (ready for an all-reduce); logits restricted to `class_indices` when given."""
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    """[top-1 hits, top-5 hits, images, summed cross-entropy, unreadable images skipped] over a loader,
+    as a float64 tensor on `device` (ready for an all-reduce); logits restricted to `class_indices` when
+    given. Only readable images are scored."""
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     idx = torch.tensor(class_indices, device=device) if class_indices is not None else None
     for batch in loader:
+        sums[4] += batch.get("skipped", 0)
+        if not len(batch["label"]):
+            continue
         x, y = batch["image"].to(device), batch["label"].to(device)
         logits = model(x).float()
         if idx is not None:
             logits = logits.index_select(1, idx)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         sums += torch.tensor([float((top[:, 0] == y).sum()), float((top == y[:, None]).any(1).sum()), len(y),
-                              float(nn.functional.cross_entropy(logits, y, reduction="sum"))],
+                              float(nn.functional.cross_entropy(logits, y, reduction="sum")), 0],
                              dtype=torch.float64, device=device)
     return sums
 
 
 def sums_to_metrics(sums: torch.Tensor) -> dict:
-    c1, c5, n, loss = sums.tolist()
-    return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n, "images": int(n)}
+    """Top-1 / top-5 (%) and mean loss over the readable images ("images"), and how many were skipped."""
+    c1, c5, n, loss, skipped = sums.tolist()
+    if not n:
+        raise DataError(f"none of the {int(skipped)} evaluation images could be read (each is logged as "
+                        "'skipping unreadable image'); replace the damaged files or point at the right folder")
+    return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n, "images": int(n),
+            "skipped_images": int(skipped)}
 
 

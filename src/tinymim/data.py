@@ -17,6 +17,7 @@ from tinymim.errors import DataError  # defined below this module: tinymim.shard
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from tinymim.images import decode_image, open_decoded, to_rgb8  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -88,35 +91,93 @@ class DataConfig:
 # image sources: each returns a PIL image and an integer label for an index, or raises
 
 
+def list_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class names, (path, label) per image) of an ImageFolder tree root/<class>/<image>: the one listing
+    that reading a folder and `tinymim shards` use. torchvision's make_dataset order and paths (class,
+    folder path, file name; paths as found under root). Symlinks are followed, but each file is taken once
+    by its real path, and a link back into the tree (a loop, or another class's images under this class)
+    or in a loop outside it is refused, as is a class folder without images (it would shift the labels)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist; set data.root to a folder laid out as "
+                        "root/<class>/<image>.jpg (ImageNet's train/ folder)")
+    top = os.path.realpath(root)
+    prefix = top.rstrip(os.sep) + os.sep
+
+    def scan(path: str) -> list:
+        try:
+            with os.scandir(path) as it:
+                return sorted(it, key=lambda e: e.name)
+        except OSError as e:  # os.walk would skip it silently, and its images with it
+            raise DataError(f"cannot list {path} ({e.strerror or e}); make it readable or remove it") from e
+
+    def real(entry, parent: str) -> str:
+        if not entry.is_symlink():  # no syscall: the real path follows from the parent's
+            return os.path.join(parent, entry.name)
+        target = os.path.realpath(entry.path)
+        if target == top or target.startswith(prefix):
+            raise DataError(f"{entry.path} is a symlink into the data folder {root} (to {target}): its images "
+                            "would be read twice or under another class; remove the link, or copy what it "
+                            "should hold")
+        return target
+
+    def walk(path: str, where: str, stack: tuple, out: list) -> None:
+        files = []
+        for e in scan(path):
+            if e.is_dir():  # follows links, as os.walk(followlinks=True) does
+                target = real(e, where)
+                # only a link can lead back up: to a folder that holds one the walk came through
+                up = target.rstrip(os.sep) + os.sep
+                if e.is_symlink() and any(s == target or s.startswith(up) for s in stack):
+                    raise DataError(f"{e.path} is a symlink loop (it leads to {target}, which holds it); "
+                                    "remove the link")
+                walk(e.path, target, (*stack, target), out)
+            elif e.name.lower().endswith(IMG_EXTENSIONS):
+                files.append((e.path, real(e, where)))
+        out.append((path, files))
+
+    classes, folders = [], []
+    for e in scan(str(root)):
+        if e.is_dir():
+            target = real(e, top)
+            classes.append(e.name)
+            folders.append([])
+            walk(e.path, target, (top, target), folders[-1])
+    if not classes:
+        raise DataError(f"no class folders in {root}; expected root/<class>/<image>.jpg")
+    samples, seen, counts = [], set(), [0] * len(classes)
+    for label, found in enumerate(folders):
+        for _, files in sorted(found, key=lambda f: f[0]):  # make_dataset's sorted(os.walk(...))
+            for path, target in files:
+                if target not in seen:  # two links to one file outside the tree: taken once
+                    seen.add(target)
+                    samples.append((path, label))
+                    counts[label] += 1
+    if not samples:
+        raise DataError(f"no images in {root} (looked for {', '.join(IMG_EXTENSIONS)} files in its class folders)")
+    empty = [c for c, n in zip(classes, counts) if not n]
+    if empty:
+        raise DataError(f"class folder {root / empty[0]} holds no images ({len(empty)} such of {len(classes)}): "
+                        "it would still take a class index and shift the others; remove the empty folder "
+                        "or add images")
+    return classes, samples
+
+
 class FolderImages(tud.Dataset):
-    """ImageNet-layout folder: root/<class>/<image>. Listing does not open the images."""
+    """ImageNet-layout folder: root/<class>/<image> (list_folder's listing). Listing does not open the images."""
 
     def __init__(self, root: str | Path):
-        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataError(f"data root {self.root} does not exist; set data.root to a folder laid out as "
-                            "root/<class>/<image>.jpg (ImageNet's train/ folder)")
-        classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
-        if not classes:
-            raise DataError(f"no class folders in {self.root}; expected root/<class>/<image>.jpg")
-        self.classes = classes
-        index = {c: i for i, c in enumerate(classes)}
-        self.samples = make_dataset(str(self.root), index, extensions=IMG_EXTENSIONS, allow_empty=True)
-        if not self.samples:
-            raise DataError(f"no images in {self.root} (looked for {', '.join(IMG_EXTENSIONS)} files "
-                            "in its class folders)")
+        self.classes, self.samples = list_folder(self.root)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, i: int) -> tuple[Image.Image, int]:
         path, label = self.samples[i]
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()  # decode now, so a corrupt file fails here
-        return img.convert("RGB"), label
+        return decode_image(path), label
 
     def read_bytes(self, i: int) -> tuple[bytes, int]:
         """The encoded file and its label, undecoded (for decoding on the training device)."""
@@ -303,21 +364,27 @@ def random_resized_crop_params(rng: random.Random, width: int, height: int, scal
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+# ---------------------------------------------------------------------------------------------
+# reading with substitutes (decoding itself: tinymim.images)
+
+
 MAX_SUBSTITUTIONS = 16
 
 
-def load_or_substitute(source, index: int, length: int) -> tuple[Image.Image, int, int]:
+def load_or_substitute(source, index: int, length: int, fatal: tuple = ()) -> tuple[Image.Image, int, int]:
     """(image, label, skipped): the image at `index`, or, when it cannot be read, the next readable
-    one; each unreadable file is logged and counted in `skipped`, never fatal on its own."""
-    skipped = 0
+    one; skipped is 1 when the image at `index` was unreadable (logged), else 0. A substitute that
+    fails is not counted here: it is counted when its own index is drawn, once per occurrence.
+    Exceptions of the `fatal` types propagate (errors in the data the user must fix)."""
     for attempt in range(MAX_SUBSTITUTIONS):
         i = (index + attempt) % length
         try:
             img, label = source.load(i)
-            return img, label, skipped
+            return img, label, int(attempt > 0)
+        except fatal:
+            raise
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, not fatal
-            skipped += 1
-            log.warning("skipping unreadable image %s: %s", source.describe(i), e)
+            (log.warning if attempt == 0 else log.debug)("skipping unreadable image %s: %s", source.describe(i), e)
     raise DataError(f"{MAX_SUBSTITUTIONS} consecutive images could not be read near index {index}; "
                     "is the dataset corrupt?")
 
@@ -373,13 +440,18 @@ class PairedViewDataset(tud.Dataset):
         """The undecoded sample, or None when the file is not a baseline RGB/gray JPEG or its header
         cannot be read (then the Pillow path decodes it, or skips it as unreadable)."""
         import io
+        import warnings
 
         try:
             data, label = self.source.read_bytes(index)
-            with Image.open(io.BytesIO(data)) as header:  # parses the header only
-                if header.format != "JPEG" or header.mode not in ("RGB", "L"):
-                    return None
-                width, height = header.size
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image refuses it
+                with Image.open(io.BytesIO(data)) as header:  # parses the header only
+                    if header.format != "JPEG" or header.mode not in ("RGB", "L"):
+                        return None
+                    width, height = header.size
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                return None  # a possible decompression bomb: the Pillow path skips it
         except Exception:  # noqa: BLE001 - the Pillow path reports it
             return None
         (top, left, h, w), flip, factors, order = self.draw(random.Random(sample_seed), width, height)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from PIL import Image
 
 from tinymim.errors import TinymimError
 from tinymim.rundir import check_classes
+
+log = logging.getLogger(__name__)
 
 # AlexNet's top-1 error on ImageNet-C, averaged over the 5 severities (Hendrycks & Dietterich 2019);
 # since each CE_c divides sums over the same 5 severities, the averages normalize identically.
@@ -142,7 +145,9 @@ def corrupt_image(img: Image.Image, corruption: str, severity: int, seed: int = 
         raise ValueError(f"unknown corruption {corruption!r}; available: {', '.join(CORRUPTIONS)}")
     if not 1 <= severity <= 5:
         raise ValueError(f"severity must be 1..5, got {severity}")
-    x = np.asarray(img.convert("RGB"), dtype=np.float64) / 255
+    from tinymim.data import to_rgb8
+
+    x = np.asarray(to_rgb8(img), dtype=np.float64) / 255
     y = CORRUPTIONS[corruption](x, severity, np.random.default_rng(seed), min(img.size))
     return Image.fromarray((np.clip(y, 0, 1) * 255).round().astype(np.uint8))
 
@@ -236,16 +241,23 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
         dcfg = replace(cfg.data, name="folder", val_root=str(folder), num_workers=num_workers)
         return build_eval_loader(dcfg, batch_size)
 
+    def said(result: dict) -> dict:
+        """The result, with a warning when unreadable images were left out of its scores."""
+        if result["skipped_images"]:
+            log.warning("%d unreadable images skipped (each named above): the scores are over the %s readable "
+                        "ones", result["skipped_images"], result.get("images", "other"))
+        return result
+
     if protocol == "plain":
         check(root)
-        return {"protocol": "plain", **evaluate_folder(model, loader_for(root), dev)}
+        return said({"protocol": "plain", **evaluate_folder(model, loader_for(root), dev)})
     if protocol == "subset":
         indices = subset_class_indices(subdirs, classes)
-        return {"protocol": "subset", "classes": len(indices),
-                **evaluate_folder(model, loader_for(root), dev, class_indices=indices)}
+        return said({"protocol": "subset", "classes": len(indices),
+                     **evaluate_folder(model, loader_for(root), dev, class_indices=indices)})
     if protocol != "corruptions":
         raise TinymimError(f"unknown protocol {protocol!r}: auto, plain, subset or corruptions")
-    errors, table = {}, {}
+    errors, table, skipped = {}, {}, 0
     for c in subdirs:
         sev = [d.name for d in (root / c).iterdir() if d.is_dir()]
         if not all(x.isdigit() for x in sev):
@@ -256,7 +268,8 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
         res = [evaluate_folder(model, loader_for(root / c / s), dev) for s in sev]
         errors[c] = [1 - r["top1"] / 100 for r in res]
         table[c] = dict(zip(sev, (r["top1"] for r in res)))
-    return {"protocol": "corruptions", "top1": table, **corruption_errors(errors)}
+        skipped += sum(r["skipped_images"] for r in res)
+    return said({"protocol": "corruptions", "top1": table, **corruption_errors(errors), "skipped_images": skipped})
 
 
 def format_report(result: dict) -> str:
@@ -267,8 +280,9 @@ def format_report(result: dict) -> str:
                           "|---|---|", *rows])
     if result["protocol"] != "corruptions":
         extra = f" over {result['classes']} classes (logits restricted)" if "classes" in result else ""
+        unreadable = f", {result['skipped_images']} unreadable skipped" if result.get("skipped_images") else ""
         return (f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
-                f"({result['images']} images{extra})")
+                f"({result['images']} images{extra}{unreadable})")
     sev = sorted({s for row in result["top1"].values() for s in row}, key=int)
     lines = ["| corruption | " + " | ".join(f"sev {s} top-1" for s in sev) + " | mean error | CE |",
              "|---|" + "---|" * (len(sev) + 2)]
@@ -281,6 +295,8 @@ def format_report(result: dict) -> str:
         lines.append(f"mCE {100 * result['mce']:.1f} (normalized by AlexNet)")
     else:
         lines.append("mCE: not computed (defined for the 15 ImageNet-C corruptions, normalized by AlexNet's errors)")
+    if result.get("skipped_images"):
+        lines.append(f"{result['skipped_images']} unreadable images skipped (errors are over the readable ones)")
     return "\n".join(lines)
 
 

@@ -8,13 +8,16 @@ image, a label value that is neither a class nor the ignore label.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from tinymim.data import DataError
+from tinymim.data import DataError, decode_image, load_or_substitute, open_decoded
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -86,14 +89,21 @@ class SegmentationFolder:
         return len(self.images)
 
     def load(self, i: int) -> tuple[Image.Image, np.ndarray]:
-        image = Image.open(self.images[i]).convert("RGB")
-        raw = np.asarray(Image.open(self.labels[i]), dtype=np.int64)
+        """Raises DataError for a label map that does not fit its image (the user's to fix), other
+        exceptions for a file that cannot be read (a sample to skip)."""
+        image = decode_image(self.images[i])
+        return image, self.label(i, (image.height, image.width))
+
+    def label(self, i: int, shape: tuple[int, int]) -> np.ndarray:
+        """The i-th label map (class indices, the ignore label elsewhere), checked against its image's
+        (height, width) and the classes; DataError when it does not fit."""
+        raw = read_label_map(self.labels[i])
         if raw.ndim != 2:
             raise DataError(f"{self.labels[i]} is not a label map (one value per pixel): it has {raw.shape[2]} "
                             "channels; save class indices as an 8-bit single-channel PNG")
-        if raw.shape != (image.height, image.width):
+        if raw.shape != tuple(shape):
             raise DataError(f"{self.labels[i]} is {raw.shape[1]}x{raw.shape[0]}, its image {self.images[i].name} "
-                            f"{image.width}x{image.height}: a label map must match its image pixel for pixel")
+                            f"{shape[1]}x{shape[0]}: a label map must match its image pixel for pixel")
         label = raw
         if self.cfg.reduce_zero_label:  # ADE20K: 0 ("other") ignored, 1..150 -> 0..149
             label = np.where(raw == 0, self.cfg.ignore_index, raw - 1)
@@ -102,10 +112,35 @@ class SegmentationFolder:
             raise DataError(f"{self.labels[i]} holds label value(s) {', '.join(map(str, bad[:5].tolist()))}, neither "
                             f"a class (0..{self.cfg.num_classes - 1}) nor the ignore label {self.cfg.ignore_index}; "
                             "check num_classes, ignore_index and reduce_zero_label")
-        return image, label
+        return label
+
+    def check_labels(self) -> None:
+        """Every label map read and checked now (the images only by their headers): a bad one in the
+        evaluation split would otherwise stop the run after its first epoch had trained. Files that
+        cannot be read at all are left to the loader, which skips them."""
+        for i in range(len(self)):
+            try:
+                with Image.open(self.images[i]) as img:
+                    shape = (img.height, img.width)
+                self.label(i, shape)
+            except DataError:
+                raise
+            except Exception:  # noqa: BLE001 - unreadable: skipped (and counted) when it is loaded
+                continue
 
     def describe(self, i: int) -> str:
         return str(self.images[i])
+
+
+def read_label_map(path: Path) -> np.ndarray:
+    """The class indices of a label map as stored, int64: 8- or 16-bit gray, palette indices, mode I; never
+    through to_rgb8, whose rescaling is for pictures. A float map must hold whole numbers."""
+    raw = np.asarray(open_decoded(path))
+    if raw.dtype.kind == "f":
+        if not np.isfinite(raw).all() or (raw != np.round(raw)).any():
+            raise DataError(f"{path} holds non-integer label values (a float image); save class indices as an "
+                            "8- or 16-bit single-channel PNG")
+    return raw.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,15 +257,24 @@ class SegmentationDataset:
         import torch
 
         index, seed = item if isinstance(item, tuple) else (item, 0)
-        image, label = self.folder.load(index)
-        if self.train:
+        if self.train:  # an unreadable pair: the next readable one, counted (a bad label map stops the run)
+            image, label, skipped = load_or_substitute(self.folder, index, len(self.folder), fatal=(DataError,))
             x, y = train_transform(image, label, self.cfg, seed)
-            return {"image": x, "label": y}
-        return {"image": eval_transform(image, self.cfg), "label": torch.from_numpy(np.array(label))}
+            return {"image": x, "label": y, "skipped": skipped}
+        try:
+            image, label = self.folder.load(index)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - evaluation leaves an unreadable pair out
+            log.warning("skipping unreadable image %s: %s", self.folder.describe(index), e)
+            # a blank crop whose every pixel is the ignore label: it adds nothing to the metrics
+            c = self.cfg.crop_size
+            return {"image": torch.zeros(3, c, c), "label": torch.full((c, c), self.cfg.ignore_index), "skipped": 1}
+        return {"image": eval_transform(image, self.cfg), "label": torch.from_numpy(np.array(label)), "skipped": 0}
 
 
 def collate_segment(samples: list[dict]) -> dict:
     import torch
 
     return {"image": torch.stack([s["image"] for s in samples]), "label": torch.stack([s["label"] for s in samples]),
-            "skipped": 0}
+            "skipped": sum(s["skipped"] for s in samples)}

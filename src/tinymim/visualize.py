@@ -54,7 +54,7 @@ def load_run(run_dir: str | Path):
 
 def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk", "vv"), heads=(0,),
                   queries=None, cell: int = 128) -> Path:
-    from tinymim.data import normalize
+    from tinymim.data import decode_image, normalize
     from tinymim.relations import relation_logits
 
     from tinymim.engine import HeldLogs
@@ -64,8 +64,11 @@ def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk
     if unknown:
         raise TinymimError(f"unknown relation(s) {', '.join(unknown)}; choose from {', '.join(RELATION_NAMES)}")
     try:
-        img = Image.open(image).convert("RGB")
-    except (OSError, ValueError) as e:  # missing, unreadable, not an image
+        img = decode_image(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise TinymimError(f"cannot read the image {image}: too many pixels, a possible decompression bomb "
+                           f"({str(e).rstrip('.')}); pass a downscaled copy") from None
+    except Exception as e:  # noqa: BLE001 - missing, not an image, broken (Pillow raises many kinds), no RGB
         raise TinymimError(f"cannot read the image {image}: {getattr(e, 'strerror', None) or e}") from None
     with HeldLogs(replay=False):  # the rebuilt run's setup notes are not this command's business
         task, cfg = load_run(run_dir)

@@ -21,6 +21,7 @@ from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.config import ConfigError
 from tinymim.data import GlobalBatchSampler, worker_init
 from tinymim.engine import TrainConfig
+from tinymim.errors import DataError
 from tinymim.models import ModelConfig, check_input_size, create_vit
 from tinymim.segmentation import (Segmenter, add_relative_position_bias, confusion_matrix, mmseg_init_,
                                   release_layer_id, segmentation_metrics, slide_inference)
@@ -179,8 +180,11 @@ def predict(model: nn.Module, x: torch.Tensor, cfg: SegmentDataConfig, size) -> 
 
 
 def eval_loader(cfg: SegmentDataConfig, split: str, rank: int = 0, world: int = 1) -> tud.DataLoader:
-    """One image at a time (labels keep their own sizes), each process a strided shard of the split."""
-    val = SegmentationDataset(SegmentationFolder(cfg, split), cfg, train=False)
+    """One image at a time (labels keep their own sizes), each process a strided shard of the split.
+    Its label maps are checked now: in training, before the first epoch, not after it."""
+    folder = SegmentationFolder(cfg, split)
+    folder.check_labels()
+    val = SegmentationDataset(folder, cfg, train=False)
     return tud.DataLoader(tud.Subset(val, range(rank, len(val), world)), batch_size=1, num_workers=cfg.num_workers,
                           collate_fn=collate_segment, worker_init_fn=worker_init)
 
@@ -193,13 +197,21 @@ def evaluate_segmenter(model: nn.Module, loader, cfg: SegmentDataConfig, device:
     was_training = model.training
     model.eval()
     cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.int64, device=device)
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
     for batch in loader:
+        skipped += int(batch.get("skipped", 0))
+        if batch.get("skipped"):  # an unreadable image: left out of the scores, counted
+            continue
         x, label = batch["image"].to(device), batch["label"].to(device)
         cm += confusion_matrix(predict(model, x, cfg, label.shape[-2:]), label, cfg.num_classes, cfg.ignore_index)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(cm)
+        dist.all_reduce(skipped)
     model.train(was_training)
-    return segmentation_metrics(cm.cpu(), class_names)
+    metrics = segmentation_metrics(cm.cpu(), class_names)
+    if int(skipped):
+        metrics["skipped_images"] = int(skipped)
+    return metrics
 
 
 # keys the release's backbone options add: newly initialised when the weights come from a plain ViT
@@ -292,7 +304,12 @@ def evaluate_segmentation_run(run_dir: str | Path, data_root: str | Path, split:
     folder = loader.dataset.dataset.folder
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate_segmenter(model.to(device), loader, data, device, folder.classes)
-    return {"protocol": "segmentation", "split": split, "images": len(folder), **metrics}
+    skipped = metrics.pop("skipped_images", 0)
+    if skipped:
+        log.warning("%d unreadable images skipped (each named above): the scores are over the %d readable ones",
+                    skipped, len(folder) - skipped)
+    return {"protocol": "segmentation", "split": split, "images": len(folder) - skipped, "skipped_images": skipped,
+            **metrics}
 
 
 @torch.no_grad()
@@ -315,12 +332,21 @@ def prediction_picture(model: nn.Module, folder: SegmentationFolder, cfg: Segmen
         return Image.fromarray(palette[index])
 
     rows = []
-    for i in range(min(count, len(folder))):
-        image, label = folder.load(i)
+    for i in range(len(folder)):
+        if len(rows) == count:
+            break
+        try:
+            image, label = folder.load(i)
+        except DataError:
+            raise
+        except Exception:  # noqa: BLE001 - unreadable (already counted by the evaluation): the next one
+            continue
         pred = predict(model, eval_transform(image, cfg)[None].to(device), cfg, label.shape)[0]
         height = round(width * image.height / image.width)
         rows.append([p.resize((width, height), Image.NEAREST) for p in (image, paint(label), paint(pred.cpu().numpy()))])
     model.train(was_training)
+    if not rows:  # no readable image to show
+        return path
     canvas = Image.new("RGB", (3 * width, sum(r[0].height for r in rows)), "white")
     y = 0
     for row in rows:
