@@ -325,3 +325,197 @@ def test_missing_index_or_shard_is_one_line_naming_the_file(shards, tmp_path, ca
     rc = main(["distill", *TINY, f"data.root={broken}", "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err[-1].startswith("error: shard ") and "shard-000003.tar is missing" in err[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# trust what comes in: what an index names, what the shards hold, what a folder tree holds
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root (links not followed) and its bytes: to show nothing saved changed."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def with_index(shards: Path, dest: Path, edit) -> Path:
+    """A copy of the shard folder whose index was changed by edit(index)."""
+    shutil.copytree(shards, dest)
+    index = json.loads((dest / "index.json").read_text())
+    edit(index)
+    (dest / "index.json").write_text(json.dumps(index))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def bmps(tmp_path_factory) -> tuple[Path, Path]:
+    """(folder, shards) of 4 classes of 12 64px BMPs: every file, and so every shard, the same size."""
+    root = tmp_path_factory.mktemp("bmps") / "src"
+    rng = np.random.default_rng(1)
+    for c in range(CLASSES):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(PER_CLASS):
+            pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i:03d}.bmp")
+    out = root.parent / "shards"
+    write_shards(FolderImages(root), out, shard_size=SHARD, seed=0)
+    return root, out
+
+
+def test_an_index_naming_a_shard_outside_its_folder_is_refused_before_anything_is_read(shards, tmp_path):
+    outside = tmp_path / "x.tar"
+    shutil.copy(shards / "shard-000000.tar", outside)  # what a traversing name would reach
+    for n, bad in enumerate(["../x.tar", str(outside), "sub/x.tar", "sub\\x.tar", "..", ""]):
+        local = with_index(shards, tmp_path / f"local{n}", lambda ix: ix["shards"][0].update(name=bad))
+        before = snapshot(tmp_path)
+        with pytest.raises(DataError, match="not a plain file name") as e:
+            ShardImages(local)
+        assert str(local / "index.json") in one_line(e.value) and repr(bad) in str(e.value)
+        assert snapshot(tmp_path) == before
+    twice = with_index(shards, tmp_path / "twice", lambda ix: ix["shards"][1].update(name="shard-000000.tar"))
+    with pytest.raises(DataError, match="names shard shard-000000.tar twice"):
+        ShardImages(twice)
+
+    # from a URL, through the command line: nothing downloaded, nothing written outside the cache
+    remote = with_index(shards, tmp_path / "remote", lambda ix: ix["shards"][0].update(name="sub/../../../x.tar"))
+    (tmp_path / "remote" / "sub").mkdir()
+    before = snapshot(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "tinymim", "distill", *TINY, f"data.root={remote.as_uri()}",
+                        f"data.shard_cache={tmp_path / 'cache'}", "--output", str(tmp_path / "run")],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    line = last_line(r.stderr)
+    assert r.returncode == 1 and line.startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{remote.as_uri()}/index.json names shard 'sub/../../../x.tar'" in line
+    assert not (tmp_path / "cache").exists()
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("run/")} == before
+
+
+def test_labels_that_do_not_match_the_keys_classes_are_refused(shards, tmp_path):
+    def rotate(index):
+        for s in index["shards"]:
+            s["labels"] = [(label + 1) % CLASSES for label in s["labels"]]
+
+    rotated = with_index(shards, tmp_path / "rotated", rotate)
+    before = snapshot(rotated)
+    with pytest.raises(DataError, match="its labels do not match its class list") as e:
+        ShardImages(rotated)
+    assert str(rotated / "index.json") in one_line(e.value) and "tinymim shards SRC --output DIR" in str(e.value)
+    with pytest.raises(DataError, match="its labels do not match its class list"):  # from a URL: before any download
+        ShardImages(rotated.as_uri(), cache=tmp_path / "cache")
+    assert snapshot(rotated) == before and not (tmp_path / "cache").exists()
+
+
+def test_shards_swapped_by_name_are_refused(bmps, tmp_path):
+    _, shards = bmps
+    swapped = tmp_path / "swapped"
+    shutil.copytree(shards, swapped)
+    a, b = swapped / "shard-000001.tar", swapped / "shard-000002.tar"
+    assert a.stat().st_size == b.stat().st_size  # the size check cannot tell them apart
+    data = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(data)
+    before = snapshot(swapped)
+    with pytest.raises(DataError, match="does not match index.json") as e:
+        ShardImages(swapped)
+    assert f"shard {a} " in one_line(e.value)
+    assert "rewrite the shards with `tinymim shards SRC --output DIR`" in str(e.value)
+    remote = ShardImages(swapped.as_uri(), cache=tmp_path / "cache")  # from a URL: checked once downloaded
+    remote.read_bytes(0)
+    with pytest.raises(DataError, match="does not match index.json") as e:
+        remote.read_bytes(remote.shards[1].start)
+    assert str(remote.cache / "shard-000001.tar") in one_line(e.value)
+    assert snapshot(swapped) == before
+
+
+def test_offsets_that_do_not_match_the_tar_headers_are_refused(shards, tmp_path):
+    for n, (shard, sample, shift) in enumerate([(3, -1, 512), (5, 0, -512), (2, -1, 1)]):
+        def edit(index):
+            index["shards"][shard]["offsets"][sample] += shift
+
+        moved = with_index(shards, tmp_path / f"moved{n}", edit)
+        with pytest.raises(DataError, match="does not match index.json") as e:
+            ShardImages(moved)
+        assert f"shard {moved / f'shard-{shard:06d}.tar'} " in one_line(e.value)
+        assert "rewrite the shards with `tinymim shards SRC --output DIR`" in str(e.value)
+
+
+def test_an_interrupted_write_resumes_to_the_same_shards(bmps, tmp_path):
+    src, straight = bmps
+    out = tmp_path / "out"
+    # SIGKILLed half-way through writing its fourth shard (faulty_run: after 64 KiB of shard-000003.tar)
+    r = subprocess.run([sys.executable, str(HERE / "faulty_run.py"), "kill", "1", "shard-000003.tar", "--", "shards",
+                        str(src), "--output", str(out), "--shard-size", str(SHARD)],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"shard-{k:06d}.tar" for k in range(3)]
+    assert list(out.glob("shard-000003.tar.*.tmp")) and not (out / "index.json").exists()
+    with open(out / "shard-000001.tar", "r+b") as f:  # and one cut short, as by a copy that stopped
+        f.truncate(f.seek(0, 2) // 2)
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "shard-000000.tar", out / "shard-000002.tar")}
+    r = subprocess.run([sys.executable, "-m", "tinymim", "shards", str(src), "--output", str(out),
+                        "--shard-size", str(SHARD)], env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert snapshot(out) == snapshot(straight)  # byte for byte, and no temporary file left
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # the finished ones were kept
+
+
+def test_resuming_another_write_is_refused_and_writes_nothing(bmps, tmp_path):
+    src, _ = bmps
+    out = tmp_path / "out"
+    write_shards(FolderImages(src), out, shard_size=SHARD, seed=1)
+    (out / "index.json").unlink()  # unfinished
+    before = snapshot(out)
+    for kwargs in ({"shard_size": SHARD, "seed": 0}, {"shard_size": 2 * SHARD, "seed": 1}):
+        with pytest.raises(DataError, match="unfinished write of another source, --shard-size or --seed") as e:
+            write_shards(FolderImages(src), out, **kwargs)
+        assert str(out) in one_line(e.value)
+        assert snapshot(out) == before
+
+
+def test_a_symlink_loop_in_a_folder_is_refused_in_one_line(folder, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    before = snapshot(src)
+    (src / "class_1" / "again").symlink_to(src)  # a loop: the tree inside itself
+    r = subprocess.run([sys.executable, "-m", "tinymim", "shards", str(src), "--output", str(tmp_path / "out")],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    line = last_line(r.stderr)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert line.startswith(f"error: {src / 'class_1' / 'again'} is a symlink into the data folder {src}")
+    assert not (tmp_path / "out").exists() and snapshot(src) == before
+    (src / "class_1" / "again").unlink()
+
+    (src / "class_2" / "other").symlink_to(src / "class_0")  # another class's images under this one
+    with pytest.raises(DataError, match="is a symlink into the data folder") as e:
+        FolderImages(src)
+    assert str(src / "class_2" / "other") in one_line(e.value)
+    (src / "class_2" / "other").unlink()
+
+    outside = tmp_path / "outside"  # outside the tree: followed, each file once, but not round a loop
+    (outside / "more").mkdir(parents=True)
+    shutil.copy(folder / "class_3" / "005.jpg", outside / "more" / "x.jpg")
+    (src / "class_3" / "ext").symlink_to(outside)
+    (src / "class_3" / "x.jpg").symlink_to(outside / "more" / "x.jpg")  # the same file twice
+    source = FolderImages(src)
+    assert len(source) == CLASSES * PER_CLASS + 1
+    assert [p for p, _ in source.samples if "x.jpg" in p] == [str(src / "class_3" / "x.jpg")]  # the first found
+    (outside / "more" / "back").symlink_to(outside)
+    with pytest.raises(DataError, match="is a symlink loop") as e:
+        FolderImages(src)
+    assert str(src / "class_3" / "ext" / "more" / "back") in one_line(e.value)
+
+
+def test_an_empty_class_folder_is_refused(folder, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    (src / "class_1b" / "nothing").mkdir(parents=True)  # sorts between class_1 and class_2: would shift them
+    (src / "class_1b" / "notes.txt").write_text("no images")
+    with pytest.raises(DataError, match="remove the empty folder or add images") as e:
+        FolderImages(src)
+    assert f"class folder {src / 'class_1b'} holds no images" in one_line(e.value)
+    with pytest.raises(DataError, match="holds no images"):
+        write_shards(FolderImages(src), tmp_path / "out")  # never reached: the listing refuses
+    assert not (tmp_path / "out").exists()

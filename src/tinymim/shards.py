@@ -19,7 +19,10 @@ holds `shard_size` samples except the last.
 `ShardImages` reads a shard folder, or a URL prefix (http://, https://, file://) holding the same files:
 remote shards are downloaded whole, once, into a cache folder the first time one of their samples is read
 (one subfolder per URL and index content: shard sets never share files, and shards written anew at
-the same URL are fetched anew).
+the same URL are fetched anew). An index is trusted only as far as it checks out: shard names must be
+plain file names (nothing outside the folder or the cache), labels must match the classes their keys
+name, and each shard's size and the tar headers of its first and last sample must be where the index
+says (when it is opened; a remote one once downloaded).
 
 `tinymim.data.ShardBatchSampler` splits by whole shards: each epoch the shard order is shuffled with (seed, epoch),
 the shards are dealt to ranks greedily by sample count (largest first, to the rank holding fewest, so
@@ -40,6 +43,7 @@ import json
 import logging
 import os
 import random
+import re
 import tarfile
 import urllib.error
 import urllib.request
@@ -52,7 +56,8 @@ import torch.utils.data as tud
 from PIL import Image
 
 from tinymim.errors import DataError
-from tinymim.rundir import RunDirError, atomic_write
+from tinymim.images import decode_image
+from tinymim.rundir import TMP_SUFFIX, RunDirError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,11 @@ INDEX = "index.json"
 SHARD_NAME = "shard-{:06d}.tar"
 URL_SCHEMES = ("http://", "https://", "file://")
 WRITE_FIX = "write them with `tinymim shards SRC --output DIR`"
+REWRITE_FIX = "rewrite the shards with `tinymim shards SRC --output DIR`"
+RESUME_FIX = ("another source, --shard-size or --seed; give the interrupted write's SRC, --shard-size and --seed, "
+              "or choose a new --output")
+# the temporary files atomic_write leaves when a write is killed (rundir._open_tmp names them)
+_TMP = re.compile(rf"(shard-\d{{6}}\.tar|{re.escape(INDEX)})\.[0-9a-f]{{8}}{re.escape(TMP_SUFFIX)}")
 MAX_OPEN_FILES = 64  # per process: a rank's epoch touches all of its shards
 
 
@@ -71,14 +81,15 @@ MAX_OPEN_FILES = 64  # per process: a rank's epoch touches all of its shards
 def write_shards(source, output: str | Path, shard_size: int = 1000, seed: int = 0) -> dict:
     """Write `source` (a `tinymim.data.FolderImages`: its listing, its class names) as tar shards of
     `shard_size` samples and an index into `output`; returns the index. Every file is written to a
-    temporary file beside it and renamed, index.json last: a folder without it is unfinished."""
+    temporary file beside it and renamed, index.json last: a folder without it is unfinished, and writing
+    into it again (same source, shard size and seed) keeps the shards it finished and writes the rest."""
     if shard_size < 1:
         raise DataError(f"shard size must be 1 or more, got {shard_size}; e.g. --shard-size 1000 "
                         "(about 100 MiB of ImageNet JPEGs a shard)")
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise DataError(f"--output {output} is a file; choose a folder for the shards")
-    if output.is_dir() and ((output / INDEX).exists() or any(output.glob("shard-*.tar"))):
+    if (output / INDEX).exists():
         raise DataError(f"{output} already holds shards; choose a new --output, or delete its "
                         f"{INDEX} and shard-*.tar to write them again")
     samples = list(source.samples)
@@ -87,19 +98,25 @@ def write_shards(source, output: str | Path, shard_size: int = 1000, seed: int =
     keys = _keys(source.root, [path for path, _ in samples])
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)  # each shard a mix of classes, the same for a given seed
+    plan = [[(keys[i], Path(samples[i][0]).suffix.lower().lstrip("."), samples[i][0], samples[i][1])
+             for i in order[start:start + shard_size]] for start in range(0, len(order), shard_size)]
+    done = _finished_shards(output, plan)  # all checked before anything is written
+    for stale in output.glob(f"*{TMP_SUFFIX}") if output.is_dir() else []:
+        if _TMP.fullmatch(stale.name):  # an interrupted write's unfinished file
+            stale.unlink()
+    if done:
+        log.info("%s holds %d of the %d shards finished: writing the rest", output, len(done), len(plan))
     shards = []
-    starts = range(0, len(order), shard_size)
-    for k, start in enumerate(starts):
-        chosen = order[start:start + shard_size]
-        items = [(keys[i], Path(samples[i][0]).suffix.lower().lstrip("."), samples[i][0], samples[i][1])
-                 for i in chosen]
+    for k, items in enumerate(plan):
         name = SHARD_NAME.format(k)
-        offsets, sizes = _write_tar(output / name, items)
-        shards.append({"name": name, "samples": len(items), "bytes": (output / name).stat().st_size,
+        if k not in done:
+            offsets, sizes = _write_tar(output / name, items)
+            done[k] = {"name": name, "samples": len(items), "bytes": (output / name).stat().st_size,
                        "keys": [it[0] for it in items], "exts": [it[1] for it in items],
-                       "offsets": offsets, "sizes": sizes, "labels": [it[3] for it in items]})
-        if (k + 1) * 10 // len(starts) > k * 10 // len(starts):
-            log.info("wrote %d of %d shards", k + 1, len(starts))
+                       "offsets": offsets, "sizes": sizes, "labels": [it[3] for it in items]}
+        shards.append(done[k])
+        if (k + 1) * 10 // len(plan) > k * 10 // len(plan):
+            log.info("wrote %d of %d shards", k + 1, len(plan))
     counts = collections.Counter(label for _, label in samples)
     index = {"format": FORMAT, "version": VERSION, "seed": seed, "shard_size": shard_size,
              "classes": list(source.classes),
@@ -107,6 +124,66 @@ def write_shards(source, output: str | Path, shard_size: int = 1000, seed: int =
              "total": len(samples), "shards": shards}
     atomic_write(output / INDEX, lambda f: f.write(_index_text(index).encode()))
     return index
+
+
+def _finished_shards(output: Path, plan: list) -> dict[int, dict]:
+    """The index entries of the shards an interrupted write into `output` finished, by position in `plan`.
+    Each is checked against what this write would put there (member names, sizes, times and labels: the
+    tar headers only, not the image data); one cut short is written again, one holding anything else
+    (another source, shard size or seed) stops the write before anything is written."""
+    if not output.is_dir():
+        return {}
+    names = [SHARD_NAME.format(k) for k in range(len(plan))]
+    stray = sorted(p.name for p in output.glob("shard-*.tar") if p.name not in names)
+    if stray:
+        raise DataError(f"{output / stray[0]} is not one of the {len(plan)} shards this write makes: {output} "
+                        f"holds an unfinished write of {RESUME_FIX}")
+    done = {}
+    for k, name in enumerate(names):
+        if (output / name).exists():
+            entry = _finished(output / name, plan[k])
+            if entry is not None:
+                done[k] = entry
+    return done
+
+
+def _finished(path: Path, items) -> dict | None:
+    """`path`'s index entry when it holds `items` whole, as _write_tar writes them; None when it is a
+    part of that (cut short); a DataError when it holds anything else."""
+    expected = []
+    for key, ext, src, label in items:
+        try:
+            st = os.stat(src)
+        except OSError as e:
+            raise DataError(f"cannot read {src} ({e.strerror or e}); fix or remove it, then write the shards "
+                            "again") from e
+        expected += [(f"{key}.{ext}", st.st_size, int(st.st_mtime), None),
+                     (f"{key}.cls", len(str(label)), int(st.st_mtime), str(label).encode())]
+    got = []
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                n = len(got)
+                name, size, mtime, data = expected[n] if n < len(expected) else (None, None, None, None)
+                if (m.name, m.size, int(m.mtime)) != (name, size, mtime) or not m.isreg() or \
+                        (data is not None and tar.extractfile(m).read() != data):
+                    held = f"{m.name} of another size, time or label" if m.name == name else m.name
+                    want = name or f"the end of the shard ({len(items)} images)"
+                    raise DataError(f"{path} holds {held} where this write puts {want}: its folder holds an "
+                                    f"unfinished write of {RESUME_FIX}")
+                got.append(m)
+        size = path.stat().st_size
+    except (tarfile.TarError, OSError, EOFError):
+        return None  # cut short: everything read so far was the write's own
+    if len(got) < len(expected) or not got:
+        return None
+    end = got[-1].offset_data + -(-got[-1].size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    if size != -(-(end + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE:
+        return None  # the end-of-archive blocks are missing
+    images = got[0::2]
+    return {"name": path.name, "samples": len(items), "bytes": size, "keys": [it[0] for it in items],
+            "exts": [it[1] for it in items], "offsets": [m.offset_data for m in images],
+            "sizes": [m.size for m in images], "labels": [it[3] for it in items]}
 
 
 def _keys(root, paths: list[str]) -> list[str]:
@@ -242,12 +319,18 @@ class ShardImages(tud.Dataset):
             if index.get("version") != VERSION:
                 raise ValueError(f"format version {index.get('version')}; this tinymim reads version {VERSION}")
             self.classes = [str(c) for c in index["classes"]]
-            shards, start = [], 0
+            shards, start, self._ends = [], 0, {}
             for s in index["shards"]:
                 n = int(s["samples"])
                 if not all(len(s[col]) == n for col in ("keys", "exts", "offsets", "sizes", "labels")):
                     raise ValueError(f"the sample lists of {s['name']} are not {n} long")
-                shards.append(Shard(str(s["name"]), n, int(s["bytes"]), start, start + n))
+                name = self._shard_name(s["name"])
+                if name in self._ends:
+                    raise DataError(f"{self._where} names shard {name} twice; {WRITE_FIX} again")
+                shards.append(Shard(name, n, int(s["bytes"]), start, start + n))
+                # the first and last sample, checked against the shard's tar headers when it is opened
+                self._ends[name] = [(str(s["keys"][j]), str(s["exts"][j]), int(s["offsets"][j]), int(s["sizes"][j]),
+                                     int(s["labels"][j])) for j in sorted({0, n - 1}) if n]
                 start += n
             if not shards or start != index["total"]:
                 raise ValueError(f"its shards hold {start} samples, its total says {index['total']}")
@@ -261,8 +344,30 @@ class ShardImages(tud.Dataset):
                 raise ValueError(f"labels outside 0..{len(self.classes) - 1}")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"{self._where} is not a readable shard index ({e}); {WRITE_FIX} again") from e
+        self._check_labels(cols["keys"])
         self.shards = shards
         self._starts = [s.start for s in shards]
+        self._verified: set[str] = set()
+
+    def _shard_name(self, name) -> str:
+        """A shard's name: a plain file name, so that nothing an index names is read or written outside
+        its folder or the download cache."""
+        name = str(name)
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or os.path.isabs(name):
+            raise DataError(f"{self._where} names shard {name!r}, not a plain file name in {self.root}: refusing "
+                            f"to read or download it; {WRITE_FIX} again")
+        return name
+
+    def _check_labels(self, keys: list) -> None:
+        """Each sample's label against the class its key names (`<class>/<name>`, see _keys): an index
+        whose labels were shifted against its class list would train on wrong labels without a sign."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        for key, label in zip(keys, self.labels.tolist()):
+            expected = index.get(str(key).split("/", 1)[0])
+            if expected is not None and expected != label:
+                raise DataError(f"{self._where} labels {key} as {label} ({self.classes[label]}), but its key names "
+                                f"class {self.classes[expected]} ({expected}): its labels do not match its class "
+                                f"list; {REWRITE_FIX}")
 
     def _check_shards(self) -> None:
         """Every shard there, at its indexed size: a shard that fails to read later would only be a run of
@@ -276,12 +381,30 @@ class ShardImages(tud.Dataset):
                     raise DataError(f"shard {path} is missing ({e.strerror}; {INDEX} lists {len(self.shards)} "
                                     f"shards); restore it, or {WRITE_FIX} again") from e
                 _check_size(str(path), size, shard.bytes)
+                self._check_headers(shard, path)
             return
         todo = [s for s in self.shards if _size(self.cache / s.name) != s.bytes]
         with ThreadPoolExecutor(16) as pool:  # one request per shard not in the cache yet
             for shard, size in zip(todo, pool.map(lambda s: _remote_size(self._url(s)), todo)):
                 if size is not None:
                     _check_size(self._url(shard), size, shard.bytes)
+
+    def _check_headers(self, shard: Shard, path: Path) -> None:
+        """The shard's first and last sample where the index says, by their tar headers (a few blocks
+        read): shards swapped or rewritten since the index was written fail here, not as wrong images."""
+        if shard.name in self._verified:
+            return
+        try:
+            with open(path, "rb") as f:
+                for key, ext, offset, size, label in self._ends[shard.name]:
+                    found = _member_at(f, key, ext, offset, size, label)
+                    if found is not None:
+                        raise DataError(f"shard {path} does not match {INDEX}: it holds {found} where the index puts "
+                                        f"{key}.{ext} (shards swapped, or written again since the index); "
+                                        f"{REWRITE_FIX}")
+        except OSError as e:
+            raise DataError(f"cannot read shard {path} ({e.strerror or e}); restore it, or {WRITE_FIX} again") from e
+        self._verified.add(shard.name)
 
     # the source interface
 
@@ -298,10 +421,9 @@ class ShardImages(tud.Dataset):
         return [s.range for s in self.shards]
 
     def load(self, i: int) -> tuple[Image.Image, int]:
+
         data, label = self.read_bytes(i)
-        img = Image.open(io.BytesIO(data))
-        img.load()  # decode now, so a corrupt file fails here
-        return img.convert("RGB"), label
+        return decode_image(io.BytesIO(data)), label
 
     def read_bytes(self, i: int) -> tuple[bytes, int]:
         """The encoded image file and its label (FolderImages' read_bytes: for decoding on the device)."""
@@ -345,6 +467,8 @@ class ShardImages(tud.Dataset):
         path = self._path(shard)
         if self.remote and _size(path) != shard.bytes:
             _download(self._url(shard), path, shard.bytes)
+        if self.remote:  # checked once here, now that the file is local
+            self._check_headers(shard, path)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
@@ -363,6 +487,29 @@ class ShardImages(tud.Dataset):
         if getattr(self, "_pid", None) == os.getpid():
             for fd in self._files.values():
                 os.close(fd)
+
+
+def _member_at(f, key: str, ext: str, offset: int, size: int, label: int) -> str | None:
+    """None when the tar `f` holds sample `key` as _write_tar wrote it: the image's header right before
+    `offset`, its label member right after its data; else what it holds there instead."""
+    name = f"{key}.{ext}"
+    try:
+        f.seek(offset - tarfile.BLOCKSIZE)
+        info = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+    except (tarfile.HeaderError, ValueError, OSError):
+        return f"no tar header before byte {offset}"
+    # the header's own name field: a name too long for it, or not ASCII, is cut short there (whole in a pax header)
+    if (info.name, info.size) != (name.encode("ascii", "replace")[:100].decode(), size) or not info.isreg():
+        return f"{info.name} ({info.size} bytes) at byte {offset}"
+    f.seek(offset + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:  # reads from here; pax headers included
+            cls = tar.next()
+            if cls is None or cls.name != f"{key}.cls" or tar.extractfile(cls).read() != str(label).encode():
+                return f"{cls.name if cls else 'no member'} after {name}, not its label {label}"
+    except (tarfile.TarError, OSError, EOFError):
+        return f"no label member after {name}"
+    return None
 
 
 def _size(path: Path) -> int | None:
