@@ -254,3 +254,108 @@ def test_exported_classifier_gives_the_same_logits(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert (model(x) - ours(x)).abs().max().item() < 1e-5
+
+
+def _files(root) -> dict:
+    """Every file under root: its bytes and mtime (what a refused command must not change)."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_export_refuses_a_non_empty_folder_unless_overwrite_and_writes_umask_modes(distilled_run, tmp_path, capsys):
+    import os
+    import stat
+
+    from tinymim.cli import main
+
+    out = tmp_path / "export"
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["export", str(distilled_run), "--output", str(out)]) == 0
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+        assert modes == {"config.json": 0o644, "model.safetensors": 0o644, "README.md": 0o644}
+        assert not [p for p in tmp_path.iterdir() if p.name != "export"]  # no temporary folder left
+        capsys.readouterr()
+        before, run_before = _files(out), _files(distilled_run)
+
+        # a second export into the same folder: refused, the first one byte for byte as it was
+        assert main(["export", str(distilled_run), "--output", str(out), "--features", "relation-input"]) == 1
+        line = _error_line(capsys.readouterr().err)
+        assert line.startswith(f"error: --output {out} is not empty (it holds README.md, config.json, "
+                               "model.safetensors)") and "--overwrite" in line
+        assert _files(out) == before
+
+        # a run's own folder is never an export's, even with --overwrite
+        assert main(["export", str(distilled_run), "--output", str(distilled_run), "--overwrite"]) == 1
+        assert "is the source itself" in _error_line(capsys.readouterr().err)
+        ft_like = tmp_path / "other_run"
+        ft_like.mkdir()
+        (ft_like / "config.yaml").write_text("model: {}\ntrain: {}\n")
+        (ft_like / "model.safetensors").write_bytes(b"a fine-tuned run's weights")
+        other = _files(ft_like)
+        assert main(["export", str(distilled_run), "--output", str(ft_like), "--overwrite"]) == 1
+        assert "is a tinymim run folder" in _error_line(capsys.readouterr().err)
+        assert _files(ft_like) == other and _files(distilled_run) == run_before
+
+        # --overwrite replaces the export's files, with the umask's mode again
+        assert main(["export", str(distilled_run), "--output", str(out), "--features", "relation-input",
+                     "--overwrite"]) == 0
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == modes
+        assert "entering the last (relation) block" in (out / "README.md").read_text()
+    finally:
+        os.umask(old_umask)
+
+
+def test_export_onnx_refuses_an_existing_file_unless_overwrite(distilled_run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from tinymim.cli import main
+
+    out = tmp_path / "student.onnx"
+    out.write_bytes(b"an earlier export")
+    before = _files(tmp_path)
+    assert main(["export", str(distilled_run), "--format", "onnx", "--output", str(out)]) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert line == f"error: --output {out} already exists; choose a new file name, or pass --overwrite to replace it"
+    assert _files(tmp_path) == before
+    assert main(["export", str(distilled_run), "--format", "onnx", "--output", str(tmp_path)]) == 1
+    assert "is a folder: --format onnx writes one file" in _error_line(capsys.readouterr().err)
+    assert main(["export", str(distilled_run), "--format", "onnx", "--output", str(out), "--overwrite"]) == 0
+    assert out.read_bytes()[:4] != b"an e" and (out.stat().st_mode & 0o777) == 0o666 & ~_umask()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx"]  # no temporary file left
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_export_of_a_pipeline_folder_or_an_empty_folder_says_what_it_is(tmp_path, capsys):
+    from tinymim.cli import main
+    from tinymim.rundir import RunDir
+
+    pipe = tmp_path / "pipe"
+    for stage in ("teacher", "finetune"):
+        (pipe / stage).mkdir(parents=True)
+        (pipe / stage / RunDir.RECORD).write_text('{"stage": "%s", "status": "done"}\n' % stage)
+    (pipe / "report.md").write_text("# report\n")
+    before = _files(tmp_path)
+    out = tmp_path / "export"
+    assert main(["export", str(pipe), "--output", str(out)]) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert line == (f"error: {pipe} is a pipeline folder, not a run: export one of its stages' run folders "
+                    f"instead ({pipe}/finetune, {pipe}/teacher)")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", str(empty), "--output", str(out)]) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {empty} is an empty folder: it holds no run;") and "bare checkpoint" not in line
+    assert _files(tmp_path) == before and not out.exists()

@@ -198,3 +198,122 @@ def test_a_shard_out_of_range_is_one_line(tmp_path, capsys):
     assert main(["pipeline", "--config", "pipelines/demo", "--output", str(tmp_path / "o"), "--shard", "2/2"]) == 1
     err = capsys.readouterr().err
     assert "--shard 2/2" in err and err.count("\n") == 1
+
+
+def _files(root) -> dict:
+    """Every file under root: its bytes and mtime (what must not change)."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _weights(path) -> tuple:
+    """A safetensors file's tensors (as bytes) and metadata: equal however its header is ordered."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}, f.metadata()
+
+
+def _stage_files(out, names) -> dict:
+    return {n: _files(out / n) for n in names}
+
+
+def test_a_moved_or_copied_pipeline_reuses_every_stage(tmp_path):
+    """Stage records name their upstream stages relative to the pipeline folder: after a move or a
+    copy nothing retrains (no .superseded/, every file of every stage unchanged); a stage resumed
+    there takes its upstream from the new place; records of absolute paths still match in place."""
+    import shutil
+
+    spec = tiny_pipeline()
+    spec["stages"] = spec["stages"][:3]  # teacher -> student (teacher.checkpoint) -> ft_student (init)
+    cfg = _as_config(spec)
+    names = ["teacher", "student", "ft_student"]
+    first = tmp_path / "a" / "pipe"
+    assert [s["reused"] for s in run_pipeline(cfg, first)] == [False] * 3
+    ids = run_ids(first)
+    record = RunDir(first / "student").read_record()
+    assert record["config"]["teacher"]["checkpoint"] == "<pipeline>/teacher"
+    assert "teacher.checkpoint=<pipeline>/teacher" in record["overrides"]
+    assert RunDir(first / "ft_student").read_record()["config"]["init"] == "<pipeline>/student"
+    before = _stage_files(first, names)
+
+    moved = tmp_path / "b" / "moved"
+    moved.parent.mkdir()
+    shutil.move(str(first), str(moved))
+    assert [s["reused"] for s in run_pipeline(cfg, moved)] == [True] * 3
+    assert not (moved / ".superseded").exists() and run_ids(moved) == ids
+    assert _stage_files(moved, names) == before
+
+    copy = tmp_path / "c" / "copy"
+    shutil.copytree(moved, copy)
+    assert [s["reused"] for s in run_pipeline(cfg, copy)] == [True] * 3
+    assert not (copy / ".superseded").exists() and run_ids(copy) == ids
+    assert {n: {k: v[0] for k, v in f.items()} for n, f in _stage_files(copy, names).items()} == \
+        {n: {k: v[0] for k, v in f.items()} for n, f in before.items()}
+
+    # a stage that runs again in the copy (its weights lost: re-exported from last.pt) resumes there,
+    # pointed at the copy's teacher; its run id stays, nothing downstream is redone
+    (copy / "student" / "student.safetensors").unlink()
+    assert [s["reused"] for s in run_pipeline(cfg, copy)] == [True, False, True]
+    assert not (copy / ".superseded").exists() and run_ids(copy) == ids
+    assert f"checkpoint: {copy / 'teacher'}\n" in (copy / "student" / "config.yaml").read_text()
+    assert _weights(copy / "student" / "student.safetensors") == _weights(moved / "student" / "student.safetensors")
+    assert (copy / "student" / "metrics.jsonl").read_bytes() == before["student"]["metrics.jsonl"][0]
+    assert _stage_files(moved, names) == before  # the original untouched
+
+    # records written before they were portable (absolute paths) still match where they were made
+    for n in names:
+        path = moved / n / RunDir.RECORD
+        path.write_text(path.read_text().replace("<pipeline>/", f"{moved}/"))
+    old = _stage_files(moved, names)
+    assert [s["reused"] for s in run_pipeline(cfg, moved)] == [True] * 3
+    assert not (moved / ".superseded").exists() and _stage_files(moved, names) == old
+
+
+def _last_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[-1]
+
+
+def test_pipeline_output_that_is_a_run_folder_is_refused(tmp_path, capsys):
+    import yaml
+
+    from tinymim.cli import main
+
+    recipe = tmp_path / "pipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_pipeline()))
+    run = tmp_path / "run"  # a finished single run: config, checkpoint, weights
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {name: vit_custom}\ntrain: {epochs: 1}\n")
+    (run / "checkpoints" / "last.pt").write_bytes(b"checkpoint")
+    (run / "model.safetensors").write_bytes(b"weights")
+    before = _files(run)
+    assert main(["pipeline", "--config", str(recipe), "--output", str(run)]) == 1
+    line = _last_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --output {run} is a run's folder (it holds config.yaml, last.pt, "
+                           "model.safetensors)") and "choose another --output" in line
+    assert _files(run) == before and sorted(p.name for p in run.iterdir()) == [
+        "checkpoints", "config.yaml", "model.safetensors"]  # no .lock, no stage folder
+
+    stage = tmp_path / "pipe" / "student"  # one stage of a pipeline
+    stage.mkdir(parents=True)
+    (stage / RunDir.RECORD).write_text('{"stage": "student"}\n')
+    (stage / "config.yaml").write_text("train: {epochs: 1}\n")
+    before = _files(tmp_path / "pipe")
+    assert main(["pipeline", "--config", str(recipe), "--output", str(stage)]) == 1
+    line = _last_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --output {stage} is the run folder of stage 'student' of the pipeline in "
+                           f"{stage.parent}") and f"give --output {stage.parent}" in line
+    assert _files(tmp_path / "pipe") == before and sorted(p.name for p in stage.iterdir()) == [
+        "config.yaml", RunDir.RECORD]
+
+
+def test_config_pipeline_prints_the_resolved_pipeline(capsys):
+    from tinymim.cli import main
+
+    assert main(["config", "pipeline", "--config", "pipelines/demo"]) == 0
+    out = capsys.readouterr().out
+    assert 'stages[0].name = "student_tinymim"' in out and 'stages[1].init = "student_tinymim"' in out
+    assert "stages[0].task = " in out and "# str: a task of the registry" in out
+    assert out.splitlines()[0].startswith("overrides = ")

@@ -6,7 +6,8 @@ import logging
 import re
 import sys
 
-from tinymim.errors import TinymimError
+from tinymim.errors import TinymimError, loader_worker_death
+from tinymim.preempt import note_early
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +50,7 @@ def cmd_config(args) -> int:
         from tinymim.tasks import load_config
 
         cfg = load_config(args.task, args.config, args.overrides)
-    rows = [(key, json.dumps(value), tp, doc) for key, tp, value, doc in describe(type(cfg), cfg)]
+    rows = [(key, json.dumps(value), tp, doc) for key, tp, value, doc in _described(describe, cfg)]
     width = max(len(f"{k} = {v}") for k, v, _, _ in rows if len(f"{k} = {v}") <= 60)
     for key, value, tp, doc in rows:
         left = f"{key} = {value}"
@@ -57,14 +58,29 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _described(describe, cfg, prefix: str = "") -> list[tuple]:
+    """describe()'s rows, a list of sections (a pipeline's stages) expanded item by item: stages[0].name ..."""
+    import dataclasses
+
+    rows = []
+    for key, tp, value, doc in describe(type(cfg), cfg, prefix):
+        if isinstance(value, list) and value and all(dataclasses.is_dataclass(v) for v in value):
+            for i, item in enumerate(value):
+                rows += _described(describe, item, f"{key}[{i}].")
+        else:
+            rows.append((key, tp, value, doc))
+    return rows
+
+
 def cmd_export(args) -> int:
     from tinymim import export
 
     if args.format == "timm":
-        out = export.export_timm(args.source, args.output, args.model, args.features)
+        out = export.export_timm(args.source, args.output, args.model, args.features, overwrite=args.overwrite)
         print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True)")
     else:
-        diff = export.export_onnx(args.source, args.output, args.model, features=args.features)
+        diff = export.export_onnx(args.source, args.output, args.model, features=args.features,
+                                  overwrite=args.overwrite)
         print(f"wrote {args.output}: matches PyTorch within {diff:.1e} (onnxruntime, CPU)")
     return 0
 
@@ -202,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", default="final", choices=["final", "relation-input"],
                    help="pre-trained encoders: the final pooled features (default), or the tokens entering the "
                         "last (relation) block, which relation distillation trained")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier export in --output (default: refuse a non-empty folder "
+                        "or an existing file)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned run (plain, ImageNet-A/R subsets, corruptions), "
                                     "or mIoU of a segment run")
@@ -273,8 +292,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and getattr(args, "func", None) is cmd_config and not any(e.startswith("-") for e in extra):
-        args.overrides = [*args.overrides, *extra]  # `config TASK --config R key=value`: argparse stops early
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        # overrides on both sides of an option (`key=value --output RUN key=value`): argparse takes one run
+        args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
@@ -284,6 +304,8 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.func is cmd_train:
+        note_early()  # a stop signal during start-up (imports, teacher build) stops the run, not kills it
     try:
         return args.func(args)
     except TinymimError as e:
@@ -295,18 +317,15 @@ def main(argv=None) -> int:
         elif _is_main_process():  # a requested stop: one line, from one process
             print(one_line(str(e)), file=sys.stderr)
         return code
-    except OSError as e:  # a path the user gave that cannot be read or written
-        where = f" {e.filename}" if e.filename else ""
-        print(f"error: cannot use{where}: {e.strerror or e}; check the path and its permissions", file=sys.stderr)
-        return 1
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
+    except (RuntimeError, OSError, EOFError) as e:
+        died = loader_worker_death(e)  # a data-loading worker's death, in any of its forms
+        if died is not None:
+            print(f"error: {one_line(str(died))}", file=sys.stderr)
+            return 1
+        if not isinstance(e, OSError):
             raise  # an internal error: its traceback is the report
-        detail = one_line(str(e)).split(". ")[0].rstrip(".")
-        oom = "Killed" in detail or "exited unexpectedly" in detail
-        print(f"error: a data-loading worker died ({detail}){', most likely for lack of memory' if oom else ''}; "
-              "lower data.num_workers (--workers) or free memory, then run the same command again: a training "
-              "run resumes from its last checkpoint", file=sys.stderr)
+        where = f" {e.filename}" if e.filename else ""  # a path the user gave that cannot be read or written
+        print(f"error: cannot use{where}: {e.strerror or e}; check the path and its permissions", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept and the same command resumes", file=sys.stderr)

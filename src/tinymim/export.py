@@ -1,6 +1,9 @@
 """Take a trained model elsewhere: a timm / Hugging Face hub folder, or ONNX.
 
-`tinymim export RUN_DIR_OR_CHECKPOINT --format timm|onnx --output PATH [--features final|relation-input]`
+`tinymim export RUN_DIR_OR_CHECKPOINT --format timm|onnx --output PATH [--features final|relation-input] [--overwrite]`
+
+PATH must be a new or empty folder (timm) or a new file (onnx) unless --overwrite; a run folder never.
+The files get the umask's mode, as a run directory's do, and each is written atomically.
 
 - timm: PATH/config.json (architecture, model_args, pretrained_cfg) + PATH/model.safetensors +
   PATH/README.md (a model card), written by timm's own `save_for_hf`, so `timm.create_model(
@@ -51,6 +54,77 @@ def _run_info(path: Path) -> tuple[ModelConfig, dict, str]:
     raise CheckpointError(f"{path}/config.yaml describes no model (no 'student' or 'model' section)")
 
 
+def _not_a_run(folder: Path) -> str:
+    """Why a folder without a run config cannot be exported, and what to export instead."""
+    entries = sorted(folder.iterdir())
+    stages = [p for p in entries if (p / RunDir.RECORD).is_file()]
+    if stages:  # a pipeline's folder: each stage is a run of its own
+        named = ", ".join(str(p) for p in stages[:6]) + (f" and {len(stages) - 6} more" if len(stages) > 6 else "")
+        return f"{folder} is a pipeline folder, not a run: export one of its stages' run folders instead ({named})"
+    if (folder / RunDir.RECORD).is_file():
+        return (f"{folder} is a pipeline stage whose run has not started (no config.yaml): run its pipeline again, "
+                "then export it")
+    if not entries:
+        return (f"{folder} is an empty folder: it holds no run; give a tinymim run directory (or a weights file "
+                "with --model)")
+    return (f"{folder} holds no tinymim run (no config.yaml); give a run directory, or a weights file with --model "
+            "(a timm name such as vit_small_patch16_224)")
+
+
+def check_output(source, output, fmt: str = "timm", overwrite: bool = False) -> Path:
+    """Refuse an --output whose files an export would replace unasked (or ever: a run's own), before
+    anything is built or written."""
+    out = Path(output)
+    if out.exists() and out.resolve() == Path(source).resolve():
+        raise TinymimError(f"--output {out} is the source itself; choose another --output")
+    if out.is_dir():
+        run = RunDir(out)
+        if any(p.exists() for p in (run.config, run.checkpoint, run.info_file, out / RunDir.RECORD)):
+            raise TinymimError(f"--output {out} is a tinymim run folder: an export there would replace its files; "
+                               "choose another --output")
+    if fmt == "onnx":
+        if out.is_dir():
+            raise TinymimError(f"--output {out} is a folder: --format onnx writes one file; give a file name, "
+                               f"e.g. {out / 'model.onnx'}")
+        if out.exists() and not overwrite:
+            raise TinymimError(f"--output {out} already exists; choose a new file name, or pass --overwrite to "
+                               "replace it")
+        return out
+    if out.exists() and not out.is_dir():
+        raise TinymimError(f"--output {out} is a file: --format timm writes a folder; choose a new or empty folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise TinymimError(f"--output {out} is not empty (it holds {', '.join(held[:4])}"
+                           f"{' ...' if len(held) > 4 else ''}); choose a new or empty folder, or pass --overwrite "
+                           "to replace the files an export writes there")
+    return out
+
+
+def _write_files(out: Path, write, folder: bool = True) -> None:
+    """write(tmp) fills a temporary folder beside `out`; each file then reaches `out` (a folder, or
+    with folder=False the folder `out` is in) through the run directory's atomic writer: the umask's
+    mode (safetensors alone would make it 0600), and an export that fails half way (an ONNX model
+    that differs from PyTorch, a full disk) leaves the files already there whole."""
+    import shutil
+    import tempfile
+
+    from tinymim.rundir import TMP_SUFFIX, atomic_write, write_error
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=TMP_SUFFIX, dir=out.parent))
+    except OSError as e:
+        raise write_error(e, out) from e
+    try:
+        write(tmp)
+        dest = out if folder else out.parent
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            with f.open("rb") as src:
+                atomic_write(dest / f.relative_to(tmp), lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def data_config(run_cfg: dict, img_size: int, kind: str) -> dict:
     """The preprocessing the run used, in timm's pretrained_cfg terms."""
     from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -73,6 +147,8 @@ def build_exportable(source: str | Path, model_name: str | None = None,
     source = Path(source)
     if source.is_dir() and RunDir(source).stored_config() is not None:
         model_cfg, run_cfg, kind = _run_info(source)
+    elif source.is_dir() and RunDir(source).weights() is None:  # with weights: a bare checkpoint's folder
+        raise TinymimError(_not_a_run(source))
     elif source.exists():
         if not model_name:
             raise TinymimError(f"{source} is a bare checkpoint: say which architecture it holds with --model "
@@ -225,48 +301,59 @@ def model_card(info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_timm(source, output, model_name: str | None = None, features: str = "final") -> Path:
+def export_timm(source, output, model_name: str | None = None, features: str = "final",
+                overwrite: bool = False) -> Path:
+    """A timm / hub folder; a non-empty `output` is refused unless overwrite=True."""
     from timm.models import save_for_hf
 
     from tinymim.rundir import write_text
 
+    out = check_output(source, output, "timm", overwrite)
     model, info = build_exportable(source, model_name, features)
     if hasattr(model, "dist_token"):
         raise TinymimError(f"{source} is a classifier with a distillation token (tinymim.star.DistilledViT), which "
                            "timm cannot rebuild from a hub folder: export it with --format onnx, or load the run "
                            "with tinymim.load_vit")
-    out = Path(output)
     model_config = {}
     if info["classifier"]:
-        from tinymim.rundir import RunDir
-
         classes = RunDir(source).read_classes() if Path(source).is_dir() else None
         if classes:
             model_config["label_names"] = classes
-    save_for_hf(model, str(out), model_config=model_config, model_args=info["model_args"], safe_serialization=True,
-                data_config=dict(info["data_config"]))
-    write_text(out / "README.md", model_card(info))
+
+    def write(tmp: Path) -> None:
+        save_for_hf(model, str(tmp), model_config=model_config, model_args=info["model_args"],
+                    safe_serialization=True, data_config=dict(info["data_config"]))
+        write_text(tmp / "README.md", model_card(info))
+
+    _write_files(out, write)
     return out
 
 
-def export_onnx(source, output, model_name: str | None = None, atol: float = 1e-4, features: str = "final") -> float:
-    """Write an ONNX feature extractor and return its max abs difference to PyTorch (checked)."""
+def export_onnx(source, output, model_name: str | None = None, atol: float = 1e-4, features: str = "final",
+                overwrite: bool = False) -> float:
+    """Write an ONNX feature extractor and return its max abs difference to PyTorch (checked before
+    the file reaches `output`); an existing `output` is refused unless overwrite=True."""
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise TinymimError("ONNX export needs onnx and onnxruntime: pip install 'tinymim[onnx]'") from e
+    out = check_output(source, output, "onnx", overwrite)
     model, info = build_exportable(source, model_name, features)
     size = model.patch_embed.img_size
-    example = torch.randn(2, 3, *size)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model, (example,), str(out), input_names=["image"], output_names=["features"],
-                      dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}}, opset_version=17, dynamo=False)
-    check = torch.randn(3, 3, *size)
-    with torch.no_grad():
-        expected = model(check).numpy()
-    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": check.numpy()})[0]
-    diff = float(abs(got - expected).max())
-    if diff > atol:
-        raise TinymimError(f"ONNX model differs from PyTorch by {diff:.2e} (> {atol}); {out} is not trustworthy")
-    return diff
+    diffs = []
+
+    def write(tmp: Path) -> None:
+        path = tmp / out.name
+        torch.onnx.export(model, (torch.randn(2, 3, *size),), str(path), input_names=["image"],
+                          output_names=["features"], dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+        check = torch.randn(3, 3, *size)
+        with torch.no_grad():
+            expected = model(check).numpy()
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        diffs.append(float(abs(session.run(None, {"image": check.numpy()})[0] - expected).max()))
+        if diffs[0] > atol:
+            raise TinymimError(f"ONNX model differs from PyTorch by {diffs[0]:.2e} (> {atol}): not written to {out}")
+
+    _write_files(out, write, folder=False)
+    return diffs[0]
