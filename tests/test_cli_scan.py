@@ -77,6 +77,9 @@ def cases(ws: Path) -> dict[str, list[str]]:
         "distill: teacher file that is not a checkpoint": ["distill", *DISTILL, f"teacher.checkpoint={w}/afile", *out],
         "distill: a finished run of another task": ["distill", *DISTILL, "--output", f"{w}/ft_run"],
         "distill: a damaged checkpoint": ["distill", *DISTILL, "--output", f"{w}/damaged_run"],
+        "distill: 300 random bytes as last.pt": ["distill", *DISTILL, "--output", f"{w}/random_run"],
+        "distill: an MLflow server that does not answer": ["distill", *DISTILL, "train.loggers=[mlflow]",
+                                                          "train.mlflow_uri=http://127.0.0.1:9", *out],
         "mae: recipe with a YAML syntax error": ["mae", "--config", f"{w}/bad.yaml", *out],
         "mae: model image size against the data": ["mae", "model.name=vit_custom", "model.patch_size=8",
                                                    "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
@@ -193,6 +196,8 @@ def workspace(tmp_path_factory) -> Path:
     shutil.copytree(ws / "distill_run", ws / "damaged_run")
     last = ws / "damaged_run" / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:5000])  # cut short by a failed copy
+    shutil.copytree(ws / "distill_run", ws / "random_run")
+    (ws / "random_run" / "checkpoints" / "last.pt").write_bytes(os.urandom(300))  # not a checkpoint at all
     if not ROOT:
         (ws / "unreadable.yaml").write_text("train: {epochs: 1}\n")
         (ws / "unreadable.yaml").chmod(0)
@@ -225,3 +230,14 @@ def test_bad_input_is_one_line_exit_1_and_writes_nothing(results, case):
     # a run directory's .lock holds the note of whichever process last took the lock: not run data
     written = [p for p in r["written"] if not (p.endswith("/.lock") and p.count("/") == 1)]
     assert written == [], f"{case} changed {written}"
+
+
+def test_a_checkpoint_of_random_bytes_is_called_damaged_not_unsafe(results):
+    line = results["distill: 300 random bytes as last.pt"]["stderr"]
+    assert "not a PyTorch checkpoint" in line and "move it away" in line
+    assert "could run code" not in line and "weights_only" not in line, line
+
+
+def test_an_mlflow_server_that_does_not_answer_is_named(results):
+    line = results["distill: an MLflow server that does not answer"]["stderr"]
+    assert "http://127.0.0.1:9" in line and "does not answer" in line, line

@@ -387,3 +387,123 @@ def test_unwritable_output_is_one_line(tmp_path, monkeypatch):
         assert "\n" not in str(e.value)
         monkeypatch.undo()
         assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# start-up, loader workers, evaluation, trackers
+
+
+def _stop_during_start_up(out: Path, marker: Path) -> subprocess.CompletedProcess:
+    """SIGTERM to a run that is certainly still starting: tests/faulty_run.py holds its start-up (before
+    anything is built) until the signal has arrived."""
+    proc = subprocess.Popen(cli(out, DISTILL, ("startup", 0, marker)), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_sigterm_during_start_up_exits_75_and_loses_nothing(straight, interrupted, tmp_path):
+    fresh = tmp_path / "fresh"
+    r = _stop_during_start_up(fresh, tmp_path / "starting1")
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert last_line(r.stderr).startswith("stopped on SIGTERM during start-up, before step 1 of 24; nothing had "
+                                          "trained yet") and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not (fresh / "checkpoints" / "last.pt").exists()
+    assert run(fresh).returncode == 0
+    assert_same_run(straight, fresh)
+
+    resumed = copy_run(interrupted, tmp_path / "resumed")  # last.pt at step 4
+    before = (resumed / "checkpoints" / "last.pt").read_bytes()
+    r = _stop_during_start_up(resumed, tmp_path / "starting2")
+    assert r.returncode == 75 and "before step 5 of 24; its checkpoint at step 4 is kept" in last_line(r.stderr)
+    assert (resumed / "checkpoints" / "last.pt").read_bytes() == before
+    assert run(resumed).returncode == 0
+    assert_same_run(straight, resumed)
+
+
+@pytest.mark.parametrize("form", ["EOFError", "ConnectionResetError", "RuntimeError"])
+def test_a_dead_loader_worker_in_each_form_is_one_line(tmp_path, form):
+    """Which error a worker's death raises depends on when it died; each is the same one line."""
+    out = tmp_path / "run"
+    r = run(out, fault=(form, 6))  # the 6th batch: after the checkpoint at step 4
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert last_line(r.stderr).startswith(f"error: a data-loading worker died ({'DataLoader' if form == 'RuntimeError' else form}")
+    assert "Traceback" not in r.stderr and checkpoint_step(out) == (4, False)
+
+
+def test_an_evaluation_that_fails_keeps_its_epoch_and_is_redone_on_resume(tmp_path):
+    train = _image_folder(tmp_path / "train", {"cat": 8, "dog": 8})
+    val = _image_folder(tmp_path / "val", {"cat": 2, "dog": 2})
+    args = [*_finetune_args(train, val), "train.epochs=2", "train.checkpoint_every=1000"]  # 2 steps an epoch
+    straight = tmp_path / "straight"
+    assert run(straight, args=args).returncode == 0
+    out = tmp_path / "failed"
+    r = run(out, args=args, fault=("evalfail", 1))  # the first epoch's evaluation
+    assert r.returncode == 1 and last_line(r.stderr).startswith("error: a data-loading worker died"), r.stderr[-3000:]
+    assert checkpoint_step(out) == (2, False)  # the epoch's training was saved before its evaluation
+    assert run(out, args=args).returncode == 0
+    assert_same_weights(straight, out, "model.safetensors")
+    evals = [[(r["step"], r["val_top1"]) for r in RunDir(d).read_metrics() if "val_top1" in r] for d in (straight, out)]
+    assert evals[0] == evals[1] and [s for s, _ in evals[1]] == [2, 4]
+
+
+def test_a_nan_before_the_first_checkpoint_does_not_claim_one(tmp_path):
+    from conftest import tiny_distill_config
+
+    from tinymim.engine import run_task
+    from tinymim.errors import NonFiniteLossError
+    from tinymim.tasks.distill import build_distill_task
+
+    cfg = tiny_distill_config(blr=1e9, checkpoint_every=1000, epochs=3)
+    with pytest.raises(NonFiniteLossError) as err:
+        run_task(build_distill_task, cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert "No checkpoint had been written yet" in str(err.value) and "is kept" not in str(err.value)
+
+
+def test_a_missing_tensorboard_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from tinymim.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    assert main([*DISTILL, "train.tensorboard=true", "--output", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'tinymim[tensorboard]'" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_overrides_may_stand_on_both_sides_of_output(tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in DISTILL if a != "train.epochs=3"]
+    r = subprocess.run([sys.executable, "-m", "tinymim", *args[:6], "--output", str(out), *args[6:], "train.epochs=1"],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = RunDir(out).stored_config()
+    assert cfg["student"]["embed_dim"] == 96 and cfg["train"]["epochs"] == 1 and steps(out)[-1] == 8
+
+
+def test_a_bad_validation_label_is_refused_before_training(tmp_path):
+    """A label map in the validation split with a value that is no class: refused before the first epoch
+    trains (it used to stop the run after the epoch, before its checkpoint, on every re-run)."""
+    import numpy as np
+    from test_segmentation import _seg_folder, tiny_segment_overrides
+
+    root = _seg_folder(tmp_path / "data", "train", 8)
+    _seg_folder(root, "val", 3, seed=1)
+    bad = root / "annotations" / "val" / "2.png"
+    label = np.asarray(Image.open(bad)).copy()
+    label[10, 10] = 7  # 4 classes and the ignore label 255: 7 is neither
+    Image.fromarray(label).save(bad)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "tinymim", "segment", *tiny_segment_overrides(root, "train.max_steps=4"),
+                        "--output", str(out)], env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert r.stderr.startswith(f"error: {bad} holds label value(s) 7, neither a class (0..3)")
+    assert not out.exists()
