@@ -39,6 +39,9 @@ def env() -> dict:
 def cases(ws: Path) -> dict[str, list[str]]:
     w = str(ws)
     data = ["data.name=folder", f"data.root={w}/data/train", f"data.val_root={w}/data/val"]
+
+    def shards(name: str) -> list[str]:
+        return ["data.name=shards", f"data.root={w}/{name}"]
     out = ["--output", f"{w}/new_run"]
     c = {
         # recipes and overrides
@@ -78,6 +81,22 @@ def cases(ws: Path) -> dict[str, list[str]]:
         "distill: a finished run of another task": ["distill", *DISTILL, "--output", f"{w}/ft_run"],
         "distill: a damaged checkpoint": ["distill", *DISTILL, "--output", f"{w}/damaged_run"],
         "distill: 300 random bytes as last.pt": ["distill", *DISTILL, "--output", f"{w}/random_run"],
+        # untrusted input: shard indexes, folder trees, images, exports
+        "distill: a shard index naming ../x.tar": ["distill", *DISTILL, *shards("shards_up"), *out],
+        "distill: a shard index naming an absolute path": ["distill", *DISTILL, *shards("shards_abs"), *out],
+        "distill: a remote shard index naming sub/../../../x.tar": [
+            "distill", *DISTILL, "data.name=shards", f"data.root=file://{w}/shards_remote_up",
+            f"data.shard_cache={w}/cache", *out],
+        "distill: shard labels rotated by one class": ["distill", *DISTILL, *shards("shards_rotated"), *out],
+        "distill: two shards swapped by name": ["distill", *DISTILL, *shards("shards_swapped"), *out],
+        "distill: offsets that miss the tar headers": ["distill", *DISTILL, *shards("shards_offsets"), *out],
+        "distill: a folder with a symlink loop": ["distill", *DISTILL, "data.name=folder", f"data.root={w}/loop",
+                                                  *out],
+        "shards: a folder with a symlink loop": ["shards", f"{w}/loop", "--output", f"{w}/loop_shards"],
+        "export: into a non-empty folder": ["export", f"{w}/distill_run", "--format", "timm", "--output",
+                                            f"{w}/earlier_export"],
+        "visualize: a decompression bomb": ["visualize", f"{w}/distill_run", "--image", f"{w}/bomb.png",
+                                            "--output", f"{w}/bomb_relations.png"],
         "distill: an MLflow server that does not answer": ["distill", *DISTILL, "train.loggers=[mlflow]",
                                                           "train.mlflow_uri=http://127.0.0.1:9", *out],
         "mae: recipe with a YAML syntax error": ["mae", "--config", f"{w}/bad.yaml", *out],
@@ -167,6 +186,41 @@ def _folder(root: Path, classes: dict[str, int]) -> None:
             Image.new("RGB", (32, 32), (60 * c + 9 * i, 90, 200 - 60 * c)).save(root / name / f"{i}.png")
 
 
+def _edited_shards(ws: Path, name: str, edit) -> None:
+    shutil.copytree(ws / "shards", ws / name)
+    index = json.loads((ws / name / "index.json").read_text())
+    edit(index)
+    (ws / name / "index.json").write_text(json.dumps(index))
+
+
+def _untrusted(ws: Path) -> None:
+    """Shard indexes that lie, a folder tree that loops, a bomb, an earlier export."""
+    from test_bad_input import bomb_png
+
+    def rename(to):
+        return lambda index: index["shards"][0].update(name=to)
+
+    def rotate(index):
+        for shard in index["shards"]:
+            shard["labels"] = [(label + 1) % len(index["classes"]) for label in shard["labels"]]
+
+    def swap(index):
+        a, b = index["shards"][0], index["shards"][1]
+        a["name"], b["name"] = b["name"], a["name"]
+
+    _edited_shards(ws, "shards_up", rename("../x.tar"))
+    _edited_shards(ws, "shards_abs", rename(str(ws / "shards" / "shard-000000.tar")))
+    _edited_shards(ws, "shards_remote_up", rename("sub/../../../x.tar"))
+    _edited_shards(ws, "shards_rotated", rotate)
+    _edited_shards(ws, "shards_swapped", swap)
+    _edited_shards(ws, "shards_offsets", lambda index: index["shards"][0]["offsets"].__setitem__(0, 1024))
+    _folder(ws / "loop", {"a": 3, "b": 3})
+    (ws / "loop" / "a" / "again").symlink_to(ws / "loop", target_is_directory=True)
+    (ws / "earlier_export").mkdir()
+    (ws / "earlier_export" / "README.md").write_text("an earlier export\n")
+    bomb_png(ws / "bomb.png")
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("scan")
@@ -196,6 +250,7 @@ def workspace(tmp_path_factory) -> Path:
     shutil.copytree(ws / "distill_run", ws / "damaged_run")
     last = ws / "damaged_run" / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:5000])  # cut short by a failed copy
+    _untrusted(ws)
     shutil.copytree(ws / "distill_run", ws / "random_run")
     (ws / "random_run" / "checkpoints" / "last.pt").write_bytes(os.urandom(300))  # not a checkpoint at all
     if not ROOT:
@@ -241,3 +296,22 @@ def test_a_checkpoint_of_random_bytes_is_called_damaged_not_unsafe(results):
 def test_an_mlflow_server_that_does_not_answer_is_named(results):
     line = results["distill: an MLflow server that does not answer"]["stderr"]
     assert "http://127.0.0.1:9" in line and "does not answer" in line, line
+
+
+WORDS = {  # what each untrusted-input case must name
+    "distill: a shard index naming ../x.tar": "names shard '../x.tar', not a plain file name",
+    "distill: a shard index naming an absolute path": "not a plain file name",
+    "distill: a remote shard index naming sub/../../../x.tar": "names shard 'sub/../../../x.tar', not a plain file",
+    "distill: shard labels rotated by one class": "its labels do not match its class list",
+    "distill: two shards swapped by name": "does not match index.json",
+    "distill: offsets that miss the tar headers": "does not match index.json",
+    "distill: a folder with a symlink loop": "is a symlink into the data folder",
+    "shards: a folder with a symlink loop": "is a symlink into the data folder",
+    "export: into a non-empty folder": "is not empty",
+    "visualize: a decompression bomb": "decompression bomb",
+}
+
+
+@pytest.mark.parametrize("case", list(WORDS))
+def test_untrusted_input_names_the_problem(results, case):
+    assert WORDS[case] in results[case]["stderr"], results[case]["stderr"]
