@@ -34,7 +34,9 @@ def worker_died(detail: str) -> LoaderWorkerDied:
 def loader_worker_death(e: BaseException) -> LoaderWorkerDied | None:
     """`e` as a dead loader worker, or None when it is something else: a RuntimeError naming a
     DataLoader worker, or a closed pipe/queue raised from within the loader's machinery."""
-    if isinstance(e, RuntimeError) and "DataLoader worker" in str(e):
+    if isinstance(e, TinymimError):
+        return None  # raised inside a worker and passed on (its own one line), not a death
+    if isinstance(e, RuntimeError) and "DataLoader worker (pid" in str(e):
         first = " ".join(str(e).split()).split(". ")[0].rstrip(".")
         return worker_died(first)
     if isinstance(e, WORKER_DEATH):
