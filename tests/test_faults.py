@@ -508,3 +508,33 @@ def test_a_bad_validation_label_is_refused_before_training(tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-3000:]
     assert r.stderr.startswith(f"error: {bad} holds label value(s) 7, neither a class (0..3)")
     assert not out.exists()
+
+
+def test_16_bit_and_float_images_score_as_their_8_bit_originals(tmp_path):
+    """The same pictures stored as 16-bit PNGs (value x 257) and as float TIFFs (value / 255) are the
+    same images to tinymim: `tinymim eval` gives identical scores (a 16-bit PNG used to read as white)."""
+    import numpy as np
+
+    train = _image_folder(tmp_path / "train", {"cat": 6, "dog": 6})
+    val = _image_folder(tmp_path / "val", {"cat": 3, "dog": 3})
+    out = tmp_path / "ft"
+    assert run(out, args=_finetune_args(train, val)).returncode == 0
+    for img in val.rglob("*.png"):
+        gray = np.asarray(Image.open(img).convert("L"))  # one channel: what 16-bit and float files hold
+        for kind in ("ref", "16bit", "float"):
+            (tmp_path / kind / img.parent.name).mkdir(parents=True, exist_ok=True)
+        dest = img.relative_to(val)
+        Image.fromarray(gray).save(tmp_path / "ref" / dest)
+        Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16bit" / dest)  # mode I;16
+        Image.fromarray(gray.astype(np.float32) / 255, mode="F").save((tmp_path / "float" / dest).with_suffix(".tif"))
+    scores = {}
+    for folder in ("ref", "16bit", "float"):
+        r = subprocess.run([sys.executable, "-m", "tinymim", "eval", str(out), "--data", str(tmp_path / folder),
+                            "--workers", "0", "--json", str(tmp_path / f"{folder}.json")], env=env(),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        scores[folder] = json.loads((tmp_path / f"{folder}.json").read_text())
+    assert scores["ref"]["images"] == 6
+    for folder in ("16bit", "float"):
+        assert {k: scores[folder][k] for k in ("images", "top1", "loss")} == \
+            {k: scores["ref"][k] for k in ("images", "top1", "loss")}, folder
