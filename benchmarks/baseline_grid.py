@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from cifar_study import SHARED, extract, shape
-from tinymim.pipeline import PipelineConfig, StageConfig, run_pipeline
-from tinymim.report import read_metrics
+from tinymim.pipeline.report import read_metrics
+from tinymim.pipeline.stages import PipelineConfig, StageConfig, run_pipeline
 
 BLR = 3.0e-3  # cifar10/finetune_short's
 GRID = {"init": ["timm", "mae"], "pos_embed": ["learned", "sincos"], "layer_decay": [1.0, 0.85], "lr": [1, 2]}

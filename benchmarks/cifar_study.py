@@ -49,7 +49,7 @@ def teacher_pairing(teacher: Path) -> list[str]:
 def cached_knn(run: Path, train: Path, test: Path, block: int, workers: int, bank: int | None) -> float:
     """k-NN top-1 of a run's frozen features entering `block`, cached in run/knn.json (recomputed when
     the cache used another bank size)."""
-    from tinymim.robustness import knn_evaluate
+    from tinymim.evaluate.robustness import knn_evaluate
 
     cache = run / "knn.json"
     stale = cache.is_file() and bank and json.loads(cache.read_text())["bank"] != bank

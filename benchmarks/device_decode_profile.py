@@ -44,7 +44,7 @@ def main():
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    from tinymim.data import crop_resize_flip, random_resized_crop_params
+    from tinymim.data.pretrain import crop_resize_flip, random_resized_crop_params
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / f"{i}.jpg" for i in range(args.batch)]

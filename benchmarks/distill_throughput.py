@@ -16,10 +16,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tinymim.data import DataConfig
-from tinymim.engine import cpu_performance_settings
-from tinymim.models import ModelConfig
+from tinymim.data.pretrain import DataConfig
+from tinymim.models.vit import ModelConfig
 from tinymim.tasks.distill import DistillConfig, TeacherConfig, build_distill_task
+from tinymim.train.engine import cpu_performance_settings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 from cifar_study import SHARED, cached_knn, extract, mean_std, shape, teacher_model, teacher_pairing
-from tinymim.pipeline import PipelineConfig, StageConfig, run_pipeline
-from tinymim.report import read_metrics, stage_result
+from tinymim.pipeline.report import read_metrics, stage_result
+from tinymim.pipeline.stages import PipelineConfig, StageConfig, run_pipeline
 
 # arm -> (label, overrides of the distill stage on top of the default arm)
 ARMS = {

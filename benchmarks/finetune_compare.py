@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from tinymim.config import load_config
+from tinymim.core.config import load_config
 from tinymim.tasks import finetune
 
 

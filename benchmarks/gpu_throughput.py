@@ -36,10 +36,10 @@ from release_baseline import ReleaseStep
 def tinymim_step(batch: int, img: int, device: torch.device, compile_: bool = False, ckpt: bool = False,
                  small: bool = False):
     """A closure running one full tinymim training step, built as `tinymim distill` builds it."""
-    from tinymim.data import DataConfig
-    from tinymim.engine import TrainConfig, build_optimizer
-    from tinymim.models import ModelConfig
+    from tinymim.data.pretrain import DataConfig
+    from tinymim.models.vit import ModelConfig
     from tinymim.tasks.distill import DistillConfig, TeacherConfig, build_distill_task
+    from tinymim.train.engine import TrainConfig, build_optimizer
 
     if small:  # a CPU dry run of this script
         student = ModelConfig(name="vit_custom", patch_size=16, embed_dim=64, depth=2, num_heads=2,

@@ -50,7 +50,7 @@ def generate(root: Path, n: int, workers: int) -> float:
 
 
 def views_per_second(root: Path, decode: str, workers: int, batch: int, device: torch.device, epochs: int) -> float:
-    from tinymim.data import DataConfig, build_loader, paired_views
+    from tinymim.data.pretrain import DataConfig, build_loader, paired_views
 
     cfg = DataConfig(name="folder", root=str(root), img_size=224, num_workers=workers, decode=decode)
     loader, sampler = build_loader(cfg, batch, pin_memory=device.type == "cuda")

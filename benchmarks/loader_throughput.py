@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from tinymim.config import load_config
-from tinymim.data import build_loader
-from tinymim.engine import _autocast, seed_everything
+from tinymim.core.config import load_config
+from tinymim.data.pretrain import build_loader
 from tinymim.tasks.distill import DistillConfig, build_distill_task
+from tinymim.train.engine import _autocast, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import torch
 import torch.utils.data as tud
 
 from jpeg_loader_throughput import generate
-from tinymim.data import DataConfig, GlobalBatchSampler, PairedViewDataset, build_source, collate
+from tinymim.data.pretrain import DataConfig, GlobalBatchSampler, PairedViewDataset, build_source, collate
 
 
 def per_file_collate(samples):

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from baseline_grid import CHOSEN, setup_overrides
 from cifar_study import SHARED, cached_knn, extract, mean_std, shape, teacher_model, teacher_pairing
-from tinymim.pipeline import PipelineConfig, StageConfig, run_pipeline
-from tinymim.report import stage_result
+from tinymim.pipeline.report import stage_result
+from tinymim.pipeline.stages import PipelineConfig, StageConfig, run_pipeline
 
 # the from-scratch recipe benchmarks/baseline_grid.py chose on held-out images (docs/results/baseline_grid.md)
 SCRATCH_BEST = setup_overrides(CHOSEN)

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from cifar_study import ARCHITECTURE, CIFAR_MEAN, CIFAR_STD, SHARED, teacher_model
-from tinymim.checkpoint import load_vit_weights, load_weights
-from tinymim.models import ModelConfig, create_vit, embed
-from tinymim.relations import block_qkv, relation_logits
+from tinymim.method.relations import block_qkv, relation_logits
+from tinymim.models.checkpoint import load_vit_weights, load_weights
+from tinymim.models.vit import ModelConfig, create_vit, embed
 
 
 def main() -> None:

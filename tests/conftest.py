@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tinymim.data import DataConfig
-from tinymim.models import ModelConfig
+from tinymim.data.pretrain import DataConfig
+from tinymim.models.vit import ModelConfig
 from tinymim.tasks.distill import DistillConfig, TeacherConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -18,7 +18,7 @@ def tiny_vit(dim=48, depth=2, heads=3, patch=4, img=32, **kw) -> ModelConfig:
 
 
 def tiny_distill_config(**train) -> DistillConfig:
-    from tinymim.engine import TrainConfig
+    from tinymim.train.engine import TrainConfig
 
     return DistillConfig(
         student=tiny_vit(dim=48, depth=2, heads=3, init="mae", pos_embed="sincos"),  # as DistillConfig's

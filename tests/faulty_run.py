@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-import tinymim.rundir as rundir
+import tinymim.core.rundir as rundir
 
 HALF_WAY = 64 * 1024
 
@@ -52,8 +52,8 @@ DEATHS = {"EOFError": EOFError(), "ConnectionResetError": ConnectionResetError(1
 
 
 def pause_start_up(marker: str) -> None:
-    import tinymim.engine as engine
-    from tinymim import preempt
+    import tinymim.train.engine as engine
+    from tinymim.core import preempt
 
     real = engine.setup_distributed
 

@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.utils.data as tud
 
-from tinymim.models import ModelConfig, create_vit
-from tinymim.segmentation import Segmenter
-from tinymim.segmentation_data import SegmentationDataset, SegmentationFolder, SegmentDataConfig, collate_segment
+from tinymim.data.segmentation import SegmentationDataset, SegmentationFolder, SegmentDataConfig, collate_segment
+from tinymim.models.segmenter import Segmenter
+from tinymim.models.vit import ModelConfig, create_vit
 from tinymim.tasks.segment import evaluate_segmenter
 
 root = sys.argv[1]

@@ -1,4 +1,4 @@
-"""Under torchrun (gloo): each rank builds the real training loader (tinymim.data.build_loader) on a shard
+"""Under torchrun (gloo): each rank builds the real training loader (tinymim.data.pretrain.build_loader) on a shard
 folder, runs one epoch through it with a loader worker process, and rank 0 prints what every rank read
 as JSON: per rank the steps taken and the samples loaded ("shard-000003.tar:<key>").
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tinymim.data import DataConfig, build_loader
-from tinymim.shards import ShardImages
+from tinymim.data.pretrain import DataConfig, build_loader
+from tinymim.data.shards import ShardImages
 
 root, records = sys.argv[1], Path(sys.argv[2])
 dist.init_process_group("gloo")

@@ -50,7 +50,7 @@ def test_wrappers_match_the_distill_task(tmp_path):
     task = build_distill_task(cfg).eval()
     distill = tinymim.RelationDistillation(task.teacher.vit, task.student, target_block=cfg.teacher.target_block
                                            or len(task.teacher.vit.blocks)).eval()
-    from tinymim.data import normalize
+    from tinymim.data.pretrain import normalize
 
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)  # the task normalizes on the device
     x = normalize(images.float() / 255, cfg.data.mean, cfg.data.std)
@@ -101,7 +101,7 @@ def test_config_command_lists_every_key_with_type_and_meaning(capsys):
 
 @pytest.mark.parametrize("task", ["distill", "mae", "finetune", "linprobe"])
 def test_every_config_key_of_every_task_has_a_meaning(task):
-    from tinymim.config import describe
+    from tinymim.core.config import describe
 
     cfg = tinymim.load_config(task, None, ["data.name=synthetic"])
     undocumented = [key for key, _, _, doc in describe(type(cfg), cfg) if not doc]

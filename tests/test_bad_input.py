@@ -6,14 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tinymim.checkpoint import CheckpointError, load_state_dict
 from tinymim.cli import main
-from tinymim.config import ConfigError, load_config
-from tinymim.data import DataConfig, DataError, build_loader
-from tinymim.engine import TrainConfig, run_task
-from tinymim.errors import NonFiniteLossError
+from tinymim.core.config import ConfigError, load_config
+from tinymim.core.errors import NonFiniteLossError
+from tinymim.core.rundir import RunDir
+from tinymim.data.pretrain import DataConfig, DataError, build_loader
+from tinymim.models.checkpoint import CheckpointError, load_state_dict
 from tinymim.tasks.distill import DistillConfig, TeacherConfig, build_distill_task
-from tinymim.rundir import RunDir
+from tinymim.train.engine import TrainConfig, run_task
 
 from conftest import tiny_distill_config, tiny_vit
 
@@ -119,7 +119,7 @@ def test_teacher_checkpoint_that_is_not_a_state_dict(tmp_path):
 
 def test_teacher_checkpoint_of_another_architecture(tmp_path):
     from safetensors.torch import save_file
-    from tinymim.models import create_vit
+    from tinymim.models.vit import create_vit
 
     other = create_vit(tiny_vit(dim=32, depth=2, heads=2))
     save_file(other.state_dict(), tmp_path / "t.safetensors")
@@ -234,8 +234,8 @@ class _RedLevel(torch.nn.Module):
 
 
 def test_evaluation_scores_only_the_readable_images(tmp_path):
-    from tinymim.classification import ClassifyDataConfig, build_eval_loader
-    from tinymim.robustness import evaluate_folder
+    from tinymim.data.classification import ClassifyDataConfig, build_eval_loader
+    from tinymim.evaluate.robustness import evaluate_folder
 
     reds = {"a": [50, 50, 200, 50], "b": [128, 50, 128], "c": [200, 200, 128]}  # 7 of 10 predicted right
     for c, levels in reds.items():
@@ -261,7 +261,7 @@ def test_eval_command_skips_unreadable_images_and_says_so(tmp_path, capsys, capl
     import json
     import shutil
 
-    from tinymim.data import SyntheticImages
+    from tinymim.data.pretrain import SyntheticImages
     from tinymim.tasks import finetune
 
     from test_downstream import tiny_finetune_config

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from tinymim.cli import main
-from tinymim.rundir import RunDir
+from tinymim.core.rundir import RunDir
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "cifar10"
 

@@ -236,8 +236,8 @@ def workspace(tmp_path_factory) -> Path:
     _folder(ws / "data" / "train", {"a": 6, "b": 6})
     _folder(ws / "data" / "val", {"a": 2, "b": 2})
     _folder(ws / "partial", {"a": 2})
-    from tinymim.data import FolderImages
-    from tinymim.shards import write_shards
+    from tinymim.data.pretrain import FolderImages
+    from tinymim.data.shards import write_shards
 
     write_shards(FolderImages(ws / "data" / "train"), ws / "shards", shard_size=4)
     Image.new("RGB", (40, 40), (10, 200, 30)).save(ws / "img.png")

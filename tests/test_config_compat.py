@@ -2,8 +2,8 @@
 import pytest
 import yaml
 
-from tinymim.config import ConfigError, diff_configs
-from tinymim.rundir import RunDir
+from tinymim.core.config import ConfigError, diff_configs
+from tinymim.core.rundir import RunDir
 
 
 def test_keys_added_since_a_run_are_no_difference(tmp_path):

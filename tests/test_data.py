@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.transforms import functional as TF
 
-from tinymim.data import DataConfig, GlobalBatchSampler, PairedViewDataset, SyntheticImages, color_jitter
+from tinymim.data.pretrain import DataConfig, GlobalBatchSampler, PairedViewDataset, SyntheticImages, color_jitter
 
 
 def test_color_jitter_matches_torchvision_per_sample():
@@ -41,8 +41,8 @@ def test_views_are_a_function_of_the_sample_seed():
 
 
 def test_holdout_is_a_fixed_split_of_the_training_images():
-    from tinymim.classification import ClassifyDataConfig
-    from tinymim.classification import classify_source as _source
+    from tinymim.data.classification import ClassifyDataConfig
+    from tinymim.data.classification import classify_source as _source
 
     cfg = ClassifyDataConfig(name="synthetic", synthetic_size=200, img_size=32, holdout=50, subset=100)
     train, held = _source(cfg, None, True), _source(cfg, None, False)
@@ -57,7 +57,7 @@ def test_holdout_is_a_fixed_split_of_the_training_images():
 def test_knn_bank_is_a_random_sample_not_the_first_class():
     import torch.utils.data as tud
 
-    from tinymim.knn import _sample
+    from tinymim.train.knn import _sample
 
     labels = [c for c in range(10) for _ in range(100)]  # a folder tree: class by class
     loader = tud.DataLoader(tud.Subset(labels, range(len(labels))), batch_size=50)
@@ -86,7 +86,7 @@ def test_16_bit_and_float_images_decode_to_their_8_bit_values(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from tinymim.data import FolderImages, decode_image
+    from tinymim.data.pretrain import FolderImages, decode_image
 
     a = _gradient16()
     gray = lambda x: np.repeat(x.astype(np.uint8)[..., None], 3, axis=2)  # noqa: E731
@@ -118,7 +118,7 @@ def test_16_bit_and_float_images_decode_to_their_8_bit_values(tmp_path):
 def test_palette_alpha_and_cmyk_decode_to_the_expected_rgb(tmp_path):
     from PIL import Image
 
-    from tinymim.data import decode_image
+    from tinymim.data.pretrain import decode_image
 
     palette = [[200, 10, 10], [10, 200, 10], [10, 10, 200]]
     p = Image.new("P", (2, 2))
@@ -151,7 +151,7 @@ def _folder(root, per_class=8, classes=("a", "b")):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_each_unreadable_image_is_counted_once_per_pass(tmp_path, workers):
-    from tinymim.data import build_loader
+    from tinymim.data.pretrain import build_loader
 
     root = _folder(tmp_path / "data")
     # neighbours in the listing: the first one's substitute is the second, which was counted twice
@@ -183,7 +183,7 @@ def test_decompression_bombs_are_skipped_and_counted(tmp_path, monkeypatch, capl
 
     from PIL import Image
 
-    from tinymim.data import build_loader, decode_image
+    from tinymim.data.pretrain import build_loader, decode_image
 
     root = _bomb_folder(tmp_path / "data", monkeypatch)
     with pytest.raises(Image.DecompressionBombError):
@@ -220,7 +220,7 @@ def test_a_16_bit_segmentation_image_trains_on_its_real_values(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from tinymim.segmentation_data import (SegmentationDataset, SegmentationFolder, SegmentDataConfig,
+    from tinymim.data.segmentation import (SegmentationDataset, SegmentationFolder, SegmentDataConfig,
                                            train_transform)
 
     a = _gradient16()
@@ -240,8 +240,8 @@ def test_16_bit_label_maps_keep_their_values(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from tinymim.data import DataError
-    from tinymim.segmentation_data import SegmentationFolder, SegmentDataConfig
+    from tinymim.data.pretrain import DataError
+    from tinymim.data.segmentation import SegmentationFolder, SegmentDataConfig
 
     values = np.resize(np.array([0, 1, 2, 255], np.uint16), (8, 8))
     root = _segmentation_pairs(tmp_path / "ok", {"x.png": Image.new("RGB", (8, 8))}, {"x": Image.fromarray(values)})
@@ -258,8 +258,8 @@ def test_16_bit_label_maps_keep_their_values(tmp_path):
 def test_unreadable_segmentation_images_are_skipped_and_counted(tmp_path, monkeypatch):
     from PIL import Image
 
-    from tinymim.data import DataError
-    from tinymim.segmentation_data import (SegmentationDataset, SegmentationFolder, SegmentDataConfig,
+    from tinymim.data.pretrain import DataError
+    from tinymim.data.segmentation import (SegmentationDataset, SegmentationFolder, SegmentDataConfig,
                                            collate_segment)
 
     images = {f"{i}.png": Image.new("RGB", (16, 16), (40 * i, 0, 0)) for i in range(4)}

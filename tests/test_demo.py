@@ -3,13 +3,13 @@ import tarfile
 
 import pytest
 
-from tinymim.config import ConfigError
-from tinymim.demo import data_overrides
+from tinymim.core.config import ConfigError
+from tinymim.pipeline.demo import data_overrides
 
 
 def _shrunk_demo(out, data, monkeypatch):
     """The demo's stages, each cut to 3 steps on a few images (the full demo: README)."""
-    from tinymim import demo
+    from tinymim.pipeline import demo
     monkeypatch.setattr(demo, "PRETRAIN_IMAGES", 96)
     monkeypatch.setattr(demo, "FINETUNE_IMAGES", 64)
     return demo.run_demo(out, data=data, progress=False, overrides=["train.max_steps=3", "train.batch_size=32"])
@@ -18,7 +18,7 @@ def _shrunk_demo(out, data, monkeypatch):
 def test_demo_offline_says_so_and_runs_on_synthetic_images(tmp_path, monkeypatch, capsys):
     import json
 
-    from tinymim import demo
+    from tinymim.pipeline import demo
     monkeypatch.setattr(demo, "cifar10_ready", lambda: "cifar10 is not in /nowhere and could not be downloaded")
     out = tmp_path / "demo"
     text = _shrunk_demo(out, "cifar10", monkeypatch).read_text()
@@ -41,8 +41,8 @@ def test_demo_offline_says_so_and_runs_on_synthetic_images(tmp_path, monkeypatch
 
 
 def test_demo_teacher_ships_with_the_package():
-    from tinymim.checkpoint import load_weights
-    from tinymim.pipeline import load, plan
+    from tinymim.models.checkpoint import load_weights
+    from tinymim.pipeline.stages import load, plan
 
     state = load_weights("builtin:cifar10_mae_vit128x6")
     assert state["pos_embed"].shape == (1, 65, 128) and len({k.split(".")[1] for k in state if k.startswith("blocks.")}) == 6
@@ -54,7 +54,7 @@ def test_demo_teacher_ships_with_the_package():
 def test_demo_baseline_is_the_grid_s_choice_and_the_twin_the_student_s_recipe(tmp_path, benchmark_module):
     """The best from-scratch baseline trains the setup baseline_grid chose (and says which in its
     label); the twin differs from the student's fine-tuning in its init only."""
-    from tinymim.pipeline import load, plan
+    from tinymim.pipeline.stages import load, plan
 
     grid = benchmark_module("baseline_grid")
     planned = {s.name: (s, c) for s, _, c in plan(load("pipelines/demo"), tmp_path)}

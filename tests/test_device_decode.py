@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from conftest import tiny_distill_config
-from tinymim.data import (DataConfig, FolderImages, PairedViewDataset, collate, device_images,
-                          random_resized_crop_params)
+from tinymim.data.pretrain import (DataConfig, FolderImages, PairedViewDataset, collate, device_images,
+                                   random_resized_crop_params)
 
 
 def natural_jpegs(root, per_class=6, size=(500, 375), seed=0):
@@ -89,7 +89,7 @@ def test_mixed_batch_and_an_undecodable_file(tmp_path, caplog):
     b = collate([device[x] for x in items])
     png = files.index(str(root / "a" / "png.png"))
     assert b["image_index"].tolist() == [png] and png not in b["jpeg_index"].tolist()
-    with caplog.at_level(logging.WARNING, logger="tinymim.data"):
+    with caplog.at_level(logging.WARNING, logger="tinymim.data.pretrain"):
         x = device_images(b, device.cfg, torch.device("cpu"))
     assert x.shape == (len(files), 3, 32, 32) and torch.isfinite(x).all()
     a = collate([pillow[x] for x in items])
@@ -112,14 +112,14 @@ def test_distill_trains_with_device_decode(tmp_path):
 
 @pytest.mark.parametrize("decode", ["cpu", "device"])
 def test_decode_is_a_config_choice(decode):
-    from tinymim.config import load_config
+    from tinymim.core.config import load_config
     from tinymim.tasks.distill import DistillConfig
 
     assert load_config(DistillConfig, None, [f"data.decode={decode}"]).data.decode == decode
 
 
 def test_finetune_refuses_device_decode():
-    from tinymim.config import ConfigError
+    from tinymim.core.config import ConfigError
     from tinymim.tasks import load_config
 
     with pytest.raises(ConfigError, match="decode=device builds pre-training views"):

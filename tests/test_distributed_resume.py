@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinymim.rundir import RunDir
+from tinymim.core.rundir import RunDir
 
 TINY = ["student.name=vit_custom", "student.patch_size=4", "student.embed_dim=48", "student.depth=2",
         "student.num_heads=3", "teacher.model.name=vit_custom", "teacher.model.patch_size=4",

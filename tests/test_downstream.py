@@ -4,18 +4,18 @@ import json
 import pytest
 import torch
 
-from tinymim.engine import run_task
-from tinymim.knn import knn_accuracy
-from tinymim.models import ModelConfig
+from tinymim.core.rundir import RunDir
+from tinymim.models.vit import ModelConfig
 from tinymim.tasks import finetune, linprobe
 from tinymim.tasks.finetune import ClassifyDataConfig, FinetuneConfig, build_finetune_task
-from tinymim.rundir import RunDir
+from tinymim.train.engine import run_task
+from tinymim.train.knn import knn_accuracy
 
 from conftest import tiny_vit
 
 
 def tiny_finetune_config(**train) -> FinetuneConfig:
-    from tinymim.engine import TrainConfig
+    from tinymim.train.engine import TrainConfig
 
     return FinetuneConfig(
         model=tiny_vit(dim=48, depth=3, heads=3, drop_path_rate=0.1),
@@ -94,8 +94,8 @@ def test_linear_probe_trains_only_the_head(tmp_path):
     task = linprobe.build_linprobe_task(cfg)
     before = {k: v.clone() for k, v in task.probe.backbone.state_dict().items()}
     head_before = task.probe.head[1].weight.clone()
-    from tinymim.engine import train as engine_train
     from tinymim.tasks.finetune import build_classify_loaders
+    from tinymim.train.engine import train as engine_train
 
     def loader_fn(batch, rank, world, seed):
         loader, sampler = build_classify_loaders(cfg.data, batch, rank, world, seed)

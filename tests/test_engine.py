@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from tinymim.engine import run_task
+from tinymim.core.rundir import RunDir
 from tinymim.tasks.distill import build_distill_task
-from tinymim.rundir import RunDir
+from tinymim.train.engine import run_task
 
 from conftest import tiny_distill_config
 
@@ -30,7 +30,7 @@ def test_lr_is_linear_warmup_then_half_cycle_cosine_per_step(tmp_path):
 
 
 def test_parameter_groups():
-    from tinymim.engine import build_optimizer
+    from tinymim.train.engine import build_optimizer
 
     cfg = tiny_distill_config(lr=1e-3, weight_decay=0.05, betas=[0.9, 0.95])
     task = build_distill_task(cfg)
@@ -93,7 +93,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     """train.activation_checkpointing recomputes the student's blocks in the backward: same loss and
     gradients (drop path included: the recomputation replays the RNG), nothing else changes."""
     from conftest import tiny_distill_config
-    from tinymim.data import build_loader
+    from tinymim.data.pretrain import build_loader
     from tinymim.tasks.distill import build_distill_task
 
     cfg = tiny_distill_config()

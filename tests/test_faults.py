@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tinymim.rundir import RunDir, RunDirError
+from tinymim.core.rundir import RunDir, RunDirError
 
 HERE = Path(__file__).resolve().parent
 TINY = ["student.name=vit_custom", "student.patch_size=4", "student.embed_dim=96", "student.depth=3",
@@ -375,7 +375,7 @@ def test_unwritable_output_is_one_line(tmp_path, monkeypatch):
     """Read-only and permission-denied folders (injected: the tests may run as root, which ignores modes)."""
     import errno
 
-    from tinymim import rundir
+    from tinymim.core import rundir
 
     for code, words in ((errno.EROFS, "read-only"), (errno.EACCES, "permission denied")):
         def refuse(*a, **k):
@@ -456,9 +456,9 @@ def test_an_evaluation_that_fails_keeps_its_epoch_and_is_redone_on_resume(tmp_pa
 def test_a_nan_before_the_first_checkpoint_does_not_claim_one(tmp_path):
     from conftest import tiny_distill_config
 
-    from tinymim.engine import run_task
-    from tinymim.errors import NonFiniteLossError
+    from tinymim.core.errors import NonFiniteLossError
     from tinymim.tasks.distill import build_distill_task
+    from tinymim.train.engine import run_task
 
     cfg = tiny_distill_config(blr=1e9, checkpoint_every=1000, epochs=3)
     with pytest.raises(NonFiniteLossError) as err:

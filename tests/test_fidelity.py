@@ -9,8 +9,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_distill_config, tiny_vit
-from tinymim.config import load_config
-from tinymim.models import ModelConfig, create_vit
+from tinymim.core.config import load_config
+from tinymim.models.vit import ModelConfig, create_vit
 from tinymim.tasks.distill import DistillConfig, build_distill_task
 
 
@@ -81,8 +81,8 @@ def test_vit_tiny_pretrains_with_6_heads_and_12_in_the_relation_block():
 def test_main_chain_resolves_the_papers_teacher_heads(tmp_path):
     """MAE ViT-L -> ViT-B: 16; TinyMIM ViT-B -> ViT-S: 12 (although its last block was distilled with
     16); TinyMIM ViT-S -> ViT-T: 12. The ViT-T fine-tuning stage goes back to 3 heads."""
-    from tinymim.config import from_dict
-    from tinymim.pipeline import load, plan
+    from tinymim.core.config import from_dict
+    from tinymim.pipeline.stages import load, plan
 
     resolved = {}
     for stage, _, config in plan(load("pipelines/imagenet_main_chain"), tmp_path):
@@ -127,7 +127,7 @@ def test_file_teacher_and_run_dir_teacher_pair_the_same(tmp_path, relation_heads
 
 
 def test_relation_heads_that_do_not_divide_the_teacher_are_a_config_error():
-    from tinymim.config import ConfigError
+    from tinymim.core.config import ConfigError
 
     cfg = tiny_distill_config()
     cfg.teacher.relation_heads = 5
@@ -136,7 +136,7 @@ def test_relation_heads_that_do_not_divide_the_teacher_are_a_config_error():
 
 
 def test_every_distill_recipe_declares_its_pairing():
-    from tinymim.config import RECIPES
+    from tinymim.core.config import RECIPES
 
     for recipe in sorted(RECIPES.glob("*/distill_*.yaml")):
         cfg = load_config(DistillConfig, recipe)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tinymim.config import diff_configs
-from tinymim.pipeline import PipelineConfig, plan
+from tinymim.core.config import diff_configs
+from tinymim.pipeline.stages import PipelineConfig, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT.parent / "shared" / "teachers" / "cifar10_mae_vit192x6"

@@ -6,10 +6,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tinymim.checkpoint import CheckpointError, load_state_dict, load_vit_weights
-from tinymim.engine import run_task
-from tinymim.models import create_vit
+from tinymim.models.checkpoint import CheckpointError, load_state_dict, load_vit_weights
+from tinymim.models.vit import create_vit
 from tinymim.tasks.distill import build_distill_task
+from tinymim.train.engine import run_task
 
 from conftest import tiny_distill_config, tiny_vit
 
@@ -123,7 +123,7 @@ def test_export_onnx_matches_pytorch(distilled_run, tmp_path):
     import numpy as np
     import onnxruntime as ort
 
-    from tinymim.export import build_exportable, export_onnx
+    from tinymim.evaluate.export import build_exportable, export_onnx
 
     diff = export_onnx(distilled_run, tmp_path / "student.onnx")
     assert diff < 1e-4
@@ -135,8 +135,8 @@ def test_export_onnx_matches_pytorch(distilled_run, tmp_path):
 
 
 def test_export_of_a_bare_checkpoint_needs_its_architecture(tmp_path):
-    from tinymim.errors import TinymimError
-    from tinymim.export import build_exportable
+    from tinymim.core.errors import TinymimError
+    from tinymim.evaluate.export import build_exportable
 
     torch.save(encoder_state(), tmp_path / "w.pth")
     with pytest.raises(TinymimError, match="--model"):
@@ -150,7 +150,7 @@ def test_timm_pretrained_names_need_the_network(tmp_path):
     import subprocess
     import sys
 
-    from tinymim.checkpoint import load_weights
+    from tinymim.models.checkpoint import load_weights
 
     # offline from the start (the hub library reads this when imported): a clear error, at once
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hub-cache"))
@@ -221,8 +221,8 @@ def test_exported_student_carries_the_runs_preprocessing_and_a_true_card(distill
     assert "relations qk, vv (KL, softmax, weight 1.0)" in card and "license: apache-2.0" in card
     assert "CC-BY-NC" not in card and "were not trained" in card
     # the relation block's input tokens, as the k-NN monitor reads them
-    from tinymim.models import TokenFeatures
-    from tinymim.visualize import load_run
+    from tinymim.evaluate.visualize import load_run
+    from tinymim.models.vit import TokenFeatures
 
     feats, _ = _export_and_load(distilled_run, tmp_path / "relation_input", "--features", "relation-input")
     task, _ = load_run(distilled_run)
@@ -233,8 +233,8 @@ def test_exported_student_carries_the_runs_preprocessing_and_a_true_card(distill
 
 
 def test_exported_classifier_gives_the_same_logits(tmp_path):
-    from tinymim.config import load_config
-    from tinymim.robustness import load_classifier
+    from tinymim.core.config import load_config
+    from tinymim.evaluate.robustness import load_classifier
     from tinymim.tasks.finetune import FinetuneConfig, run
 
     cfg = load_config(FinetuneConfig, None, [
@@ -340,7 +340,7 @@ def _umask() -> int:
 
 def test_export_of_a_pipeline_folder_or_an_empty_folder_says_what_it_is(tmp_path, capsys):
     from tinymim.cli import main
-    from tinymim.rundir import RunDir
+    from tinymim.core.rundir import RunDir
 
     pipe = tmp_path / "pipe"
     for stage in ("teacher", "finetune"):

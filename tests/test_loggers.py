@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tinymim.core.rundir import RunDir
 from tinymim.tasks import load_config, run
-from tinymim.rundir import RunDir
 
 MICRO = ["student.name=vit_custom", "student.img_size=32", "student.patch_size=8", "student.embed_dim=32",
          "student.depth=2", "student.num_heads=2", "teacher.model.name=vit_custom", "teacher.model.img_size=32",
@@ -76,7 +76,7 @@ def test_wandb_offline_run_records_the_losses(tmp_path):
 
 
 def test_unknown_or_missing_logger_is_a_config_error():
-    from tinymim.config import ConfigError
+    from tinymim.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="unknown logger"):
         load_config("distill", None, [*MICRO, "train.loggers=[comet]"])

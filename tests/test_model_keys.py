@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from tinymim.config import ConfigError, load_config
-from tinymim.mae import sincos_table
+from tinymim.core.config import ConfigError, load_config
+from tinymim.method.mae import sincos_table
 from tinymim.tasks.finetune import FinetuneConfig, build_classifier
 from tinymim.tasks.linprobe import LinearProbeConfig, build_linprobe_task
 from tinymim.tasks.segment import SegmentConfig, build_backbone

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinymim.config import ConfigError, from_dict
-from tinymim.pipeline import PipelineConfig, run_pipeline
-from tinymim.rundir import RunDir
+from tinymim.core.config import ConfigError, from_dict
+from tinymim.core.rundir import RunDir
+from tinymim.pipeline.stages import PipelineConfig, run_pipeline
 
 TINY = ["model.name=vit_custom", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32",
         "model.depth=2", "model.num_heads=2"]
@@ -128,7 +128,7 @@ def test_a_second_pipeline_on_the_same_output_refuses(tmp_path, capsys):
     recipe = tmp_path / "pipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_pipeline()))
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom tinymim.rundir import RunDir\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom tinymim.core.rundir import RunDir\n"
                                f"with RunDir({str(out)!r}).lock():\n    print('locked', flush=True)\n    time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -145,7 +145,7 @@ def test_a_second_pipeline_on_the_same_output_refuses(tmp_path, capsys):
 def test_command_line_overrides_win_over_the_pipeline_file(tmp_path):
     """The demo pipeline sets its own epochs per stage; `train.epochs=1` on the command line changes
     every stage, `finetune:` only the fine-tuning ones, and the report says what was applied."""
-    from tinymim.pipeline import load, plan
+    from tinymim.pipeline.stages import load, plan
 
     planned = {s.name: c for s, _, c in plan(load("pipelines/demo"), tmp_path)}
     assert {c["train"]["epochs"] for c in planned.values()} != {1}
@@ -154,7 +154,7 @@ def test_command_line_overrides_win_over_the_pipeline_file(tmp_path):
     assert all(c["train"]["epochs"] == 1 for _, c in planned.values())
     assert all(c["train"]["batch_size"] == 64 for t, c in planned.values() if t == "finetune")
     assert any(c["train"]["batch_size"] != 64 for t, c in planned.values() if t != "finetune")
-    from tinymim.report import write_report
+    from tinymim.pipeline.report import write_report
 
     (tmp_path / "out").mkdir()
     report = write_report(cfg, tmp_path / "out").read_text()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tinymim.cli import main
-from tinymim.config import RECIPES
+from tinymim.core.config import RECIPES
 
 SNAPSHOT = Path(__file__).resolve().parent / "snapshots" / "recipes.json"
 RECIPE_FILES = sorted(p for p in RECIPES.glob("*/*.yaml") if not p.name.startswith("_"))  # _base: fragments

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinymim.config import RECIPES, ConfigError, load_config
+from tinymim.core.config import RECIPES, ConfigError, load_config
 from tinymim.tasks.distill import DistillConfig, build_distill_task
 from tinymim.tasks.mae import MAEConfig, build_mae_task
 
@@ -60,7 +60,7 @@ def test_builtin_recipe_names_resolve():
 
 
 def test_ablation_rows_differ_from_the_default_only_where_they_say():
-    from tinymim.config import diff_configs, to_dict
+    from tinymim.core.config import diff_configs, to_dict
 
     default = to_dict(load_config(DistillConfig, "ablations/distill_relation_default"))
     assert default["train"]["epochs"] == 100 and default["teacher"]["target_block"] == 18
@@ -76,7 +76,7 @@ def test_ablation_rows_differ_from_the_default_only_where_they_say():
 
 @pytest.mark.parametrize("recipe", PIPELINES, ids=lambda p: p.stem)
 def test_pipeline_recipes_plan(recipe: Path, tmp_path):
-    from tinymim.pipeline import load, plan
+    from tinymim.pipeline.stages import load, plan
 
     stages = plan(load(recipe), tmp_path)
     assert stages

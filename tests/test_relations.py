@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from tinymim.models import ModelConfig, create_vit, set_block_heads
-from tinymim.relations import RelationLoss, block_qkv, relation_kl, relation_logits, split_heads
-from tinymim.targets import block_parts
+from tinymim.method.relations import RelationLoss, block_qkv, relation_kl, relation_logits, split_heads
+from tinymim.method.targets import block_parts
+from tinymim.models.vit import ModelConfig, create_vit, set_block_heads
 from tinymim.tasks.distill import TeacherConfig, build_distill_task
 
 from conftest import tiny_distill_config, tiny_vit
@@ -15,7 +15,7 @@ from conftest import tiny_distill_config, tiny_vit
 def reference_block_input(model, x, k):
     """Tokens entering block k (1-indexed), via timm's own forward_intermediates."""
     if k == 1:
-        from tinymim.models import embed
+        from tinymim.models.vit import embed
         return embed(model, x)
     feats, prefix = model.forward_intermediates(x, indices=[k - 2], norm=False, output_fmt="NLC",
                                                intermediates_only=True, return_prefix_tokens=True)[0]

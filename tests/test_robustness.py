@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tinymim.errors import TinymimError
 from tinymim.cli import main
-from tinymim.robustness import (ALEXNET_ERROR, corruption_errors, evaluate_folder, imagenet_wnids,
-                                subset_class_indices)
-from tinymim.classification import ClassifyDataConfig, build_eval_loader
+from tinymim.core.errors import TinymimError
+from tinymim.data.classification import ClassifyDataConfig, build_eval_loader
+from tinymim.evaluate.robustness import (ALEXNET_ERROR, corruption_errors, evaluate_folder, imagenet_wnids,
+                                         subset_class_indices)
 
 
 class ColorCodedClassifier(torch.nn.Module):
@@ -76,7 +76,7 @@ def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
     cfg.data.synthetic_classes = 3
     finetune.run(cfg, str(tmp_path / "run"))
     src = tmp_path / "clean"
-    from tinymim.data import SyntheticImages
+    from tinymim.data.pretrain import SyntheticImages
     images = SyntheticImages(size=6, img_size=32, num_classes=3, seed=5)
     for i in range(6):
         img, c = images.load(i)
@@ -102,9 +102,9 @@ def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
 
 def test_knn_command_on_a_distilled_student(tmp_path, capsys):
     from conftest import tiny_distill_config
-    from tinymim.data import SyntheticImages
-    from tinymim.engine import run_task
+    from tinymim.data.pretrain import SyntheticImages
     from tinymim.tasks.distill import build_distill_task
+    from tinymim.train.engine import run_task
 
     run_task(build_distill_task, tiny_distill_config(max_steps=2), tmp_path / "run")
     for split, seed in (("train", 0), ("val", 1)):

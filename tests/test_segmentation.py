@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinymim.models import create_vit
-from tinymim.segmentation import (FCNHead, Segmenter, UperHead, ViTPyramid, confusion_matrix, segmentation_metrics,
-                                  slide_inference)
+from tinymim.models.segmenter import (FCNHead, Segmenter, UperHead, ViTPyramid, confusion_matrix, segmentation_metrics,
+                                      slide_inference)
+from tinymim.models.vit import create_vit
 
 from conftest import tiny_vit
 
@@ -116,7 +116,7 @@ def _pairs(root, split="train", sizes=((16, 12),), label_values=(0, 1, 2)):
 
 
 def test_segmentation_folder_reads_pairs_and_reduces_the_zero_label(tmp_path):
-    from tinymim.segmentation_data import SegmentationDataConfig, SegmentationFolder
+    from tinymim.data.segmentation import SegmentationDataConfig, SegmentationFolder
 
     root = _pairs(tmp_path, label_values=(0, 1, 3))
     image, label = SegmentationFolder(SegmentationDataConfig(root=str(root), num_classes=4), "train").load(0)
@@ -128,8 +128,8 @@ def test_segmentation_folder_reads_pairs_and_reduces_the_zero_label(tmp_path):
 
 @pytest.mark.parametrize("fault", ["image without a label", "label map of another size", "label outside the classes"])
 def test_bad_segmentation_data_is_one_line_naming_the_file(tmp_path, fault):
-    from tinymim.data import DataError
-    from tinymim.segmentation_data import SegmentationDataConfig, SegmentationFolder
+    from tinymim.data.pretrain import DataError
+    from tinymim.data.segmentation import SegmentationDataConfig, SegmentationFolder
 
     root = _pairs(tmp_path, label_values=(0, 1, 11))  # CamVid: 11 classes 0..10, 11 ignored
     cfg = SegmentationDataConfig(root=str(root), num_classes=11, ignore_index=11)
@@ -161,7 +161,7 @@ def test_camvid_reads_with_its_classes_and_ignore_label(tmp_path):
     import numpy as np
 
     from conftest import SHARED_DATA
-    from tinymim.segmentation_data import CAMVID_CLASSES, SegmentationDataConfig, SegmentationFolder
+    from tinymim.data.segmentation import CAMVID_CLASSES, SegmentationDataConfig, SegmentationFolder
 
     tar = SHARED_DATA / "camvid" / "camvid.tar"
     if not tar.is_file():
@@ -227,7 +227,7 @@ def tiny_segment_overrides(root, *extra: str) -> list[str]:
 
 
 def test_segment_task_trains_evaluates_and_records_classes(tmp_path):
-    from tinymim.rundir import RunDir
+    from tinymim.core.rundir import RunDir
     from tinymim.tasks import load_config, run
 
     root = _seg_folder(tmp_path / "data", "train", 8)
@@ -254,7 +254,7 @@ def test_segment_task_trains_evaluates_and_records_classes(tmp_path):
 
 
 def test_eval_every_validates_every_n_epochs_and_at_the_end(tmp_path):
-    from tinymim.rundir import read_jsonl
+    from tinymim.core.rundir import read_jsonl
     from tinymim.tasks import load_config, run
 
     root = _seg_folder(tmp_path / "data", "train", 8)  # batch 4: 2 steps an epoch, 5 epochs
@@ -279,15 +279,15 @@ def test_ade20k_recipes_have_the_papers_settings(size, channels, decay):
     assert cfg.blocks == [4, 6, 8, 12] and cfg.model.drop_path_rate == 0.1
     assert (cfg.rel_pos_bias, cfg.layer_scale, cfg.sync_bn, cfg.loss_average, cfg.head_init, cfg.data.hue_delta) == (
         True, 1.0, "auto", "all_pixels", "mmseg", 18)  # the release's backbone and mmseg 0.11's defaults
-    from tinymim.segmentation_data import ADE20K_CLASSES
+    from tinymim.data.segmentation import ADE20K_CLASSES
 
     assert cfg.data.class_names == ADE20K_CLASSES and len(set(ADE20K_CLASSES)) == 150
 
 
 def test_a_pipeline_can_end_in_segmentation(tmp_path):
     """A `segment` stage takes an earlier stage as its init, with that model's architecture."""
-    from tinymim.config import from_dict
-    from tinymim.pipeline import PipelineConfig, plan
+    from tinymim.core.config import from_dict
+    from tinymim.pipeline.stages import PipelineConfig, plan
 
     cfg = from_dict(PipelineConfig, {"stages": [
         {"name": "student", "task": "distill", "config": "cifar10/distill_micro"},

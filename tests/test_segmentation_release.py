@@ -16,7 +16,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from test_segmentation import _seg_folder, tiny_segment_overrides
-from tinymim.rundir import RunDir
+from tinymim.core.rundir import RunDir
 
 HERE = Path(__file__).resolve().parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -121,9 +121,9 @@ def release_constructor_scales(names: list[str], depth: int, decay: float) -> di
 
 @pytest.mark.parametrize("depth,decay", [(12, 0.75), (12, 0.8), (4, 0.75)])
 def test_every_parameters_lr_is_the_release_constructors(depth, decay):
-    from tinymim.engine import TrainConfig, build_optimizer, build_scheduler
+    from tinymim.core.config import from_dict
     from tinymim.tasks.segment import SegmentConfig, build_segment_task
-    from tinymim.config import from_dict
+    from tinymim.train.engine import TrainConfig, build_optimizer, build_scheduler
 
     cfg = from_dict(SegmentConfig, {
         "model": {"name": "vit_custom", "patch_size": 8, "embed_dim": 32, "depth": depth, "num_heads": 2},
@@ -187,7 +187,7 @@ def _vit(img_size=(24, 32), **kw):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_relative_position_bias_at_zero_is_the_plain_block_and_adds_its_entries_to_the_logits(fused):
-    from tinymim.segmentation import RelPosBiasAttention, add_relative_position_bias
+    from tinymim.models.segmenter import RelPosBiasAttention, add_relative_position_bias
 
     plain, biased = _vit().eval(), _vit().eval()
     add_relative_position_bias(biased)
@@ -213,7 +213,7 @@ def test_relative_position_bias_at_zero_is_the_plain_block_and_adds_its_entries_
 def test_backbone_options_load_plain_weights_and_report_the_new_tables(tmp_path, caplog):
     from safetensors.torch import save_file
 
-    from tinymim.config import from_dict
+    from tinymim.core.config import from_dict
     from tinymim.tasks.segment import SegmentConfig, build_backbone
 
     source = _vit(img_size=32)
@@ -228,7 +228,7 @@ def test_backbone_options_load_plain_weights_and_report_the_new_tables(tmp_path,
     assert torch.equal(vit.blocks[1].ls2.gamma, torch.ones(32))
     assert torch.equal(vit.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
     # BEiT's / the release's layer scale names load into timm's
-    from tinymim.checkpoint import load_vit_weights
+    from tinymim.models.checkpoint import load_vit_weights
 
     state = {k: v for k, v in vit.state_dict().items()}
     state["blocks.0.gamma_1"] = torch.full((32,), 0.5)
@@ -253,7 +253,7 @@ def test_rel_pos_bias_on_a_model_with_register_tokens_is_one_line(tmp_path, caps
 
 
 def _tiny_task(**extra):
-    from tinymim.config import from_dict
+    from tinymim.core.config import from_dict
     from tinymim.tasks.segment import SegmentConfig, build_segment_task
 
     return build_segment_task(from_dict(SegmentConfig, {
@@ -347,7 +347,7 @@ class _Scripted:
 def test_hue_shifts_as_mmseg_at_most_34_degrees_up():
     import colorsys
 
-    from tinymim.segmentation_data import _photometric
+    from tinymim.data.segmentation import _photometric
 
     img = np.zeros((4, 4, 3), np.uint8)
     img[...] = (200, 60, 60)  # hue 0 degrees
@@ -358,7 +358,7 @@ def test_hue_shifts_as_mmseg_at_most_34_degrees_up():
 
 def test_two_prefix_tokens_index_is_the_release_tinymim_star_t_layout():
     """The top-left corner at 512 pixels (32 x 32 patches) as the release's T* backbone builds it."""
-    from tinymim.segmentation import relative_position_index
+    from tinymim.models.segmenter import relative_position_index
 
     index = relative_position_index((32, 32), prefix_tokens=2)
     assert index.shape == (1026, 1026) and int(index.max()) + 1 == 63 * 63 + 6
@@ -394,8 +394,8 @@ def test_every_trained_parameter_gets_a_gradient(star):
 def test_tinymim_star_t_pyramid_is_the_releases():
     """4D channels at strides 4 / 8 / 16 / 32 for patch 16; the coarsest level from conv1x1's 1280-wide
     tokens (E here) through a 3x3 stride-2 conv; the release's T* neck shapes at D = 192."""
-    from tinymim.models import ModelConfig, create_vit
-    from tinymim.segmentation import ViTPyramid
+    from tinymim.models.segmenter import ViTPyramid
+    from tinymim.models.vit import ModelConfig, create_vit
 
     vit = create_vit(ModelConfig(name="vit_custom", img_size=64, patch_size=16, embed_dim=24, depth=4, num_heads=12,
                                  dist_token=True, extra_head_dim=40))
@@ -420,7 +420,7 @@ def test_released_tinymim_star_t_checkpoint_loads_into_the_segmentation_backbone
     """The released TinyMIM-FT-Tstar.pth layout (key names and shapes from the release's code and log,
     random values, under 'model'): every encoder key and conv1x1 loaded, the classifier heads set
     aside and named, the release's new tables and gammas newly initialised."""
-    from tinymim.config import from_dict
+    from tinymim.core.config import from_dict
     from tinymim.tasks.segment import SegmentConfig, build_backbone
 
     d, depth, heads, extra, classes = 192, 12, 12, 1280, 1000

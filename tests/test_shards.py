@@ -1,4 +1,4 @@
-"""Sharded data (tinymim.shards): an ImageFolder written as WebDataset tar shards holds every file byte
+"""Sharded data (tinymim.data.shards): an ImageFolder written as WebDataset tar shards holds every file byte
 for byte where its index says; ranks read disjoint whole shards that together cover every sample once an
 epoch, in one process and under torchrun; training from shards resumes bit-identically after SIGKILL;
 shards served from a URL are downloaded once into a cache; bad input is one line naming the file."""
@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tinymim.data import DataConfig, DataError, FolderImages, PairedViewDataset, data_fingerprint
-from tinymim.rundir import RunDir
-from tinymim.data import ShardBatchSampler
-from tinymim.shards import ShardImages, write_shards
+from tinymim.core.rundir import RunDir
+from tinymim.data.pretrain import DataConfig, DataError, FolderImages, PairedViewDataset, data_fingerprint
+from tinymim.data.pretrain import ShardBatchSampler
+from tinymim.data.shards import ShardImages, write_shards
 
 HERE = Path(__file__).resolve().parent
 # webdataset's split of a member name into (key, extension) (webdataset.tariterators.base_plus_ext)
@@ -266,7 +266,7 @@ def test_training_from_shards_resumes_bit_identically_after_sigkill(shards, tmp_
 
 
 def test_classification_trains_and_evaluates_on_shards(shards):
-    from tinymim.classification import ClassifyDataConfig, build_classify_loaders, build_eval_loader
+    from tinymim.data.classification import ClassifyDataConfig, build_classify_loaders, build_eval_loader
 
     cfg = ClassifyDataConfig(name="shards", root=str(shards), val_root=str(shards), img_size=32, num_workers=0,
                              auto_augment=None, reprob=0)

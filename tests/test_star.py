@@ -1,4 +1,4 @@
-"""TinyMIM*-T's classifier (tinymim.star.DistilledViT) and DeiT-style hard distillation in fine-tuning."""
+"""TinyMIM*-T's classifier (tinymim.models.star.DistilledViT) and DeiT-style hard distillation in fine-tuning."""
 import importlib.util
 import logging
 
@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinymim.checkpoint import load_state_dict, load_vit_weights
 from tinymim.cli import main
-from tinymim.models import ModelConfig, create_vit
-from tinymim.star import DistilledViT
+from tinymim.models.checkpoint import load_state_dict, load_vit_weights
+from tinymim.models.star import DistilledViT
+from tinymim.models.vit import ModelConfig, create_vit
 from tinymim.tasks import finetune
 from tinymim.tasks.finetune import ClassifyDataConfig, FinetuneConfig, FrozenTeacher, build_finetune_task
 
@@ -235,9 +235,9 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
 
 
 def test_distilled_finetune_run_from_a_teacher_run(tmp_path, capsys):
-    from tinymim.export import build_exportable
-    from tinymim.robustness import load_classifier
-    from tinymim.rundir import RunDir
+    from tinymim.core.rundir import RunDir
+    from tinymim.evaluate.export import build_exportable
+    from tinymim.evaluate.robustness import load_classifier
 
     assert main(["finetune", "--output", str(tmp_path / "teacher"), *FAST, "train.max_steps=1"]) == 0
     student = tmp_path / "student"
@@ -257,13 +257,13 @@ def test_distilled_finetune_run_from_a_teacher_run(tmp_path, capsys):
     assert main(["export", str(student), "--format", "timm", "--output", str(tmp_path / "hub")]) == 1
     assert "--format onnx" in one_error_line(capsys)
     if importlib.util.find_spec("onnxruntime") is not None:
-        from tinymim.export import export_onnx
+        from tinymim.evaluate.export import export_onnx
 
         assert export_onnx(student, tmp_path / "star.onnx") < 1e-4
 
 
 def test_recipes_load():
-    from tinymim.config import load_config
+    from tinymim.core.config import load_config
 
     cfg = load_config(FinetuneConfig, "imagenet/finetune_vit_tiny_star")
     assert (cfg.model.dist_token, cfg.model.extra_head_dim, cfg.model.num_heads) == (True, 1280, 12)

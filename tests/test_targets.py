@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_distill_config, tiny_vit
-from tinymim.config import ConfigError
-from tinymim.targets import FEATURE_SITES, block_parts
+from tinymim.core.config import ConfigError
+from tinymim.method.targets import FEATURE_SITES, block_parts
 from tinymim.tasks.distill import TeacherConfig, build_distill_task
 
 TARGETS = [
@@ -182,7 +182,7 @@ def test_unused_student_parts_are_frozen_per_target():
 def test_no_target_is_an_error():
     from dataclasses import asdict
 
-    from tinymim.config import from_dict
+    from tinymim.core.config import from_dict
     from tinymim.tasks.distill import DistillConfig
 
     cfg = configure(tiny_distill_config(), {"relation": {"weight": 0}})

@@ -3,10 +3,10 @@ import numpy as np
 from PIL import Image
 
 from tinymim.cli import main
-from tinymim.data import SyntheticImages
-from tinymim.engine import run_task
+from tinymim.data.pretrain import SyntheticImages
+from tinymim.evaluate.visualize import colorize
 from tinymim.tasks.distill import build_distill_task
-from tinymim.visualize import colorize
+from tinymim.train.engine import run_task
 
 from conftest import tiny_distill_config
 
@@ -46,13 +46,13 @@ def test_colorize_ramp():
 def test_visualize_rebuilds_the_runs_teacher(tmp_path):
     import torch
 
-    from tinymim.visualize import load_run
+    from tinymim.evaluate.visualize import load_run
 
     run_task(build_distill_task, tiny_distill_config(max_steps=1), tmp_path / "run")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     task, _ = load_run(tmp_path / "run")
     # the random teacher is rebuilt from the run's seed; the student comes from its weights
-    import tinymim.engine as engine
+    import tinymim.train.engine as engine
     engine.seed_everything(0)
     again = build_distill_task(tiny_distill_config(max_steps=1))
     assert torch.equal(task.teacher.vit.blocks[0].attn.qkv.weight, again.teacher.vit.blocks[0].attn.qkv.weight)

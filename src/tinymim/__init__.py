@@ -3,9 +3,9 @@ modeling teacher (TinyMIM, CVPR 2023), then fine-tune and evaluate them.
 
 The public API (imported lazily: `import tinymim` stays cheap):
 
-- the method: `RelationLoss`, `relation_logits`, `relation_kl`, `split_heads`, `block_qkv` (relations)
+- the method: `RelationLoss`, `relation_logits`, `relation_kl`, `split_heads`, `block_qkv` (method/relations)
 - in your own loop: `RelationDistillation(teacher_vit, student_vit, target_block)`, `FrozenTeacher`,
-  `RelationStudent` (wrappers)
+  `RelationStudent` (models/distillation)
 - models and weights: `ModelConfig`, `create_vit`, `load_vit` (a run directory, a shipped teacher
   `builtin:NAME`, or a file with its timm architecture), `load_weights`, `load_vit_weights`
 - whole tasks: `load_config(task, recipe, overrides)` and `run(task, config, output)`, as the command line
@@ -15,13 +15,14 @@ The public API (imported lazily: `import tinymim` stays cheap):
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "RelationLoss": "tinymim.relations", "relation_logits": "tinymim.relations", "relation_kl": "tinymim.relations",
-    "split_heads": "tinymim.relations", "block_qkv": "tinymim.relations", "RELATION_NAMES": "tinymim.relations",
-    "RelationDistillation": "tinymim.wrappers", "FrozenTeacher": "tinymim.wrappers",
-    "RelationStudent": "tinymim.wrappers",
-    "ModelConfig": "tinymim.models", "create_vit": "tinymim.models",
-    "load_weights": "tinymim.checkpoint", "load_vit_weights": "tinymim.checkpoint",
-    "load_vit": "tinymim.export",
+    "RelationLoss": "tinymim.method.relations", "relation_logits": "tinymim.method.relations",
+    "relation_kl": "tinymim.method.relations", "split_heads": "tinymim.method.relations",
+    "block_qkv": "tinymim.method.relations", "RELATION_NAMES": "tinymim.method.relations",
+    "RelationDistillation": "tinymim.models.distillation", "FrozenTeacher": "tinymim.models.distillation",
+    "RelationStudent": "tinymim.models.distillation",
+    "ModelConfig": "tinymim.models.vit", "create_vit": "tinymim.models.vit",
+    "load_weights": "tinymim.models.checkpoint", "load_vit_weights": "tinymim.models.checkpoint",
+    "load_vit": "tinymim.evaluate.export",
     "load_config": "tinymim.tasks", "run": "tinymim.tasks",
 }
 __all__ = sorted(_EXPORTS)

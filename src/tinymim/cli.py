@@ -6,8 +6,8 @@ import logging
 import re
 import sys
 
-from tinymim.errors import TinymimError, loader_worker_death
-from tinymim.preempt import note_early
+from tinymim.core.errors import TinymimError, loader_worker_death
+from tinymim.core.preempt import note_early
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -38,14 +38,14 @@ def cmd_config(args) -> int:
     """Print a task's resolved config: every key, its value, its type and what it means."""
     import json
 
-    from tinymim.config import describe
+    from tinymim.core.config import describe
 
     if args.task == "pipeline":
-        from tinymim import pipeline
+        from tinymim.pipeline import stages
 
         if args.config is None:
             raise TinymimError("tinymim config pipeline needs --config PIPELINE.yaml (or a built-in one)")
-        cfg = pipeline.load(args.config, args.overrides)
+        cfg = stages.load(args.config, args.overrides)
     else:
         from tinymim.tasks import load_config
 
@@ -73,7 +73,7 @@ def _described(describe, cfg, prefix: str = "") -> list[tuple]:
 
 
 def cmd_export(args) -> int:
-    from tinymim import export
+    from tinymim.evaluate import export
 
     if args.format == "timm":
         out = export.export_timm(args.source, args.output, args.model, args.features, overwrite=args.overwrite)
@@ -86,20 +86,20 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from tinymim import robustness
+    from tinymim.evaluate import robustness
 
     result = robustness.evaluate_path(args.source, args.data, protocol=args.protocol, weights=args.weights,
                                       batch_size=args.batch_size, num_workers=args.workers, split=args.split)
     print(robustness.format_report(result))
     if args.json:
-        from tinymim.rundir import write_json
+        from tinymim.core.rundir import write_json
 
         write_json(args.json, result)
     return 0
 
 
 def cmd_knn(args) -> int:
-    from tinymim.robustness import knn_evaluate
+    from tinymim.evaluate.robustness import knn_evaluate
 
     r = knn_evaluate(args.source, args.data, args.val, model_name=args.model, block=args.block, k=args.k,
                      temperature=args.temperature, mean=args.mean, std=args.std, batch_size=args.batch_size,
@@ -123,12 +123,12 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 def cmd_pipeline(args) -> int:
     import json
 
-    from tinymim import pipeline
+    from tinymim.pipeline import stages
 
     # "key=value" for every stage, "task:key=value" for one task's stages: applied last, so they win
-    cfg = pipeline.load(args.config, [f"command_line={json.dumps(list(args.overrides))}"])
+    cfg = stages.load(args.config, [f"command_line={json.dumps(list(args.overrides))}"])
     shard = parse_shard(args.shard)
-    summaries = pipeline.run_pipeline(cfg, args.output, shard=shard)
+    summaries = stages.run_pipeline(cfg, args.output, shard=shard)
     reused = sum(s["reused"] for s in summaries)
     if shard[1] > 1:
         print(f"done: shard {shard[0]}/{shard[1]} ran or reused its {len(summaries)} stages ({reused} reused); "
@@ -139,7 +139,7 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from tinymim.demo import run_demo
+    from tinymim.pipeline.demo import run_demo
 
     report = run_demo(args.output, args.data, progress=not args.no_progress)
     print(report.read_text())
@@ -148,7 +148,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_visualize(args) -> int:
-    from tinymim.visualize import relation_grid
+    from tinymim.evaluate.visualize import relation_grid
 
     out = relation_grid(args.run, args.image, args.output, args.relations, args.heads, args.queries, args.cell)
     print(f"wrote {out}")
@@ -156,7 +156,7 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_corrupt(args) -> int:
-    from tinymim import robustness
+    from tinymim.evaluate import robustness
 
     n = robustness.corrupt_folder(args.source, args.output, args.corruptions, args.severities, args.per_class)
     print(f"wrote {n} images under {args.output}/<corruption>/<severity>/<class>/")
@@ -164,8 +164,8 @@ def cmd_corrupt(args) -> int:
 
 
 def cmd_shards(args) -> int:
-    from tinymim.data import FolderImages
-    from tinymim.shards import write_shards
+    from tinymim.data.pretrain import FolderImages
+    from tinymim.data.shards import write_shards
 
     index = write_shards(FolderImages(args.source), args.output, args.shard_size, args.seed)
     shards = index["shards"]

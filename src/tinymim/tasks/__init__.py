@@ -43,7 +43,7 @@ TASKS = {spec.name: spec for spec in (
 
 def task_module(task: str):
     if task not in TASKS:
-        from tinymim.config import ConfigError
+        from tinymim.core.config import ConfigError
 
         raise ConfigError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     return importlib.import_module(TASKS[task].module)

@@ -5,7 +5,7 @@ eval mode, no grad, no drop path unless teacher.drop_path_rate asks for some (an
 Student: its last block is matched to the teacher's block k by the enabled targets (weights > 0):
 - relations (TinyMIM, default): the student's last block takes the teacher's head count, so both
   relation maps are B x M_t x N x N; only that block's norm1 + qkv feed the loss;
-- features at a block site, or the class token (targets.py), through a learned linear projection;
+- features at a block site, or the class token (method/targets.py), through a learned linear projection;
 - with `mask_ratio` > 0 the student sees only a random subset of patches (targets at those tokens),
   and `loss.mae` adds MAE reconstruction of the hidden patches through a light decoder.
 Student parts no loss reaches are frozen, so DDP needs no `find_unused_parameters`.
@@ -22,18 +22,18 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
-from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
-from tinymim.config import ConfigError
-from tinymim.data import DataConfig, paired_views
-from tinymim.engine import TrainConfig
-from tinymim.knn import KNNMonitor, KNNMonitorConfig
-from tinymim.models import (ModelConfig, TokenFeatures, create_vit, embed, num_tokens, run_blocks, set_block_heads,
-                             set_drop_path, tokens_before_block, truncate)
-from tinymim.relations import RELATION_NAMES, RelationLoss, block_qkv, split_heads
-from tinymim.targets import ClassTokenLoss, FeatureLoss, block_parts
+from tinymim.core.config import ConfigError
+from tinymim.data.pretrain import DataConfig, paired_views
+from tinymim.method.mae import DecoderConfig, MAEDecoder, random_masking, reconstruction_loss
+from tinymim.method.relations import RELATION_NAMES, RelationLoss, block_qkv, split_heads
+from tinymim.method.targets import ClassTokenLoss, FeatureLoss, block_parts
+from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
+from tinymim.models.vit import (ModelConfig, TokenFeatures, create_vit, embed, num_tokens, run_blocks, set_block_heads,
+                                set_drop_path, tokens_before_block, truncate)
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import Task
-from tinymim.mae import DecoderConfig, MAEDecoder, random_masking, reconstruction_loss
+from tinymim.train.engine import TrainConfig
+from tinymim.train.knn import KNNMonitor, KNNMonitorConfig
 
 log = logging.getLogger("tinymim")
 
@@ -60,7 +60,7 @@ class TeacherConfig:
 
 @dataclass
 class RelationLossConfig:
-    """TinyMIM's target: KL between teacher and student relation maps (relations.py)."""
+    """TinyMIM's target: KL between teacher and student relation maps (method/relations.py)."""
     weight: float = 1.0  # 0 = off
     # relation maps to match: qk, vv (the paper's), also qq, kk, kq, qv, vq, kv, vk
     relations: list[str] = field(default_factory=lambda: ["qk", "vv"])
@@ -75,7 +75,7 @@ class RelationLossConfig:
 
 @dataclass
 class ClassTokenLossConfig:
-    """The class-token baseline (targets.py): student class token vs the teacher's."""
+    """The class-token baseline (method/targets.py): student class token vs the teacher's."""
     weight: float = 0.0  # 0 = off
     criterion: Literal["smooth_l1", "kl"] = "smooth_l1"  # smooth_l1 between tokens, or kl between their softmaxes
     beta: float = 2.0  # smooth-L1 threshold
@@ -84,7 +84,7 @@ class ClassTokenLossConfig:
 
 @dataclass
 class FeatureLossConfig:
-    """The feature-distillation baseline (targets.py): projected student feature vs whitened teacher's."""
+    """The feature-distillation baseline (method/targets.py): projected student feature vs whitened teacher's."""
     weight: float = 0.0  # 0 = off
     # where in the blocks the features are taken (block output, FFN, attention, qkv ...)
     site: Literal["block", "ffn", "ffn_residual", "attn", "attn_residual", "qkv"] = "block"
@@ -130,7 +130,7 @@ class DistillConfig:
     knn: KNNMonitorConfig = field(default_factory=KNNMonitorConfig)
 
     def validate(self) -> None:
-        from tinymim.models import check_input_size
+        from tinymim.models.vit import check_input_size
 
         check_input_size(self.student, self.data.img_size, "student")
         check_input_size(self.teacher.model, self.data.img_size, "teacher.model")
@@ -377,7 +377,7 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
 
 
 def run(cfg: DistillConfig, output: str):
-    from tinymim import engine
+    from tinymim.train import engine
 
     return engine.run_task(build_distill_task, cfg, output)
 
@@ -385,7 +385,7 @@ def run(cfg: DistillConfig, output: str):
 def load(recipe, overrides) -> DistillConfig:
     """The recipe with its overrides; a teacher that is a tinymim run directory (or a shipped teacher)
     supplies its own architecture for every teacher.model key the recipe and overrides leave unset."""
-    from tinymim.config import load_config, merge, parse_overrides, read_recipe
+    from tinymim.core.config import load_config, merge, parse_overrides, read_recipe
 
     given = merge(read_recipe(recipe) if recipe is not None else {}, parse_overrides(overrides))
     teacher = given.get("teacher") if isinstance(given.get("teacher"), dict) else {}
@@ -394,8 +394,8 @@ def load(recipe, overrides) -> DistillConfig:
 
 def teacher_architecture(teacher: dict) -> list[str]:
     """teacher.model overrides read from the run directory teacher.checkpoint names, if it names one."""
-    from tinymim.checkpoint import BUILTIN_PREFIX, builtin_teacher
-    from tinymim.rundir import RunDir, architecture_overrides
+    from tinymim.core.rundir import RunDir, architecture_overrides
+    from tinymim.models.checkpoint import BUILTIN_PREFIX, builtin_teacher
 
     spec = teacher.get("checkpoint")
     if not spec:

@@ -6,7 +6,7 @@ random erasing (timm's implementations), warmup + cosine, global average pooling
 class token, head init trunc-normal std 2e-5, optional model EMA. Evaluates top-1 / top-5 every
 epoch; keeps the last and the best weights (RUN_DIR/model.safetensors, RUN_DIR/best.safetensors).
 
-A model with a distillation token (model.dist_token: TinyMIM*-T's classifier, tinymim.star) trains
+A model with a distillation token (model.dist_token: TinyMIM*-T's classifier, tinymim.models.star) trains
 its second head DeiT-style on a frozen teacher's predicted classes (`distillation`).
 """
 from __future__ import annotations
@@ -24,16 +24,16 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
-from tinymim.classification import (ClassifyDataConfig, ClassifyDataset, build_classify_loaders,  # noqa: F401
-                                    build_eval_loader, classification_sums, classify_source, collate_classify,
-                                    sums_to_metrics)
-from tinymim.config import ConfigError
-from tinymim.engine import TrainConfig
-from tinymim.models import ModelConfig, create_vit
-from tinymim.rundir import RunDir
+from tinymim.core.config import ConfigError
+from tinymim.core.rundir import RunDir
+from tinymim.data.classification import (ClassifyDataConfig, ClassifyDataset, build_classify_loaders,  # noqa: F401
+                                         build_eval_loader, classification_sums, classify_source, collate_classify,
+                                         sums_to_metrics)
+from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
+from tinymim.models.vit import ModelConfig, create_vit
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import Task
+from tinymim.train.engine import TrainConfig
 
 log = logging.getLogger("tinymim")
 
@@ -93,7 +93,7 @@ class FinetuneConfig:
 
 def validate_classifier(cfg) -> None:
     """What fine-tuning and linear probing share: the model takes the data's images, a class count."""
-    from tinymim.models import check_input_size
+    from tinymim.models.vit import check_input_size
 
     check_input_size(cfg.model, cfg.data.img_size, "model")
     if cfg.num_classes is not None and cfg.num_classes < 1:
@@ -181,6 +181,8 @@ class FinetuneTask(Task):
 
     def export(self, run_dir: Path) -> None:
         model = self.ema.module if self.ema is not None else self.model
+        # the "format" is stored in the weights file: written as before the package was laid out in folders
+        # (tinymim.star is now tinymim.models.star), so every weights file names its kind the same way
         kind = "tinymim.star.DistilledViT" if self.cfg.model.dist_token else "timm.VisionTransformer"
         meta = {"format": kind, "model": json.dumps(asdict(self.cfg.model))}
         save_weights(model.state_dict(), Path(run_dir) / TASKS[self.name].weights, meta)
@@ -289,8 +291,8 @@ def _encoder_only(state: dict, model: nn.Module) -> dict:
 def load_finetune_run(source: str | Path, best: bool = True) -> tuple[nn.Module, FinetuneConfig]:
     """A fine-tuned classifier in eval mode (a DistilledViT when its model.dist_token) and its config,
     rebuilt from a `tinymim finetune` run directory's config.yaml, with its best (or final) weights."""
-    from tinymim.checkpoint import CheckpointError, load_state_dict
-    from tinymim.config import from_run_config
+    from tinymim.core.config import from_run_config
+    from tinymim.models.checkpoint import CheckpointError, load_state_dict
 
     run = RunDir(source)
     if not run.path.is_dir():
@@ -320,7 +322,7 @@ def build_finetune_task(cfg: FinetuneConfig) -> FinetuneTask:
     if cfg.distillation.teacher:
         teacher = build_teacher_classifier(cfg.distillation, cfg.num_classes, cfg.data.img_size)
         if getattr(teacher, "classes", None):  # a finetune run's: its labels must mean the same classes
-            from tinymim.rundir import check_classes
+            from tinymim.core.rundir import check_classes
 
             check_classes(teacher.classes, classes or training_classes(cfg.data), "the training data",
                           f"distill from a teacher fine-tuned on these classes, not {cfg.distillation.teacher}")
@@ -345,7 +347,7 @@ def check_num_classes(num_classes: int, classes: list[str]) -> None:
 
 def classify_loaders(task, batch: int, rank: int, world: int, seed: int):
     """Training loader for the engine; the task gets the evaluation loader of the same data."""
-    from tinymim.rundir import check_classes
+    from tinymim.core.rundir import check_classes
 
     loader, sampler = build_classify_loaders(task.cfg.data, batch, rank, world, seed)
     classes = list(loader.dataset.source.classes)
@@ -359,14 +361,14 @@ def classify_loaders(task, batch: int, rank: int, world: int, seed: int):
 
 
 def run(cfg: FinetuneConfig, output: str):
-    from tinymim import engine
+    from tinymim.train import engine
 
     return engine.run_task(build_finetune_task, cfg, output, make_loader=classify_loaders,
                            optimizer_kwargs={"layer_decay": cfg.layer_decay})
 
 
 def load(recipe, overrides) -> FinetuneConfig:
-    from tinymim.config import load_config
+    from tinymim.core.config import load_config
 
     return load_config(FinetuneConfig, recipe, overrides)
 

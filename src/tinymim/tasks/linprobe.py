@@ -11,11 +11,11 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from tinymim.engine import TrainConfig
-from tinymim.models import ModelConfig
+from tinymim.models.vit import ModelConfig
 from tinymim.tasks.finetune import (ClassifyDataConfig, FinetuneConfig, FinetuneTask, build_classifier,
                                     classify_loaders, training_classes,
                                     validate_classifier)
+from tinymim.train.engine import TrainConfig
 
 
 @dataclass
@@ -87,12 +87,12 @@ def build_linprobe_task(cfg: LinearProbeConfig) -> LinearProbeTask:
 
 
 def run(cfg: LinearProbeConfig, output: str):
-    from tinymim import engine
+    from tinymim.train import engine
 
     return engine.run_task(build_linprobe_task, cfg, output, make_loader=classify_loaders)
 
 
 def load(recipe, overrides) -> LinearProbeConfig:
-    from tinymim.config import load_config
+    from tinymim.core.config import load_config
 
     return load_config(LinearProbeConfig, recipe, overrides)

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from tinymim.checkpoint import save_weights
-from tinymim.config import ConfigError
-from tinymim.data import DataConfig, plain_view
-from tinymim.engine import TrainConfig
-from tinymim.knn import KNNMonitor, KNNMonitorConfig
-from tinymim.mae import DecoderConfig, MaskedAutoencoder
-from tinymim.models import ModelConfig, TokenFeatures, create_vit
+from tinymim.core.config import ConfigError
+from tinymim.data.pretrain import DataConfig, plain_view
+from tinymim.method.mae import DecoderConfig, MaskedAutoencoder
+from tinymim.models.checkpoint import save_weights
+from tinymim.models.vit import ModelConfig, TokenFeatures, create_vit
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import Task
+from tinymim.train.engine import TrainConfig
+from tinymim.train.knn import KNNMonitor, KNNMonitorConfig
 
 
 @dataclass
@@ -39,7 +39,7 @@ class MAEConfig:
     knn: KNNMonitorConfig = field(default_factory=KNNMonitorConfig)
 
     def validate(self) -> None:
-        from tinymim.models import check_input_size
+        from tinymim.models.vit import check_input_size
 
         check_input_size(self.model, self.data.img_size, "model")
         if not 0 <= self.mask_ratio < 1:
@@ -83,12 +83,12 @@ def build_mae_task(cfg: MAEConfig) -> MAETask:
 
 
 def run(cfg: MAEConfig, output: str):
-    from tinymim import engine
+    from tinymim.train import engine
 
     return engine.run_task(build_mae_task, cfg, output)
 
 
 def load(recipe, overrides) -> MAEConfig:
-    from tinymim.config import load_config
+    from tinymim.core.config import load_config
 
     return load_config(MAEConfig, recipe, overrides)

@@ -17,17 +17,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.data as tud
 
-from tinymim.checkpoint import load_vit_weights, load_weights, save_weights
-from tinymim.config import ConfigError
-from tinymim.data import GlobalBatchSampler, worker_init
-from tinymim.engine import TrainConfig
-from tinymim.errors import DataError
-from tinymim.models import ModelConfig, check_input_size, create_vit
-from tinymim.segmentation import (Segmenter, add_relative_position_bias, confusion_matrix, mmseg_init_,
-                                  release_layer_id, segmentation_metrics, slide_inference)
-from tinymim.segmentation_data import SegmentationDataset, SegmentationFolder, SegmentDataConfig, collate_segment
+from tinymim.core.config import ConfigError
+from tinymim.core.errors import DataError
+from tinymim.data.pretrain import GlobalBatchSampler, worker_init
+from tinymim.data.segmentation import SegmentationDataset, SegmentationFolder, SegmentDataConfig, collate_segment
+from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
+from tinymim.models.segmenter import (Segmenter, add_relative_position_bias, confusion_matrix, mmseg_init_,
+                                      release_layer_id, segmentation_metrics, slide_inference)
+from tinymim.models.vit import ModelConfig, check_input_size, create_vit
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import Task
+from tinymim.train.engine import TrainConfig
 
 log = logging.getLogger("tinymim")
 
@@ -262,22 +262,22 @@ def segment_loaders(task: SegmentTask, batch: int, rank: int, world: int, seed: 
 
 
 def run(cfg: SegmentConfig, output: str):
-    from tinymim import engine
+    from tinymim.train import engine
 
     return engine.run_task(build_segment_task, cfg, output, make_loader=segment_loaders)
 
 
 def load(recipe, overrides) -> SegmentConfig:
-    from tinymim.config import load_config
+    from tinymim.core.config import load_config
 
     return load_config(SegmentConfig, recipe, overrides)
 
 
 def load_segmenter(run_dir: str | Path) -> tuple[nn.Module, SegmentConfig]:
     """The trained segmenter of a `tinymim segment` run directory (its final weights), in eval mode."""
-    from tinymim.checkpoint import CheckpointError, load_state_dict
-    from tinymim.config import from_run_config
-    from tinymim.rundir import RunDir
+    from tinymim.core.config import from_run_config
+    from tinymim.core.rundir import RunDir
+    from tinymim.models.checkpoint import CheckpointError, load_state_dict
 
     run = RunDir(run_dir)
     raw = run.stored_config()
@@ -320,8 +320,8 @@ def prediction_picture(model: nn.Module, folder: SegmentationFolder, cfg: Segmen
     import numpy as np
     from PIL import Image
 
-    from tinymim.rundir import atomic_write
-    from tinymim.segmentation_data import eval_transform
+    from tinymim.core.rundir import atomic_write
+    from tinymim.data.segmentation import eval_transform
 
     was_training = model.training
     model.eval()

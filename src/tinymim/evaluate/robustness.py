@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tinymim.errors import TinymimError
-from tinymim.rundir import check_classes
+from tinymim.core.errors import TinymimError
+from tinymim.core.rundir import check_classes
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def corruption_errors(errors: dict[str, list[float]], reference: dict[str, float
 def evaluate_folder(model: torch.nn.Module, loader, device: torch.device, class_indices: list[int] | None = None) -> dict:
     """Top-1 / top-5 (%) and mean cross-entropy of a classifier over a loader; logits restricted to
     `class_indices` when given (labels are positions in that list)."""
-    from tinymim.classification import classification_sums, sums_to_metrics
+    from tinymim.data.classification import classification_sums, sums_to_metrics
 
     model.eval()
     return sums_to_metrics(classification_sums(model, loader, device, class_indices))
@@ -145,7 +145,7 @@ def corrupt_image(img: Image.Image, corruption: str, severity: int, seed: int = 
         raise ValueError(f"unknown corruption {corruption!r}; available: {', '.join(CORRUPTIONS)}")
     if not 1 <= severity <= 5:
         raise ValueError(f"severity must be 1..5, got {severity}")
-    from tinymim.data import to_rgb8
+    from tinymim.data.pretrain import to_rgb8
 
     x = np.asarray(to_rgb8(img), dtype=np.float64) / 255
     y = CORRUPTIONS[corruption](x, severity, np.random.default_rng(seed), min(img.size))
@@ -155,7 +155,7 @@ def corrupt_image(img: Image.Image, corruption: str, severity: int, seed: int = 
 def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severities=(1, 2, 3, 4, 5),
                    limit_per_class: int | None = None) -> int:
     """Write dst/<corruption>/<severity>/<class>/<image>.png from the ImageFolder src; returns images written."""
-    from tinymim.data import FolderImages
+    from tinymim.data.pretrain import FolderImages
 
     corruptions = list(corruptions or CORRUPTIONS)
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
@@ -202,9 +202,9 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
     (ImageNet-A/R) or a corruption tree (ImageNet-C style)."""
     from dataclasses import replace
 
-    from tinymim.classification import build_eval_loader
+    from tinymim.data.classification import build_eval_loader
 
-    from tinymim.rundir import RunDir
+    from tinymim.core.rundir import RunDir
 
     if RunDir(source).task() == "segment":
         from tinymim.tasks.segment import evaluate_segmentation_run
@@ -309,12 +309,12 @@ def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None 
                  num_workers: int = 2, bank_size: int | None = None) -> dict:
     """k-NN top-1 of a model's frozen features: the average patch token after the final norm, or
     entering block `block` (1-indexed)."""
-    from tinymim.export import build_exportable
-    from tinymim.models import TokenFeatures
-    from tinymim.classification import ClassifyDataConfig, build_eval_loader
-    from tinymim.knn import _eval_crop_pct, _sample, knn_loader_accuracy
+    from tinymim.data.classification import ClassifyDataConfig, build_eval_loader
+    from tinymim.evaluate.export import build_exportable
+    from tinymim.models.vit import TokenFeatures
+    from tinymim.train.knn import _eval_crop_pct, _sample, knn_loader_accuracy
 
-    from tinymim.errors import TinymimError
+    from tinymim.core.errors import TinymimError
 
     if k < 1 or not temperature > 0 or (bank_size is not None and bank_size < 1):
         raise TinymimError(f"k ({k}) and --bank-size ({bank_size}) must be positive, and the temperature "

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tinymim.models import embed, set_block_heads, tokens_before_block, truncate
-from tinymim.relations import RelationLoss, block_qkv, split_heads
+from tinymim.method.relations import RelationLoss, block_qkv, split_heads
+from tinymim.models.vit import embed, set_block_heads, tokens_before_block, truncate
 
 
 class FrozenTeacher(nn.Module):

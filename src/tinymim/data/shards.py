@@ -24,7 +24,7 @@ plain file names (nothing outside the folder or the cache), labels must match th
 name, and each shard's size and the tar headers of its first and last sample must be where the index
 says (when it is opened; a remote one once downloaded).
 
-`tinymim.data.ShardBatchSampler` splits by whole shards: each epoch the shard order is shuffled with (seed, epoch),
+`tinymim.data.pretrain.ShardBatchSampler` splits by whole shards: each epoch the shard order is shuffled with (seed, epoch),
 the shards are dealt to ranks greedily by sample count (largest first, to the rank holding fewest, so
 ranks hold disjoint shards), and each rank shuffles all of its shards' samples together with
 (seed, epoch, rank). Every rank takes total // global_batch steps; a rank whose shards hold fewer samples
@@ -55,9 +55,9 @@ import numpy as np
 import torch.utils.data as tud
 from PIL import Image
 
-from tinymim.errors import DataError
-from tinymim.images import decode_image
-from tinymim.rundir import TMP_SUFFIX, RunDirError, atomic_write
+from tinymim.core.errors import DataError
+from tinymim.core.rundir import TMP_SUFFIX, RunDirError, atomic_write
+from tinymim.data.images import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ MAX_OPEN_FILES = 64  # per process: a rank's epoch touches all of its shards
 
 
 def write_shards(source, output: str | Path, shard_size: int = 1000, seed: int = 0) -> dict:
-    """Write `source` (a `tinymim.data.FolderImages`: its listing, its class names) as tar shards of
+    """Write `source` (a `tinymim.data.pretrain.FolderImages`: its listing, its class names) as tar shards of
     `shard_size` samples and an index into `output`; returns the index. Every file is written to a
     temporary file beside it and renamed, index.json last: a folder without it is unfinished, and writing
     into it again (same source, shard size and seed) keeps the shards it finished and writes the rest."""
@@ -266,7 +266,7 @@ class Shard:
 
 
 class ShardImages(tud.Dataset):
-    """A shard set as an image source (the interface of tinymim.data.FolderImages): `classes`,
+    """A shard set as an image source (the interface of tinymim.data.pretrain.FolderImages): `classes`,
     `load(i)`, `read_bytes(i)`, `describe(i)`, plus `shards` and `shard_of(i)` for the sampler.
 
     `root`: a folder holding index.json and the shards, or a URL prefix (http://, https://, file://)

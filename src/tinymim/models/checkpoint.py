@@ -1,5 +1,5 @@
 """Weights in and out: any layout (MAE, DeiT, TinyMIM*-T, timm, tinymim runs) into a timm ViT, and
-safetensors files written atomically (through tinymim.rundir).
+safetensors files written atomically (through tinymim.core.rundir).
 
 Pickled checkpoints are only ever read with `torch.load(weights_only=True)`: a file that would run
 code while unpickling is refused. safetensors files are preferred for weights.
@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from tinymim.rundir import CheckpointError, RunDir, safe_torch_load  # noqa: F401 - re-exported
+from tinymim.core.rundir import CheckpointError, RunDir, safe_torch_load  # noqa: F401 - re-exported
 
 log = logging.getLogger("tinymim")
 
@@ -59,7 +59,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 # teachers shipped with the package (tinymim/teachers/NAME: a run directory), named `builtin:NAME`
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_TEACHERS = Path(__file__).resolve().parent / "teachers"
+BUILTIN_TEACHERS = Path(__file__).resolve().parents[1] / "teachers"  # tinymim/teachers
 
 
 def builtin_teacher(spec: str) -> Path:
@@ -97,10 +97,10 @@ def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """A safetensors file, written atomically (see tinymim.rundir)."""
+    """A safetensors file, written atomically (see tinymim.core.rundir)."""
     from safetensors.torch import save
 
-    from tinymim.rundir import atomic_write
+    from tinymim.core.rundir import atomic_write
 
     data = save({k: v.detach().contiguous().cpu() for k, v in state.items()},
                 metadata={k: str(v) for k, v in (metadata or {}).items()})
@@ -111,7 +111,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dic
 _MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
 # classifier-side modules of fine-tuned / TinyMIM*-T checkpoints: not part of a plain encoder
 _CLASSIFIER_MODULES = ("head", "head_dist", "fc_norm", "fc", "pre_logits", "conv1x1")
-# what a tinymim.star.DistilledViT adds to a plain ViT: may start fresh when loading a plain checkpoint
+# what a tinymim.models.star.DistilledViT adds to a plain ViT: may start fresh when loading a plain checkpoint
 _DISTILLED_EXTRAS = ("conv1x1.", "fc_norm.", "head.", "head_dist.")
 
 
@@ -130,7 +130,7 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     Understands the official MAE layouts (pre-training: decoder keys and mask_token set aside;
     fine-tuned: head/fc_norm set aside, and a final `norm` the global-pool checkpoint lacks stays at
     its init) and released TinyMIM*-T checkpoints: into a plain ViT, the distillation token and its
-    position, head_dist/fc_norm/conv1x1 set aside; into a tinymim.star.DistilledViT, every key loaded.
+    position, head_dist/fc_norm/conv1x1 set aside; into a tinymim.models.star.DistilledViT, every key loaded.
     A plain checkpoint (one class token) into a DistilledViT: the distillation token and its position
     start as copies of the class token's, and conv1x1/fc_norm/head/head_dist keep their init. A
     classifier head (head, head_dist) for another class count is set aside and keeps its init; a final

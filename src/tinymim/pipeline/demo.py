@@ -18,7 +18,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from tinymim.config import ConfigError
+from tinymim.core.config import ConfigError
 
 PRETRAIN_IMAGES = 50000  # the training images (CIFAR-10's all), without labels
 FINETUNE_IMAGES = 10000  # a fixed random sample, with labels, for every fine-tuned model
@@ -31,7 +31,7 @@ SYNTHETIC_NOTE = (
 
 def cifar10_ready() -> str | None:
     """None when torchvision's CIFAR-10 is cached or could be downloaded; else why not."""
-    from tinymim.data import DataError, TorchvisionCIFAR
+    from tinymim.data.pretrain import DataError, TorchvisionCIFAR
 
     try:
         TorchvisionCIFAR("cifar10", None, train=True)
@@ -70,7 +70,7 @@ def data_overrides(data: str, output: Path) -> tuple[list[str], list[str]]:
 def run_demo(output: str | Path = "runs/demo", data: str = "cifar10", progress: bool = True,
              overrides: list[str] = ()) -> Path:
     """Run the demo pipeline into `output`; `overrides` reach every stage (after the demo's own)."""
-    from tinymim.pipeline import load, run_pipeline
+    from tinymim.pipeline.stages import load, run_pipeline
 
     output = Path(output)
     if data == "cifar10":

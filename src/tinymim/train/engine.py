@@ -29,12 +29,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tinymim.config import ConfigError
-from tinymim.data import data_fingerprint
-from tinymim.errors import WORKER_DEATH, NonFiniteLossError, loader_worker_death
-from tinymim.loggers import LOGGERS, MetricsLogger, check_available, preflight
-from tinymim.preempt import PREEMPT_EXIT_CODE, Preempted, StopSignals, signal_name  # noqa: F401 (re-exported)
-from tinymim.rundir import RESUMABLE_CHANGES, RunDir, RunDirError, locked, save_torch, write_error  # noqa: F401
+from tinymim.core.config import ConfigError
+from tinymim.core.errors import WORKER_DEATH, NonFiniteLossError, loader_worker_death
+from tinymim.core.preempt import PREEMPT_EXIT_CODE, Preempted, StopSignals, signal_name  # noqa: F401 (re-exported)
+from tinymim.core.rundir import RESUMABLE_CHANGES, RunDir, RunDirError, locked, save_torch, write_error  # noqa: F401
+from tinymim.data.pretrain import data_fingerprint
+from tinymim.train.loggers import LOGGERS, MetricsLogger, check_available, preflight
 
 log = logging.getLogger("tinymim")
 
@@ -701,7 +701,7 @@ def run_task(build, cfg, output: str | Path, make_loader=None, optimizer_kwargs:
     """
     from dataclasses import asdict
 
-    from tinymim.data import build_loader
+    from tinymim.data.pretrain import build_loader
 
     ctx = setup_distributed(cfg.train.device)
     # the run directory is locked before anything is built: a second process refuses at once

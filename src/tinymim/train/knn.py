@@ -73,7 +73,7 @@ class KNNMonitorConfig:
 def _sample(loader, n: int | None):
     """Keep a fixed random sample of n images of an evaluation loader (a Subset underneath), in order.
     Not the first n: a folder tree lists its images class by class."""
-    from tinymim.data import fixed_sample
+    from tinymim.data.pretrain import fixed_sample
 
     if n is not None and n < len(loader.dataset):
         indices = list(loader.dataset.indices)
@@ -97,7 +97,7 @@ def knn_loader_accuracy(features: torch.nn.Module, bank, queries, device: torch.
 
 class KNNMonitor:
     def __init__(self, cfg: KNNMonitorConfig, data_cfg):
-        from tinymim.classification import ClassifyDataConfig
+        from tinymim.data.classification import ClassifyDataConfig
 
         self.cfg = cfg
         size = cfg.img_size or data_cfg.img_size
@@ -112,7 +112,7 @@ class KNNMonitor:
         return self.cfg.every_epochs > 0 and epoch % self.cfg.every_epochs == 0
 
     def __call__(self, features: torch.nn.Module, device: torch.device) -> dict:
-        from tinymim.classification import build_eval_loader
+        from tinymim.data.classification import build_eval_loader
 
         if self.loaders is None:  # built on first use: monitoring that never runs costs nothing
             self.loaders = (

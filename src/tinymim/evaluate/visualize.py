@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from tinymim.errors import TinymimError
+from tinymim.core.errors import TinymimError
 
 # a perceptually ordered dark-blue -> green -> yellow ramp (control points of viridis)
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
@@ -29,12 +29,12 @@ def colorize(values: np.ndarray, vmax: float) -> np.ndarray:
 
 def load_run(run_dir: str | Path):
     """The DistillTask of a finished (or checkpointed) distill run, student weights loaded."""
-    from tinymim.checkpoint import load_state_dict
-    from tinymim.config import from_run_config
-    from tinymim.engine import seed_everything
+    from tinymim.core.config import from_run_config
+    from tinymim.models.checkpoint import load_state_dict
     from tinymim.tasks.distill import DistillConfig, build_distill_task
+    from tinymim.train.engine import seed_everything
 
-    from tinymim.rundir import RunDir
+    from tinymim.core.rundir import RunDir
 
     run = Path(run_dir)
     raw = RunDir(run).stored_config()
@@ -54,11 +54,11 @@ def load_run(run_dir: str | Path):
 
 def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk", "vv"), heads=(0,),
                   queries=None, cell: int = 128) -> Path:
-    from tinymim.data import decode_image, normalize
-    from tinymim.relations import relation_logits
+    from tinymim.data.pretrain import decode_image, normalize
+    from tinymim.method.relations import relation_logits
 
-    from tinymim.engine import HeldLogs
-    from tinymim.relations import RELATION_NAMES
+    from tinymim.method.relations import RELATION_NAMES
+    from tinymim.train.engine import HeldLogs
 
     unknown = [r for r in relations if r not in RELATION_NAMES]
     if unknown:

@@ -6,7 +6,7 @@ command line are parsed as YAML scalars, so `train.epochs=3`, `data.name=cifar10
 """
 from __future__ import annotations
 
-from tinymim.errors import TinymimError
+from tinymim.core.errors import TinymimError
 
 import dataclasses
 import types
@@ -166,7 +166,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     return tree
 
 
-RECIPES = Path(__file__).resolve().parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # tinymim/recipes
 
 
 def resolve_recipe(recipe: str | Path) -> Path:

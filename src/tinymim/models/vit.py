@@ -8,7 +8,7 @@
 
 And the release's student setup as options: MAE's initialization (`init: mae`) and MAE's fixed 2-D
 sin-cos position embedding, frozen (`pos_embed: sincos`); TinyMIM*-T's distillation token and extra
-head path (`dist_token`, `extra_head_dim`: tinymim.star.DistilledViT).
+head path (`dist_token`, `extra_head_dim`: tinymim.models.star.DistilledViT).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 
-from tinymim.mae import fix_sincos_pos_embed, sincos_table  # noqa: F401 - MAE's table, used by create_vit
+from tinymim.method.mae import fix_sincos_pos_embed, sincos_table  # noqa: F401 - MAE's table, used by create_vit
 
 CUSTOM = "vit_custom"
 
@@ -51,7 +51,7 @@ class ModelConfig:
     # position embedding: "learned" (timm) or "sincos" (MAE's fixed 2-D sin-cos table, never trained)
     pos_embed: Literal["learned", "sincos"] = "learned"
     # a DeiT distillation token ([cls, dist, patches]) and a second head, head_dist, trained on a teacher's
-    # predictions: the model becomes tinymim.star.DistilledViT (TinyMIM*-T)
+    # predictions: the model becomes tinymim.models.star.DistilledViT (TinyMIM*-T)
     dist_token: bool = False
     # width of TinyMIM*-T's extra head path conv1x1 (LayerNorm, Linear, GELU on every token after the
     # last block; the release: 1280); null: none. Needs dist_token
@@ -124,17 +124,17 @@ def timm_architecture(cfg: ModelConfig) -> str:
 
 def create_vit(cfg: ModelConfig, num_classes: int = 0, **extra) -> VisionTransformer:
     """Build a timm VisionTransformer from a ModelConfig (no classifier head by default); with
-    cfg.dist_token a tinymim.star.DistilledViT (a VisionTransformer too)."""
+    cfg.dist_token a tinymim.models.star.DistilledViT (a VisionTransformer too)."""
     kwargs = dict(num_classes=num_classes, **size_args(cfg), **extra)
     if cfg.drop_path_schedule == "linear":
         kwargs["drop_path_rate"] = cfg.drop_path_rate
-    from tinymim.config import ConfigError
+    from tinymim.core.config import ConfigError
 
     if cfg.name != CUSTOM and not cfg.name.startswith(("vit_", "hf-hub:", "hf_hub:", "local-dir:")):
         raise ConfigError(f"model {cfg.name!r} is not a ViT; use a timm vit_* name or {CUSTOM}")
     try:
         if cfg.dist_token:
-            from tinymim.star import build_distilled_vit
+            from tinymim.models.star import build_distilled_vit
 
             model = build_distilled_vit(None if cfg.name == CUSTOM else cfg.name, cfg.extra_head_dim, **kwargs)
         elif cfg.name == CUSTOM:

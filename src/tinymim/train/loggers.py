@@ -15,9 +15,9 @@ import logging
 import os
 import time
 
-from tinymim.config import ConfigError
-from tinymim.errors import TinymimError
-from tinymim.rundir import RunDir, write_error, write_text
+from tinymim.core.config import ConfigError
+from tinymim.core.errors import TinymimError
+from tinymim.core.rundir import RunDir, write_error, write_text
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
 _PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from tinymim.errors import TinymimError
+from tinymim.core.errors import TinymimError
 
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, resumable; schedulers may requeue on it
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

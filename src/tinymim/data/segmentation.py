@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tinymim.data import DataError, decode_image, load_or_substitute, open_decoded
+from tinymim.data.pretrain import DataError, decode_image, load_or_substitute, open_decoded
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ The files get the umask's mode, as a run directory's do, and each is written ato
   not depend on it.
 - A fine-tuning (or linear-probe-free classification) run exports as the classifier it is: head,
   pooling and fc_norm included, the same logits; class names go into config.json's label_names. A
-  classifier with a distillation token (model.dist_token, tinymim.star.DistilledViT) exports to ONNX
+  classifier with a distillation token (model.dist_token, tinymim.models.star.DistilledViT) exports to ONNX
   only: timm cannot rebuild it from a hub folder.
 - A pre-training run exports as a feature extractor (`num_classes=0`). `--features relation-input`
   drops the last block and the final norm: with relation targets those were never trained (only the
@@ -30,10 +30,10 @@ from pathlib import Path
 import timm
 import torch
 
-from tinymim.checkpoint import CheckpointError, load_state_dict, load_vit_weights, load_weights
-from tinymim.errors import TinymimError
-from tinymim.models import ModelConfig, size_args, timm_architecture
-from tinymim.rundir import RunDir
+from tinymim.core.errors import TinymimError
+from tinymim.core.rundir import RunDir
+from tinymim.models.checkpoint import CheckpointError, load_state_dict, load_vit_weights, load_weights
+from tinymim.models.vit import ModelConfig, size_args, timm_architecture
 
 log = logging.getLogger("tinymim")
 
@@ -44,7 +44,7 @@ _NON_COMMERCIAL_MARKS = ("mae_pretrain", "mae_finetuned", "mae_visualize", ".mae
 
 def _run_info(path: Path) -> tuple[ModelConfig, dict, str]:
     """(the model the run produced, its config, its kind) of a tinymim run directory."""
-    from tinymim.rundir import RunDir
+    from tinymim.core.rundir import RunDir
 
     run = RunDir(path)
     cfg, section = run.stored_config() or {}, run.model_section()
@@ -108,7 +108,7 @@ def _write_files(out: Path, write, folder: bool = True) -> None:
     import shutil
     import tempfile
 
-    from tinymim.rundir import TMP_SUFFIX, atomic_write, write_error
+    from tinymim.core.rundir import TMP_SUFFIX, atomic_write, write_error
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ def build_exportable(source: str | Path, model_name: str | None = None,
         pool = run_cfg.get("global_pool", "avg")
         model_args.update(global_pool=pool, fc_norm=pool == "avg")
         if model_cfg.dist_token:  # TinyMIM*-T's classifier: tinymim builds it (timm has no conv1x1 / avg-pool DeiT)
-            from tinymim.models import create_vit
+            from tinymim.models.vit import create_vit
 
             model = create_vit(replace(model_cfg, img_size=model_args.get("img_size")),
                                num_classes=int(run_cfg["num_classes"]), global_pool=pool, fc_norm=pool == "avg")
@@ -212,7 +212,7 @@ def load_vit(spec: str | Path, model_name: str | None = None, features: str = "f
     """A timm VisionTransformer with trained weights, in eval mode: a tinymim run directory (its
     architecture from its config), a shipped teacher (`builtin:NAME`), or a weights file with its timm
     architecture (`model_name`). A fine-tuning run gives its classifier, anything else its encoder."""
-    from tinymim.checkpoint import BUILTIN_PREFIX, builtin_teacher
+    from tinymim.models.checkpoint import BUILTIN_PREFIX, builtin_teacher
 
     if str(spec).startswith(BUILTIN_PREFIX):
         spec = builtin_teacher(str(spec))
@@ -306,12 +306,12 @@ def export_timm(source, output, model_name: str | None = None, features: str = "
     """A timm / hub folder; a non-empty `output` is refused unless overwrite=True."""
     from timm.models import save_for_hf
 
-    from tinymim.rundir import write_text
+    from tinymim.core.rundir import write_text
 
     out = check_output(source, output, "timm", overwrite)
     model, info = build_exportable(source, model_name, features)
     if hasattr(model, "dist_token"):
-        raise TinymimError(f"{source} is a classifier with a distillation token (tinymim.star.DistilledViT), which "
+        raise TinymimError(f"{source} is a classifier with a distillation token (tinymim.models.star.DistilledViT), which "
                            "timm cannot rebuild from a hub folder: export it with --format onnx, or load the run "
                            "with tinymim.load_vit")
     model_config = {}

@@ -23,7 +23,7 @@ relative to DIR (`<pipeline>/NAME`), so a moved or copied DIR reuses its stages.
   to DIR/.superseded/, never deleted); so deleting a stage's directory redoes it and the stages that
   depend on it, directly or not, and nothing else.
 At the end DIR/report.md gathers every stage's results (beside the paper's numbers where a stage
-names them) with loss curves and accuracy bars as PNG (report.py).
+names them) with loss curves and accuracy bars as PNG (pipeline/report.py).
 """
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tinymim.core.config import ConfigError, diff_configs, load_config
+from tinymim.core.rundir import (RESUMABLE_CHANGES, RunDir, RunDirError, architecture_overrides, locked,
+                                 produced_architecture, read_yaml, save_torch)
 from tinymim.tasks import TASKS, task_module
-from tinymim.config import ConfigError, diff_configs, load_config
-from tinymim.rundir import (RESUMABLE_CHANGES, RunDir, RunDirError, architecture_overrides, locked,
-                            produced_architecture, read_yaml, save_torch)
 
 log = logging.getLogger("tinymim")
 
@@ -279,7 +279,7 @@ class _Processes:
         self.dist = dist
         self.launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         if self.launched:
-            from tinymim.engine import setup_distributed
+            from tinymim.train.engine import setup_distributed
             setup_distributed()
         self.is_main = not self.launched or dist.get_rank() == 0
 
@@ -390,7 +390,7 @@ def _run_stages(cfg: PipelineConfig, out: Path, planned, procs: _Processes, repo
         run_ids[stage.name] = record["run_id"]
         summaries.append({"stage": stage, "dir": stage_dir, "record": record, "reused": done})
     if report and procs.is_main:
-        from tinymim.report import write_report
+        from tinymim.pipeline.report import write_report
 
         write_report(cfg, out)
     return summaries

@@ -13,7 +13,7 @@ number of workers or processes, and a resumed run sees exactly the data an unint
 """
 from __future__ import annotations
 
-from tinymim.errors import DataError  # defined below this module: tinymim.shards raises it too
+from tinymim.core.errors import DataError  # defined below this module: tinymim.data.shards raises it too
 
 import logging
 import math
@@ -33,7 +33,7 @@ from torchvision.transforms import functional as TF
 
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from tinymim.images import decode_image, open_decoded, to_rgb8  # noqa: F401 (re-exported)
+from tinymim.data.images import decode_image, open_decoded, to_rgb8  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def _listing(source) -> list[str] | None:
         return [f"{type(source.ds).__name__} train={source.ds.train} {len(source.ds)}"]
     if isinstance(source, SyntheticImages):
         return [f"synthetic {source.size} {source.img_size} {source.num_classes} {source.seed}"]
-    from tinymim.shards import ShardImages
+    from tinymim.data.shards import ShardImages
 
     if isinstance(source, ShardImages):  # its shards and sample keys: the same wherever it is served from
         return source.listing()
@@ -329,7 +329,7 @@ def build_source(cfg: DataConfig, seed: int = 0):
     if cfg.name == "folder":
         src = FolderImages(cfg.root)
     elif cfg.name == "shards":
-        from tinymim.shards import ShardImages
+        from tinymim.data.shards import ShardImages
 
         src = ShardImages(cfg.root, cache=cfg.shard_cache)
     elif cfg.name in ("cifar10", "cifar100"):
@@ -365,7 +365,7 @@ def random_resized_crop_params(rng: random.Random, width: int, height: int, scal
 
 
 # ---------------------------------------------------------------------------------------------
-# reading with substitutes (decoding itself: tinymim.images)
+# reading with substitutes (decoding itself: tinymim.data.images)
 
 
 MAX_SUBSTITUTIONS = 16
@@ -527,7 +527,7 @@ class GlobalBatchSampler:
 
 class ShardBatchSampler(GlobalBatchSampler):
     """Yields this rank's part of each global batch of an epoch as (index, sample_seed) pairs, reading
-    whole shards per rank (tinymim.shards' docstring states the split); GlobalBatchSampler's length,
+    whole shards per rank (tinymim.data.shards' docstring states the split); GlobalBatchSampler's length,
     steps and resumption, another order. Everything follows from (seed, epoch, step), so a run resumed
     mid-epoch sees what an uninterrupted one would."""
 
@@ -603,7 +603,7 @@ _register_exit_handler()
 def batch_sampler(source, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0):
     """The sampler for a source: whole shards per process for shards (ShardBatchSampler), GlobalBatchSampler
     for everything else (a subset of shards included)."""
-    from tinymim.shards import ShardImages
+    from tinymim.data.shards import ShardImages
 
     if isinstance(source, ShardImages):
         return ShardBatchSampler(source.shard_ranges, global_batch, rank, world, seed)

@@ -15,7 +15,7 @@ CLASSIFY = tuple(name for name, spec in TASKS.items() if spec.kind == "classify"
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training-step records, evaluation records) of a run's metrics.jsonl."""
-    from tinymim.rundir import RunDir
+    from tinymim.core.rundir import RunDir
 
     rows = RunDir(run_dir).read_metrics()
     steps = [r for r in rows if "loss" in r]
@@ -90,7 +90,7 @@ def plot_accuracy(curves: dict[str, list[dict]], finals: dict[str, float], path:
 
 def write_report(cfg, out: str | Path) -> Path:
     """Write DIR/report.md and DIR/plots/*.png for a pipeline config whose stages ran under `out`."""
-    from tinymim.rundir import RunDir, write_text
+    from tinymim.core.rundir import RunDir, write_text
 
     out = Path(out)
     plots = out / "plots"

@@ -10,7 +10,7 @@ class NonFiniteLossError(TinymimError):
 
 
 class DataError(TinymimError):
-    """Data that cannot be read, with what to do about it (tinymim.data and tinymim.shards raise it)."""
+    """Data that cannot be read, with what to do about it (tinymim.data.pretrain and tinymim.data.shards raise it)."""
 
 
 class LoaderWorkerDied(TinymimError):

@@ -38,7 +38,7 @@ from typing import Any, BinaryIO, Callable
 
 import yaml
 
-from tinymim.errors import TinymimError
+from tinymim.core.errors import TinymimError
 
 log = logging.getLogger("tinymim")
 
@@ -389,7 +389,7 @@ class RunDir:
 
     def check_config(self, config: dict, checkpoint: dict | None = None) -> None:
         """A resumed run must use the config it started with (bar settings that do not change results)."""
-        from tinymim.config import ConfigError, diff_configs
+        from tinymim.core.config import ConfigError, diff_configs
 
         old = self.stored_config(checkpoint)
         if old is None:

@@ -1,0 +1,1 @@
+"""Evaluation and tools: robustness and k-NN evaluation, export, relation-map pictures."""

@@ -1,0 +1,1 @@
+"""Orchestration: declared chains of runs, their report, the demo."""

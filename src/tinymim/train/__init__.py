@@ -1,0 +1,1 @@
+"""Training machinery: the loop every task shares, metric loggers, the k-NN monitor."""
