@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from cifar_study import SHARED, extract, shape
+
 from tinymim.pipeline.report import read_metrics
 from tinymim.pipeline.stages import PipelineConfig, StageConfig, run_pipeline
 
@@ -98,7 +99,8 @@ def main() -> None:
         results = scored([*setups(), edge])
     minutes = sum(s["record"].get("seconds", 0) for s in summaries) / 60
     rows = [f"| {s['init']} | {s['pos_embed']} | {s['layer_decay']:g} | x{s['lr']} ({BLR * s['lr']:g}) | "
-            + " / ".join(f"{t:.2f}" for t in tops) + f" | {'**' if i == 0 else ''}{tops[-1]:.2f}{'**' if i == 0 else ''} |"
+            + " / ".join(f"{t:.2f}" for t in tops)
+            + f" | {'**' if i == 0 else ''}{tops[-1]:.2f}{'**' if i == 0 else ''} |"
             for i, (s, tops) in enumerate(results)]
     best = results[0][0]
     command = (f"python benchmarks/baseline_grid.py --images {args.images} --holdout {args.holdout} "

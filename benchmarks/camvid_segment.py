@@ -14,12 +14,10 @@ aAcc, per-class IoU, minutes) per run and the mean over seeds, for docs/results/
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-
 
 ARMS = {  # arm name -> the overrides that make it
     "init": lambda init: [("tinymim", [f"init={init}"]), ("random", ["init=null"])],

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
-
 from jpeg_loader_throughput import make_jpeg
+from PIL import Image
 
 
 def timed(fn, device, repeat=3):
@@ -79,7 +78,8 @@ def main():
     rows["pillow decode+crop, one core"] = timed(pillow, torch.device("cpu"), repeat=1)
     rows["torchvision decode on CPU, one core"] = timed(lambda: [decode_jpeg(t, mode=ImageReadMode.RGB)
                                                                for t in tensors], torch.device("cpu"), repeat=1)
-    print(f"batch {b} of ~500x375 JPEGs, device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'})")
+    print(f"batch {b} of ~500x375 JPEGs, device {device} "
+          f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'})")
     print("| stage | ms per batch | images/s | CPU ms of this process |")
     print("|---|---|---|---|")
     for k, (wall, cpu) in rows.items():

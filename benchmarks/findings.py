@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from cifar_study import SHARED, cached_knn, extract, mean_std, shape, teacher_model, teacher_pairing
+
 from tinymim.pipeline.report import read_metrics, stage_result
 from tinymim.pipeline.stages import PipelineConfig, StageConfig, run_pipeline
 
@@ -202,13 +203,16 @@ def main() -> None:
 
     per_seed = []
     labels = {**{a: label for a, (label, _) in ARMS.items()},
-              "medium": f"finding 6's medium student ({args.medium[0]} wide, {args.medium[1]} blocks), from the teacher"}
+              "medium": f"finding 6's medium student ({args.medium[0]} wide, {args.medium[1]} blocks), "
+                        "from the teacher"}
     for arm, label in labels.items():
         k = scores(arm, "knn")
         f = scores(arm, "finetune") if arm in FINETUNED else []
         per_seed.append(f"| {arm} | {label} | {final_loss(arm)} | " + " / ".join(f"{v:.2f}" for v in k)
                         + f" | {mean_std(k)} | "
                         + (" / ".join(f"{v:.2f}" for v in f) + f" | {mean_std(f)} |" if f else "– | – |"))
+    per_seed_header = ("| arm | setting | final distillation loss (mean) | k-NN top-1 per seed | k-NN mean ± std "
+                       "| fine-tuned top-1 per seed | fine-tuned mean ± std |")
     teacher = teacher_model(args.teacher)
     command = "python benchmarks/findings.py " + " ".join([
         f"--seeds {' '.join(map(str, args.seeds))}", f"--small {' '.join(map(str, args.small))}",
@@ -246,7 +250,7 @@ training in all, k-NN scoring not counted; this invocation took {wall:.0f} minut
 Per seed (k-NN of the medium students reads their block-{args.medium[1]} input; distillation losses
 compare only between arms with the same target and input: the relation arms, full or masked):
 
-| arm | setting | final distillation loss (mean) | k-NN top-1 per seed | k-NN mean ± std | fine-tuned top-1 per seed | fine-tuned mean ± std |
+{per_seed_header}
 |---|---|---|---|---|---|---|
 {chr(10).join(per_seed)}
 """

@@ -44,7 +44,7 @@ def main() -> None:
             print(f"{init_name} seed {seed}: top-1 {evals[-1]['val_top1']:.2f} (best {evals[-1]['val_best']:.2f}), "
                   f"{minutes:.1f} min", flush=True)
 
-    print(f"\n| init | seed | final top-1 | best top-1 | minutes |\n|---|---|---|---|---|")
+    print("\n| init | seed | final top-1 | best top-1 | minutes |\n|---|---|---|---|---|")
     for name, seed, top1, best, minutes in rows:
         print(f"| {name} | {seed} | {top1:.2f} | {best:.2f} | {minutes:.1f} |")
 

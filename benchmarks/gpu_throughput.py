@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from distill_throughput import matmul_peak
 from release_baseline import ReleaseStep
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def tinymim_step(batch: int, img: int, device: torch.device, compile_: bool = False, ckpt: bool = False,

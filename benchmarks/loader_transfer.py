@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.utils.data as tud
-
 from jpeg_loader_throughput import generate
+
 from tinymim.data.pretrain import DataConfig, GlobalBatchSampler, PairedViewDataset, build_source, collate
 
 

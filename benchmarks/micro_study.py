@@ -32,6 +32,7 @@ from pathlib import Path
 
 from baseline_grid import CHOSEN, setup_overrides
 from cifar_study import SHARED, cached_knn, extract, mean_std, shape, teacher_model, teacher_pairing
+
 from tinymim.pipeline.report import stage_result
 from tinymim.pipeline.stages import PipelineConfig, StageConfig, run_pipeline
 
@@ -119,7 +120,8 @@ def main() -> None:
     ap.add_argument("--pretrain-only", action="store_true", help="run the pre-training stages only (no table)")
     ap.add_argument("--shard", type=lambda v: tuple(map(int, v.split("/"))), default=(0, 1), metavar="I/N",
                     help="run only every N-th stage (and k-NN scoring) from the I-th, so that N processes "
-                         "on the same --out share the work (tinymim pipeline --shard) (small models use one core better than two); "
+                         "on the same --out share the work (tinymim pipeline --shard) "
+                         "(small models use one core better than two); "
                          "then run once without --shard for the table")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -141,7 +143,8 @@ def main() -> None:
     for method, label in LABELS.items():
         tops[method] = [stage_result("finetune", args.out / f"finetune_{method}_s{s}")["top1"] for s in args.seeds]
         knns[method] = [knn[f"{method}_s{s}"] for s in args.seeds if f"{method}_s{s}" in knn]
-        rows.append(f"| {label} | " + " | ".join(f"{t:.2f}" for t in tops[method]) + f" | **{mean_std(tops[method])}** | "
+        rows.append(f"| {label} | " + " | ".join(f"{t:.2f}" for t in tops[method])
+                    + f" | **{mean_std(tops[method])}** | "
                     + (mean_std(knns[method]) if knns[method] else "–") + " |")
     ranked = sorted(LABELS, key=lambda m: statistics.mean(tops[m]), reverse=True)
 
@@ -155,17 +158,20 @@ def main() -> None:
     command = "python benchmarks/micro_study.py " + " ".join([
         f"--seeds {' '.join(map(str, args.seeds))}", f"--pretrain-epochs {args.pretrain_epochs}",
         f"--finetune-epochs {args.finetune_epochs}", f"--finetune-subset {args.finetune_subset}",
-        f"--student-width {args.student_width} --student-depth {args.student_depth} --student-heads {args.student_heads}"])
+        f"--student-width {args.student_width} --student-depth {args.student_depth} "
+        f"--student-heads {args.student_heads}"])
     teacher = teacher_model(args.teacher)
     bank = ("all 50,000 training images" if not args.knn_bank else
-            f"a fixed random sample of {args.knn_bank} training images (the same for every row, about {args.knn_bank // 10} "
-            "per class)")
+            f"a fixed random sample of {args.knn_bank} training images (the same for every row, "
+            f"about {args.knn_bank // 10} per class)")
+    teacher_desc = (f"MAE ViT {teacher['embed_dim']} wide, {teacher['depth']} blocks, {teacher['num_heads']} heads, "
+                    "patch 4 at 32 px")
     text = f"""# Micro study: the TinyMIM comparison on CIFAR-10
 
 Made by `{command}` with the teacher `{args.teacher.name}` ({total:.0f} minutes of training in all on a 2-core
 CPU, plus k-NN scoring; this invocation took {wall:.0f} minutes, reusing finished stages).
 
-- Teacher: MAE ViT {teacher['embed_dim']} wide, {teacher['depth']} blocks, {teacher['num_heads']} heads, patch 4 at 32 px
+- Teacher: {teacher_desc}
   (its run directory's README gives the `tinymim mae` command); relations of its block {teacher['depth']}, split into
   {teacher['num_heads']} heads.
 - Student: ViT {args.student_width} wide, {args.student_depth} blocks, {args.student_heads} heads (its relation block

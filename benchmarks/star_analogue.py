@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from cifar_study import SHARED, extract, mean_std
+
 from tinymim.pipeline.report import read_metrics
 from tinymim.pipeline.stages import PipelineConfig, StageConfig, run_pipeline
 
@@ -76,7 +77,8 @@ def main() -> None:
     common = ["train.progress=false", "data.name=folder", f"data.root={train}", f"data.num_workers={args.workers}"]
     finetune = [f"data.val_root={test}", f"data.subset={args.images}", "train.epochs=3"]
     start = time.perf_counter()
-    pipeline = PipelineConfig(overrides=common, task_overrides={"finetune": finetune}, stages=stages(args, teacher_init))
+    pipeline = PipelineConfig(overrides=common, task_overrides={"finetune": finetune},
+                              stages=stages(args, teacher_init))
     run_pipeline(pipeline, args.out, report=False, shard=args.shard)
     if args.shard[1] > 1:
         return

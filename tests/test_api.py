@@ -41,9 +41,9 @@ def test_readme_snippet_distills_and_the_loss_goes_down(tmp_path, monkeypatch, c
 
 def test_wrappers_match_the_distill_task(tmp_path):
     """RelationDistillation computes the same loss as the distill task's student for the same weights."""
-    from tinymim.tasks.distill import build_distill_task
-
     from conftest import tiny_distill_config
+
+    from tinymim.tasks.distill import build_distill_task
 
     cfg = tiny_distill_config()
     cfg.student.drop_path_rate = 0.0

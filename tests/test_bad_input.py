@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_distill_config, tiny_vit
 from PIL import Image
 
 from tinymim.cli import main
@@ -12,10 +13,8 @@ from tinymim.core.errors import NonFiniteLossError
 from tinymim.core.rundir import RunDir
 from tinymim.data.pretrain import DataConfig, DataError, build_loader
 from tinymim.models.checkpoint import CheckpointError, load_state_dict
-from tinymim.tasks.distill import DistillConfig, TeacherConfig, build_distill_task
-from tinymim.train.engine import TrainConfig, run_task
-
-from conftest import tiny_distill_config, tiny_vit
+from tinymim.tasks.distill import DistillConfig, build_distill_task
+from tinymim.train.engine import run_task
 
 
 def make_folder(root: Path, per_class=8, classes=("a", "b"), size=32):
@@ -62,7 +61,6 @@ def test_corrupt_images_are_counted_in_metrics(tmp_path):
     cfg = tiny_distill_config()
     cfg.data = DataConfig(name="folder", root=str(root), img_size=32, num_workers=0)
     run_task(build_distill_task, cfg, tmp_path / "run")
-    import json
     last = RunDir(tmp_path / "run").read_metrics()[-1]
     assert last["skipped_images"] == 1
 
@@ -119,13 +117,15 @@ def test_teacher_checkpoint_that_is_not_a_state_dict(tmp_path):
 
 def test_teacher_checkpoint_of_another_architecture(tmp_path):
     from safetensors.torch import save_file
+
     from tinymim.models.vit import create_vit
 
     other = create_vit(tiny_vit(dim=32, depth=2, heads=2))
     save_file(other.state_dict(), tmp_path / "t.safetensors")
     cfg = tiny_distill_config()
     cfg.teacher.checkpoint = str(tmp_path / "t.safetensors")
-    with pytest.raises(CheckpointError, match="(?s)does not fit the model.*missing keys.*blocks.2.*shape mismatches: cls_token"):
+    with pytest.raises(CheckpointError,
+                       match="(?s)does not fit the model.*missing keys.*blocks.2.*shape mismatches: cls_token"):
         build_distill_task(cfg)
 
 
@@ -261,10 +261,10 @@ def test_eval_command_skips_unreadable_images_and_says_so(tmp_path, capsys, capl
     import json
     import shutil
 
+    from test_downstream import tiny_finetune_config
+
     from tinymim.data.pretrain import SyntheticImages
     from tinymim.tasks import finetune
-
-    from test_downstream import tiny_finetune_config
 
     cfg = tiny_finetune_config(max_steps=2)
     cfg.data.synthetic_classes = 3

@@ -1,5 +1,4 @@
 """The micro recipes on real CIFAR-10: an MAE teacher, then relation distillation into a student."""
-import json
 from pathlib import Path
 
 import pytest

@@ -74,9 +74,11 @@ def cases(ws: Path) -> dict[str, list[str]]:
         "distill: data folder without class folders": ["distill", *DISTILL, "data.name=folder",
                                                         f"data.root={w}/empty_dir", *out],
         "distill: missing teacher checkpoint": ["distill", *DISTILL, f"teacher.checkpoint={w}/nope.pt", *out],
-        "distill: teacher is a folder without weights": ["distill", *DISTILL, f"teacher.checkpoint={w}/empty_dir", *out],
+        "distill: teacher is a folder without weights": ["distill", *DISTILL, f"teacher.checkpoint={w}/empty_dir",
+                                                          *out],
         "distill: teacher of another architecture": ["distill", *DISTILL, "teacher.model.embed_dim=64",
-                                                      "teacher.model.num_heads=4", f"teacher.checkpoint={w}/ft_run", *out],
+                                                      "teacher.model.num_heads=4", f"teacher.checkpoint={w}/ft_run",
+                                                      *out],
         "distill: teacher file that is not a checkpoint": ["distill", *DISTILL, f"teacher.checkpoint={w}/afile", *out],
         "distill: a finished run of another task": ["distill", *DISTILL, "--output", f"{w}/ft_run"],
         "distill: a damaged checkpoint": ["distill", *DISTILL, "--output", f"{w}/damaged_run"],
@@ -109,7 +111,8 @@ def cases(ws: Path) -> dict[str, list[str]]:
         "finetune: missing validation folder": ["finetune", *FINETUNE, "data.name=folder",
                                                 f"data.root={w}/data/train", f"data.val_root={w}/nope", *out],
         "finetune: validation folder missing a class": ["finetune", *FINETUNE, "data.name=folder",
-                                                        f"data.root={w}/data/train", f"data.val_root={w}/partial", *out],
+                                                        f"data.root={w}/data/train", f"data.val_root={w}/partial",
+                                                        *out],
         "finetune: num_classes=0": ["finetune", *FINETUNE, *data, "num_classes=0", *out],
         "finetune: fewer classes than the data": ["finetune", *FINETUNE, *data, "num_classes=1", *out],
         "finetune: holdout larger than the data": ["finetune", *FINETUNE, *data, "data.holdout=100", *out],
@@ -232,7 +235,8 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "empty_dir").mkdir()
     (ws / "pipe_out" / "student_tinymim").mkdir(parents=True)
     (ws / "pipe_out" / ".lock").write_text("pid 1 on host since 2026-01-01 00:00:00\n")  # left by its pipeline
-    (ws / "pipe_out" / "student_tinymim" / "pipeline.json").write_text('{"stage": "student_tinymim", "upstr')  # cut short
+    # cut short
+    (ws / "pipe_out" / "student_tinymim" / "pipeline.json").write_text('{"stage": "student_tinymim", "upstr')
     _folder(ws / "data" / "train", {"a": 6, "b": 6})
     _folder(ws / "data" / "val", {"a": 2, "b": 2})
     _folder(ws / "partial", {"a": 2})

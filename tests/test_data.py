@@ -220,8 +220,7 @@ def test_a_16_bit_segmentation_image_trains_on_its_real_values(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from tinymim.data.segmentation import (SegmentationDataset, SegmentationFolder, SegmentDataConfig,
-                                           train_transform)
+    from tinymim.data.segmentation import SegmentationDataset, SegmentationFolder, SegmentDataConfig, train_transform
 
     a = _gradient16()
     root = _segmentation_pairs(tmp_path, {"g.png": Image.fromarray(a)})
@@ -259,8 +258,7 @@ def test_unreadable_segmentation_images_are_skipped_and_counted(tmp_path, monkey
     from PIL import Image
 
     from tinymim.data.pretrain import DataError
-    from tinymim.data.segmentation import (SegmentationDataset, SegmentationFolder, SegmentDataConfig,
-                                           collate_segment)
+    from tinymim.data.segmentation import SegmentationDataset, SegmentationFolder, SegmentDataConfig, collate_segment
 
     images = {f"{i}.png": Image.new("RGB", (16, 16), (40 * i, 0, 0)) for i in range(4)}
     images["1.png"] = Image.new("RGB", (50, 50))  # a bomb under the lowered limit

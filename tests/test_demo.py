@@ -45,7 +45,8 @@ def test_demo_teacher_ships_with_the_package():
     from tinymim.pipeline.stages import load, plan
 
     state = load_weights("builtin:cifar10_mae_vit128x6")
-    assert state["pos_embed"].shape == (1, 65, 128) and len({k.split(".")[1] for k in state if k.startswith("blocks.")}) == 6
+    assert state["pos_embed"].shape == (1, 65, 128)
+    assert len({k.split(".")[1] for k in state if k.startswith("blocks.")}) == 6
     distill = [c for s, _, c in plan(load("pipelines/demo"), "/tmp/unused") if s.task == "distill"][0]
     assert distill["teacher"]["checkpoint"] == "builtin:cifar10_mae_vit128x6"
     assert (distill["teacher"]["target_block"], distill["teacher"]["relation_heads"]) == (6, 4)
@@ -60,7 +61,8 @@ def test_demo_baseline_is_the_grid_s_choice_and_the_twin_the_student_s_recipe(tm
     planned = {s.name: (s, c) for s, _, c in plan(load("pipelines/demo"), tmp_path)}
     stage, baseline = planned["finetune_baseline"]
     chosen = dict(o.split("=", 1) for o in grid.setup_overrides(grid.CHOSEN))
-    assert (baseline["model"]["init"], baseline["model"]["pos_embed"]) == (chosen["model.init"], chosen["model.pos_embed"])
+    assert (baseline["model"]["init"], baseline["model"]["pos_embed"]) == (chosen["model.init"],
+                                                                           chosen["model.pos_embed"])
     assert baseline["layer_decay"] == float(chosen["layer_decay"])
     assert baseline["train"]["blr"] == float(chosen["train.blr"])
     assert baseline["init"] is None and grid.setup_name(grid.CHOSEN) in stage.label

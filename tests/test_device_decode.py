@@ -7,11 +7,17 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_distill_config
 from PIL import Image
 
-from conftest import tiny_distill_config
-from tinymim.data.pretrain import (DataConfig, FolderImages, PairedViewDataset, collate, device_images,
-                                   random_resized_crop_params)
+from tinymim.data.pretrain import (
+    DataConfig,
+    FolderImages,
+    PairedViewDataset,
+    collate,
+    device_images,
+    random_resized_crop_params,
+)
 
 
 def natural_jpegs(root, per_class=6, size=(500, 375), seed=0):

@@ -1,17 +1,14 @@
 """Fine-tuning, linear probing and k-NN: the downstream protocol."""
-import json
 
 import pytest
 import torch
+from conftest import tiny_vit
 
 from tinymim.core.rundir import RunDir
-from tinymim.models.vit import ModelConfig
 from tinymim.tasks import finetune, linprobe
 from tinymim.tasks.finetune import ClassifyDataConfig, FinetuneConfig, build_finetune_task
 from tinymim.train.engine import run_task
 from tinymim.train.knn import knn_accuracy
-
-from conftest import tiny_vit
 
 
 def tiny_finetune_config(**train) -> FinetuneConfig:
@@ -72,6 +69,7 @@ def test_finetune_runs_and_evaluates(tmp_path):
 
 def test_finetune_from_a_distilled_student(tmp_path):
     from conftest import tiny_distill_config
+
     from tinymim.tasks.distill import build_distill_task
 
     run_task(build_distill_task, tiny_distill_config(max_steps=2), tmp_path / "distill")
@@ -127,6 +125,7 @@ def test_knn_on_linearly_separable_features():
 
 def test_knn_monitoring_during_distillation(tmp_path):
     from conftest import tiny_distill_config
+
     from tinymim.tasks.distill import build_distill_task
 
     cfg = tiny_distill_config(epochs=2)

@@ -1,15 +1,13 @@
 """The shared engine: learning-rate schedule, parameter groups, accumulation, precisions."""
-import json
 import math
 
 import pytest
 import torch
+from conftest import tiny_distill_config
 
 from tinymim.core.rundir import RunDir
 from tinymim.tasks.distill import build_distill_task
 from tinymim.train.engine import run_task
-
-from conftest import tiny_distill_config
 
 
 def metrics(run):
@@ -93,6 +91,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     """train.activation_checkpointing recomputes the student's blocks in the backward: same loss and
     gradients (drop path included: the recomputation replays the RNG), nothing else changes."""
     from conftest import tiny_distill_config
+
     from tinymim.data.pretrain import build_loader
     from tinymim.tasks.distill import build_distill_task
 

@@ -433,7 +433,8 @@ def test_a_dead_loader_worker_in_each_form_is_one_line(tmp_path, form):
     out = tmp_path / "run"
     r = run(out, fault=(form, 6))  # the 6th batch: after the checkpoint at step 4
     assert r.returncode == 1, r.stderr[-3000:]
-    assert last_line(r.stderr).startswith(f"error: a data-loading worker died ({'DataLoader' if form == 'RuntimeError' else form}")
+    assert last_line(r.stderr).startswith("error: a data-loading worker died "
+                                          f"({'DataLoader' if form == 'RuntimeError' else form}")
     assert "Traceback" not in r.stderr and checkpoint_step(out) == (4, False)
 
 

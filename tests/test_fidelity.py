@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_distill_config, tiny_vit
 from safetensors.torch import load_file
 
-from conftest import tiny_distill_config, tiny_vit
 from tinymim.core.config import load_config
 from tinymim.models.vit import ModelConfig, create_vit
 from tinymim.tasks.distill import DistillConfig, build_distill_task

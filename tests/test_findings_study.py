@@ -39,7 +39,8 @@ def test_each_arm_differs_from_the_default_arm_only_in_its_setting(tmp_path, ben
         assert changed and changed <= allowed, (arm, changed)
     # findings 1 and 6 are fine-tuned alike: only the init differs
     for arm in ("feature", "class_token", "sequential"):
-        changed = {d.split(":")[0] for d in diff_configs(configs["finetune_relation_s0"], configs[f"finetune_{arm}_s0"])}
+        changed = {d.split(":")[0]
+                   for d in diff_configs(configs["finetune_relation_s0"], configs[f"finetune_{arm}_s0"])}
         assert changed == {"init"}, (arm, changed)
     # every arm a finding names exists
     for _, _, _, pairs, _, _ in findings.FINDINGS:

@@ -4,14 +4,13 @@ import json
 import pytest
 import timm
 import torch
+from conftest import tiny_distill_config, tiny_vit
 from safetensors.torch import load_file
 
 from tinymim.models.checkpoint import CheckpointError, load_state_dict, load_vit_weights
 from tinymim.models.vit import create_vit
 from tinymim.tasks.distill import build_distill_task
 from tinymim.train.engine import run_task
-
-from conftest import tiny_distill_config, tiny_vit
 
 
 def encoder_state(dim=64, depth=3, heads=4, seed=0):

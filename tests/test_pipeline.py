@@ -1,6 +1,5 @@
 """`tinymim pipeline`: stages wired to earlier stages, reuse of finished stages, redo of what depends
 on a deleted stage, the report."""
-import json
 import subprocess
 import sys
 
@@ -129,7 +128,8 @@ def test_a_second_pipeline_on_the_same_output_refuses(tmp_path, capsys):
     recipe.write_text(yaml.safe_dump(tiny_pipeline()))
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom tinymim.core.rundir import RunDir\n"
-                               f"with RunDir({str(out)!r}).lock():\n    print('locked', flush=True)\n    time.sleep(120)"],
+                               f"with RunDir({str(out)!r}).lock():\n    print('locked', flush=True)\n"
+                               "    time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

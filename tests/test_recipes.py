@@ -6,10 +6,10 @@ import torch
 
 from tinymim.core.config import RECIPES, ConfigError, load_config
 from tinymim.tasks.distill import DistillConfig, build_distill_task
-from tinymim.tasks.mae import MAEConfig, build_mae_task
 
 PIPELINES = sorted(RECIPES.glob("pipelines/*.yaml"))
-ALL = sorted(p for p in set(RECIPES.glob("*/*.yaml")) - set(PIPELINES) if not p.name.startswith("_"))  # _base: fragments
+# _-prefixed files (_base) are fragments
+ALL = sorted(p for p in set(RECIPES.glob("*/*.yaml")) - set(PIPELINES) if not p.name.startswith("_"))
 
 
 def test_recipes_exist():
@@ -25,7 +25,8 @@ def _kind(recipe: Path):
 
     task = recipe.stem.split("_")[0]
     module = task_module(task)
-    overrides = {"distill": ["teacher.checkpoint=null"], "finetune": ["init=null", "num_classes=10", "distillation.teacher=null"]}.get(task, [])
+    overrides = {"distill": ["teacher.checkpoint=null"],
+                 "finetune": ["init=null", "num_classes=10", "distillation.teacher=null"]}.get(task, [])
     config_class = type(module.load(None, []))
     return config_class, getattr(module, TASKS[task].builder), overrides
 

@@ -3,13 +3,12 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_distill_config, tiny_vit
 
 from tinymim.method.relations import RelationLoss, block_qkv, relation_kl, relation_logits, split_heads
 from tinymim.method.targets import block_parts
-from tinymim.models.vit import ModelConfig, create_vit, set_block_heads
+from tinymim.models.vit import create_vit, set_block_heads
 from tinymim.tasks.distill import TeacherConfig, build_distill_task
-
-from conftest import tiny_distill_config, tiny_vit
 
 
 def reference_block_input(model, x, k):

@@ -8,8 +8,13 @@ from PIL import Image
 from tinymim.cli import main
 from tinymim.core.errors import TinymimError
 from tinymim.data.classification import ClassifyDataConfig, build_eval_loader
-from tinymim.evaluate.robustness import (ALEXNET_ERROR, corruption_errors, evaluate_folder, imagenet_wnids,
-                                         subset_class_indices)
+from tinymim.evaluate.robustness import (
+    ALEXNET_ERROR,
+    corruption_errors,
+    evaluate_folder,
+    imagenet_wnids,
+    subset_class_indices,
+)
 
 
 class ColorCodedClassifier(torch.nn.Module):
@@ -68,9 +73,9 @@ def test_mce_formula_by_hand():
 
 
 def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
-    from tinymim.tasks import finetune
-
     from test_downstream import tiny_finetune_config
+
+    from tinymim.tasks import finetune
 
     cfg = tiny_finetune_config(max_steps=2)
     cfg.data.synthetic_classes = 3
@@ -102,6 +107,7 @@ def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
 
 def test_knn_command_on_a_distilled_student(tmp_path, capsys):
     from conftest import tiny_distill_config
+
     from tinymim.data.pretrain import SyntheticImages
     from tinymim.tasks.distill import build_distill_task
     from tinymim.train.engine import run_task

@@ -6,12 +6,18 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from tinymim.models.segmenter import (FCNHead, Segmenter, UperHead, ViTPyramid, confusion_matrix, segmentation_metrics,
-                                      slide_inference)
-from tinymim.models.vit import create_vit
-
 from conftest import tiny_vit
+
+from tinymim.models.segmenter import (
+    FCNHead,
+    Segmenter,
+    UperHead,
+    ViTPyramid,
+    confusion_matrix,
+    segmentation_metrics,
+    slide_inference,
+)
+from tinymim.models.vit import create_vit
 
 IGNORE = 255
 
@@ -159,8 +165,8 @@ def test_camvid_reads_with_its_classes_and_ignore_label(tmp_path):
     import tarfile
 
     import numpy as np
-
     from conftest import SHARED_DATA
+
     from tinymim.data.segmentation import CAMVID_CLASSES, SegmentationDataConfig, SegmentationFolder
 
     tar = SHARED_DATA / "camvid" / "camvid.tar"

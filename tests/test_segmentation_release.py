@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-
 from test_segmentation import _seg_folder, tiny_segment_overrides
+
 from tinymim.core.rundir import RunDir
 
 HERE = Path(__file__).resolve().parent
@@ -301,7 +301,8 @@ def test_on_cpu_processes_batchnorm_stays_and_is_said_once(monkeypatch, caplog, 
         task.prepare(torch.device("cpu"), "fp32")
     task.prepare_distributed()
     assert _norms(task.model) == {nn.BatchNorm2d}
-    assert caplog.text.count("BatchNorm per process: 1 CPU processes, and PyTorch's SyncBatchNorm runs on GPUs only") == 1
+    assert caplog.text.count("BatchNorm per process: 1 CPU processes, "
+                             "and PyTorch's SyncBatchNorm runs on GPUs only") == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no GPU")
@@ -423,7 +424,7 @@ def test_released_tinymim_star_t_checkpoint_loads_into_the_segmentation_backbone
     from tinymim.core.config import from_dict
     from tinymim.tasks.segment import SegmentConfig, build_backbone
 
-    d, depth, heads, extra, classes = 192, 12, 12, 1280, 1000
+    d, depth, extra, classes = 192, 12, 1280, 1000
     g = torch.Generator().manual_seed(0)
     state = {"cls_token": (1, 1, d), "dist_token": (1, 1, d), "pos_embed": (1, 198, d),
              "patch_embed.proj.weight": (d, 3, 16, 16), "patch_embed.proj.bias": (d,),

@@ -3,7 +3,6 @@ for byte where its index says; ranks read disjoint whole shards that together co
 epoch, in one process and under torchrun; training from shards resumes bit-identically after SIGKILL;
 shards served from a URL are downloaded once into a cache; bad input is one line naming the file."""
 import collections
-import io
 import json
 import os
 import re
@@ -21,8 +20,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tinymim.core.rundir import RunDir
-from tinymim.data.pretrain import DataConfig, DataError, FolderImages, PairedViewDataset, data_fingerprint
-from tinymim.data.pretrain import ShardBatchSampler
+from tinymim.data.pretrain import (
+    DataConfig,
+    DataError,
+    FolderImages,
+    PairedViewDataset,
+    ShardBatchSampler,
+    data_fingerprint,
+)
 from tinymim.data.shards import ShardImages, write_shards
 
 HERE = Path(__file__).resolve().parent
@@ -154,7 +159,7 @@ def test_cli_writes_shards_and_says_what(folder, tmp_path, capsys):
 
     assert main(["shards", str(folder), "--output", str(tmp_path / "s"), "--shard-size", "16"]) == 0
     out = capsys.readouterr().out
-    assert f"wrote 3 shards (48 images, 4 classes" in out and f"data.root={tmp_path / 's'}" in out
+    assert "wrote 3 shards (48 images, 4 classes" in out and f"data.root={tmp_path / 's'}" in out
     assert len(ShardImages(tmp_path / "s")) == 48
     assert main(["shards", str(folder), "--output", str(tmp_path / "s")]) == 1  # the error path: one line
     err = capsys.readouterr().err.splitlines()

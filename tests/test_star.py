@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import tiny_vit
 
 from tinymim.cli import main
 from tinymim.models.checkpoint import load_state_dict, load_vit_weights
@@ -13,8 +14,6 @@ from tinymim.models.star import DistilledViT
 from tinymim.models.vit import ModelConfig, create_vit
 from tinymim.tasks import finetune
 from tinymim.tasks.finetune import ClassifyDataConfig, FinetuneConfig, FrozenTeacher, build_finetune_task
-
-from conftest import tiny_vit
 
 DIM, DEPTH, HEADS, EXTRA, CLASSES = 32, 2, 4, 64, 5  # 32px, patch 4: 64 patches, pos_embed 66 rows
 

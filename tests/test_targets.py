@@ -3,8 +3,8 @@ against plainly written references; masked input and the auxiliary MAE loss."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_distill_config, tiny_vit
+
 from tinymim.core.config import ConfigError
 from tinymim.method.targets import FEATURE_SITES, block_parts
 from tinymim.tasks.distill import TeacherConfig, build_distill_task

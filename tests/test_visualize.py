@@ -1,5 +1,6 @@
 """`tinymim visualize`: a PNG grid of teacher vs student relation maps."""
 import numpy as np
+from conftest import tiny_distill_config
 from PIL import Image
 
 from tinymim.cli import main
@@ -7,8 +8,6 @@ from tinymim.data.pretrain import SyntheticImages
 from tinymim.evaluate.visualize import colorize
 from tinymim.tasks.distill import build_distill_task
 from tinymim.train.engine import run_task
-
-from conftest import tiny_distill_config
 
 
 def test_visualize_writes_a_grid(tmp_path, capsys):

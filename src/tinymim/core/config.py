@@ -6,8 +6,6 @@ command line are parsed as YAML scalars, so `train.epochs=3`, `data.name=cifar10
 """
 from __future__ import annotations
 
-from tinymim.core.errors import TinymimError
-
 import dataclasses
 import types
 import typing
@@ -15,6 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import yaml
+
+from tinymim.core.errors import TinymimError
 
 T = TypeVar("T")
 
@@ -104,7 +104,8 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
 
         # the closest valid keys, not all of them: a section can have 30 (`tinymim config TASK` lists all)
         close = sorted({prefix + m for k in unknown for m in difflib.get_close_matches(k, list(types_), n=3)})
-        hint = f"did you mean {', '.join(close)}?" if close else f"valid keys here: {', '.join(prefix + k for k in types_)}"
+        hint = (f"did you mean {', '.join(close)}?" if close
+                else f"valid keys here: {', '.join(prefix + k for k in types_)}")
         if len(hint) > 300:
             hint = "`tinymim config TASK` lists every key"
         raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; {hint}")

@@ -369,7 +369,7 @@ class RunDir:
     def read_checkpoint(self) -> dict:
         """last.pt, checked: written atomically, it can only be damaged from outside (a copy cut
         short, a disk error), and then the user decides."""
-        fix = (f"move it away to start this run over (its weights are lost), or restore it from a copy")
+        fix = ("move it away to start this run over (its weights are lost), or restore it from a copy")
         try:
             state = safe_torch_load(self.checkpoint)
         except CheckpointError as e:

@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 import torch.utils.data as tud
 from PIL import Image
-
 from timm.data import create_transform
 
 from tinymim.core.config import ConfigError
@@ -142,7 +141,8 @@ def classify_source(cfg: ClassifyDataConfig, root: str | None, train: bool):
         src = TorchvisionCIFAR(cfg.name, root, train=train)
         return SubsetImages(src, cfg.subset) if train and cfg.subset is not None else src
     if not root:
-        raise ConfigError("data.val_root is needed to evaluate a folder dataset" if not train else "data.root is needed")
+        raise ConfigError("data.val_root is needed to evaluate a folder dataset" if not train
+                          else "data.root is needed")
     return build_source(replace(cfg, root=root, subset=cfg.subset if train else None))
 
 

@@ -13,8 +13,6 @@ number of workers or processes, and a resumed run sees exactly the data an unint
 """
 from __future__ import annotations
 
-from tinymim.core.errors import DataError  # defined below this module: tinymim.data.shards raises it too
-
 import logging
 import math
 import os
@@ -28,11 +26,11 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data as tud
 from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
+from tinymim.core.errors import DataError  # defined below this module: tinymim.data.shards raises it too
 from tinymim.data.images import decode_image, open_decoded, to_rgb8  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)

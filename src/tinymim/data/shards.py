@@ -24,9 +24,9 @@ plain file names (nothing outside the folder or the cache), labels must match th
 name, and each shard's size and the tar headers of its first and last sample must be where the index
 says (when it is opened; a remote one once downloaded).
 
-`tinymim.data.pretrain.ShardBatchSampler` splits by whole shards: each epoch the shard order is shuffled with (seed, epoch),
-the shards are dealt to ranks greedily by sample count (largest first, to the rank holding fewest, so
-ranks hold disjoint shards), and each rank shuffles all of its shards' samples together with
+`tinymim.data.pretrain.ShardBatchSampler` splits by whole shards: each epoch the shard order is shuffled
+with (seed, epoch), the shards are dealt to ranks greedily by sample count (largest first, to the rank holding fewest,
+so ranks hold disjoint shards), and each rank shuffles all of its shards' samples together with
 (seed, epoch, rank). Every rank takes total // global_batch steps; a rank whose shards hold fewer samples
 than that needs starts over on its own samples, and one holding more leaves the rest for another epoch.
 With equal shards and a shard count divisible by the number of ranks, every sample is read exactly once

@@ -32,7 +32,7 @@ import torch
 
 from tinymim.core.errors import TinymimError
 from tinymim.core.rundir import RunDir
-from tinymim.models.checkpoint import CheckpointError, load_state_dict, load_vit_weights, load_weights
+from tinymim.models.checkpoint import CheckpointError, load_vit_weights, load_weights
 from tinymim.models.vit import ModelConfig, size_args, timm_architecture
 
 log = logging.getLogger("tinymim")
@@ -195,7 +195,8 @@ def build_exportable(source: str | Path, model_name: str | None = None,
         model = timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
         ignored = load_vit_weights(model, state, source=str(source))
     if ignored:
-        log.info("export: set aside %d keys that are not part of the encoder (%s)", len(ignored), ", ".join(ignored[:5]))
+        log.info("export: set aside %d keys that are not part of the encoder (%s)",
+                 len(ignored), ", ".join(ignored[:5]))
     model.eval()
     size = model.patch_embed.img_size[0]
     preprocessing = data_config(run_cfg, size, kind)
@@ -311,7 +312,8 @@ def export_timm(source, output, model_name: str | None = None, features: str = "
     out = check_output(source, output, "timm", overwrite)
     model, info = build_exportable(source, model_name, features)
     if hasattr(model, "dist_token"):
-        raise TinymimError(f"{source} is a classifier with a distillation token (tinymim.models.star.DistilledViT), which "
+        raise TinymimError(f"{source} is a classifier with a distillation token "
+                           "(tinymim.models.star.DistilledViT), which "
                            "timm cannot rebuild from a hub folder: export it with --format onnx, or load the run "
                            "with tinymim.load_vit")
     model_config = {}

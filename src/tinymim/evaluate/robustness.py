@@ -68,7 +68,8 @@ def corruption_errors(errors: dict[str, list[float]], reference: dict[str, float
     return out
 
 
-def evaluate_folder(model: torch.nn.Module, loader, device: torch.device, class_indices: list[int] | None = None) -> dict:
+def evaluate_folder(model: torch.nn.Module, loader, device: torch.device,
+                    class_indices: list[int] | None = None) -> dict:
     """Top-1 / top-5 (%) and mean cross-entropy of a classifier over a loader; logits restricted to
     `class_indices` when given (labels are positions in that list)."""
     from tinymim.data.classification import classification_sums, sums_to_metrics
@@ -202,9 +203,8 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
     (ImageNet-A/R) or a corruption tree (ImageNet-C style)."""
     from dataclasses import replace
 
-    from tinymim.data.classification import build_eval_loader
-
     from tinymim.core.rundir import RunDir
+    from tinymim.data.classification import build_eval_loader
 
     if RunDir(source).task() == "segment":
         from tinymim.tasks.segment import evaluate_segmentation_run
@@ -309,12 +309,11 @@ def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None 
                  num_workers: int = 2, bank_size: int | None = None) -> dict:
     """k-NN top-1 of a model's frozen features: the average patch token after the final norm, or
     entering block `block` (1-indexed)."""
+    from tinymim.core.errors import TinymimError
     from tinymim.data.classification import ClassifyDataConfig, build_eval_loader
     from tinymim.evaluate.export import build_exportable
     from tinymim.models.vit import TokenFeatures
     from tinymim.train.knn import _eval_crop_pct, _sample, knn_loader_accuracy
-
-    from tinymim.core.errors import TinymimError
 
     if k < 1 or not temperature > 0 or (bank_size is not None and bank_size < 1):
         raise TinymimError(f"k ({k}) and --bank-size ({bank_size}) must be positive, and the temperature "

@@ -30,11 +30,10 @@ def colorize(values: np.ndarray, vmax: float) -> np.ndarray:
 def load_run(run_dir: str | Path):
     """The DistillTask of a finished (or checkpointed) distill run, student weights loaded."""
     from tinymim.core.config import from_run_config
+    from tinymim.core.rundir import RunDir
     from tinymim.models.checkpoint import load_state_dict
     from tinymim.tasks.distill import DistillConfig, build_distill_task
     from tinymim.train.engine import seed_everything
-
-    from tinymim.core.rundir import RunDir
 
     run = Path(run_dir)
     raw = RunDir(run).stored_config()
@@ -55,9 +54,7 @@ def load_run(run_dir: str | Path):
 def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk", "vv"), heads=(0,),
                   queries=None, cell: int = 128) -> Path:
     from tinymim.data.pretrain import decode_image, normalize
-    from tinymim.method.relations import relation_logits
-
-    from tinymim.method.relations import RELATION_NAMES
+    from tinymim.method.relations import RELATION_NAMES, relation_logits
     from tinymim.train.engine import HeldLogs
 
     unknown = [r for r in relations if r not in RELATION_NAMES]

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
-
+from torch.utils.checkpoint import checkpoint
 
 
 def sincos_table(grid: tuple[int, int], dim: int, num_prefix: int = 1) -> torch.Tensor:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -124,7 +123,8 @@ def _timm_layer_scale_name(key: str) -> str:
 
 
 def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
-                     ignore_prefixes: tuple[str, ...] = _MAE_DECODER_PREFIXES, fresh: tuple[str, ...] = ()) -> list[str]:
+                     ignore_prefixes: tuple[str, ...] = _MAE_DECODER_PREFIXES,
+                     fresh: tuple[str, ...] = ()) -> list[str]:
     """Load a ViT state dict into a timm VisionTransformer; returns the keys set aside.
 
     Understands the official MAE layouts (pre-training: decoder keys and mask_token set aside;
@@ -169,7 +169,8 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         set_aside += other_classes
     state = {k: v for k, v in state.items() if k not in set_aside}
     pe = state.get("pos_embed")
-    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape and pe.shape[-1] == own["pos_embed"].shape[-1]:
+    if (pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape
+            and pe.shape[-1] == own["pos_embed"].shape[-1]):
         prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
         state["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(model.patch_embed.grid_size),
                                                     num_prefix_tokens=prefix)
@@ -189,12 +190,15 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         lines = [f"{source} does not fit the model ({type(model).__name__}, "
                  f"width {own['cls_token'].shape[-1] if 'cls_token' in own else '?'}, {len(model.blocks)} blocks):"]
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            lines.append(f"  missing keys ({len(missing)}): "
+                         f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+            lines.append(f"  unexpected keys ({len(unexpected)}): "
+                         f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
         if bad_shape:
             lines.append("  shape mismatches: " + "; ".join(bad_shape[:4]))
-        lines.append("  check that the model config (name/sizes) matches the architecture the checkpoint was trained with")
+        lines.append("  check that the model config (name/sizes) matches the architecture "
+                     "the checkpoint was trained with")
         raise CheckpointError("\n".join(lines))
     if kept:
         log.info("%s has no final norm (global-pool fine-tuned layout); model.norm keeps its init", source)

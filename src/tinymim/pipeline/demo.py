@@ -63,7 +63,7 @@ def data_overrides(data: str, output: Path) -> tuple[list[str], list[str]]:
     val = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or val is None:
         raise ConfigError(f"--data {data}: expected {root}/train and {root}/val (or test) ImageFolders")
-    return ([f"data.name=folder", f"data.root={(root / 'train').resolve()}", f"data.subset={PRETRAIN_IMAGES}"],
+    return (["data.name=folder", f"data.root={(root / 'train').resolve()}", f"data.subset={PRETRAIN_IMAGES}"],
             [f"data.val_root={val.resolve()}", f"data.subset={FINETUNE_IMAGES}"])
 
 

@@ -38,8 +38,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tinymim.core.config import ConfigError, diff_configs, load_config
-from tinymim.core.rundir import (RESUMABLE_CHANGES, RunDir, RunDirError, architecture_overrides, locked,
-                                 produced_architecture, read_yaml, save_torch)
+from tinymim.core.rundir import (
+    RESUMABLE_CHANGES,
+    RunDir,
+    RunDirError,
+    architecture_overrides,
+    locked,
+    produced_architecture,
+    read_yaml,
+    save_torch,
+)
 from tinymim.tasks import TASKS, task_module
 
 log = logging.getLogger("tinymim")
@@ -362,7 +370,8 @@ def _run_stages(cfg: PipelineConfig, out: Path, planned, procs: _Processes, repo
             log.info("stage %s: finished before, reused (%s)", stage.name, stage_dir)
         else:
             log.info("stage %s: %s %s", stage.name, "resuming" if matches else "running", stage.task)
-            why = "its config or an upstream stage changed" if record else "its folder holds a run the pipeline did not record"
+            why = ("its config or an upstream stage changed" if record
+                   else "its folder holds a run the pipeline did not record")
             # a finished stage that lost its weights file gets it back from its checkpoint, unchanged:
             # it keeps its run id, so the stages downstream of it stay valid
             same_run = record.get("run_id") if matches and record.get("status") == "done" else None

@@ -28,8 +28,18 @@ from tinymim.method.mae import DecoderConfig, MAEDecoder, random_masking, recons
 from tinymim.method.relations import RELATION_NAMES, RelationLoss, block_qkv, split_heads
 from tinymim.method.targets import ClassTokenLoss, FeatureLoss, block_parts
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
-from tinymim.models.vit import (ModelConfig, TokenFeatures, create_vit, embed, num_tokens, run_blocks, set_block_heads,
-                                set_drop_path, tokens_before_block, truncate)
+from tinymim.models.vit import (
+    ModelConfig,
+    TokenFeatures,
+    create_vit,
+    embed,
+    num_tokens,
+    run_blocks,
+    set_block_heads,
+    set_drop_path,
+    tokens_before_block,
+    truncate,
+)
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import Task
 from tinymim.train.engine import TrainConfig
@@ -61,6 +71,7 @@ class TeacherConfig:
 @dataclass
 class RelationLossConfig:
     """TinyMIM's target: KL between teacher and student relation maps (method/relations.py)."""
+
     weight: float = 1.0  # 0 = off
     # relation maps to match: qk, vv (the paper's), also qq, kk, kq, qv, vq, kv, vk
     relations: list[str] = field(default_factory=lambda: ["qk", "vv"])
@@ -76,6 +87,7 @@ class RelationLossConfig:
 @dataclass
 class ClassTokenLossConfig:
     """The class-token baseline (method/targets.py): student class token vs the teacher's."""
+
     weight: float = 0.0  # 0 = off
     criterion: Literal["smooth_l1", "kl"] = "smooth_l1"  # smooth_l1 between tokens, or kl between their softmaxes
     beta: float = 2.0  # smooth-L1 threshold
@@ -85,6 +97,7 @@ class ClassTokenLossConfig:
 @dataclass
 class FeatureLossConfig:
     """The feature-distillation baseline (method/targets.py): projected student feature vs whitened teacher's."""
+
     weight: float = 0.0  # 0 = off
     # where in the blocks the features are taken (block output, FFN, attention, qkv ...)
     site: Literal["block", "ffn", "ffn_residual", "attn", "attn_residual", "qkv"] = "block"
@@ -95,6 +108,7 @@ class FeatureLossConfig:
 @dataclass
 class MAELossConfig:
     """Auxiliary MAE reconstruction of the masked patches from the student's output (needs mask_ratio > 0)."""
+
     weight: float = 0.0  # 0 = off
     decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(embed_dim=256, depth=2, num_heads=8))
     norm_pix_loss: bool = True  # reconstruct per-patch normalized pixels (MAE's default)

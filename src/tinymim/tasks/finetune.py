@@ -26,9 +26,16 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from tinymim.core.config import ConfigError
 from tinymim.core.rundir import RunDir
-from tinymim.data.classification import (ClassifyDataConfig, ClassifyDataset, build_classify_loaders,  # noqa: F401
-                                         build_eval_loader, classification_sums, classify_source, collate_classify,
-                                         sums_to_metrics)
+from tinymim.data.classification import (  # noqa: F401
+    ClassifyDataConfig,
+    ClassifyDataset,
+    build_classify_loaders,
+    build_eval_loader,
+    classification_sums,
+    classify_source,
+    collate_classify,
+    sums_to_metrics,
+)
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.models.vit import ModelConfig, create_vit
 from tinymim.tasks import TASKS

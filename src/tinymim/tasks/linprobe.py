@@ -12,9 +12,15 @@ import torch
 import torch.nn as nn
 
 from tinymim.models.vit import ModelConfig
-from tinymim.tasks.finetune import (ClassifyDataConfig, FinetuneConfig, FinetuneTask, build_classifier,
-                                    classify_loaders, training_classes,
-                                    validate_classifier)
+from tinymim.tasks.finetune import (
+    ClassifyDataConfig,
+    FinetuneConfig,
+    FinetuneTask,
+    build_classifier,
+    classify_loaders,
+    training_classes,
+    validate_classifier,
+)
 from tinymim.train.engine import TrainConfig
 
 

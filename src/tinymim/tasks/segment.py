@@ -22,8 +22,15 @@ from tinymim.core.errors import DataError
 from tinymim.data.pretrain import GlobalBatchSampler, worker_init
 from tinymim.data.segmentation import SegmentationDataset, SegmentationFolder, SegmentDataConfig, collate_segment
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
-from tinymim.models.segmenter import (Segmenter, add_relative_position_bias, confusion_matrix, mmseg_init_,
-                                      release_layer_id, segmentation_metrics, slide_inference)
+from tinymim.models.segmenter import (
+    Segmenter,
+    add_relative_position_bias,
+    confusion_matrix,
+    mmseg_init_,
+    release_layer_id,
+    segmentation_metrics,
+    slide_inference,
+)
 from tinymim.models.vit import ModelConfig, check_input_size, create_vit
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import Task
@@ -73,7 +80,8 @@ class SegmentConfig:
         if self.layer_scale is not None and self.layer_scale <= 0:
             raise ValueError(f"layer_scale must be positive (the release: 1.0) or null, got {self.layer_scale}")
         if not 0 <= self.data.hue_delta <= 90:
-            raise ValueError(f"data.hue_delta must be in 0..90 (OpenCV hue units, 2 degrees each), got {self.data.hue_delta}")
+            raise ValueError(f"data.hue_delta must be in 0..90 (OpenCV hue units, 2 degrees each), "
+                             f"got {self.data.hue_delta}")
         if self.sync_bn is True and (self.train.device == "cpu"
                                      or (self.train.device == "auto" and not torch.cuda.is_available())):
             raise ValueError(SYNC_BN_ON_CPU)
@@ -343,7 +351,8 @@ def prediction_picture(model: nn.Module, folder: SegmentationFolder, cfg: Segmen
             continue
         pred = predict(model, eval_transform(image, cfg)[None].to(device), cfg, label.shape)[0]
         height = round(width * image.height / image.width)
-        rows.append([p.resize((width, height), Image.NEAREST) for p in (image, paint(label), paint(pred.cpu().numpy()))])
+        rows.append([p.resize((width, height), Image.NEAREST)
+                     for p in (image, paint(label), paint(pred.cpu().numpy()))])
     model.train(was_training)
     if not rows:  # no readable image to show
         return path
