@@ -189,16 +189,10 @@ def _folder(root: Path, classes: dict[str, int]) -> None:
             Image.new("RGB", (32, 32), (60 * c + 9 * i, 90, 200 - 60 * c)).save(root / name / f"{i}.png")
 
 
-def _edited_shards(ws: Path, name: str, edit) -> None:
-    shutil.copytree(ws / "shards", ws / name)
-    index = json.loads((ws / name / "index.json").read_text())
-    edit(index)
-    (ws / name / "index.json").write_text(json.dumps(index))
-
-
 def _untrusted(ws: Path) -> None:
     """Shard indexes that lie, a folder tree that loops, a bomb, an earlier export."""
     from test_bad_input import bomb_png
+    from test_shards import with_index
 
     def rename(to):
         return lambda index: index["shards"][0].update(name=to)
@@ -211,12 +205,12 @@ def _untrusted(ws: Path) -> None:
         a, b = index["shards"][0], index["shards"][1]
         a["name"], b["name"] = b["name"], a["name"]
 
-    _edited_shards(ws, "shards_up", rename("../x.tar"))
-    _edited_shards(ws, "shards_abs", rename(str(ws / "shards" / "shard-000000.tar")))
-    _edited_shards(ws, "shards_remote_up", rename("sub/../../../x.tar"))
-    _edited_shards(ws, "shards_rotated", rotate)
-    _edited_shards(ws, "shards_swapped", swap)
-    _edited_shards(ws, "shards_offsets", lambda index: index["shards"][0]["offsets"].__setitem__(0, 1024))
+    with_index(ws / "shards", ws / "shards_up", rename("../x.tar"))
+    with_index(ws / "shards", ws / "shards_abs", rename(str(ws / "shards" / "shard-000000.tar")))
+    with_index(ws / "shards", ws / "shards_remote_up", rename("sub/../../../x.tar"))
+    with_index(ws / "shards", ws / "shards_rotated", rotate)
+    with_index(ws / "shards", ws / "shards_swapped", swap)
+    with_index(ws / "shards", ws / "shards_offsets", lambda index: index["shards"][0]["offsets"].__setitem__(0, 1024))
     _folder(ws / "loop", {"a": 3, "b": 3})
     (ws / "loop" / "a" / "again").symlink_to(ws / "loop", target_is_directory=True)
     (ws / "earlier_export").mkdir()
