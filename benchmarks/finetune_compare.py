@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+import tinymim.tasks as tasks
 from tinymim.core.config import load_config
 from tinymim.tasks import finetune
 
@@ -36,7 +37,7 @@ def main() -> None:
                 f"train.epochs={args.epochs}", f"train.seed={seed}", "train.progress=false",
                 f"init={init if init else 'null'}", *args.overrides])
             t = time.perf_counter()
-            finetune.run(cfg, str(out))
+            tasks.run("finetune", cfg, str(out))
             minutes = (time.perf_counter() - t) / 60
             evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             evals = [r for r in evals if "val_top1" in r]

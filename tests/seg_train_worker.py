@@ -6,14 +6,14 @@ OUT/rank{RANK}.safetensors: the weights each rank ends with, buffers included.
 import logging
 import os
 import sys
+from dataclasses import replace
 
 from safetensors.torch import save_file
 
-import tinymim.tasks.segment as segment
-from tinymim.tasks import load_config, run
+from tinymim.tasks import TASKS, load_config, run
 
 built = []
-build = segment.build_segment_task
+build = TASKS["segment"].build
 
 
 def capture(cfg):
@@ -22,7 +22,7 @@ def capture(cfg):
     return task
 
 
-segment.build_segment_task = capture  # run() looks the builder up when it is called
+TASKS["segment"] = replace(TASKS["segment"], build=capture)  # run() looks the task up when it is called
 
 if __name__ == "__main__":
     out, overrides = sys.argv[1], sys.argv[2:]

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_distill_config, tiny_vit
 from PIL import Image
 
+import tinymim.tasks as tasks
 from tinymim.cli import main
 from tinymim.core.config import ConfigError, load_config
 from tinymim.core.errors import NonFiniteLossError
@@ -14,7 +15,6 @@ from tinymim.core.rundir import RunDir
 from tinymim.data.pretrain import DataConfig, DataError, build_loader
 from tinymim.models.checkpoint import CheckpointError, load_state_dict
 from tinymim.tasks.distill import DistillConfig, build_distill_task
-from tinymim.train.engine import run_task
 
 
 def make_folder(root: Path, per_class=8, classes=("a", "b"), size=32):
@@ -60,7 +60,7 @@ def test_corrupt_images_are_counted_in_metrics(tmp_path):
     (root / "a" / "0.jpg").write_bytes(b"garbage")
     cfg = tiny_distill_config()
     cfg.data = DataConfig(name="folder", root=str(root), img_size=32, num_workers=0)
-    run_task(build_distill_task, cfg, tmp_path / "run")
+    tasks.run("distill", cfg, tmp_path / "run")
     last = RunDir(tmp_path / "run").read_metrics()[-1]
     assert last["skipped_images"] == 1
 
@@ -155,7 +155,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_distill_config(blr=1e9, checkpoint_every=1, epochs=2)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step") as err:
-        run_task(build_distill_task, cfg, run)
+        tasks.run("distill", cfg, run)
     assert "last good checkpoint" in str(err.value)
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["global_step"] >= 1 and not ckpt["finished"]
@@ -164,11 +164,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_changed_config_on_resume_is_refused(tmp_path):
-    run_task(build_distill_task, tiny_distill_config(max_steps=2), tmp_path / "run")
+    tasks.run("distill", tiny_distill_config(max_steps=2), tmp_path / "run")
     with pytest.raises(ConfigError, match="different config.*train.blr"):
-        run_task(build_distill_task, tiny_distill_config(max_steps=2, blr=5e-3), tmp_path / "run")
+        tasks.run("distill", tiny_distill_config(max_steps=2, blr=5e-3), tmp_path / "run")
     # settings that do not change the result may differ
-    assert run_task(build_distill_task, tiny_distill_config(max_steps=2, log_every=7), tmp_path / "run") is None
+    assert tasks.run("distill", tiny_distill_config(max_steps=2, log_every=7), tmp_path / "run") is None
 
 
 def test_cifar_offline_is_a_clear_error(tmp_path, monkeypatch):
@@ -264,11 +264,10 @@ def test_eval_command_skips_unreadable_images_and_says_so(tmp_path, capsys, capl
     from test_downstream import tiny_finetune_config
 
     from tinymim.data.pretrain import SyntheticImages
-    from tinymim.tasks import finetune
 
     cfg = tiny_finetune_config(max_steps=2)
     cfg.data.synthetic_classes = 3
-    finetune.run(cfg, str(tmp_path / "run"))
+    tasks.run("finetune", cfg, str(tmp_path / "run"))
     clean, damaged = tmp_path / "clean", tmp_path / "damaged"
     images = SyntheticImages(size=12, img_size=32, num_classes=3, seed=5)
     for i in range(12):

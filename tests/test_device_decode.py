@@ -106,12 +106,12 @@ def test_mixed_batch_and_an_undecodable_file(tmp_path, caplog):
 
 
 def test_distill_trains_with_device_decode(tmp_path):
-    from tinymim.tasks.distill import run
+    from tinymim.tasks import run
 
     root = natural_jpegs(tmp_path / "data", per_class=16)
     cfg = tiny_distill_config(batch_size=8, max_steps=3)
     cfg.data = DataConfig(name="folder", root=str(root), img_size=32, num_workers=1, decode="device")
-    last = run(cfg, str(tmp_path / "run"))
+    last = run("distill", cfg, str(tmp_path / "run"))
     assert last is not None and math.isfinite(last["loss"])
     assert (tmp_path / "run" / "student.safetensors").is_file()
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import tiny_vit
 
+import tinymim.tasks as tasks
 from tinymim.core.rundir import RunDir
-from tinymim.tasks import finetune, linprobe
+from tinymim.tasks import linprobe
 from tinymim.tasks.finetune import ClassifyDataConfig, FinetuneConfig, build_finetune_task
-from tinymim.train.engine import run_task
 from tinymim.train.knn import knn_accuracy
 
 
@@ -59,7 +59,7 @@ def test_head_init_and_pooling():
 
 def test_finetune_runs_and_evaluates(tmp_path):
     cfg = tiny_finetune_config(epochs=2)
-    finetune.run(cfg, str(tmp_path / "run"))
+    tasks.run("finetune", cfg, str(tmp_path / "run"))
     records = RunDir(tmp_path / "run").read_metrics()
     evals = [r for r in records if "val_top1" in r]
     assert [r["epoch"] for r in evals] == [1.0, 2.0]
@@ -70,9 +70,8 @@ def test_finetune_runs_and_evaluates(tmp_path):
 def test_finetune_from_a_distilled_student(tmp_path):
     from conftest import tiny_distill_config
 
-    from tinymim.tasks.distill import build_distill_task
 
-    run_task(build_distill_task, tiny_distill_config(max_steps=2), tmp_path / "distill")
+    tasks.run("distill", tiny_distill_config(max_steps=2), tmp_path / "distill")
     cfg = tiny_finetune_config(max_steps=1)
     cfg.model = tiny_vit(dim=48, depth=2, heads=3)
     cfg.init = str(tmp_path / "distill")
@@ -126,11 +125,10 @@ def test_knn_on_linearly_separable_features():
 def test_knn_monitoring_during_distillation(tmp_path):
     from conftest import tiny_distill_config
 
-    from tinymim.tasks.distill import build_distill_task
 
     cfg = tiny_distill_config(epochs=2)
     cfg.knn.every_epochs, cfg.knn.name, cfg.knn.bank_size, cfg.knn.val_size = 2, "synthetic", 256, 128
-    run_task(build_distill_task, cfg, tmp_path / "run")
+    tasks.run("distill", cfg, tmp_path / "run")
     records = RunDir(tmp_path / "run").read_metrics()
     knn = [r for r in records if "val_knn_top1" in r]
     assert [r["epoch"] for r in knn] == [2.0]  # every 2 epochs: once
@@ -144,7 +142,7 @@ def test_model_ema_is_what_gets_evaluated_and_exported(tmp_path):
     cfg.ema_decay = 0.5
     task = build_finetune_task(cfg)
     assert task.ema is not None
-    finetune.run(cfg, str(tmp_path / "run"))
+    tasks.run("finetune", cfg, str(tmp_path / "run"))
     exported = load_file(tmp_path / "run" / "model.safetensors")
     # the EMA copy differs from the raw weights after a few steps at decay 0.5
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
@@ -169,6 +167,6 @@ def test_ema_follows_the_task_and_every_task_compiles(tmp_path):
 def test_finetune_eval_every_evaluates_every_n_epochs_and_at_the_end(tmp_path):
     cfg = tiny_finetune_config(epochs=5)  # 256 synthetic images, batch 32: 8 steps an epoch
     cfg.eval_every = 2
-    finetune.run(cfg, str(tmp_path / "run"))
+    tasks.run("finetune", cfg, str(tmp_path / "run"))
     evaluated = [r["step"] for r in RunDir(tmp_path / "run").read_metrics() if "val_top1" in r]
     assert evaluated == [16, 32, 40]  # epochs 2, 4, then the last (5)

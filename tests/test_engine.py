@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import tiny_distill_config
 
+import tinymim.tasks as tasks
 from tinymim.core.rundir import RunDir
 from tinymim.tasks.distill import build_distill_task
-from tinymim.train.engine import run_task
 
 
 def metrics(run):
@@ -17,7 +17,7 @@ def metrics(run):
 def test_lr_is_linear_warmup_then_half_cycle_cosine_per_step(tmp_path):
     # 256 images / batch 32 = 8 steps per epoch, 2 epochs, warmup 0.5 epoch = 4 steps
     cfg = tiny_distill_config(epochs=2, warmup_epochs=0.5, blr=1e-3, batch_size=32, min_lr=0.0)
-    run_task(build_distill_task, cfg, tmp_path / "run")
+    tasks.run("distill", cfg, tmp_path / "run")
     peak = 1e-3 * 32 / 256  # lr = blr x batch / 256
     total, warmup = 16, 4
     for rec in metrics(tmp_path / "run"):
@@ -49,8 +49,8 @@ def test_accumulation_matches_one_big_batch(tmp_path):
     cfg_a.student.drop_path_rate = 0.0
     cfg_b = tiny_distill_config(**base, accum_steps=4)
     cfg_b.student.drop_path_rate = 0.0
-    run_task(build_distill_task, cfg_a, tmp_path / "a")
-    run_task(build_distill_task, cfg_b, tmp_path / "b")
+    tasks.run("distill", cfg_a, tmp_path / "a")
+    tasks.run("distill", cfg_b, tmp_path / "b")
     la = [r["loss"] for r in metrics(tmp_path / "a")]
     lb = [r["loss"] for r in metrics(tmp_path / "b")]
     assert la == pytest.approx(lb, rel=1e-4)
@@ -60,7 +60,7 @@ def test_accumulation_matches_one_big_batch(tmp_path):
 def test_reduced_precisions_train_on_cpu(tmp_path, precision):
     cfg = tiny_distill_config(epochs=1, precision=precision, blr=5e-3)
     cfg.data.synthetic_size = 512
-    run_task(build_distill_task, cfg, tmp_path / "run")
+    tasks.run("distill", cfg, tmp_path / "run")
     m = metrics(tmp_path / "run")
     assert all(math.isfinite(r["loss"]) for r in m)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
@@ -83,7 +83,7 @@ def test_teacher_linears_cast_once_give_identical_targets():
 
 def test_tensorboard_logging(tmp_path):
     pytest.importorskip("tensorboard")
-    run_task(build_distill_task, tiny_distill_config(max_steps=2, tensorboard=True), tmp_path / "run")
+    tasks.run("distill", tiny_distill_config(max_steps=2, tensorboard=True), tmp_path / "run")
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import tinymim.tasks as tasks
 from tinymim.core.rundir import RunDir, RunDirError
 
 HERE = Path(__file__).resolve().parent
@@ -458,12 +459,10 @@ def test_a_nan_before_the_first_checkpoint_does_not_claim_one(tmp_path):
     from conftest import tiny_distill_config
 
     from tinymim.core.errors import NonFiniteLossError
-    from tinymim.tasks.distill import build_distill_task
-    from tinymim.train.engine import run_task
 
     cfg = tiny_distill_config(blr=1e9, checkpoint_every=1000, epochs=3)
     with pytest.raises(NonFiniteLossError) as err:
-        run_task(build_distill_task, cfg, tmp_path / "run")
+        tasks.run("distill", cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
     assert "No checkpoint had been written yet" in str(err.value) and "is kept" not in str(err.value)
 

@@ -9,6 +9,7 @@ import yaml
 from conftest import tiny_distill_config, tiny_vit
 from safetensors.torch import load_file
 
+import tinymim.tasks as tasks
 from tinymim.core.config import load_config
 from tinymim.models.vit import ModelConfig, create_vit
 from tinymim.tasks.distill import DistillConfig, build_distill_task
@@ -28,7 +29,6 @@ def mae_sincos_reference(dim: int, grid: int) -> np.ndarray:
 
 
 def test_student_pos_embed_is_mae_sincos_and_never_trained(tmp_path):
-    from tinymim.tasks import distill
 
     cfg = tiny_distill_config(max_steps=3, weight_decay=0.5, blr=1e-2)
     task = build_distill_task(cfg)
@@ -37,7 +37,7 @@ def test_student_pos_embed_is_mae_sincos_and_never_trained(tmp_path):
     assert pos.shape == (1, 65, 48) and not pos.requires_grad
     torch.testing.assert_close(pos[0], expected, atol=1e-6, rtol=0)
 
-    distill.run(cfg, str(tmp_path / "run"))  # a few steps with a large lr and weight decay
+    tasks.run("distill", cfg, str(tmp_path / "run"))  # a few steps with a large lr and weight decay
     trained = load_file(str(tmp_path / "run" / "student.safetensors"))
     torch.testing.assert_close(trained["pos_embed"][0], expected, atol=1e-6, rtol=0)
     assert not torch.equal(trained["blocks.0.attn.qkv.weight"], task.student.blocks[0].attn.qkv.weight.detach())
@@ -102,12 +102,10 @@ def test_main_chain_resolves_the_papers_teacher_heads(tmp_path):
 def test_file_teacher_and_run_dir_teacher_pair_the_same(tmp_path, relation_heads, caplog):
     """A TinyMIM student used as a teacher: its run directory records 4 heads in its relation block
     (block_heads), its weights file records nothing. Both must give the same, declared pairing."""
-    from tinymim.tasks import distill
-
     first = tiny_distill_config(max_steps=1)
     first.student = tiny_vit(dim=64, depth=2, heads=2)
     first.teacher.model = tiny_vit(dim=64, depth=3, heads=4)
-    distill.run(first, str(tmp_path / "tinymim_teacher"))
+    tasks.run("distill", first, str(tmp_path / "tinymim_teacher"))
     recorded = yaml.safe_load((tmp_path / "tinymim_teacher" / "config.yaml").read_text())
     assert {int(k): v for k, v in recorded["student"]["block_heads"].items()} == {2: 4}
 

@@ -7,10 +7,10 @@ import torch
 from conftest import tiny_distill_config, tiny_vit
 from safetensors.torch import load_file
 
+import tinymim.tasks as tasks
 from tinymim.models.checkpoint import CheckpointError, load_state_dict, load_vit_weights
 from tinymim.models.vit import create_vit
 from tinymim.tasks.distill import build_distill_task
-from tinymim.train.engine import run_task
 
 
 def encoder_state(dim=64, depth=3, heads=4, seed=0):
@@ -95,7 +95,7 @@ def test_position_embedding_is_resized_for_another_grid(tmp_path):
 @pytest.fixture(scope="module")
 def distilled_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "distill"
-    run_task(build_distill_task, tiny_distill_config(max_steps=3), run)
+    tasks.run("distill", tiny_distill_config(max_steps=3), run)
     return run
 
 
@@ -234,7 +234,7 @@ def test_exported_student_carries_the_runs_preprocessing_and_a_true_card(distill
 def test_exported_classifier_gives_the_same_logits(tmp_path):
     from tinymim.core.config import load_config
     from tinymim.evaluate.robustness import load_classifier
-    from tinymim.tasks.finetune import FinetuneConfig, run
+    from tinymim.tasks.finetune import FinetuneConfig
 
     cfg = load_config(FinetuneConfig, None, [
         "model.name=vit_custom", "model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
@@ -242,7 +242,7 @@ def test_exported_classifier_gives_the_same_logits(tmp_path):
         "data.mean=[0.4,0.45,0.5]", "data.std=[0.2,0.25,0.3]", "data.eval_crop_pct=0.9", "data.auto_augment=null",
         "mixup=0", "cutmix=0", "train.batch_size=16", "train.max_steps=3", "train.precision=fp32",
         "train.progress=false", "train.warmup_epochs=0"])
-    run(cfg, str(tmp_path / "ft"))
+    tasks.run("finetune", cfg, str(tmp_path / "ft"))
     model, data = _export_and_load(tmp_path / "ft", tmp_path / "export")
     assert data["mean"] == pytest.approx((0.4, 0.45, 0.5)) and data["std"] == pytest.approx((0.2, 0.25, 0.3))
     assert data["crop_pct"] == pytest.approx(0.9) and data["input_size"] == (3, 32, 32)

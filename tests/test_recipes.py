@@ -21,14 +21,12 @@ def test_recipes_exist():
 
 def _kind(recipe: Path):
     """(config class, builder, overrides that need no files) of a recipe, by its task (the file name's prefix)."""
-    from tinymim.tasks import TASKS, task_module
+    from tinymim.tasks import TASKS
 
     task = recipe.stem.split("_")[0]
-    module = task_module(task)
     overrides = {"distill": ["teacher.checkpoint=null"],
                  "finetune": ["init=null", "num_classes=10", "distillation.teacher=null"]}.get(task, [])
-    config_class = type(module.load(None, []))
-    return config_class, getattr(module, TASKS[task].builder), overrides
+    return TASKS[task].config, TASKS[task].build, overrides
 
 
 @pytest.mark.parametrize("recipe", ALL, ids=lambda p: f"{p.parent.name}/{p.stem}")

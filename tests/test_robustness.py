@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tinymim.tasks as tasks
 from tinymim.cli import main
 from tinymim.core.errors import TinymimError
 from tinymim.data.classification import ClassifyDataConfig, build_eval_loader
@@ -75,11 +76,10 @@ def test_mce_formula_by_hand():
 def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
     from test_downstream import tiny_finetune_config
 
-    from tinymim.tasks import finetune
 
     cfg = tiny_finetune_config(max_steps=2)
     cfg.data.synthetic_classes = 3
-    finetune.run(cfg, str(tmp_path / "run"))
+    tasks.run("finetune", cfg, str(tmp_path / "run"))
     src = tmp_path / "clean"
     from tinymim.data.pretrain import SyntheticImages
     images = SyntheticImages(size=6, img_size=32, num_classes=3, seed=5)
@@ -109,10 +109,8 @@ def test_knn_command_on_a_distilled_student(tmp_path, capsys):
     from conftest import tiny_distill_config
 
     from tinymim.data.pretrain import SyntheticImages
-    from tinymim.tasks.distill import build_distill_task
-    from tinymim.train.engine import run_task
 
-    run_task(build_distill_task, tiny_distill_config(max_steps=2), tmp_path / "run")
+    tasks.run("distill", tiny_distill_config(max_steps=2), tmp_path / "run")
     for split, seed in (("train", 0), ("val", 1)):
         images = SyntheticImages(size=40, img_size=32, num_classes=4, seed=seed)
         for i in range(40):

@@ -3,15 +3,15 @@ import numpy as np
 from conftest import tiny_distill_config
 from PIL import Image
 
+import tinymim.tasks as tasks
 from tinymim.cli import main
 from tinymim.data.pretrain import SyntheticImages
 from tinymim.evaluate.visualize import colorize
 from tinymim.tasks.distill import build_distill_task
-from tinymim.train.engine import run_task
 
 
 def test_visualize_writes_a_grid(tmp_path, capsys):
-    run_task(build_distill_task, tiny_distill_config(max_steps=2), tmp_path / "run")
+    tasks.run("distill", tiny_distill_config(max_steps=2), tmp_path / "run")
     img, _ = SyntheticImages(1, 48).load(0)
     img.save(tmp_path / "img.png")
     assert main(["visualize", str(tmp_path / "run"), "--image", str(tmp_path / "img.png"), "--output",
@@ -47,7 +47,7 @@ def test_visualize_rebuilds_the_runs_teacher(tmp_path):
 
     from tinymim.evaluate.visualize import load_run
 
-    run_task(build_distill_task, tiny_distill_config(max_steps=1), tmp_path / "run")
+    tasks.run("distill", tiny_distill_config(max_steps=1), tmp_path / "run")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     task, _ = load_run(tmp_path / "run")
     # the random teacher is rebuilt from the run's seed; the student comes from its weights

@@ -7,7 +7,7 @@ import re
 import sys
 
 from tinymim.core.errors import TinymimError, loader_worker_death
-from tinymim.core.preempt import note_early
+from tinymim.core.preempt import note_early, release_early
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -289,6 +289,9 @@ def _is_main_process() -> bool:
 
 
 def main(argv=None) -> int:
+    # a stop signal during start-up (the imports the parser needs, a teacher's build) stops a training
+    # run, not kills it; commands that do not train get the default action back once parsed
+    note_early()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -304,8 +307,8 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if args.func is cmd_train:
-        note_early()  # a stop signal during start-up (imports, teacher build) stops the run, not kills it
+    if args.func is not cmd_train:
+        release_early()
     try:
         return args.func(args)
     except TinymimError as e:

@@ -16,7 +16,7 @@ from tinymim.core.errors import TinymimError
 
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, resumable; schedulers may requeue on it
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_early: dict = {"received": None}
+_early: dict = {"received": None, "previous": {}}
 
 
 class Preempted(TinymimError):
@@ -32,8 +32,21 @@ def _note_early(signum, frame) -> None:
 def note_early() -> None:
     """From now on a stop signal is noted, not fatal (main thread only: signals are delivered there)."""
     if threading.current_thread() is threading.main_thread():
+        _early["received"] = None
         for s in SIGNALS:
-            signal.signal(s, _note_early)
+            _early["previous"].setdefault(s, signal.signal(s, _note_early))
+
+
+def release_early() -> None:
+    """For commands that do not train: the handlers from before `note_early` again, and a request
+    noted meanwhile is delivered to them now (the process stops as it would have)."""
+    if threading.current_thread() is threading.main_thread():
+        for s, handler in _early["previous"].items():
+            signal.signal(s, handler)
+        _early["previous"] = {}
+        received, _early["received"] = _early["received"], None
+        if received is not None:
+            signal.raise_signal(received)
 
 
 def signal_name(signum: int | None) -> str:

@@ -48,7 +48,8 @@ from tinymim.core.rundir import (
     read_yaml,
     save_torch,
 )
-from tinymim.tasks import TASKS, task_module
+from tinymim.tasks import TASKS
+from tinymim.train.engine import run_task
 
 log = logging.getLogger("tinymim")
 
@@ -268,9 +269,8 @@ def plan(cfg: PipelineConfig, out: str | Path) -> list[tuple[StageConfig, list[s
     every recipe and override is checked."""
     out, configs, planned = Path(out), {}, []
     for stage in cfg.stages:
-        module = task_module(stage.task)
         overrides = stage_overrides(cfg, stage, out, configs)
-        configs[stage.name] = json.loads(json.dumps(asdict(module.load(stage.config, overrides))))
+        configs[stage.name] = json.loads(json.dumps(asdict(TASKS[stage.task].load_config(stage.config, overrides))))
         planned.append((stage, overrides, configs[stage.name]))
     return planned
 
@@ -359,7 +359,6 @@ def _run_stages(cfg: PipelineConfig, out: Path, planned, procs: _Processes, repo
             continue
         procs.barrier()
         stage_dir = out / stage.name
-        module = task_module(stage.task)
         upstream = {d: run_id(d) for d in (stage.teacher, stage.init) if d is not None}
         record = _record(stage_dir)
         here = portable(stage, config, out)  # what the record keeps and reuse compares: no absolute stage paths
@@ -388,7 +387,8 @@ def _run_stages(cfg: PipelineConfig, out: Path, planned, procs: _Processes, repo
             procs.barrier()
             start = time.perf_counter()
             try:
-                module.run(module.load(stage.config, overrides), str(stage_dir))
+                spec = TASKS[stage.task]
+                run_task(spec, spec.load_config(stage.config, overrides), stage_dir)
                 record.update(status="done", run_id=same_run or uuid.uuid4().hex)
             finally:  # a failed stage keeps status "running": the next invocation resumes it
                 record["seconds"] += time.perf_counter() - start

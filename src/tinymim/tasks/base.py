@@ -1,24 +1,24 @@
-"""What every tinymim task adds to timm's TrainingTask: DDP of its trainable part, no_sync for
-gradient accumulation, checkpoint state and final export."""
+"""What every tinymim task adds to timm's TrainingTask (DDP of its trainable part, no_sync for
+gradient accumulation, checkpoint state and final export), and `TaskSpec`: what a task module
+declares about itself for the registry (tinymim.tasks)."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
 from timm.task import TrainingTask
 
+from tinymim.core.config import load_config
+
 
 class Task(TrainingTask):
     name = "task"
-
-    @property
-    def model_section(self) -> str:
-        """The config section of the model this task produces (the task registry's fact)."""
-        from tinymim.tasks import TASKS
-
-        return TASKS[self.name].model_section
+    weights = "model.safetensors"  # the file a finished run leaves in its directory
+    model_section = "model"  # the config section of the model the task produces
 
     def __init__(self, trainable: nn.Module):
         super().__init__(verbose=False)
@@ -97,3 +97,44 @@ class Task(TrainingTask):
 
     def export_best(self, run_dir: Path) -> None:
         """Called on the main process when evaluate()[best_metric] reaches a new best."""
+
+
+def _no_optimizer_options(cfg) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task, as its module declares it: the objects the engine, the command line, pipelines and
+    evaluation use. The registry (`tinymim.tasks.TASKS`) imports every module's spec."""
+
+    task: type[Task]  # its name, weights file and model section are the class's
+    config: type  # the typed config (a dataclass with `data` and `train` sections)
+    build: Callable[[Any], Task]  # config -> Task: models built, weights loaded
+    kind: Literal["pretrain", "classify", "segment"]  # what its results are: losses and k-NN, top-1, mIoU
+    upstream: Literal["teacher", "init"] | None  # what an earlier pipeline stage can give it
+    exports: Literal["encoder", "classifier", "probe", "segmenter"]  # what `tinymim export` makes of them
+    help: str
+    # (task, global micro batch, rank, world, seed) -> (loader, sampler); None: pre-training's paired views
+    loaders: Callable | None = None
+    optimizer_options: Callable[[Any], dict] = field(default=_no_optimizer_options)  # config -> e.g. layer_decay
+    # (recipe, overrides) -> config; None: defaults <- recipe <- overrides (tinymim.core.config.load_config)
+    load: Callable | None = None
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def weights(self) -> str:
+        return self.task.weights
+
+    @property
+    def model_section(self) -> str:
+        return self.task.model_section
+
+    def load_config(self, recipe=None, overrides=()):
+        """The task's typed config: defaults <- recipe (a YAML file or a built-in name) <- `section.key=value`."""
+        if self.load is not None:
+            return self.load(recipe, list(overrides))
+        return load_config(self.config, recipe, list(overrides))

@@ -40,8 +40,7 @@ from tinymim.models.vit import (
     tokens_before_block,
     truncate,
 )
-from tinymim.tasks import TASKS
-from tinymim.tasks.base import Task
+from tinymim.tasks.base import Task, TaskSpec
 from tinymim.train.engine import TrainConfig
 from tinymim.train.knn import KNNMonitor, KNNMonitorConfig
 
@@ -264,6 +263,8 @@ class DistillStudent(nn.Module):
 
 class DistillTask(Task):
     name = "distill"
+    weights = "student.safetensors"
+    model_section = "student"
 
     def __init__(self, student: nn.Module, teacher: nn.Module, target_block: int, data_cfg: DataConfig,
                  config: DistillConfig):
@@ -316,7 +317,7 @@ class DistillTask(Task):
         meta = {"format": "timm.VisionTransformer"}
         if self.config is not None:
             meta["student"] = json.dumps(asdict(self.config.student))
-        save_weights(self.student.state_dict(), Path(run_dir) / TASKS[self.name].weights, meta)
+        save_weights(self.student.state_dict(), Path(run_dir) / self.weights, meta)
 
 
 def build_teacher(cfg: TeacherConfig, img_size: int) -> nn.Module:
@@ -390,12 +391,6 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
     return DistillTask(student, teacher, k, cfg.data, cfg)
 
 
-def run(cfg: DistillConfig, output: str):
-    from tinymim.train import engine
-
-    return engine.run_task(build_distill_task, cfg, output)
-
-
 def load(recipe, overrides) -> DistillConfig:
     """The recipe with its overrides; a teacher that is a tinymim run directory (or a shipped teacher)
     supplies its own architecture for every teacher.model key the recipe and overrides leave unset."""
@@ -422,3 +417,8 @@ def teacher_architecture(teacher: dict) -> list[str]:
     return architecture_overrides(arch, "teacher.model", model) if arch else []
 
 
+
+
+SPEC = TaskSpec(task=DistillTask, config=DistillConfig, build=build_distill_task, load=load, kind="pretrain",
+                upstream="teacher", exports="encoder",
+                help="TinyMIM relation-distillation pre-training of a student ViT")

@@ -38,8 +38,7 @@ from tinymim.data.classification import (  # noqa: F401
 )
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.models.vit import ModelConfig, create_vit
-from tinymim.tasks import TASKS
-from tinymim.tasks.base import Task
+from tinymim.tasks.base import Task, TaskSpec
 from tinymim.train.engine import TrainConfig
 
 log = logging.getLogger("tinymim")
@@ -192,7 +191,7 @@ class FinetuneTask(Task):
         # (tinymim.star is now tinymim.models.star), so every weights file names its kind the same way
         kind = "tinymim.star.DistilledViT" if self.cfg.model.dist_token else "timm.VisionTransformer"
         meta = {"format": kind, "model": json.dumps(asdict(self.cfg.model))}
-        save_weights(model.state_dict(), Path(run_dir) / TASKS[self.name].weights, meta)
+        save_weights(model.state_dict(), Path(run_dir) / self.weights, meta)
 
     def export_best(self, run_dir: Path) -> None:
         model = self.ema.module if self.ema is not None else self.model
@@ -367,16 +366,9 @@ def classify_loaders(task, batch: int, rank: int, world: int, seed: int):
     return loader, sampler
 
 
-def run(cfg: FinetuneConfig, output: str):
-    from tinymim.train import engine
-
-    return engine.run_task(build_finetune_task, cfg, output, make_loader=classify_loaders,
-                           optimizer_kwargs={"layer_decay": cfg.layer_decay})
-
-
-def load(recipe, overrides) -> FinetuneConfig:
-    from tinymim.core.config import load_config
-
-    return load_config(FinetuneConfig, recipe, overrides)
+SPEC = TaskSpec(task=FinetuneTask, config=FinetuneConfig, build=build_finetune_task, loaders=classify_loaders,
+                optimizer_options=lambda cfg: {"layer_decay": cfg.layer_decay}, kind="classify", upstream="init",
+                exports="classifier",
+                help="fine-tune a pre-trained (or randomly initialized) ViT for classification")
 
 

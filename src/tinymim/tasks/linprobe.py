@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from tinymim.models.vit import ModelConfig
+from tinymim.tasks.base import TaskSpec
 from tinymim.tasks.finetune import (
     ClassifyDataConfig,
     FinetuneConfig,
@@ -92,13 +93,6 @@ def build_linprobe_task(cfg: LinearProbeConfig) -> LinearProbeTask:
     return LinearProbeTask(ProbeModel(backbone, cfg.num_classes), ft, cfg.num_classes)
 
 
-def run(cfg: LinearProbeConfig, output: str):
-    from tinymim.train import engine
-
-    return engine.run_task(build_linprobe_task, cfg, output, make_loader=classify_loaders)
-
-
-def load(recipe, overrides) -> LinearProbeConfig:
-    from tinymim.core.config import load_config
-
-    return load_config(LinearProbeConfig, recipe, overrides)
+SPEC = TaskSpec(task=LinearProbeTask, config=LinearProbeConfig, build=build_linprobe_task,
+                loaders=classify_loaders, kind="classify", upstream="init", exports="probe",
+                help="linear probe: a frozen backbone, BatchNorm + linear head")

@@ -19,8 +19,7 @@ from tinymim.data.pretrain import DataConfig, plain_view
 from tinymim.method.mae import DecoderConfig, MaskedAutoencoder
 from tinymim.models.checkpoint import save_weights
 from tinymim.models.vit import ModelConfig, TokenFeatures, create_vit
-from tinymim.tasks import TASKS
-from tinymim.tasks.base import Task
+from tinymim.tasks.base import Task, TaskSpec
 from tinymim.train.engine import TrainConfig
 from tinymim.train.knn import KNNMonitor, KNNMonitorConfig
 
@@ -51,6 +50,7 @@ class MAEConfig:
 
 class MAETask(Task):
     name = "mae"
+    weights = "encoder.safetensors"
 
     def __init__(self, mae: MaskedAutoencoder, data_cfg: DataConfig, config: MAEConfig | None = None):
         super().__init__(mae)
@@ -70,7 +70,7 @@ class MAETask(Task):
         meta = {"format": "timm.VisionTransformer"}
         if self.config is not None:
             meta["model"] = json.dumps(asdict(self.config.model))
-        save_weights(self.mae.encoder.state_dict(), Path(run_dir) / TASKS[self.name].weights, meta)
+        save_weights(self.mae.encoder.state_dict(), Path(run_dir) / self.weights, meta)
 
 
 def build_mae_task(cfg: MAEConfig) -> MAETask:
@@ -82,13 +82,5 @@ def build_mae_task(cfg: MAEConfig) -> MAETask:
     return MAETask(MaskedAutoencoder(encoder, cfg.decoder, cfg.mask_ratio, cfg.norm_pix_loss), cfg.data, cfg)
 
 
-def run(cfg: MAEConfig, output: str):
-    from tinymim.train import engine
-
-    return engine.run_task(build_mae_task, cfg, output)
-
-
-def load(recipe, overrides) -> MAEConfig:
-    from tinymim.core.config import load_config
-
-    return load_config(MAEConfig, recipe, overrides)
+SPEC = TaskSpec(task=MAETask, config=MAEConfig, build=build_mae_task, kind="pretrain", upstream=None,
+                exports="encoder", help="MAE pre-training of a ViT (a teacher for distillation)")

@@ -32,8 +32,7 @@ from tinymim.models.segmenter import (
     slide_inference,
 )
 from tinymim.models.vit import ModelConfig, check_input_size, create_vit
-from tinymim.tasks import TASKS
-from tinymim.tasks.base import Task
+from tinymim.tasks.base import Task, TaskSpec
 from tinymim.train.engine import TrainConfig
 
 log = logging.getLogger("tinymim")
@@ -108,6 +107,7 @@ def release_param_groups(model: Segmenter, weight_decay: float, layer_decay: flo
 
 class SegmentTask(Task):
     name = "segment"
+    weights = "segmenter.safetensors"
     best_metric = "mIoU"
 
     def __init__(self, model: Segmenter, cfg: SegmentConfig):
@@ -171,7 +171,7 @@ class SegmentTask(Task):
 
     def export(self, run_dir: Path) -> None:
         meta = {"format": "tinymim.Segmenter", "model": json.dumps(asdict(self.cfg.model))}
-        save_weights(self.model.state_dict(), Path(run_dir) / TASKS[self.name].weights, meta)
+        save_weights(self.model.state_dict(), Path(run_dir) / self.weights, meta)
         if self.eval_loader is not None:  # a look at what was learned
             folder = self.eval_loader.dataset.dataset.folder
             prediction_picture(self.model, folder, self.cfg.data, Path(run_dir) / "predictions.png", self.device)
@@ -269,16 +269,9 @@ def segment_loaders(task: SegmentTask, batch: int, rank: int, world: int, seed: 
     return loader, sampler
 
 
-def run(cfg: SegmentConfig, output: str):
-    from tinymim.train import engine
-
-    return engine.run_task(build_segment_task, cfg, output, make_loader=segment_loaders)
-
-
-def load(recipe, overrides) -> SegmentConfig:
-    from tinymim.core.config import load_config
-
-    return load_config(SegmentConfig, recipe, overrides)
+SPEC = TaskSpec(task=SegmentTask, config=SegmentConfig, build=build_segment_task, loaders=segment_loaders,
+                kind="segment", upstream="init", exports="segmenter",
+                help="semantic segmentation: UperNet on a pre-trained (or random) ViT backbone")
 
 
 def load_segmenter(run_dir: str | Path) -> tuple[nn.Module, SegmentConfig]:

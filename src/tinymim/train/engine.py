@@ -21,9 +21,9 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, Protocol
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from tinymim.core.config import ConfigError
 from tinymim.core.errors import WORKER_DEATH, NonFiniteLossError, loader_worker_death
 from tinymim.core.preempt import PREEMPT_EXIT_CODE, Preempted, StopSignals, signal_name  # noqa: F401 (re-exported)
 from tinymim.core.rundir import RESUMABLE_CHANGES, RunDir, RunDirError, locked, save_torch, write_error  # noqa: F401
-from tinymim.data.pretrain import data_fingerprint
+from tinymim.data.pretrain import build_loader, data_fingerprint
 from tinymim.train.loggers import LOGGERS, MetricsLogger, check_available, preflight
 
 log = logging.getLogger("tinymim")
@@ -691,30 +691,33 @@ def _describe(data: dict) -> str:
     return f"{data.get('images')} images{classes}"
 
 
-def run_task(build, cfg, output: str | Path, make_loader=None, optimizer_kwargs: dict | None = None):
-    """Build a task from a config with `data` and `train` sections and train it.
+class TaskDefinition(Protocol):
+    """What the engine uses of a task's registry entry (tinymim.tasks.base.TaskSpec)."""
+
+    build: Callable  # config -> the Task: models built, weights loaded
+    loaders: Callable | None  # (task, global micro batch, rank, world, seed) -> (loader, sampler)
+    optimizer_options: Callable  # config -> extra options of build_optimizer (e.g. layer_decay)
+
+
+def run_task(spec: TaskDefinition, cfg, output: str | Path):
+    """Build the task of a config with `data` and `train` sections and train it.
 
     The model is built after seeding with train.seed, identically in every process (a random
-    teacher must be the same on every rank); the resolved config is saved with the run.
-    make_loader(task, global_micro_batch, rank, world, seed) -> (loader, sampler); by default the
-    paired-view loader of pre-training.
+    teacher must be the same on every rank); the resolved config is saved with the run. Without
+    its own loaders a task gets the paired-view loader of pre-training.
     """
-    from dataclasses import asdict
-
-    from tinymim.data.pretrain import build_loader
-
     ctx = setup_distributed(cfg.train.device)
     # the run directory is locked before anything is built: a second process refuses at once
     with locked(RunDir(output), ctx.is_main, ctx.distributed), HeldLogs() as held:
         seed_everything(cfg.train.seed)
-        task = build(cfg)
+        task = spec.build(cfg)
         config = json.loads(json.dumps(asdict(cfg)))  # plain types only (YAML- and compare-friendly)
 
         def loader_fn(batch, rank, world, seed):
-            if make_loader is not None:
-                return make_loader(task, batch, rank, world, seed)
+            if spec.loaders is not None:
+                return spec.loaders(task, batch, rank, world, seed)
             return build_loader(cfg.data, batch, rank, world, seed,
                                 pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu")
 
-        return train(task, cfg.train, loader_fn, output, config, ctx, optimizer_kwargs=optimizer_kwargs,
+        return train(task, cfg.train, loader_fn, output, config, ctx, optimizer_kwargs=spec.optimizer_options(cfg),
                      checked=held.release)
