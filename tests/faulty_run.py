@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-import tinymim.core.rundir as rundir
+import tinymim.core.files as rundir  # atomic_write looks up _open_tmp here
 
 HALF_WAY = 64 * 1024
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tinymim.data.pretrain import DataConfig, build_loader
+from tinymim.data.loader import build_loader
+from tinymim.data.pretrain import DataConfig
 from tinymim.data.shards import ShardImages
 
 root, records = sys.argv[1], Path(sys.argv[2])

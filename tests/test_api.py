@@ -22,6 +22,7 @@ def test_every_public_name_resolves():
         tinymim.no_such_thing  # noqa: B018
 
 
+@pytest.mark.slow  # 30 steps of the shipped 128-wide teacher and a 64-wide student
 def test_readme_snippet_distills_and_the_loss_goes_down(tmp_path, monkeypatch, capsys):
     code = readme_snippet()
     assert len(code.strip().splitlines()) <= 22
@@ -62,13 +63,9 @@ def test_wrappers_match_the_distill_task(tmp_path):
 
 
 def test_tasks_run_from_python(tmp_path):
-    cfg = tinymim.load_config("distill", None, [
-        "student.name=vit_custom", "student.img_size=32", "student.patch_size=8", "student.embed_dim=32",
-        "student.depth=2", "student.num_heads=2", "teacher.model.name=vit_custom", "teacher.model.img_size=32",
-        "teacher.model.patch_size=8", "teacher.model.embed_dim=32", "teacher.model.depth=2",
-        "teacher.model.num_heads=2", "teacher.target_block=2", "data.name=synthetic", "data.img_size=32",
-        "data.num_workers=0", "data.synthetic_size=32", "train.batch_size=16", "train.max_steps=2",
-        "train.precision=fp32", "train.progress=false", "train.warmup_epochs=0"])
+    from conftest import MICRO_DISTILL
+
+    cfg = tinymim.load_config("distill", None, MICRO_DISTILL)
     last = tinymim.run("distill", cfg, tmp_path / "run")
     assert last["step"] == 2 and (tmp_path / "run" / "student.safetensors").is_file()
     vit = tinymim.load_vit(tmp_path / "run")

@@ -10,9 +10,10 @@ from PIL import Image
 import tinymim.tasks as tasks
 from tinymim.cli import main
 from tinymim.core.config import ConfigError, load_config
-from tinymim.core.errors import NonFiniteLossError
+from tinymim.core.errors import DataError, NonFiniteLossError
 from tinymim.core.rundir import RunDir
-from tinymim.data.pretrain import DataConfig, DataError, build_loader
+from tinymim.data.loader import build_loader
+from tinymim.data.pretrain import DataConfig
 from tinymim.models.checkpoint import CheckpointError, load_state_dict
 from tinymim.tasks.distill import DistillConfig, build_distill_task
 
@@ -263,7 +264,7 @@ def test_eval_command_skips_unreadable_images_and_says_so(tmp_path, capsys, capl
 
     from test_downstream import tiny_finetune_config
 
-    from tinymim.data.pretrain import SyntheticImages
+    from tinymim.data.sources import SyntheticImages
 
     cfg = tiny_finetune_config(max_steps=2)
     cfg.data.synthetic_classes = 3

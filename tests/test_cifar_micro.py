@@ -9,6 +9,8 @@ from timm.models.vision_transformer import VisionTransformer
 from tinymim.cli import main
 from tinymim.core.rundir import RunDir
 
+pytestmark = pytest.mark.slow  # real CIFAR-10 (cifar_train), an epoch of each recipe
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "cifar10"
 
 

@@ -12,28 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import MICRO_DISTILL, MICRO_FINETUNE, with_overrides
+from conftest import subprocess_env as env
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # every case runs in a subprocess, against runs made by subprocesses
 
 HERE = Path(__file__).resolve().parent
 ROOT = os.geteuid() == 0  # root ignores file modes: the unreadable-file cases need another user
 
-DISTILL = ["student.name=vit_custom", "student.img_size=32", "student.patch_size=8", "student.embed_dim=32",
-           "student.depth=2", "student.num_heads=2", "teacher.model.name=vit_custom", "teacher.model.img_size=32",
-           "teacher.model.patch_size=8", "teacher.model.embed_dim=32", "teacher.model.depth=2",
-           "teacher.model.num_heads=2", "teacher.target_block=2", "data.name=synthetic", "data.img_size=32",
-           "data.num_workers=0", "data.synthetic_size=64", "train.batch_size=16", "train.max_steps=2",
-           "train.precision=fp32", "train.progress=false", "train.warmup_epochs=0"]
-FINETUNE = ["model.name=vit_custom", "model.patch_size=8", "model.embed_dim=32", "model.depth=2",
-            "model.num_heads=2", "data.img_size=32", "data.num_workers=0", "data.auto_augment=null", "data.reprob=0",
-            "mixup=0", "cutmix=0", "train.batch_size=4", "train.epochs=1", "train.precision=fp32",
-            "train.progress=false", "train.warmup_epochs=0"]
-
-
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1")
-    e.pop("RANK", None)
-    e.pop("WORLD_SIZE", None)
-    return e
+DISTILL = with_overrides(MICRO_DISTILL, "data.synthetic_size=64")
+FINETUNE = MICRO_FINETUNE
 
 
 def cases(ws: Path) -> dict[str, list[str]]:
@@ -234,8 +223,8 @@ def workspace(tmp_path_factory) -> Path:
     _folder(ws / "data" / "train", {"a": 6, "b": 6})
     _folder(ws / "data" / "val", {"a": 2, "b": 2})
     _folder(ws / "partial", {"a": 2})
-    from tinymim.data.pretrain import FolderImages
-    from tinymim.data.shards import write_shards
+    from tinymim.data.shard_writer import write_shards
+    from tinymim.data.sources import FolderImages
 
     write_shards(FolderImages(ws / "data" / "train"), ws / "shards", shard_size=4)
     Image.new("RGB", (40, 40), (10, 200, 30)).save(ws / "img.png")

@@ -3,7 +3,10 @@ import pytest
 import torch
 from torchvision.transforms import functional as TF
 
-from tinymim.data.pretrain import DataConfig, GlobalBatchSampler, PairedViewDataset, SyntheticImages, color_jitter
+from tinymim.data.loader import GlobalBatchSampler
+from tinymim.data.pretrain import DataConfig, color_jitter
+from tinymim.data.sources import SyntheticImages
+from tinymim.data.view_dataset import PairedViewDataset
 
 
 def test_color_jitter_matches_torchvision_per_sample():
@@ -86,7 +89,8 @@ def test_16_bit_and_float_images_decode_to_their_8_bit_values(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from tinymim.data.pretrain import FolderImages, decode_image
+    from tinymim.data.images import decode_image
+    from tinymim.data.sources import FolderImages
 
     a = _gradient16()
     gray = lambda x: np.repeat(x.astype(np.uint8)[..., None], 3, axis=2)  # noqa: E731
@@ -118,7 +122,7 @@ def test_16_bit_and_float_images_decode_to_their_8_bit_values(tmp_path):
 def test_palette_alpha_and_cmyk_decode_to_the_expected_rgb(tmp_path):
     from PIL import Image
 
-    from tinymim.data.pretrain import decode_image
+    from tinymim.data.images import decode_image
 
     palette = [[200, 10, 10], [10, 200, 10], [10, 10, 200]]
     p = Image.new("P", (2, 2))
@@ -151,7 +155,7 @@ def _folder(root, per_class=8, classes=("a", "b")):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_each_unreadable_image_is_counted_once_per_pass(tmp_path, workers):
-    from tinymim.data.pretrain import build_loader
+    from tinymim.data.loader import build_loader
 
     root = _folder(tmp_path / "data")
     # neighbours in the listing: the first one's substitute is the second, which was counted twice
@@ -183,7 +187,8 @@ def test_decompression_bombs_are_skipped_and_counted(tmp_path, monkeypatch, capl
 
     from PIL import Image
 
-    from tinymim.data.pretrain import build_loader, decode_image
+    from tinymim.data.images import decode_image
+    from tinymim.data.loader import build_loader
 
     root = _bomb_folder(tmp_path / "data", monkeypatch)
     with pytest.raises(Image.DecompressionBombError):

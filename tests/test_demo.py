@@ -15,6 +15,7 @@ def _shrunk_demo(out, data, monkeypatch):
     return demo.run_demo(out, data=data, progress=False, overrides=["train.max_steps=3", "train.batch_size=32"])
 
 
+@pytest.mark.slow  # the demo's four stages
 def test_demo_offline_says_so_and_runs_on_synthetic_images(tmp_path, monkeypatch, capsys):
     import json
 

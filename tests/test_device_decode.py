@@ -10,14 +10,9 @@ import torch
 from conftest import tiny_distill_config
 from PIL import Image
 
-from tinymim.data.pretrain import (
-    DataConfig,
-    FolderImages,
-    PairedViewDataset,
-    collate,
-    device_images,
-    random_resized_crop_params,
-)
+from tinymim.data.pretrain import DataConfig, device_images
+from tinymim.data.sources import FolderImages
+from tinymim.data.view_dataset import PairedViewDataset, collate, random_resized_crop_params
 
 
 def natural_jpegs(root, per_class=6, size=(500, 375), seed=0):

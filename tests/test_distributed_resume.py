@@ -7,31 +7,25 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
+from conftest import SMALL_DISTILL
+from conftest import subprocess_env as env
 from safetensors.torch import load_file
 
 from tinymim.core.rundir import RunDir
 
-TINY = ["student.name=vit_custom", "student.patch_size=4", "student.embed_dim=48", "student.depth=2",
-        "student.num_heads=3", "teacher.model.name=vit_custom", "teacher.model.patch_size=4",
-        "teacher.model.embed_dim=64", "teacher.model.depth=3", "teacher.model.num_heads=4",
-        "data.name=synthetic", "data.img_size=32", "train.precision=fp32", "train.progress=false",
-        "train.log_every=1", "train.blr=2e-3", "train.warmup_epochs=0.5"]
+pytestmark = pytest.mark.slow  # every run here is a subprocess, most under torchrun
 
-
-def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.pop("RANK", None)
-    e.pop("WORLD_SIZE", None)
-    return e
+TINY = SMALL_DISTILL
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in RunDir(run).read_metrics() if "loss" in r]
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinymim"]
+TORCHRUN = [*conftest.TORCHRUN, "-m", "tinymim"]
 TWO_PROCESS = ["distill", *TINY, "student.drop_path_rate=0.0", "data.synthetic_size=256", "data.num_workers=0",
                "train.batch_size=32", "train.epochs=2"]  # 16 steps, a checkpoint every epoch (8 steps)
 

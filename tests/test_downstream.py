@@ -12,7 +12,7 @@ from tinymim.train.knn import knn_accuracy
 
 
 def tiny_finetune_config(**train) -> FinetuneConfig:
-    from tinymim.train.engine import TrainConfig
+    from tinymim.train.config import TrainConfig
 
     return FinetuneConfig(
         model=tiny_vit(dim=48, depth=3, heads=3, drop_path_rate=0.1),

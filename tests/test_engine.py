@@ -92,7 +92,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     gradients (drop path included: the recomputation replays the RNG), nothing else changes."""
     from conftest import tiny_distill_config
 
-    from tinymim.data.pretrain import build_loader
+    from tinymim.data.loader import build_loader
     from tinymim.tasks.distill import build_distill_task
 
     cfg = tiny_distill_config()

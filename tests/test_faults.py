@@ -15,28 +15,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MICRO_FINETUNE, SMALL_DISTILL, with_overrides
+from conftest import subprocess_env as env
 from PIL import Image
 from safetensors.torch import load_file
 
 import tinymim.tasks as tasks
-from tinymim.core.rundir import RunDir, RunDirError
+from tinymim.core.files import RunDirError
+from tinymim.core.rundir import RunDir
 
 HERE = Path(__file__).resolve().parent
-TINY = ["student.name=vit_custom", "student.patch_size=4", "student.embed_dim=96", "student.depth=3",
-        "student.num_heads=3", "teacher.model.name=vit_custom", "teacher.model.patch_size=4",
-        "teacher.model.embed_dim=64", "teacher.model.depth=3", "teacher.model.num_heads=4",
-        "data.name=synthetic", "data.img_size=32", "train.precision=fp32", "train.progress=false",
-        "train.log_every=1", "train.blr=2e-3", "train.warmup_epochs=0.5", "student.drop_path_rate=0.1",
-        "data.synthetic_size=256", "data.num_workers=1", "train.batch_size=32", "train.epochs=3",
-        "train.checkpoint_every=4"]  # 8 steps an epoch, 24 in all; checkpoints at 4, 8, ..., 20
+TINY = with_overrides(SMALL_DISTILL, "student.embed_dim=96", "student.depth=3", "student.drop_path_rate=0.1",
+                      "data.synthetic_size=256", "data.num_workers=1", "train.batch_size=32", "train.epochs=3",
+                      "train.checkpoint_every=4")  # 8 steps an epoch, 24 in all; checkpoints at 4, 8, ..., 20
 DISTILL = ["distill", *TINY]
-
-
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.pop("RANK", None)
-    e.pop("WORLD_SIZE", None)
-    return e
 
 
 def cli(output, args=DISTILL, fault: tuple | None = None, umask: int | None = None, **popen):
@@ -119,11 +111,13 @@ def copy_run(src: Path, dst: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_files_take_the_umask(straight):
     for name in ("config.yaml", "metrics.jsonl", "student.safetensors", "checkpoints/last.pt"):
         assert (straight / name).stat().st_mode & 0o777 == 0o640, name  # 0666 & ~027: readable by the group
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_refuses_and_changes_nothing(straight, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(cli(out), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -144,6 +138,7 @@ def test_a_second_process_on_the_same_run_refuses_and_changes_nothing(straight, 
     assert_same_run(straight, out)  # the first run's weights, config and metrics are its own
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_run_does_not_block(straight, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(cli(out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -156,6 +151,7 @@ def test_the_lock_of_a_killed_run_does_not_block(straight, tmp_path):
     assert_same_run(straight, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_stop_signal_mid_epoch_checkpoints_then_resumes_exactly(straight, tmp_path, sig):
     out = tmp_path / "run"
@@ -174,6 +170,7 @@ def test_stop_signal_mid_epoch_checkpoints_then_resumes_exactly(straight, tmp_pa
     assert_same_run(straight, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 2])
 def test_sigkill_while_writing_a_checkpoint(straight, tmp_path, n):
     """n=1: killed in the first checkpoint (none complete yet: the restart starts over, and its metrics
@@ -194,6 +191,7 @@ def test_sigkill_while_writing_a_checkpoint(straight, tmp_path, n):
     assert_same_run(straight, out)
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_then_resume(straight, interrupted, tmp_path):
     run_dir = copy_run(interrupted, tmp_path / "run")
     assert checkpoint_step(run_dir) == (4, False)  # the checkpoint before the failed one, intact
@@ -203,6 +201,7 @@ def test_disk_full_during_a_checkpoint_then_resume(straight, interrupted, tmp_pa
     assert_same_run(straight, run_dir)
 
 
+@pytest.mark.slow
 def test_disk_full_message_is_one_line(tmp_path):
     r = run(tmp_path / "run", fault=("enospc", 1))
     assert r.returncode == 1
@@ -213,6 +212,7 @@ def test_disk_full_message_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_the_final_weights_then_resume(straight, tmp_path):
     out = tmp_path / "run"
     r = run(out, fault=("enospc", 1, "student.safetensors"))
@@ -225,6 +225,7 @@ def test_disk_full_while_writing_the_final_weights_then_resume(straight, tmp_pat
     assert_same_run(straight, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["deleted", "truncated"])
 def test_lost_or_damaged_final_weights_are_exported_again(straight, tmp_path, damage):
     run_dir = copy_run(straight, tmp_path / "run")
@@ -243,6 +244,7 @@ def test_lost_or_damaged_final_weights_are_exported_again(straight, tmp_path, da
     assert metadata[0] == metadata[1] and "student" in metadata[0]  # (the header's key order may differ)
 
 
+@pytest.mark.slow
 def test_a_finished_run_whose_checkpoint_was_removed_stays_finished(straight, tmp_path):
     run_dir = copy_run(straight, tmp_path / "run")
     shutil.rmtree(run_dir / "checkpoints")  # removed to save space: the weights are what matters
@@ -253,6 +255,7 @@ def test_a_finished_run_whose_checkpoint_was_removed_stays_finished(straight, tm
     assert r.returncode == 1 and "different config (train.blr: 0.002 -> 0.01)" in r.stderr
 
 
+@pytest.mark.slow
 def test_partial_metrics_line_and_truncated_config_resume(straight, interrupted, tmp_path):
     run_dir = copy_run(interrupted, tmp_path / "run")
     with open(run_dir / "metrics.jsonl", "a") as f:
@@ -265,6 +268,7 @@ def test_partial_metrics_line_and_truncated_config_resume(straight, interrupted,
     assert_same_run(straight, run_dir)
 
 
+@pytest.mark.slow
 def test_without_config_yaml_the_checkpoint_config_still_guards_resume(interrupted, tmp_path):
     run_dir = copy_run(interrupted, tmp_path / "run")
     (run_dir / "config.yaml").unlink()
@@ -275,6 +279,7 @@ def test_without_config_yaml_the_checkpoint_config_still_guards_resume(interrupt
     assert sorted((p.name, p.stat().st_size) for p in run_dir.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_a_finished_run_refuses_a_changed_config(straight):
     before = (straight / "checkpoints" / "last.pt").stat().st_mtime_ns
     r = run(straight, args=[*DISTILL, "train.epochs=4"])
@@ -290,6 +295,7 @@ def _image_folder(root: Path, classes: dict[str, int], size: int = 32) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_changed_data_source_is_a_different_run(tmp_path):
     data = _image_folder(tmp_path / "data", {"a": 40, "b": 40})
     args = [a for a in DISTILL if not a.startswith(("data.name", "data.synthetic_size"))]
@@ -309,13 +315,11 @@ def test_a_changed_data_source_is_a_different_run(tmp_path):
 
 
 def _finetune_args(train: Path, val: Path) -> list[str]:
-    return ["finetune", "model.name=vit_custom", "model.patch_size=8", "model.embed_dim=32", "model.depth=2",
-            "model.num_heads=2", "data.name=folder", f"data.root={train}", f"data.val_root={val}",
-            "data.img_size=32", "data.num_workers=0", "data.auto_augment=null", "data.reprob=0",
-            "mixup=0", "cutmix=0", "train.batch_size=8", "train.epochs=1", "train.precision=fp32",
-            "train.progress=false", "train.warmup_epochs=0"]
+    return ["finetune", *with_overrides(MICRO_FINETUNE, "data.name=folder", f"data.root={train}",
+                                        f"data.val_root={val}", "train.batch_size=8")]
 
 
+@pytest.mark.slow
 def test_a_missing_class_folder_is_refused_at_finetune_and_at_eval(tmp_path):
     train = _image_folder(tmp_path / "train", {"cat": 8, "dog": 8, "fox": 8})
     val = _image_folder(tmp_path / "val", {"cat": 2, "dog": 2, "fox": 2})
@@ -344,6 +348,7 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_a_killed_loader_worker_is_one_line_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(cli(out), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -360,6 +365,7 @@ def test_a_killed_loader_worker_is_one_line_and_keeps_the_checkpoint(tmp_path):
     assert checkpoint_step(out)[0] >= 4
 
 
+@pytest.mark.slow
 def test_a_data_error_inside_a_worker_is_one_line(tmp_path):
     data = tmp_path / "data" / "a"
     data.mkdir(parents=True)
@@ -409,6 +415,7 @@ def _stop_during_start_up(out: Path, marker: Path) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_sigterm_during_start_up_exits_75_and_loses_nothing(straight, interrupted, tmp_path):
     fresh = tmp_path / "fresh"
     r = _stop_during_start_up(fresh, tmp_path / "starting1")
@@ -428,6 +435,7 @@ def test_sigterm_during_start_up_exits_75_and_loses_nothing(straight, interrupte
     assert_same_run(straight, resumed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["EOFError", "ConnectionResetError", "RuntimeError"])
 def test_a_dead_loader_worker_in_each_form_is_one_line(tmp_path, form):
     """Which error a worker's death raises depends on when it died; each is the same one line."""
@@ -439,6 +447,7 @@ def test_a_dead_loader_worker_in_each_form_is_one_line(tmp_path, form):
     assert "Traceback" not in r.stderr and checkpoint_step(out) == (4, False)
 
 
+@pytest.mark.slow
 def test_an_evaluation_that_fails_keeps_its_epoch_and_is_redone_on_resume(tmp_path):
     train = _image_folder(tmp_path / "train", {"cat": 8, "dog": 8})
     val = _image_folder(tmp_path / "val", {"cat": 2, "dog": 2})
@@ -480,6 +489,7 @@ def test_a_missing_tensorboard_is_refused_before_anything_is_written(tmp_path, m
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_overrides_may_stand_on_both_sides_of_output(tmp_path):
     out = tmp_path / "run"
     args = [a for a in DISTILL if a != "train.epochs=3"]
@@ -490,6 +500,7 @@ def test_overrides_may_stand_on_both_sides_of_output(tmp_path):
     assert cfg["student"]["embed_dim"] == 96 and cfg["train"]["epochs"] == 1 and steps(out)[-1] == 8
 
 
+@pytest.mark.slow
 def test_a_bad_validation_label_is_refused_before_training(tmp_path):
     """A label map in the validation split with a value that is no class: refused before the first epoch
     trains (it used to stop the run after the epoch, before its checkpoint, on every re-run)."""
@@ -510,6 +521,7 @@ def test_a_bad_validation_label_is_refused_before_training(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_16_bit_and_float_images_score_as_their_8_bit_originals(tmp_path):
     """The same pictures stored as 16-bit PNGs (value x 257) and as float TIFFs (value / 255) are the
     same images to tinymim: `tinymim eval` gives identical scores (a 16-bit PNG used to read as white)."""

@@ -1,15 +1,14 @@
-"""benchmarks/findings.py: each finding's arms differ from the default arm only in the setting the
+"""benchmarks/experiments/findings.py: each finding's arms differ from the default arm only in the setting the
 finding is about (planned configs compared key by key), and the verdict rule."""
 import argparse
-from pathlib import Path
 
 import pytest
+from conftest import SHARED_TEACHERS
 
 from tinymim.core.config import diff_configs
 from tinymim.pipeline.stages import PipelineConfig, plan
 
-ROOT = Path(__file__).resolve().parents[1]
-TEACHER = ROOT.parent / "shared" / "teachers" / "cifar10_mae_vit192x6"
+TEACHER = SHARED_TEACHERS / "cifar10_mae_vit192x6"
 
 
 # arm -> the only config keys (dotted prefixes) in which it may differ from the default arm
@@ -24,6 +23,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow  # the shared teacher
 def test_each_arm_differs_from_the_default_arm_only_in_its_setting(tmp_path, benchmark_module):
     if not (TEACHER / "config.yaml").is_file():
         pytest.skip(f"the shared teacher is not present: {TEACHER}")

@@ -144,15 +144,17 @@ def test_export_of_a_bare_checkpoint_needs_its_architecture(tmp_path):
         build_exportable(tmp_path / "w.pth", "vit_small_patch16_224")
 
 
+@pytest.mark.slow  # a subprocess
 def test_timm_pretrained_names_need_the_network(tmp_path):
-    import os
     import subprocess
     import sys
+
+    from conftest import subprocess_env
 
     from tinymim.models.checkpoint import load_weights
 
     # offline from the start (the hub library reads this when imported): a clear error, at once
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hub-cache"))
+    env = subprocess_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hub-cache"))
     r = subprocess.run([sys.executable, "-m", "tinymim", "distill", "--output", str(tmp_path / "run"),
                         "teacher.checkpoint=vit_base_patch16_224.mae", "data.img_size=224"],
                        env=env, capture_output=True, text=True, timeout=120)

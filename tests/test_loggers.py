@@ -7,16 +7,12 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import MICRO_DISTILL, with_overrides
 
 from tinymim.core.rundir import RunDir
 from tinymim.tasks import load_config, run
 
-MICRO = ["student.name=vit_custom", "student.img_size=32", "student.patch_size=8", "student.embed_dim=32",
-         "student.depth=2", "student.num_heads=2", "teacher.model.name=vit_custom", "teacher.model.img_size=32",
-         "teacher.model.patch_size=8", "teacher.model.embed_dim=32", "teacher.model.depth=2",
-         "teacher.model.num_heads=2", "teacher.target_block=2", "data.name=synthetic", "data.img_size=32",
-         "data.num_workers=0", "data.synthetic_size=64", "train.batch_size=16", "train.max_steps=6",
-         "train.precision=fp32", "train.progress=false", "train.warmup_epochs=0", "train.log_every=1"]
+MICRO = with_overrides(MICRO_DISTILL, "data.synthetic_size=64", "train.max_steps=6", "train.log_every=1")
 
 
 def jsonl_losses(run_dir: Path) -> dict[int, float]:
@@ -65,6 +61,7 @@ def test_mlflow_file_store_records_the_losses(tmp_path):
     assert info.info.status == "FINISHED" and info.data.params["teacher.target_block"] == "2"
 
 
+@pytest.mark.slow  # W&B starts its service process
 def test_wandb_offline_run_records_the_losses(tmp_path):
     pytest.importorskip("wandb", reason="the wandb extra is not installed")
     out = tmp_path / "run"

@@ -40,6 +40,7 @@ def run_ids(out):
     return {d.name: RunDir(d).read_record().get("run_id") for d in out.iterdir() if (d / RunDir.RECORD).is_file()}
 
 
+@pytest.mark.slow
 def test_pipeline_reuses_finished_stages_and_redoes_what_depends_on_a_deleted_one(tmp_path):
     cfg = _as_config(tiny_pipeline())
     out = tmp_path / "pipe"
@@ -83,6 +84,7 @@ def test_pipeline_reuses_finished_stages_and_redoes_what_depends_on_a_deleted_on
     assert len(list((out / ".superseded").iterdir())) == 1  # the stale fine-tune is kept, not deleted
 
 
+@pytest.mark.slow
 def test_a_failed_stage_can_be_fixed_and_the_pipeline_rerun(tmp_path):
     cfg = _as_config(tiny_pipeline())
     cfg.stages[1].overrides = ["teacher.target_block=7"]  # the teacher has 2 blocks
@@ -119,6 +121,7 @@ def test_cli_overrides_reach_every_stage_or_one_task_and_are_checked_before_trai
     assert "data.val_rot" in capsys.readouterr().err and not (out / "teacher").exists()
 
 
+@pytest.mark.slow
 def test_a_second_pipeline_on_the_same_output_refuses(tmp_path, capsys):
     import yaml
 
@@ -161,19 +164,19 @@ def test_command_line_overrides_win_over_the_pipeline_file(tmp_path):
     assert "`train.epochs=1 finetune:train.batch_size=64`" in report
 
 
+@pytest.mark.slow
 def test_two_shards_share_a_pipeline_each_stage_run_once_and_wait_for_what_they_build_on(tmp_path):
     """--shard 0/2 and 1/2 on the same output, started together: every stage runs in exactly one
     process (stage j in shard j % 2), whichever starts first: shard 1's student waits for shard 0's
     teacher, shard 0's fine-tune for shard 1's student; the plain command then reuses all four and
     writes the report."""
-    import os
-
     import yaml
+    from conftest import subprocess_env
 
     recipe = tmp_path / "pipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_pipeline()))
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     shards = [subprocess.Popen([sys.executable, "-m", "tinymim", "pipeline", "--config", str(recipe), "--output",
                                 str(out), "--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=env) for i in range(2)]
@@ -218,6 +221,7 @@ def _stage_files(out, names) -> dict:
     return {n: _files(out / n) for n in names}
 
 
+@pytest.mark.slow
 def test_a_moved_or_copied_pipeline_reuses_every_stage(tmp_path):
     """Stage records name their upstream stages relative to the pipeline folder: after a move or a
     copy nothing retrains (no .superseded/, every file of every stage unchanged); a stage resumed

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tinymim.core.config import RECIPES, ConfigError, load_config
-from tinymim.tasks.distill import DistillConfig, build_distill_task
+from tinymim.tasks.distill import DistillConfig, build_distill_task, resolve
 
 PIPELINES = sorted(RECIPES.glob("pipelines/*.yaml"))
 # _-prefixed files (_base) are fragments
@@ -47,7 +47,8 @@ def test_paper_pairs():
         cfg = load_config(DistillConfig, f"imagenet/{name}", ["teacher.checkpoint=null", "teacher.target_block=null"])
         with torch.device("meta"):
             task = build_distill_task(cfg)
-        assert cfg.teacher.target_block == block  # filled in by default for the paper's pairs
+        assert resolve(cfg).teacher.target_block == block  # filled in by default for the paper's pairs
+        assert task.config.teacher.target_block == block and cfg.teacher.target_block is None  # built, not changed
         assert task.student.blocks[-1].attn.num_heads == heads
 
 

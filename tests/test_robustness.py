@@ -81,7 +81,7 @@ def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
     cfg.data.synthetic_classes = 3
     tasks.run("finetune", cfg, str(tmp_path / "run"))
     src = tmp_path / "clean"
-    from tinymim.data.pretrain import SyntheticImages
+    from tinymim.data.sources import SyntheticImages
     images = SyntheticImages(size=6, img_size=32, num_classes=3, seed=5)
     for i in range(6):
         img, c = images.load(i)
@@ -108,7 +108,7 @@ def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
 def test_knn_command_on_a_distilled_student(tmp_path, capsys):
     from conftest import tiny_distill_config
 
-    from tinymim.data.pretrain import SyntheticImages
+    from tinymim.data.sources import SyntheticImages
 
     tasks.run("distill", tiny_distill_config(max_steps=2), tmp_path / "run")
     for split, seed in (("train", 0), ("val", 1)):

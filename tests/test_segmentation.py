@@ -160,6 +160,7 @@ def test_bad_segmentation_data_is_one_line_naming_the_file(tmp_path, fault):
     assert set(label.flatten().tolist()) == {0, 11}  # the ignore label itself is fine
 
 
+@pytest.mark.slow  # the real CamVid
 def test_camvid_reads_with_its_classes_and_ignore_label(tmp_path):
     """The real ../shared/data/camvid (SegNet split): every validation pair loads, labels within 0..11."""
     import tarfile
@@ -202,21 +203,20 @@ def _seg_folder(root, split, n, size=(48, 36), classes=4, seed=0):
     return root
 
 
+@pytest.mark.slow  # a subprocess, then torchrun
 def test_two_process_evaluation_sums_the_same_confusion_matrix(tmp_path):
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from conftest import TORCHRUN, subprocess_env
+
     root = _seg_folder(tmp_path / "data", "val", 5)
     worker = Path(__file__).resolve().parent / "seg_eval_worker.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    env = subprocess_env()
     one = subprocess.run([sys.executable, str(worker), str(root)], env=env, capture_output=True, text=True, timeout=300)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(worker), str(root)], env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([*TORCHRUN, str(worker), str(root)], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
     read = [json.loads(next(line for line in r.stdout.splitlines() if line.startswith("METRICS "))[8:])
             for r in (one, two)]
@@ -260,7 +260,7 @@ def test_segment_task_trains_evaluates_and_records_classes(tmp_path):
 
 
 def test_eval_every_validates_every_n_epochs_and_at_the_end(tmp_path):
-    from tinymim.core.rundir import read_jsonl
+    from tinymim.core.files import read_jsonl
     from tinymim.tasks import load_config, run
 
     root = _seg_folder(tmp_path / "data", "train", 8)  # batch 4: 2 steps an epoch, 5 epochs

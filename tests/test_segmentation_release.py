@@ -5,7 +5,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,20 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TORCHRUN
+from conftest import subprocess_env as env
 from safetensors.torch import load_file
 from test_segmentation import _seg_folder, tiny_segment_overrides
 
 from tinymim.core.rundir import RunDir
 
 HERE = Path(__file__).resolve().parent
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
-
-def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.pop("RANK", None)
-    e.pop("WORLD_SIZE", None)
-    return e
 
 
 def ddp_overrides(root):
@@ -52,6 +45,7 @@ def two_process_run(tmp_path_factory, seg_data):
     return out, r.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_segmentation_trains_and_ends_with_the_same_weights_on_both_ranks(two_process_run):
     out, err = two_process_run
     steps = [r["step"] for r in RunDir(out).read_metrics() if "loss" in r]
@@ -68,6 +62,7 @@ def test_torchrun_segmentation_trains_and_ends_with_the_same_weights_on_both_ran
     assert table.abs().sum() > 0  # zero-initialised, and trained
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_segmentation_resumes_to_the_same_weights(tmp_path, seg_data, two_process_run):
     out = tmp_path / "run"
     cmd = [*TORCHRUN, "-m", "tinymim", "segment", "--output", str(out), *ddp_overrides(seg_data)]
@@ -123,7 +118,8 @@ def release_constructor_scales(names: list[str], depth: int, decay: float) -> di
 def test_every_parameters_lr_is_the_release_constructors(depth, decay):
     from tinymim.core.config import from_dict
     from tinymim.tasks.segment import SegmentConfig, build_segment_task
-    from tinymim.train.engine import TrainConfig, build_optimizer, build_scheduler
+    from tinymim.train.config import TrainConfig
+    from tinymim.train.engine import build_optimizer, build_scheduler
 
     cfg = from_dict(SegmentConfig, {
         "model": {"name": "vit_custom", "patch_size": 8, "embed_dim": 32, "depth": depth, "num_heads": 2},

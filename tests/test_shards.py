@@ -4,7 +4,6 @@ epoch, in one process and under torchrun; training from shards resumes bit-ident
 shards served from a URL are downloaded once into a cache; bad input is one line naming the file."""
 import collections
 import json
-import os
 import re
 import shutil
 import signal
@@ -16,31 +15,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TORCHRUN
+from conftest import subprocess_env as env
 from PIL import Image
 from safetensors.torch import load_file
 
+from tinymim.core.errors import DataError
 from tinymim.core.rundir import RunDir
-from tinymim.data.pretrain import (
-    DataConfig,
-    DataError,
-    FolderImages,
-    PairedViewDataset,
-    ShardBatchSampler,
-    data_fingerprint,
-)
-from tinymim.data.shards import ShardImages, write_shards
+from tinymim.data.loader import ShardBatchSampler
+from tinymim.data.pretrain import DataConfig
+from tinymim.data.shard_writer import write_shards
+from tinymim.data.shards import ShardImages
+from tinymim.data.sources import FolderImages, data_fingerprint
+from tinymim.data.view_dataset import PairedViewDataset
 
 HERE = Path(__file__).resolve().parent
 # webdataset's split of a member name into (key, extension) (webdataset.tariterators.base_plus_ext)
 WDS_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 CLASSES, PER_CLASS, SHARD = 4, 12, 6  # 48 images in 8 shards of 6
-
-
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.pop("RANK", None)
-    e.pop("WORLD_SIZE", None)
-    return e
 
 
 def one_line(e: Exception) -> str:
@@ -218,9 +210,9 @@ def test_more_processes_than_shards_is_refused():
     assert "--shard-size" in one_line(e.value)
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_read_disjoint_shards_and_every_sample_once(shards, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(HERE / "shard_loader_worker.py"), str(shards), str(tmp_path / "records")],
+    r = subprocess.run([*TORCHRUN, str(HERE / "shard_loader_worker.py"), str(shards), str(tmp_path / "records")],
                        env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("READS "))[6:])
@@ -250,6 +242,7 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in RunDir(run_dir).read_metrics() if "loss" in r]
 
 
+@pytest.mark.slow
 def test_training_from_shards_resumes_bit_identically_after_sigkill(shards, tmp_path):
     args = ["distill", *TINY, f"data.root={shards}"]
     straight = tmp_path / "straight"
@@ -370,6 +363,7 @@ def bmps(tmp_path_factory) -> tuple[Path, Path]:
     return root, out
 
 
+@pytest.mark.slow
 def test_an_index_naming_a_shard_outside_its_folder_is_refused_before_anything_is_read(shards, tmp_path):
     outside = tmp_path / "x.tar"
     shutil.copy(shards / "shard-000000.tar", outside)  # what a traversing name would reach
@@ -447,6 +441,7 @@ def test_offsets_that_do_not_match_the_tar_headers_are_refused(shards, tmp_path)
         assert "rewrite the shards with `tinymim shards SRC --output DIR`" in str(e.value)
 
 
+@pytest.mark.slow
 def test_an_interrupted_write_resumes_to_the_same_shards(bmps, tmp_path):
     src, straight = bmps
     out = tmp_path / "out"
@@ -480,6 +475,7 @@ def test_resuming_another_write_is_refused_and_writes_nothing(bmps, tmp_path):
         assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_a_symlink_loop_in_a_folder_is_refused_in_one_line(folder, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(folder, src)

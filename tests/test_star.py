@@ -119,7 +119,7 @@ def test_hard_distillation_targets_are_the_teachers_argmax():
     cfg = FinetuneConfig(model=star_cfg(), mixup=0.0, cutmix=0.0, label_smoothing=0.0,
                          data=ClassifyDataConfig(name="synthetic", img_size=32, synthetic_size=64, num_workers=0))
     task = build_finetune_task(cfg)  # no teacher: both heads learn the labels
-    n = cfg.num_classes
+    n = task.num_classes
     torch.manual_seed(1)
     known = torch.randn(4, n)
 

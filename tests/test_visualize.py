@@ -5,7 +5,7 @@ from PIL import Image
 
 import tinymim.tasks as tasks
 from tinymim.cli import main
-from tinymim.data.pretrain import SyntheticImages
+from tinymim.data.sources import SyntheticImages
 from tinymim.evaluate.visualize import colorize
 from tinymim.tasks.distill import build_distill_task
 

@@ -92,7 +92,7 @@ def cmd_eval(args) -> int:
                                       batch_size=args.batch_size, num_workers=args.workers, split=args.split)
     print(robustness.format_report(result))
     if args.json:
-        from tinymim.core.rundir import write_json
+        from tinymim.core.files import write_json
 
         write_json(args.json, result)
     return 0
@@ -164,8 +164,8 @@ def cmd_corrupt(args) -> int:
 
 
 def cmd_shards(args) -> int:
-    from tinymim.data.pretrain import FolderImages
-    from tinymim.data.shards import write_shards
+    from tinymim.data.shard_writer import write_shards
+    from tinymim.data.sources import FolderImages
 
     index = write_shards(FolderImages(args.source), args.output, args.shard_size, args.seed)
     shards = index["shards"]

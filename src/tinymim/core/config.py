@@ -121,6 +121,12 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     return obj
 
 
+def checked_copy(cfg: T) -> T:
+    """A copy of a config object, every section validated as loading validates it (for configs made
+    in code, which skip loading)."""
+    return from_dict(type(cfg), dataclasses.asdict(cfg))
+
+
 def from_run_config(cls: type[T], raw: dict, **top) -> T:
     """A run's stored config rebuilt to use its model here (evaluation, pictures): `top` keys replaced,
     and the device chosen afresh (the machine the run trained on need not be this one)."""

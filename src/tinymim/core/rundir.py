@@ -8,12 +8,13 @@
     RUN_DIR/.lock                held (flock) by the process that trains in the directory
 
 Guarantees, for every task:
-- one process at a time: `RunDir.lock()` takes an exclusive lock for the life of the run; a second
-  process refuses at once and names the holder. The kernel drops the lock when its holder dies, so
-  a killed run never leaves the directory blocked (a stale .lock file means nothing);
+- one process at a time: `RunDir.lock()` takes an exclusive lock for the life of the run (for a group
+  of torchrun processes: tinymim.core.guards.locked); a second process refuses at once and names the
+  holder. The kernel drops the lock when its holder dies, so a killed run never leaves the directory
+  blocked (a stale .lock file means nothing);
 - no half-written file: every file is written to a temporary file in the same folder, synced, then
-  renamed over the old one (`atomic_write`). A temporary file orphaned by a kill is removed by the
-  next run that takes the lock;
+  renamed over the old one (`atomic_write`, in tinymim.core.files). A temporary file orphaned by a kill
+  is removed by the next run that takes the lock;
 - files get the mode the umask gives (0644 under the usual 022), like any other file a user writes,
   so a team can share its teachers;
 - writing errors are the user's to fix and say so in one line: disk full, read-only, no permission.
@@ -26,41 +27,34 @@ import fcntl
 import json
 import logging
 import os
-import pickle
-import secrets
-import shutil
 import socket
 import time
-import warnings
-import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
 
 import yaml
 
-from tinymim.core.errors import TinymimError
+from tinymim.core.files import (
+    TMP_SUFFIX,
+    CheckpointError,
+    RunDirError,
+    read_json,
+    read_jsonl,
+    read_yaml,
+    safe_torch_load,
+    write_error,
+    write_json,
+    write_text,
+)
 
 log = logging.getLogger("tinymim")
-
-
-class RunDirError(TinymimError):
-    """A run directory that cannot be used as asked, with what to do about it."""
-
-
-class CheckpointError(TinymimError):
-    """A weights or checkpoint file that cannot be used, with what to do about it."""
 
 
 class RunLockedError(RunDirError):
     """Another process is training in the run directory."""
 
 
-class DiskFullError(RunDirError):
-    """No space left while writing; what was saved before is intact."""
-
-
-TMP_SUFFIX = ".tmp"
 _HELD: set[Path] = set()  # run directories this process has locked
+
 
 # keys that may change between a run and its resumption: they do not change the result. data.root
 # may move (a mounted copy elsewhere): the data's fingerprint, not its path, must match.
@@ -68,213 +62,6 @@ RESUMABLE_CHANGES = ("train.progress", "train.log_every", "train.checkpoint_ever
                      "train.loggers", "train.wandb", "train.mlflow",
                      "data.num_workers", "data.root", "data.val_root", "data.shard_cache", "train.device",
                      "train.compile", "train.activation_checkpointing")
-
-
-# ---------------------------------------------------------------------------------------------
-# writing files
-
-
-def write_error(e: OSError, path: Path) -> RunDirError:
-    """The one-line error for a failed write of `path`."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = _free_bytes(path)
-        return DiskFullError(
-            f"no space left on the device of {path.parent} while writing {path.name}"
-            f"{f' ({free / 2**20:.0f} MiB free)' if free is not None else ''}; what was saved before is intact: "
-            "free some space (or use another --output) and run the same command again to resume")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = "the file system is read-only" if e.errno == errno.EROFS else "permission denied"
-        return RunDirError(f"cannot write {path}: {why}; choose an --output folder you can write to")
-    return RunDirError(f"cannot write {path}: {e.strerror or e}")
-
-
-def _free_bytes(path: Path) -> int | None:
-    for p in (path.parent, *path.parents):
-        if p.exists():
-            try:
-                return shutil.disk_usage(p).free
-            except OSError:
-                return None
-    return None
-
-
-class _Sink:
-    """A file wrapper that remembers the OSError of a failed write: torch.save reports it only as
-    'unexpected pos ...'."""
-
-    def __init__(self, f: BinaryIO):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _open_tmp(path: Path) -> tuple[Path, BinaryIO]:
-    """A new temporary file beside `path`; created with mode 0666 so that the umask decides."""
-    tmp = path.parent / f"{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    return tmp, os.fdopen(fd, "wb")
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
-    """Write `path` through write(file): to a temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp, f = _open_tmp(path)
-        sink = _Sink(f)
-        with f:
-            try:
-                write(sink)
-            except RuntimeError:
-                if sink.error is not None:  # torch.save's wrapping of a failed write
-                    raise sink.error from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        with contextlib.suppress(OSError):  # make the rename itself durable
-            dirfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dirfd)
-            finally:
-                os.close(dirfd)
-    except OSError as e:
-        raise write_error(e, path) from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-
-def write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=1) + "\n")
-
-
-def save_torch(obj: Any, path: str | Path) -> None:
-    import torch
-
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-# ---------------------------------------------------------------------------------------------
-# reading files (tolerant where a reader can go on)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The records of a JSON-lines file; a line that is not a JSON object (a partial last line after
-    a kill) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict):
-                out.append(record)
-    return out
-
-
-def read_yaml(path: str | Path) -> dict | None:
-    """A YAML mapping, or None when the file is missing, empty, truncated or not a mapping."""
-    path = Path(path)
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
-
-
-def read_json(path: str | Path, what: str = "file") -> dict | None:
-    """A JSON object, None when the file is missing; a corrupt one is a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{path} ({what}) is corrupt ({e}); restore it, or delete it") from e
-    if not isinstance(obj, dict):
-        raise RunDirError(f"{path} ({what}) is corrupt (not a JSON object); restore it, or delete it")
-    return obj
-
-
-def safe_torch_load(path: str | Path) -> Any:
-    """torch.load that refuses pickled code and names the problem."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    damaged = f"cannot read {path}: the file is damaged, truncated or not a PyTorch checkpoint"
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path} ({e.strerror})") from e
-    # torch.save writes a zip archive (or, before 1.6, a pickle stream starting with PROTO 0x80)
-    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
-        raise CheckpointError(f"{damaged} (it starts with neither a zip nor a pickle header)")
-    try:
-        with warnings.catch_warnings():  # torch's warnings about odd pickle protocols: the error below says it
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = _unpickler_reason(str(e))
-        if not _parses_as_pickle(path, head):  # garbage, not an object that would run code
-            raise CheckpointError(f"{damaged} ({reason})") from e
-        raise CheckpointError(
-            f"refused to load {path}: it holds pickled objects other than tensors and plain "
-            f"containers, which could run code ({reason}). If you trust the file, "
-            "convert it to safetensors yourself; tinymim never unpickles arbitrary objects.") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{damaged} ({_unpickler_reason(str(e))})") from e
-
-
-def _parses_as_pickle(path: Path, head: bytes) -> bool:
-    """Whether the file is a well-formed pickle stream (read, never run): what torch's weights-only
-    unpickler refused is then an object it will not build, else the bytes are damaged."""
-    import pickletools
-
-    if head[:1] != b"\x80":  # a zip archive: torch names a refused object a global
-        return True
-    try:
-        with open(path, "rb") as f:
-            for _ in pickletools.genops(f):
-                pass
-        return True
-    except Exception:  # noqa: BLE001 - any failure to parse means damaged bytes
-        return False
-
-
-def _unpickler_reason(message: str) -> str:
-    """The reason torch gives, without its advice to load with weights_only=False (never ours to give)."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if line.startswith("WeightsUnpickler error"):
-            rest = line.split(":", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
-            return rest.split(". Please")[0].rstrip(".")
-    keep = [line for line in lines if "weights_only" not in line and "Please file an issue" not in line]
-    first = keep[0] if keep else lines[0] if lines else "unreadable"
-    return first.split(". This is an internal")[0].rstrip(".")[:200]
-
-
-# ---------------------------------------------------------------------------------------------
-# the run directory
 
 
 class RunDir:
@@ -512,48 +299,3 @@ def architecture_overrides(arch: dict, prefix: str, given: list[str] | dict) -> 
     if is_given("name"):
         return []
     return [f"{prefix}.{k}={json.dumps(v)}" for k, v in arch.items() if not is_given(k)]
-
-
-@contextlib.contextmanager
-def locked(run: RunDir, is_main: bool = True, distributed: bool = False):
-    """`run.lock()` for a group of processes (torchrun): the main one holds it for all; when it cannot
-    be had, every process raises the same one-line error."""
-    if not distributed:
-        with run.lock():
-            yield run
-        return
-    import torch.distributed as dist
-
-    stack, error = contextlib.ExitStack(), None
-    if is_main:
-        try:
-            stack.enter_context(run.lock())
-        except TinymimError as e:
-            error = e
-    message = [None if error is None else str(error)]
-    dist.broadcast_object_list(message, src=0)
-    if error is not None:
-        raise error
-    if message[0] is not None:
-        error = RunDirError(message[0])
-        error.quiet = True  # the main process says it; one line per job, not one per process
-        raise error
-    with stack:
-        yield run
-
-
-def check_classes(expected: list[str], found: list[str], where: str, fix: str) -> None:
-    """Refuse a dataset whose class folders differ from the head's: labels would shift silently."""
-    if list(expected) == list(found):
-        return
-    missing = [c for c in expected if c not in set(found)]
-    extra = [c for c in found if c not in set(expected)]
-
-    def names(xs):
-        return ", ".join(xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "")
-
-    parts = ([f"missing {names(missing)}"] if missing else []) + ([f"extra {names(extra)}"] if extra else [])
-    if not parts:
-        parts = ["the same names in another order"]
-    raise RunDirError(f"the classes of {where} differ from the model's {len(expected)} ({'; '.join(parts)}): "
-                      f"every label would be wrong; {fix}")

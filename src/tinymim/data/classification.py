@@ -14,7 +14,11 @@ from PIL import Image
 from timm.data import create_transform
 
 from tinymim.core.config import ConfigError
-from tinymim.data.pretrain import DataConfig, DataError, batch_sampler, build_source, load_or_substitute, worker_init
+from tinymim.core.errors import DataError
+from tinymim.data.loader import batch_sampler, worker_init
+from tinymim.data.pretrain import DataConfig
+from tinymim.data.sources import build_source
+from tinymim.data.view_dataset import load_or_substitute
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +132,7 @@ def classify_source(cfg: ClassifyDataConfig, root: str | None, train: bool):
     data.holdout the training images held out (then the training side never sees them)."""
     from dataclasses import replace
 
-    from tinymim.data.pretrain import SubsetImages, TorchvisionCIFAR, split_holdout
+    from tinymim.data.sources import SubsetImages, TorchvisionCIFAR, split_holdout
 
     if cfg.holdout:
         rest, held = split_holdout(classify_source(replace(cfg, holdout=0, subset=None), cfg.root, True), cfg.holdout)

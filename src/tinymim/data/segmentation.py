@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tinymim.data.pretrain import DataError, decode_image, load_or_substitute, open_decoded
+from tinymim.core.errors import DataError
+from tinymim.data.images import decode_image, open_decoded
+from tinymim.data.view_dataset import load_or_substitute
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from tinymim.core.errors import TinymimError
 from tinymim.core.rundir import RunDir
 from tinymim.models.checkpoint import CheckpointError, load_vit_weights, load_weights
 from tinymim.models.vit import ModelConfig, size_args, timm_architecture
+from tinymim.tasks import TASKS, load_trained
 
 log = logging.getLogger("tinymim")
 
@@ -108,7 +109,7 @@ def _write_files(out: Path, write, folder: bool = True) -> None:
     import shutil
     import tempfile
 
-    from tinymim.core.rundir import TMP_SUFFIX, atomic_write, write_error
+    from tinymim.core.files import TMP_SUFFIX, atomic_write, write_error
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,8 @@ def build_exportable(source: str | Path, model_name: str | None = None,
     if features not in FEATURES:
         raise TinymimError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
     source = Path(source)
-    if source.is_dir() and RunDir(source).stored_config() is not None:
+    run_dir = source.is_dir() and RunDir(source).stored_config() is not None
+    if run_dir:
         model_cfg, run_cfg, kind = _run_info(source)
     elif source.is_dir() and RunDir(source).weights() is None:  # with weights: a bare checkpoint's folder
         raise TinymimError(_not_a_run(source))
@@ -156,8 +158,6 @@ def build_exportable(source: str | Path, model_name: str | None = None,
         model_cfg, run_cfg, kind = ModelConfig(name=model_name), {}, "checkpoint"
     else:
         raise CheckpointError(f"{source} does not exist")
-    from tinymim.tasks import TASKS
-
     exports = TASKS[kind].exports if kind in TASKS else "encoder"
     if exports == "probe":
         raise TinymimError(f"{source} is a linear probe (a frozen backbone + BatchNorm + linear head): export the "
@@ -173,7 +173,8 @@ def build_exportable(source: str | Path, model_name: str | None = None,
     arch, model_args = timm_architecture(model_cfg), size_args(model_cfg)
     if model_args.get("img_size") is None and (run_cfg.get("data") or {}).get("img_size"):
         model_args["img_size"] = run_cfg["data"]["img_size"]
-    state = load_weights(source)
+    # a run's weights through its own model (load_trained: the one reader of run directories), a file as it is
+    state = load_trained(source).model.state_dict() if run_dir else load_weights(source)
     if classifier:
         pool = run_cfg.get("global_pool", "avg")
         model_args.update(global_pool=pool, fc_norm=pool == "avg")
@@ -307,7 +308,7 @@ def export_timm(source, output, model_name: str | None = None, features: str = "
     """A timm / hub folder; a non-empty `output` is refused unless overwrite=True."""
     from timm.models import save_for_hf
 
-    from tinymim.core.rundir import write_text
+    from tinymim.core.files import write_text
 
     out = check_output(source, output, "timm", overwrite)
     model, info = build_exportable(source, model_name, features)

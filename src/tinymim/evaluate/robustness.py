@@ -21,7 +21,9 @@ import torch
 from PIL import Image
 
 from tinymim.core.errors import TinymimError
-from tinymim.core.rundir import check_classes
+from tinymim.core.guards import check_classes
+from tinymim.tasks import TASKS
+from tinymim.tasks.base import load_run_model
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +148,7 @@ def corrupt_image(img: Image.Image, corruption: str, severity: int, seed: int = 
         raise ValueError(f"unknown corruption {corruption!r}; available: {', '.join(CORRUPTIONS)}")
     if not 1 <= severity <= 5:
         raise ValueError(f"severity must be 1..5, got {severity}")
-    from tinymim.data.pretrain import to_rgb8
+    from tinymim.data.images import to_rgb8
 
     x = np.asarray(to_rgb8(img), dtype=np.float64) / 255
     y = CORRUPTIONS[corruption](x, severity, np.random.default_rng(seed), min(img.size))
@@ -156,7 +158,7 @@ def corrupt_image(img: Image.Image, corruption: str, severity: int, seed: int = 
 def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severities=(1, 2, 3, 4, 5),
                    limit_per_class: int | None = None) -> int:
     """Write dst/<corruption>/<severity>/<class>/<image>.png from the ImageFolder src; returns images written."""
-    from tinymim.data.pretrain import FolderImages
+    from tinymim.data.sources import FolderImages
 
     corruptions = list(corruptions or CORRUPTIONS)
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
@@ -191,10 +193,11 @@ def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severitie
 
 
 def load_classifier(source: str | Path, weights: str = "best"):
-    """A fine-tuned classifier and its data config, from a `tinymim finetune` run directory."""
-    from tinymim.tasks.finetune import load_finetune_run
-
-    return load_finetune_run(source, best=weights == "best")
+    """A fine-tuned classifier (its class names as `.classes`) and its config, from a `tinymim finetune`
+    run directory: its best evaluation's weights, or with weights="last" its final ones."""
+    trained = load_run_model(TASKS["finetune"], source, best=weights == "best")
+    trained.model.classes = trained.classes  # None for runs made before tinymim recorded them
+    return trained.model, trained.config
 
 
 def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str = "best", batch_size: int = 128,

@@ -13,7 +13,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from tinymim.core.config import from_run_config
 from tinymim.core.errors import TinymimError
+from tinymim.core.rundir import RunDir
+from tinymim.tasks import TASKS
+from tinymim.tasks.base import load_run_model
+from tinymim.tasks.distill import DistillConfig, build_distill_task
+from tinymim.train.distributed import seed_everything
 
 # a perceptually ordered dark-blue -> green -> yellow ramp (control points of viridis)
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
@@ -28,34 +34,30 @@ def colorize(values: np.ndarray, vmax: float) -> np.ndarray:
 
 
 def load_run(run_dir: str | Path):
-    """The DistillTask of a finished (or checkpointed) distill run, student weights loaded."""
-    from tinymim.core.config import from_run_config
-    from tinymim.core.rundir import RunDir
-    from tinymim.models.checkpoint import load_state_dict
-    from tinymim.tasks.distill import DistillConfig, build_distill_task
-    from tinymim.train.engine import seed_everything
-
-    run = Path(run_dir)
-    raw = RunDir(run).stored_config()
-    if raw is None or "teacher" not in raw or "student" not in raw:
-        raise TinymimError(f"{run} is not a tinymim distill run (no config.yaml with a teacher and a student); "
-                           "pass the --output folder of `tinymim distill`")
-    cfg = from_run_config(DistillConfig, raw)
+    """The DistillTask of a distill run with its student's trained weights (load_trained's), or for a
+    run still training its latest checkpoint's; the teacher rebuilt as the run built it."""
+    run = RunDir(run_dir)
+    if run.weights() is not None or not run.checkpoint.is_file() or run.task() != "distill":
+        trained = load_run_model(TASKS["distill"], run_dir)
+        cfg, student = trained.config, trained.model.state_dict()
+    else:  # not finished: the latest checkpoint holds the trainable part (student and projections)
+        checkpoint = run.read_checkpoint()
+        cfg, student = from_run_config(DistillConfig, run.stored_config(checkpoint)), None
     seed_everything(cfg.train.seed)  # the same models as the run built (a random teacher included)
     task = build_distill_task(cfg)
-    weights = RunDir(run).weights()
-    if weights is not None:
-        task.student.load_state_dict(load_state_dict(weights))
-    else:  # not finished: the latest checkpoint
-        task.load_trainable_state(RunDir(run).read_checkpoint()["model"])
+    if student is not None:
+        task.student.load_state_dict(student)
+    else:
+        task.load_trainable_state(checkpoint["model"])
     return task.eval(), cfg
 
 
 def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk", "vv"), heads=(0,),
                   queries=None, cell: int = 128) -> Path:
-    from tinymim.data.pretrain import decode_image, normalize
+    from tinymim.data.images import decode_image
+    from tinymim.data.pretrain import normalize
     from tinymim.method.relations import RELATION_NAMES, relation_logits
-    from tinymim.train.engine import HeldLogs
+    from tinymim.train.distributed import HeldLogs
 
     unknown = [r for r in relations if r not in RELATION_NAMES]
     if unknown:

@@ -13,7 +13,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from tinymim.core.rundir import CheckpointError, RunDir, safe_torch_load  # noqa: F401 - re-exported
+from tinymim.core.files import CheckpointError, safe_torch_load  # noqa: F401 - re-exported
+from tinymim.core.rundir import RunDir
 
 log = logging.getLogger("tinymim")
 
@@ -99,7 +100,7 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dic
     """A safetensors file, written atomically (see tinymim.core.rundir)."""
     from safetensors.torch import save
 
-    from tinymim.core.rundir import atomic_write
+    from tinymim.core.files import atomic_write
 
     data = save({k: v.detach().contiguous().cpu() for k, v in state.items()},
                 metadata={k: str(v) for k, v in (metadata or {}).items()})

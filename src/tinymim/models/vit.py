@@ -12,6 +12,7 @@ head path (`dist_token`, `extra_head_dim`: tinymim.models.star.DistilledViT).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +20,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import DropPath
+from timm.models import vision_transformer as _vit_module
 from timm.models.vision_transformer import VisionTransformer
 
 from tinymim.method.mae import fix_sincos_pos_embed, sincos_table  # noqa: F401 - MAE's table, used by create_vit
@@ -120,6 +122,44 @@ def size_args(cfg: ModelConfig) -> dict:
 def timm_architecture(cfg: ModelConfig) -> str:
     """A registered timm name that, with size_args(cfg), builds cfg's model (custom sizes ride on any ViT)."""
     return "vit_base_patch16_224" if cfg.name == CUSTOM else cfg.name.split(".")[0]
+
+
+class _Sizes(Exception):
+    def __init__(self, kwargs: dict):
+        super().__init__("sizes")
+        self.kwargs = kwargs
+
+
+def _capture_sizes(variant, pretrained=False, **kwargs):
+    raise _Sizes(kwargs)
+
+
+def vit_sizes(cfg: ModelConfig) -> dict:
+    """depth, embed_dim and num_heads of the model `cfg` describes, without building it: cfg's own
+    sizes, else the arguments timm's registered entrypoint passes to its VisionTransformer (captured
+    on their way in), else VisionTransformer's defaults. A ViT timm builds elsewhere (a hub name)
+    is built once on the meta device, which allocates nothing."""
+    keys = ("depth", "embed_dim", "num_heads")
+    given = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}
+    if len(given) == len(keys):
+        return given
+    if cfg.name == CUSTOM:
+        defaults = inspect.signature(VisionTransformer).parameters
+        return {k: given.get(k, defaults[k].default) for k in keys}
+    name = cfg.name.split(".")[0]
+    entry = timm.models.model_entrypoint(name) if timm.is_model(name) else None
+    if entry is not None and entry.__module__ == _vit_module.__name__:
+        real, _vit_module._create_vision_transformer = _vit_module._create_vision_transformer, _capture_sizes
+        try:
+            entry(pretrained=False)
+        except _Sizes as captured:
+            defaults = inspect.signature(VisionTransformer).parameters
+            return {k: given.get(k, captured.kwargs.get(k, defaults[k].default)) for k in keys}
+        finally:
+            _vit_module._create_vision_transformer = real
+    with torch.device("meta"):
+        model = create_vit(ModelConfig(name=cfg.name, **size_args(cfg)))
+    return {"depth": len(model.blocks), "embed_dim": model.embed_dim, "num_heads": model.blocks[0].attn.num_heads}
 
 
 def create_vit(cfg: ModelConfig, num_classes: int = 0, **extra) -> VisionTransformer:

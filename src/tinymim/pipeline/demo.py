@@ -31,7 +31,8 @@ SYNTHETIC_NOTE = (
 
 def cifar10_ready() -> str | None:
     """None when torchvision's CIFAR-10 is cached or could be downloaded; else why not."""
-    from tinymim.data.pretrain import DataError, TorchvisionCIFAR
+    from tinymim.core.errors import DataError
+    from tinymim.data.sources import TorchvisionCIFAR
 
     try:
         TorchvisionCIFAR("cifar10", None, train=True)

@@ -90,7 +90,8 @@ def plot_accuracy(curves: dict[str, list[dict]], finals: dict[str, float], path:
 
 def write_report(cfg, out: str | Path) -> Path:
     """Write DIR/report.md and DIR/plots/*.png for a pipeline config whose stages ran under `out`."""
-    from tinymim.core.rundir import RunDir, write_text
+    from tinymim.core.files import write_text
+    from tinymim.core.rundir import RunDir
 
     out = Path(out)
     plots = out / "plots"

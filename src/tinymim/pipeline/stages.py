@@ -38,16 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tinymim.core.config import ConfigError, diff_configs, load_config
-from tinymim.core.rundir import (
-    RESUMABLE_CHANGES,
-    RunDir,
-    RunDirError,
-    architecture_overrides,
-    locked,
-    produced_architecture,
-    read_yaml,
-    save_torch,
-)
+from tinymim.core.files import RunDirError, read_yaml, save_torch
+from tinymim.core.guards import locked
+from tinymim.core.rundir import RESUMABLE_CHANGES, RunDir, architecture_overrides, produced_architecture
 from tinymim.tasks import TASKS
 from tinymim.train.engine import run_task
 
@@ -287,7 +280,7 @@ class _Processes:
         self.dist = dist
         self.launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         if self.launched:
-            from tinymim.train.engine import setup_distributed
+            from tinymim.train.distributed import setup_distributed
             setup_distributed()
         self.is_main = not self.launched or dist.get_rank() == 0
 

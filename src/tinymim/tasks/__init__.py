@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tinymim.core.config import ConfigError
+from tinymim.core.rundir import RunDir
+from tinymim.models.checkpoint import CheckpointError
 from tinymim.tasks import distill, finetune, linprobe, mae, segment
-from tinymim.tasks.base import TaskSpec
+from tinymim.tasks.base import TaskSpec, TrainedRun, load_run_model
 from tinymim.train.engine import run_task
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
@@ -34,3 +36,13 @@ def run(task: str, config, output: str | Path):
 def build_task(task: str, config):
     """The Task object of a config (models built, weights loaded), without training it."""
     return spec_of(task).build(config)
+
+
+def load_trained(run_dir: str | Path, best: bool = False) -> TrainedRun:
+    """The trained model of any tinymim run directory (eval mode), its config, task and classes: the
+    final weights, or with best=True the best evaluation's where the run kept them."""
+    task = RunDir(run_dir).task() if Path(run_dir).is_dir() else None
+    if task not in TASKS:
+        raise CheckpointError(f"{run_dir} is not a tinymim run directory (no run.json or config.yaml naming its "
+                              f"task); pass the --output folder of a tinymim command ({', '.join(TASKS)})")
+    return load_run_model(TASKS[task], run_dir, best)

@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 from timm.task import TrainingTask
 
-from tinymim.core.config import load_config
+from tinymim.core.config import from_run_config, load_config
+from tinymim.core.rundir import RunDir
+from tinymim.models.checkpoint import CheckpointError, load_state_dict
 
 
 class Task(TrainingTask):
@@ -54,7 +56,7 @@ class Task(TrainingTask):
     def prepare(self, device: torch.device, precision: str) -> None:
         """Last choices that depend on where and how the task runs (called by the engine). By default:
         on CPU in bf16/fp16, PyTorch's fused attention backward is 2-3x slower than plain matmul +
-        softmax (benchmarks/distill_throughput.py), so trained ViT blocks use the plain path there."""
+        softmax (benchmarks/speed/distill_throughput.py), so trained ViT blocks use the plain path there."""
         explicit = device.type == "cpu" and precision in ("bf16", "fp16")
         for m in self.trainable_module.modules():
             if hasattr(m, "fused_attn") and hasattr(m, "qkv"):
@@ -110,7 +112,10 @@ class TaskSpec:
 
     task: type[Task]  # its name, weights file and model section are the class's
     config: type  # the typed config (a dataclass with `data` and `train` sections)
-    build: Callable[[Any], Task]  # config -> Task: models built, weights loaded
+    resolve: Callable[[Any], Any]  # config -> a copy with every derived key filled; nothing is built
+    build: Callable[[Any], Task]  # config -> Task: models built, weights loaded (the config resolved first)
+    # a run's resolved config -> the module its weights file holds, built without loading any weights
+    trained: Callable[[Any], nn.Module]
     kind: Literal["pretrain", "classify", "segment"]  # what its results are: losses and k-NN, top-1, mIoU
     upstream: Literal["teacher", "init"] | None  # what an earlier pipeline stage can give it
     exports: Literal["encoder", "classifier", "probe", "segmenter"]  # what `tinymim export` makes of them
@@ -120,6 +125,8 @@ class TaskSpec:
     optimizer_options: Callable[[Any], dict] = field(default=_no_optimizer_options)  # config -> e.g. layer_decay
     # (recipe, overrides) -> config; None: defaults <- recipe <- overrides (tinymim.core.config.load_config)
     load: Callable | None = None
+    # the weights file's state -> what `trained` loads (a layout an older release wrote, mended)
+    trained_state: Callable[[dict], dict] | None = None
 
     @property
     def name(self) -> str:
@@ -138,3 +145,35 @@ class TaskSpec:
         if self.load is not None:
             return self.load(recipe, list(overrides))
         return load_config(self.config, recipe, list(overrides))
+
+
+@dataclass
+class TrainedRun:
+    """A finished run's model (eval mode, its weights loaded) and what it was trained with."""
+
+    model: nn.Module
+    config: Any  # the run's typed config, every derived key filled
+    task: str
+    weights: Path  # the file the weights came from
+    classes: list[str] | None  # the class names of a classifier's outputs, when the run recorded them
+
+
+def load_run_model(spec: TaskSpec, run_dir: str | Path, best: bool = False) -> TrainedRun:
+    """The one path from a run directory of `spec`'s task to its trained model: the stored config,
+    the module it describes, the final (or with best=True the best evaluation's) weights."""
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise CheckpointError(f"{run.path} does not exist; pass the --output folder of `tinymim {spec.name}`")
+    raw, task = run.stored_config(), run.task()
+    if raw is None or task != spec.name:
+        what = f"a tinymim {task} run" if raw is not None and task else "not a tinymim run directory"
+        raise CheckpointError(f"{run.path} is {what}, not a {spec.name} run with a usable config.yaml; pass the "
+                              f"--output folder of `tinymim {spec.name}`")
+    cfg = spec.resolve(from_run_config(spec.config, raw))
+    file = run.weights(best=best)
+    if file is None:
+        raise CheckpointError(f"{run.path} holds no weights yet; is the {spec.name} run finished?")
+    model = spec.trained(cfg)
+    state = load_state_dict(file)
+    model.load_state_dict(spec.trained_state(state) if spec.trained_state else state)
+    return TrainedRun(model.eval(), cfg, spec.name, file, run.read_classes())

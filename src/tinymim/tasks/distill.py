@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
-from tinymim.core.config import ConfigError
+from tinymim.core.config import ConfigError, checked_copy
 from tinymim.data.pretrain import DataConfig, paired_views
 from tinymim.method.mae import DecoderConfig, MAEDecoder, random_masking, reconstruction_loss
 from tinymim.method.relations import RELATION_NAMES, RelationLoss, block_qkv, split_heads
@@ -39,9 +39,10 @@ from tinymim.models.vit import (
     set_drop_path,
     tokens_before_block,
     truncate,
+    vit_sizes,
 )
 from tinymim.tasks.base import Task, TaskSpec
-from tinymim.train.engine import TrainConfig
+from tinymim.train.config import TrainConfig
 from tinymim.train.knn import KNNMonitor, KNNMonitorConfig
 
 log = logging.getLogger("tinymim")
@@ -149,6 +150,8 @@ class DistillConfig:
         check_input_size(self.teacher.model, self.data.img_size, "teacher.model")
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.loss.mae.weight > 0 and self.mask_ratio == 0:
+            raise ValueError("loss.mae needs masked student input to reconstruct: set mask_ratio (MAE uses 0.75)")
 
 
 def _sites(loss: DistillLossConfig) -> set[str]:
@@ -320,9 +323,43 @@ class DistillTask(Task):
         save_weights(self.student.state_dict(), Path(run_dir) / self.weights, meta)
 
 
-def build_teacher(cfg: TeacherConfig, img_size: int) -> nn.Module:
-    if cfg.model.img_size is None:
-        cfg.model.img_size = img_size
+def resolve(cfg: DistillConfig) -> DistillConfig:
+    """A copy of `cfg` with every derived key filled, nothing built: the models' input size (the
+    data's), the teacher's target block (the paper's for its pairs, else the last), the heads its
+    relation block is split into, and the student's relation block given that head count. Checks
+    what only the pairing can tell (a block out of range, heads that cannot split the student)."""
+    cfg = checked_copy(cfg)  # validated, as a loaded config is
+    for model in (cfg.student, cfg.teacher.model):
+        if model.img_size is None:
+            model.img_size = cfg.data.img_size
+    t, s = vit_sizes(cfg.teacher.model), vit_sizes(cfg.student)
+    k = cfg.teacher.target_block
+    if k is None:
+        k = cfg.teacher.target_block = PAPER_TARGET_BLOCKS.get((t["embed_dim"], t["depth"], s["embed_dim"]),
+                                                               t["depth"])
+    if not 1 <= k <= t["depth"]:
+        raise ConfigError(f"teacher.target_block={k} is out of range: the teacher has blocks 1..{t['depth']}")
+    if cfg.teacher.relation_heads is None:
+        cfg.teacher.relation_heads = cfg.teacher.model.block_heads.get(k, t["num_heads"])
+    elif t["embed_dim"] % cfg.teacher.relation_heads:
+        raise ConfigError(f"teacher.relation_heads={cfg.teacher.relation_heads}: a block of width {t['embed_dim']} "
+                          f"cannot be split into {cfg.teacher.relation_heads} heads")
+    t_heads, s_depth = cfg.teacher.relation_heads, s["depth"]
+    if cfg.loss.relation.weight > 0:
+        if s["embed_dim"] % t_heads:
+            raise ConfigError(f"incompatible heads: the teacher's block {k} has {t_heads} heads, and the student's "
+                              f"width {s['embed_dim']} cannot be split into {t_heads} heads; choose a student width "
+                              f"divisible by {t_heads} or another teacher")
+        set_heads = cfg.student.block_heads.get(s_depth)
+        if set_heads is not None and set_heads != t_heads:
+            raise ConfigError(f"student.block_heads gives the relation block (block {s_depth}) {set_heads} heads, "
+                              f"but the teacher's block {k} has {t_heads}; the maps must have the same head count")
+        cfg.student.block_heads = {**cfg.student.block_heads, s_depth: t_heads}
+    return cfg
+
+
+def build_teacher(cfg: TeacherConfig) -> nn.Module:
+    """The teacher ViT of a resolved config (its input size set), its weights loaded."""
     teacher = create_vit(cfg.model)
     if cfg.drop_path_rate > 0:
         set_drop_path(teacher, cfg.drop_path_rate)
@@ -338,44 +375,18 @@ def build_teacher(cfg: TeacherConfig, img_size: int) -> nn.Module:
 
 
 def build_distill_task(cfg: DistillConfig) -> DistillTask:
-    """Build and check a teacher/student pair; errors name the mismatch and the fix."""
-    teacher = build_teacher(cfg.teacher, cfg.data.img_size)
+    """Build and check a teacher/student pair from `cfg` (resolved here: the caller's is not changed);
+    errors name the mismatch and the fix."""
+    cfg = resolve(cfg)
+    k, t_heads = cfg.teacher.target_block, cfg.teacher.relation_heads
+    teacher = build_teacher(cfg.teacher)
     t_depth, t_width = len(teacher.blocks), teacher.embed_dim
-
-    if cfg.student.img_size is None:
-        cfg.student.img_size = cfg.data.img_size
-    # the student's relation block takes the teacher's head count; build once to learn its depth
-    probe = create_vit(ModelConfig(**{**asdict(cfg.student), "block_heads": {}}))
-    s_depth, s_width = len(probe.blocks), probe.embed_dim
-
-    k = cfg.teacher.target_block
-    if k is None:
-        k = PAPER_TARGET_BLOCKS.get((t_width, t_depth, s_width), t_depth)
-        cfg.teacher.target_block = k
-    if not 1 <= k <= t_depth:
-        raise ConfigError(f"teacher.target_block={k} is out of range: the teacher has blocks 1..{t_depth}")
-    if not 0.0 <= cfg.mask_ratio < 1.0:
-        raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
-    if cfg.loss.mae.weight > 0 and cfg.mask_ratio == 0:
-        raise ConfigError("loss.mae needs masked student input to reconstruct: set mask_ratio (MAE uses 0.75)")
-    t_block = teacher.blocks[k - 1]
-    if cfg.teacher.relation_heads is not None:
-        try:
-            set_block_heads(t_block, cfg.teacher.relation_heads)
-        except ValueError as e:
-            raise ConfigError(f"teacher.relation_heads={cfg.teacher.relation_heads}: {e}") from e
-    t_heads = cfg.teacher.relation_heads = t_block.attn.num_heads
-    if cfg.loss.relation.weight > 0:
-        if s_width % t_heads:
-            raise ConfigError(f"incompatible heads: the teacher's block {k} has {t_heads} heads, and the student's "
-                              f"width {s_width} cannot be split into {t_heads} heads; choose a student width "
-                              f"divisible by {t_heads} or another teacher")
-        set_heads = cfg.student.block_heads.get(s_depth)
-        if set_heads is not None and set_heads != t_heads:
-            raise ConfigError(f"student.block_heads gives the relation block (block {s_depth}) {set_heads} heads, "
-                              f"but the teacher's block {k} has {t_heads}; the maps must have the same head count")
-        cfg.student.block_heads = {**cfg.student.block_heads, s_depth: t_heads}
+    try:
+        set_block_heads(teacher.blocks[k - 1], t_heads)
+    except ValueError as e:
+        raise ConfigError(f"teacher.relation_heads={t_heads}: {e}") from e
     student = create_vit(cfg.student)
+    s_depth = len(student.blocks)
     set_drop_path(student, 0.0, range(s_depth - 1, s_depth))  # the target block has none (as the release)
     log.info("pairing: teacher block %d of %d, %d heads of size %d -> student block %d of %d, %d heads of size %d"
              "%s", k, t_depth, t_heads, t_width // t_heads, s_depth, s_depth, student.blocks[-1].attn.num_heads,
@@ -419,6 +430,8 @@ def teacher_architecture(teacher: dict) -> list[str]:
 
 
 
-SPEC = TaskSpec(task=DistillTask, config=DistillConfig, build=build_distill_task, load=load, kind="pretrain",
+SPEC = TaskSpec(task=DistillTask, config=DistillConfig, resolve=resolve, build=build_distill_task,
+                trained=lambda cfg: create_vit(cfg.student),
+                load=load, kind="pretrain",
                 upstream="teacher", exports="encoder",
                 help="TinyMIM relation-distillation pre-training of a student ViT")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from tinymim.core.config import ConfigError
+from tinymim.core.config import ConfigError, checked_copy
 from tinymim.core.rundir import RunDir
 from tinymim.data.classification import (  # noqa: F401
     ClassifyDataConfig,
@@ -38,8 +38,8 @@ from tinymim.data.classification import (  # noqa: F401
 )
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.models.vit import ModelConfig, create_vit
-from tinymim.tasks.base import Task, TaskSpec
-from tinymim.train.engine import TrainConfig
+from tinymim.tasks.base import Task, TaskSpec, load_run_model
+from tinymim.train.config import TrainConfig
 
 log = logging.getLogger("tinymim")
 
@@ -224,7 +224,9 @@ def build_teacher_classifier(cfg: DistillationConfig, num_classes: int, img_size
         if kind != "finetune":
             raise ConfigError(f"distillation.teacher {spec} is {'a ' + kind if kind else 'not a tinymim'} run, not "
                               "a fine-tuned classifier: give a tinymim finetune run, a weights file or a timm name")
-        teacher = load_finetune_run(path, best=False)[0]
+        trained = load_run_model(SPEC, path)
+        teacher = trained.model
+        teacher.classes = trained.classes  # None for runs made before tinymim recorded them
     elif path.is_file():
         if cfg.teacher_model is None:
             raise ConfigError(f"distillation.teacher {spec} is a weights file: give its architecture in "
@@ -233,8 +235,6 @@ def build_teacher_classifier(cfg: DistillationConfig, num_classes: int, img_size
         if "head.weight" not in state:
             raise ConfigError(f"distillation.teacher {spec} holds no classifier (no head.weight): the teacher must "
                               "be a classifier of this data's classes")
-        if cfg.teacher_model.img_size is None:
-            cfg.teacher_model.img_size = img_size
         pool = "avg" if "fc_norm.weight" in state else "token"
         teacher = create_vit(cfg.teacher_model, num_classes=state["head.weight"].shape[0], global_pool=pool,
                              fc_norm=pool == "avg")
@@ -294,41 +294,27 @@ def _encoder_only(state: dict, model: nn.Module) -> dict:
     return {**state, **fresh}
 
 
-def load_finetune_run(source: str | Path, best: bool = True) -> tuple[nn.Module, FinetuneConfig]:
-    """A fine-tuned classifier in eval mode (a DistilledViT when its model.dist_token) and its config,
-    rebuilt from a `tinymim finetune` run directory's config.yaml, with its best (or final) weights."""
-    from tinymim.core.config import from_run_config
-    from tinymim.models.checkpoint import CheckpointError, load_state_dict
-
-    run = RunDir(source)
-    if not run.path.is_dir():
-        raise CheckpointError(f"{run.path} does not exist; pass a tinymim finetune run directory")
-    raw = run.stored_config()
-    if raw is None or not isinstance(raw.get("model"), dict) or "num_classes" not in raw:
-        raise CheckpointError(f"{run.path} is not a finished tinymim finetune run (no usable config.yaml with a "
-                              "classifier); pass the --output folder of `tinymim finetune`")
-    cfg = from_run_config(FinetuneConfig, raw, init=None)
-    file = run.weights(best=best)
-    if file is None:
-        raise CheckpointError(f"{run.path} holds no weights yet; is the fine-tuning run finished?")
-    model = build_classifier(cfg, cfg.num_classes)
-    model.load_state_dict(load_state_dict(file))
-    model.classes = run.read_classes()  # None for runs made before tinymim recorded them
-    return model.eval(), cfg
+def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
+    """A copy of `cfg` with its derived keys filled: the model's (and a teacher file's) input size is
+    the data's, the class count the training data's (its folders are listed, nothing is built)."""
+    cfg = checked_copy(cfg)  # validated, as a loaded config is
+    if cfg.model.img_size is None:
+        cfg.model.img_size = cfg.data.img_size
+    if cfg.distillation.teacher_model is not None and cfg.distillation.teacher_model.img_size is None:
+        cfg.distillation.teacher_model.img_size = cfg.data.img_size
+    if cfg.num_classes is None:
+        cfg.num_classes = len(training_classes(cfg.data))
+    return cfg
 
 
 def build_finetune_task(cfg: FinetuneConfig) -> FinetuneTask:
-    if cfg.model.img_size is None:
-        cfg.model.img_size = cfg.data.img_size
+    cfg = resolve(cfg)
     classes = None
-    if cfg.num_classes is None:
-        classes = training_classes(cfg.data)
-        cfg.num_classes = len(classes)
     teacher = None
     if cfg.distillation.teacher:
         teacher = build_teacher_classifier(cfg.distillation, cfg.num_classes, cfg.data.img_size)
         if getattr(teacher, "classes", None):  # a finetune run's: its labels must mean the same classes
-            from tinymim.core.rundir import check_classes
+            from tinymim.core.guards import check_classes
 
             check_classes(teacher.classes, classes or training_classes(cfg.data), "the training data",
                           f"distill from a teacher fine-tuned on these classes, not {cfg.distillation.teacher}")
@@ -353,7 +339,7 @@ def check_num_classes(num_classes: int, classes: list[str]) -> None:
 
 def classify_loaders(task, batch: int, rank: int, world: int, seed: int):
     """Training loader for the engine; the task gets the evaluation loader of the same data."""
-    from tinymim.core.rundir import check_classes
+    from tinymim.core.guards import check_classes
 
     loader, sampler = build_classify_loaders(task.cfg.data, batch, rank, world, seed)
     classes = list(loader.dataset.source.classes)
@@ -366,7 +352,9 @@ def classify_loaders(task, batch: int, rank: int, world: int, seed: int):
     return loader, sampler
 
 
-SPEC = TaskSpec(task=FinetuneTask, config=FinetuneConfig, build=build_finetune_task, loaders=classify_loaders,
+SPEC = TaskSpec(task=FinetuneTask, config=FinetuneConfig, resolve=resolve, build=build_finetune_task,
+                trained=lambda cfg: build_classifier(replace(cfg, init=None), cfg.num_classes),
+                loaders=classify_loaders,
                 optimizer_options=lambda cfg: {"layer_decay": cfg.layer_decay}, kind="classify", upstream="init",
                 exports="classifier",
                 help="fine-tune a pre-trained (or randomly initialized) ViT for classification")

@@ -5,12 +5,13 @@ mode with no gradient, so its weights never change.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 import torch.nn as nn
 
+from tinymim.core.config import checked_copy
 from tinymim.models.vit import ModelConfig
 from tinymim.tasks.base import TaskSpec
 from tinymim.tasks.finetune import (
@@ -22,7 +23,7 @@ from tinymim.tasks.finetune import (
     training_classes,
     validate_classifier,
 )
-from tinymim.train.engine import TrainConfig
+from tinymim.train.config import TrainConfig
 
 
 @dataclass
@@ -82,17 +83,26 @@ class LinearProbeTask(FinetuneTask):
         return {"loss": self.criterion(logits, y)}
 
 
-def build_linprobe_task(cfg: LinearProbeConfig) -> LinearProbeTask:
+def resolve(cfg: LinearProbeConfig) -> LinearProbeConfig:
+    """A copy of `cfg` with its derived keys filled: the backbone's input size is the data's, the class
+    count the training data's."""
+    cfg = checked_copy(cfg)  # validated, as a loaded config is
     if cfg.model.img_size is None:
         cfg.model.img_size = cfg.data.img_size
     if cfg.num_classes is None:
         cfg.num_classes = len(training_classes(cfg.data))
+    return cfg
+
+
+def build_linprobe_task(cfg: LinearProbeConfig) -> LinearProbeTask:
+    cfg = resolve(cfg)
     ft = FinetuneConfig(model=cfg.model, init=cfg.init, num_classes=cfg.num_classes, global_pool=cfg.global_pool,
                         mixup=0.0, cutmix=0.0, label_smoothing=0.0, data=cfg.data, train=cfg.train)
     backbone = build_classifier(ft, 0)
     return LinearProbeTask(ProbeModel(backbone, cfg.num_classes), ft, cfg.num_classes)
 
 
-SPEC = TaskSpec(task=LinearProbeTask, config=LinearProbeConfig, build=build_linprobe_task,
+SPEC = TaskSpec(task=LinearProbeTask, config=LinearProbeConfig, resolve=resolve, build=build_linprobe_task,
+                trained=lambda cfg: build_linprobe_task(replace(cfg, init=None)).model,
                 loaders=classify_loaders, kind="classify", upstream="init", exports="probe",
                 help="linear probe: a frozen backbone, BatchNorm + linear head")

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from tinymim.core.config import ConfigError
+from tinymim.core.config import checked_copy
 from tinymim.data.pretrain import DataConfig, plain_view
 from tinymim.method.mae import DecoderConfig, MaskedAutoencoder
 from tinymim.models.checkpoint import save_weights
 from tinymim.models.vit import ModelConfig, TokenFeatures, create_vit
 from tinymim.tasks.base import Task, TaskSpec
-from tinymim.train.engine import TrainConfig
+from tinymim.train.config import TrainConfig
 from tinymim.train.knn import KNNMonitor, KNNMonitorConfig
 
 
@@ -73,14 +73,20 @@ class MAETask(Task):
         save_weights(self.mae.encoder.state_dict(), Path(run_dir) / self.weights, meta)
 
 
-def build_mae_task(cfg: MAEConfig) -> MAETask:
+def resolve(cfg: MAEConfig) -> MAEConfig:
+    """A copy of `cfg` with its derived key filled: the encoder's input size is the data's."""
+    cfg = checked_copy(cfg)  # validated, as a loaded config is
     if cfg.model.img_size is None:
         cfg.model.img_size = cfg.data.img_size
-    if not 0.0 <= cfg.mask_ratio < 1.0:
-        raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    return cfg
+
+
+def build_mae_task(cfg: MAEConfig) -> MAETask:
+    cfg = resolve(cfg)
     encoder = create_vit(cfg.model)
     return MAETask(MaskedAutoencoder(encoder, cfg.decoder, cfg.mask_ratio, cfg.norm_pix_loss), cfg.data, cfg)
 
 
-SPEC = TaskSpec(task=MAETask, config=MAEConfig, build=build_mae_task, kind="pretrain", upstream=None,
+SPEC = TaskSpec(task=MAETask, config=MAEConfig, resolve=resolve, build=build_mae_task,
+                trained=lambda cfg: create_vit(cfg.model), kind="pretrain", upstream=None,
                 exports="encoder", help="MAE pre-training of a ViT (a teacher for distillation)")

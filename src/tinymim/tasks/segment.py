@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.data as tud
 
-from tinymim.core.config import ConfigError
+from tinymim.core.config import ConfigError, checked_copy
 from tinymim.core.errors import DataError
-from tinymim.data.pretrain import GlobalBatchSampler, worker_init
+from tinymim.data.loader import GlobalBatchSampler, worker_init
 from tinymim.data.segmentation import SegmentationDataset, SegmentationFolder, SegmentDataConfig, collate_segment
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.models.segmenter import (
@@ -32,8 +32,8 @@ from tinymim.models.segmenter import (
     slide_inference,
 )
 from tinymim.models.vit import ModelConfig, check_input_size, create_vit
-from tinymim.tasks.base import Task, TaskSpec
-from tinymim.train.engine import TrainConfig
+from tinymim.tasks.base import Task, TaskSpec, load_run_model
+from tinymim.train.config import TrainConfig
 
 log = logging.getLogger("tinymim")
 
@@ -226,11 +226,18 @@ def evaluate_segmenter(model: nn.Module, loader, cfg: SegmentDataConfig, device:
 RELEASE_BACKBONE_KEYS = ("attn.relative_position_bias_table", "ls1.gamma", "ls2.gamma")
 
 
+def resolve(cfg: SegmentConfig) -> SegmentConfig:
+    """A copy of `cfg` with its derived key filled: the backbone's input size is the training crop's."""
+    cfg = checked_copy(cfg)  # validated, as a loaded config is
+    if cfg.model.img_size is None:
+        cfg.model.img_size = cfg.data.crop_size
+    return cfg
+
+
 def build_backbone(cfg: SegmentConfig) -> nn.Module:
-    model_cfg = cfg.model
-    if model_cfg.img_size is None:
-        model_cfg.img_size = cfg.data.crop_size
-    vit = create_vit(model_cfg, **({"init_values": cfg.layer_scale} if cfg.layer_scale is not None else {}))
+    """The ViT backbone of `cfg` (resolved here), with the release's options and its init weights."""
+    cfg = resolve(cfg)
+    vit = create_vit(cfg.model, **({"init_values": cfg.layer_scale} if cfg.layer_scale is not None else {}))
     if cfg.rel_pos_bias:
         try:
             add_relative_position_bias(vit)
@@ -246,6 +253,7 @@ def build_backbone(cfg: SegmentConfig) -> nn.Module:
 
 
 def build_segment_task(cfg: SegmentConfig) -> SegmentTask:
+    cfg = resolve(cfg)
     backbone = build_backbone(cfg)
     try:
         model = Segmenter(backbone, cfg.data.num_classes, tuple(cfg.blocks), cfg.channels, cfg.aux_channels)
@@ -269,37 +277,24 @@ def segment_loaders(task: SegmentTask, batch: int, rank: int, world: int, seed: 
     return loader, sampler
 
 
-SPEC = TaskSpec(task=SegmentTask, config=SegmentConfig, build=build_segment_task, loaders=segment_loaders,
+def _without_unused_norm(state: dict) -> dict:
+    """Segmenters saved before the pyramid dropped the backbone's unused final norm still hold it."""
+    return {k: v for k, v in state.items() if not k.startswith("pyramid.vit.norm.")}
+
+
+SPEC = TaskSpec(task=SegmentTask, config=SegmentConfig, resolve=resolve, build=build_segment_task,
+                trained=lambda cfg: build_segment_task(replace(cfg, init=None)).model,
+                trained_state=_without_unused_norm, loaders=segment_loaders,
                 kind="segment", upstream="init", exports="segmenter",
                 help="semantic segmentation: UperNet on a pre-trained (or random) ViT backbone")
-
-
-def load_segmenter(run_dir: str | Path) -> tuple[nn.Module, SegmentConfig]:
-    """The trained segmenter of a `tinymim segment` run directory (its final weights), in eval mode."""
-    from tinymim.core.config import from_run_config
-    from tinymim.core.rundir import RunDir
-    from tinymim.models.checkpoint import CheckpointError, load_state_dict
-
-    run = RunDir(run_dir)
-    raw = run.stored_config()
-    if raw is None or run.task() != "segment":
-        raise CheckpointError(f"{run.path} is not a tinymim segment run directory")
-    cfg = from_run_config(SegmentConfig, raw, init=None)
-    weights = run.weights()
-    if weights is None:
-        raise CheckpointError(f"{run.path} holds no final weights yet; is the segmentation run finished?")
-    task = build_segment_task(cfg)
-    state = load_state_dict(weights)
-    # segmenters saved before the pyramid dropped the backbone's unused final norm still hold it
-    task.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("pyramid.vit.norm.")})
-    return task.model.eval(), cfg
 
 
 def evaluate_segmentation_run(run_dir: str | Path, data_root: str | Path, split: str, num_workers: int = 2) -> dict:
     """mIoU, mAcc, aAcc and per-class IoU of a segment run on `data_root`/images/`split` (its own settings)."""
     from dataclasses import replace
 
-    model, cfg = load_segmenter(run_dir)
+    trained = load_run_model(SPEC, run_dir)
+    model, cfg = trained.model, trained.config
     data = replace(cfg.data, root=str(data_root), num_workers=num_workers)
     loader = eval_loader(data, split)
     folder = loader.dataset.dataset.folder
@@ -321,7 +316,7 @@ def prediction_picture(model: nn.Module, folder: SegmentationFolder, cfg: Segmen
     import numpy as np
     from PIL import Image
 
-    from tinymim.core.rundir import atomic_write
+    from tinymim.core.files import atomic_write
     from tinymim.data.segmentation import eval_transform
 
     was_training = model.training

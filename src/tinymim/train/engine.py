@@ -11,244 +11,44 @@ bar, metrics.jsonl (+ TensorBoard), atomic resumable checkpoints and the NaN gua
 
 Run directory:  RUN_DIR/config.yaml, RUN_DIR/metrics.jsonl, RUN_DIR/checkpoints/last.pt, and the
 task's final weights. Running again on the same RUN_DIR resumes; a finished run says so and exits.
+
+This module is longer than 300 lines on purpose: the loop and the pieces it calls read top to bottom,
+in order, in one place (nanoGPT style). Its setup lives beside it (tinymim.train.config,
+tinymim.train.distributed), and so do its logs and checkpoints (tinymim.train.bookkeeping).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import math
-import os
-import random
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Literal, Protocol
+from typing import Callable, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from tinymim.core.config import ConfigError
 from tinymim.core.errors import WORKER_DEATH, NonFiniteLossError, loader_worker_death
-from tinymim.core.preempt import PREEMPT_EXIT_CODE, Preempted, StopSignals, signal_name  # noqa: F401 (re-exported)
-from tinymim.core.rundir import RESUMABLE_CHANGES, RunDir, RunDirError, locked, save_torch, write_error  # noqa: F401
-from tinymim.data.pretrain import build_loader, data_fingerprint
-from tinymim.train.loggers import LOGGERS, MetricsLogger, check_available, preflight
+from tinymim.core.files import RunDirError
+from tinymim.core.guards import locked
+from tinymim.core.preempt import Preempted, StopSignals, signal_name
+from tinymim.core.rundir import RunDir
+from tinymim.data.loader import build_loader
+from tinymim.data.sources import data_fingerprint
+from tinymim.train.bookkeeping import Checkpointer, LogWindow, Plan, RunLogs, TrainState, _repair_finished
+from tinymim.train.config import TrainConfig, lr_for
+from tinymim.train.distributed import (
+    DistContext,
+    HeldLogs,
+    cpu_performance_settings,
+    seed_everything,
+    set_rng_state,
+    setup_distributed,
+)
+from tinymim.train.loggers import preflight
 
 log = logging.getLogger("tinymim")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 300  # passes over the training data
-    batch_size: int = 4096  # global batch per optimizer step, over all processes and accumulation
-    accum_steps: int = 1  # micro batches accumulated per optimizer step
-    blr: float = 1.5e-4  # lr = blr x batch_size / 256, unless lr is given
-    lr: float | None = None  # absolute learning rate; overrides blr when given
-    min_lr: float = 0.0  # learning rate at the end of the cosine schedule
-    warmup_epochs: float = 15.0  # linear warmup length, in epochs (fractions allowed)
-    warmup_steps: int | None = None  # linear warmup length in optimizer steps; overrides warmup_epochs
-    schedule: Literal["cosine", "poly"] = "cosine"  # after warmup: half-cycle cosine, or poly (segmentation)
-    poly_power: float = 1.0  # poly schedule: lr x (1 - t/T)^power
-    weight_decay: float = 0.05  # decoupled weight decay (none on biases and norms)
-    optimizer: Literal["adamw", "lars", "sgd"] = "adamw"  # adamw (MAE/TinyMIM), lars (linear probe) or sgd
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # adamw
-    momentum: float = 0.9  # lars, sgd
-    clip_grad: float | None = None  # gradient-norm clipping threshold; null: none
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast precision: bf16, fp16 (with a grad scaler) or fp32
-    compile: bool = False  # torch.compile the task's models
-    # recompute the trained ViT's block activations in the backward instead of keeping them: about a
-    # third more compute for much less memory, so a larger batch fits on a GPU
-    activation_checkpointing: bool = False
-    device: str = "auto"  # auto: cuda:LOCAL_RANK when CUDA is there, else cpu
-    seed: int = 0  # seed of every random choice (data order, augmentation, drop path, init)
-    deterministic: bool = False  # ask PyTorch for deterministic kernels (slower)
-    log_every: int = 20  # optimizer steps between metrics lines
-    checkpoint_every: int = 500  # optimizer steps between checkpoints (also at every epoch end)
-    max_steps: int | None = None  # stop after this many optimizer steps in total (quick runs)
-    tensorboard: bool = False  # also log to RUN_DIR/tensorboard (needs the tensorboard extra)
-    # also log to these trackers: tensorboard, wandb, mlflow (each an extra: pip install 'tinymim[wandb]')
-    loggers: list[str] = field(default_factory=list)
-    wandb_project: str = "tinymim"  # the W&B project
-    wandb_mode: Literal["offline", "online"] = "offline"  # offline: RUN_DIR/wandb, uploaded later by `wandb sync`
-    mlflow_uri: str | None = None  # MLflow tracking URI; null: a file store in RUN_DIR/mlruns
-    mlflow_experiment: str = "tinymim"  # the MLflow experiment
-    progress: bool = True  # show a progress bar
-
-    def validate(self) -> None:
-        """Ranges, checked when the config is read: before anything is built or written."""
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "accum_steps": self.accum_steps,
-                    "log_every": self.log_every, "checkpoint_every": self.checkpoint_every}
-        if self.max_steps is not None:
-            positive["max_steps"] = self.max_steps
-        for key, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{key} must be at least 1, got {value}")
-        if self.batch_size % self.accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
-        for key in ("blr", "lr"):
-            value = getattr(self, key)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{key} must be a positive number, got {value}")
-        for key in ("min_lr", "warmup_epochs", "weight_decay", "momentum"):
-            value = getattr(self, key)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{key} must be zero or positive, got {value}")
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            raise ValueError(f"clip_grad must be positive (or null for none), got {self.clip_grad}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        check_device(self.device)
-        unknown = [name for name in self.loggers if name not in LOGGERS]
-        if unknown:
-            raise ValueError(f"unknown logger(s) {', '.join(unknown)}; choose from {', '.join(LOGGERS)}")
-        check_available([*(["tensorboard"] if self.tensorboard else []), *self.loggers])
-
-
-def check_device(device: str) -> None:
-    """`auto`, `cpu`, `cuda` or `cuda:N`, and the GPU must be there."""
-    if device in ("auto", "cpu"):
-        return
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type != "cuda":
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device={device}, but PyTorch sees no CUDA GPU here; use device=cpu (or auto)")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device={device}, but there are only {torch.cuda.device_count()} GPUs")
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed setup
-
-
-@dataclass
-class DistContext:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    distributed: bool = False  # launched by torchrun: a process group and DDP, even for one process
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> DistContext:
-    """Read torchrun's environment; one process without it."""
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if launched and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                device_id=dev if dev.type == "cuda" else None)
-    return DistContext(rank, world, local_rank, dev, launched)
-
-
-def cpu_performance_settings() -> None:
-    """Two process-wide settings that make CPU training markedly faster (benchmarks/distill_throughput.py):
-
-    - flush denormals to zero: softmax tails produce them, and each costs a microcode assist;
-    - keep freed memory in the process (glibc): otherwise every step's large activations are
-      returned to the OS and page-faulted back in, which costs more than the ops that use them.
-    """
-    torch.set_flush_denormal(True)
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        libc.mallopt(M_MMAP_MAX, 0)
-        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the largest value mallopt takes
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-class HeldLogs:
-    """Log records of a run's setup, held until its checks pass (`release()`), then shown: a run that
-    cannot start prints its one-line error alone, not the notes of a setup that went nowhere."""
-
-    class _Hold(logging.Handler):
-        def __init__(self, records: list):
-            super().__init__()
-            self.records = records
-
-        def emit(self, record) -> None:
-            self.records.append(record)
-
-    def __init__(self, logger: logging.Logger = log, replay: bool = True):
-        self.logger, self.records, self.holding, self.replay = logger, [], False, replay
-
-    def __enter__(self) -> "HeldLogs":
-        self.handler, self.propagate = self._Hold(self.records), self.logger.propagate
-        self.logger.addHandler(self.handler)
-        self.logger.propagate, self.holding = False, True
-        return self
-
-    def _stop(self) -> None:
-        if self.holding:
-            self.logger.removeHandler(self.handler)
-            self.logger.propagate, self.holding = self.propagate, False
-
-    def release(self) -> None:
-        if self.holding:
-            self._stop()
-            for record in self.records:
-                self.logger.handle(record)
-            self.records.clear()
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None and self.replay:
-            self.release()
-        self._stop()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """This process's RNG states as plain Python values (picklable anywhere, weights_only-loadable)."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_to_tuple(state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def _to_tuple(x):
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def lr_for(cfg: TrainConfig) -> float:
-    return cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
-
-
-# ---------------------------------------------------------------------------------------------
-# preemption
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +82,8 @@ FINISHED = "finished"
 def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ctx: DistContext,
            optimizer_kwargs, stop: StopSignals, checked):
     """The loop, nanoGPT-style: one optimizer step per iteration, then logging, evaluation at epoch
-    ends, checkpoints, and a stop on request. The pieces it calls are defined below it."""
+    ends, checkpoints, and a stop on request. The pieces it calls are defined below it (its state, logs
+    and checkpoints: tinymim.train.bookkeeping)."""
     resume = _open_run(task, run, config, ctx)
     if resume == FINISHED:
         return None
@@ -356,25 +157,6 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
 
 # ---------------------------------------------------------------------------------------------
 # the loop's pieces
-
-
-@dataclass
-class Plan:
-    """The run's length in optimizer steps."""
-
-    per_epoch: int
-    total: int
-
-
-@dataclass
-class TrainState:
-    """What the loop advances and a checkpoint keeps, besides the task's weights."""
-
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    step: int = 0
-    best: float = float("-inf")
 
 
 def _open_run(task, run: RunDir, config: dict, ctx: DistContext):
@@ -500,17 +282,6 @@ def _restore(task, state: TrainState, resume: dict, cfg: TrainConfig, ctx: DistC
         log.info("resuming %s from step %d", run.path, state.step)
 
 
-@dataclass
-class LogWindow:
-    """Sums over the optimizer steps since the last metrics line."""
-
-    t0: float = field(default_factory=time.perf_counter)
-    images: int = 0
-    steps: int = 0
-    skipped: int = 0
-    sums: dict = field(default_factory=dict)
-
-
 def train_step(task, batches, cfg: TrainConfig, ctx: DistContext, state: TrainState, window: LogWindow,
                stop: StopSignals, checkpoint: Path) -> tuple[dict[str, float], bool]:
     """One optimizer step over accum_steps micro batches (DDP syncs gradients on the last only).
@@ -583,109 +354,6 @@ def _evaluate(task, state: TrainState, cfg: TrainConfig, ctx: DistContext, run: 
     return record
 
 
-class RunLogs:
-    """metrics.jsonl and the trackers (MetricsLogger), the progress bar, and the log window."""
-
-    def __init__(self, run: RunDir, ctx: DistContext, cfg: TrainConfig, config: dict, plan: Plan, name: str,
-                 step: int):
-        self.ctx, self.cfg, self.plan = ctx, cfg, plan
-        self.metrics = MetricsLogger(run, ctx.is_main, cfg, config)
-        self.bar = None
-        if ctx.is_main and cfg.progress:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=plan.total, initial=step, desc=name, unit="step", dynamic_ncols=True)
-        self.window, self.reported_skips, self.last, self.last_eval = LogWindow(), 0, None, {}
-
-    def step(self, step: int, losses: dict[str, float], optimizer) -> None:
-        w = self.window
-        for k, v in losses.items():
-            w.sums[k] = w.sums.get(k, 0.0) + v
-        w.steps += 1
-        if step % self.cfg.log_every == 0 or step == 1 or step == self.plan.total:
-            # on the device: nccl reduces only device tensors
-            skipped = torch.tensor(float(w.skipped), device=self.ctx.device)
-            if self.ctx.distributed:
-                dist.all_reduce(skipped)
-            self.last = {"step": step, "epoch": round(step / self.plan.per_epoch, 4),
-                         **{k: s / w.steps for k, s in w.sums.items()},
-                         "lr": max(g["lr"] for g in optimizer.param_groups),
-                         "images_per_s": w.images / (time.perf_counter() - w.t0), "skipped_images": int(skipped)}
-            self.metrics.log(self.last)
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", lr=f"{self.last['lr']:.2e}")
-            if int(skipped) > self.reported_skips and self.ctx.is_main:
-                log.warning("%d unreadable images skipped so far", int(skipped))
-            self.reported_skips = int(skipped)
-            self.window = LogWindow(skipped=w.skipped)
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def evaluation(self, record: dict | None) -> None:
-        if record is None:
-            return
-        self.metrics.log(record)
-        self.last_eval = record
-        if self.bar is not None:
-            self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-
-    def final(self) -> dict:
-        return {**(self.last or {}), **self.last_eval}
-
-    def close(self) -> None:
-        self.metrics.close()
-        if self.bar is not None:
-            self.bar.close()
-
-
-class Checkpointer:
-    """checkpoints/last.pt, written by the main process on every process's behalf (each one's RNG)."""
-
-    def __init__(self, task, state: TrainState, run: RunDir, ctx: DistContext, config: dict, data_id: dict):
-        self.task, self.state, self.run, self.ctx, self.config, self.data_id = task, state, run, ctx, config, data_id
-
-    def save(self, finished: bool = False, evaluated: bool = True) -> None:
-        """evaluated=False: written at an epoch's end before its evaluation, which a resume then runs."""
-        ctx, state = self.ctx, self.state
-        rng = [None] * ctx.world
-        if ctx.distributed:
-            dist.all_gather_object(rng, rng_state())
-        else:
-            rng = [rng_state()]
-        if ctx.is_main:
-            save_torch({"model": self.task.trainable_state(), "optimizer": state.optimizer.state_dict(),
-                        "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
-                        "global_step": state.step, "world": ctx.world, "rng": rng, "finished": finished,
-                        "best": state.best, "config": self.config, "data": self.data_id, "evaluated": evaluated},
-                       self.run.checkpoint)
-
-
-def _repair_finished(task, run: RunDir, config: dict, resume: dict) -> None:
-    """A finished run whose final weights, config.yaml or classes went missing gets them back from
-    last.pt (which holds the final trainable state and the config)."""
-    if run.stored_config() is None:
-        run.write_config(resume.get("config") or config)
-        log.warning("%s was missing or unreadable: rewritten from the checkpoint", run.config)
-    if getattr(task, "classes", None) is not None and not run.classes_file.is_file():
-        run.write_classes(task.classes)
-    if run.weights() is None or not readable_weights(run.weights()):
-        task.load_trainable_state(resume["model"])
-        task.export(run.path)
-        log.warning("the final weights of %s were missing or damaged: exported again from %s (step %d)", run.path,
-                    run.checkpoint, resume["global_step"])
-
-
-def readable_weights(path: Path) -> bool:
-    """Whether a safetensors file opens (its header and size agree): a damaged one is re-exported."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            f.keys()
-        return True
-    except Exception:  # noqa: BLE001 - any failure to open means "not usable"
-        return False
-
-
 def _describe(data: dict) -> str:
     classes = f" of {data['classes']} classes" if data.get("classes") else ""
     return f"{data.get('images')} images{classes}"
@@ -694,6 +362,7 @@ def _describe(data: dict) -> str:
 class TaskDefinition(Protocol):
     """What the engine uses of a task's registry entry (tinymim.tasks.base.TaskSpec)."""
 
+    resolve: Callable  # config -> a copy with every derived key filled (nothing built)
     build: Callable  # config -> the Task: models built, weights loaded
     loaders: Callable | None  # (task, global micro batch, rank, world, seed) -> (loader, sampler)
     optimizer_options: Callable  # config -> extra options of build_optimizer (e.g. layer_decay)
@@ -709,6 +378,7 @@ def run_task(spec: TaskDefinition, cfg, output: str | Path):
     ctx = setup_distributed(cfg.train.device)
     # the run directory is locked before anything is built: a second process refuses at once
     with locked(RunDir(output), ctx.is_main, ctx.distributed), HeldLogs() as held:
+        cfg = spec.resolve(cfg)  # what the run directory records: every derived key filled
         seed_everything(cfg.train.seed)
         task = spec.build(cfg)
         config = json.loads(json.dumps(asdict(cfg)))  # plain types only (YAML- and compare-friendly)

@@ -73,7 +73,7 @@ class KNNMonitorConfig:
 def _sample(loader, n: int | None):
     """Keep a fixed random sample of n images of an evaluation loader (a Subset underneath), in order.
     Not the first n: a folder tree lists its images class by class."""
-    from tinymim.data.pretrain import fixed_sample
+    from tinymim.data.sources import fixed_sample
 
     if n is not None and n < len(loader.dataset):
         indices = list(loader.dataset.indices)

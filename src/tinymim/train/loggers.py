@@ -17,7 +17,8 @@ import time
 
 from tinymim.core.config import ConfigError
 from tinymim.core.errors import TinymimError
-from tinymim.core.rundir import RunDir, write_error, write_text
+from tinymim.core.files import write_error, write_text
+from tinymim.core.rundir import RunDir
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
 _PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),

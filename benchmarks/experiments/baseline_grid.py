@@ -17,7 +17,7 @@ best by held-out top-1 after the last epoch is the demo's baseline (pipelines/de
 finetune_baseline; CHOSEN below records it, and the table says if a rerun disagrees). Resumable (one
 `tinymim pipeline`), shardable over processes (--shard I/N, then once without for the table):
 
-    python benchmarks/baseline_grid.py --data ../shared/data/cifar10 --out runs/baseline_grid
+    python benchmarks/experiments/baseline_grid.py --data ../shared/data/cifar10 --out runs/baseline_grid
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def main() -> None:
             + f" | {'**' if i == 0 else ''}{tops[-1]:.2f}{'**' if i == 0 else ''} |"
             for i, (s, tops) in enumerate(results)]
     best = results[0][0]
-    command = (f"python benchmarks/baseline_grid.py --images {args.images} --holdout {args.holdout} "
+    command = (f"python benchmarks/experiments/baseline_grid.py --images {args.images} --holdout {args.holdout} "
                f"--epochs {args.epochs} --width {args.width} --depth {args.depth} --heads {args.heads} "
                f"--seed {args.seed}")
     text = f"""# The from-scratch baseline at its best (chosen on held-out images)

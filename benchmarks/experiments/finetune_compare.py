@@ -1,7 +1,7 @@
 """Does TinyMIM pre-training help? Fine-tune the same micro ViT from a distilled student and from
 random init, same recipe and budget, several seeds; print top-1 and wall time of each run.
 
-    python benchmarks/finetune_compare.py --student runs/cifar10/distill_micro \
+    python benchmarks/experiments/finetune_compare.py --student runs/cifar10/distill_micro \
         --train PATH/cifar10/train --test PATH/cifar10/test --epochs 3 --seeds 0 1 --out runs/compare
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """TinyMIM distillation step on a GPU: tinymim against the release-equivalent baseline, same run.
 
 MAE ViT-B (target block 12, 12 relation heads) -> ViT-S, 224px. Arms:
-- release:           benchmarks/release_baseline.py (explicit attention everywhere, fp16 autocast +
+- release:           benchmarks/speed/release_baseline.py (explicit attention everywhere, fp16 autocast +
                      GradScaler, PyTorch's default AdamW, the release's loss as written, views given);
 - tinymim:           tinymim's DistillTask and optimizer as `tinymim distill` builds them (fused
                      attention in every block no loss reads, relation KL keeping only its logits, bf16
@@ -14,7 +14,7 @@ batch and the largest that fits. FLOPs per image are counted with torch.utils.fl
 tinymim's eager step (the baseline's own count is printed beside it); MFU = counted FLOPs x images/s
 over the bf16 matmul peak measured in the same run.
 
-    python benchmarks/gpu_throughput.py [--json OUT.json] [--batches 64 128 256 512 1024 2048]
+    python benchmarks/speed/gpu_throughput.py [--json OUT.json] [--batches 64 128 256 512 1024 2048]
         [--budget-s 420] [--img 224] [--device cuda]
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ def tinymim_step(batch: int, img: int, device: torch.device, compile_: bool = Fa
     from tinymim.data.pretrain import DataConfig
     from tinymim.models.vit import ModelConfig
     from tinymim.tasks.distill import DistillConfig, TeacherConfig, build_distill_task
-    from tinymim.train.engine import TrainConfig, build_optimizer
+    from tinymim.train.config import TrainConfig
+    from tinymim.train.engine import build_optimizer
 
     if small:  # a CPU dry run of this script
         student = ModelConfig(name="vit_custom", patch_size=16, embed_dim=64, depth=2, num_heads=2,

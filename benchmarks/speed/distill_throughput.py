@@ -5,7 +5,7 @@ batch 16 by default. For each precision: images/s of full training steps (views,
 student forward + backward, AdamW step), FLOPs per image counted with torch.utils.flop_counter, and
 the fraction of the best of 2048- and 4096-square matmuls measured in the same run and precision.
 
-    python benchmarks/distill_throughput.py [--precisions fp32 bf16] [--batch 16] [--steps 6]
+    python benchmarks/speed/distill_throughput.py [--precisions fp32 bf16] [--batch 16] [--steps 6]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tinymim.data.pretrain import DataConfig
 from tinymim.models.vit import ModelConfig
 from tinymim.tasks.distill import DistillConfig, TeacherConfig, build_distill_task
-from tinymim.train.engine import cpu_performance_settings
+from tinymim.train.distributed import cpu_performance_settings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

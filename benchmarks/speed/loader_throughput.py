@@ -5,7 +5,7 @@
 - training: images/s consumed by full distillation steps of the CIFAR-10 micro recipe
   (views + jitter on the device, teacher, student forward/backward, AdamW), on the same machine.
 
-    python benchmarks/loader_throughput.py [--data ../shared/data/cifar10/train.tar] [--workers 2]
+    python benchmarks/speed/loader_throughput.py [--data ../shared/data/cifar10/train.tar] [--workers 2]
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from tinymim.core.config import load_config
-from tinymim.data.pretrain import build_loader
+from tinymim.data.loader import build_loader
 from tinymim.tasks.distill import DistillConfig, build_distill_task
-from tinymim.train.engine import _autocast, seed_everything
+from tinymim.train.distributed import seed_everything
+from tinymim.train.engine import _autocast
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project
 
 
 def extract(tar: Path, cache: Path) -> Path:

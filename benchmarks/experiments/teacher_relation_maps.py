@@ -1,10 +1,10 @@
 r"""How sharp a teacher's relation maps are per block, and how far the last block's are from earlier ones.
 
-For findings 2 (which block to distil) of benchmarks/findings.py: the mean row entropy of the softmax
+For findings 2 (which block to distil) of benchmarks/experiments/findings.py: the mean row entropy of the softmax
 Q-K and V-V maps of every block (a uniform row has entropy ln N), and the KL of the last block's maps
 from blocks L-1 and L-2, over --images test images (every k-th, in sorted order).
 
-    python benchmarks/teacher_relation_maps.py --teacher ../shared/teachers/cifar10_mae_vit192x6 \
+    python benchmarks/experiments/teacher_relation_maps.py --teacher ../shared/teachers/cifar10_mae_vit192x6 \
         --images cifar10/test
 """
 from __future__ import annotations

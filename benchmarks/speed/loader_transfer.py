@@ -3,7 +3,7 @@ when each batch carries the JPEG files as one tensor (tinymim's collate) or as o
 Nothing is decoded: this is the worker -> main process transfer alone (every tensor crossing costs a
 shared-memory segment; on a GPU machine this transfer, not nvJPEG, capped the device path).
 
-    python benchmarks/loader_transfer.py [--images 2048] [--workers 2] [--batch 256] [--rounds 3]
+    python benchmarks/speed/loader_transfer.py [--images 2048] [--workers 2] [--batch 256] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import torch
 import torch.utils.data as tud
 from jpeg_loader_throughput import generate
 
-from tinymim.data.pretrain import DataConfig, GlobalBatchSampler, PairedViewDataset, build_source, collate
+from tinymim.data.loader import GlobalBatchSampler
+from tinymim.data.pretrain import DataConfig
+from tinymim.data.sources import build_source
+from tinymim.data.view_dataset import PairedViewDataset, collate
 
 
 def per_file_collate(samples):

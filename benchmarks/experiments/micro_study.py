@@ -8,7 +8,7 @@ fine-tuning runs `--finetune-epochs` over a fixed random `--finetune-subset` of 
 Compared, for every seed:
   scratch      fine-tuned from random init with the students' recipe (timm init, learned position embedding)
   scratch_best fine-tuned from random init with its own best recipe (--scratch-best: chosen on held-out images
-               by benchmarks/baseline_grid.py)
+               by benchmarks/experiments/baseline_grid.py)
   setup        the students' setup without pre-training: MAE init + fixed sin-cos table, the students' recipe
   MAE          the student MAE-pre-trained itself (same epochs)
   class token  distilled from the teacher's class token (smooth-L1, projected)
@@ -20,7 +20,7 @@ same count per class; 0 = all 50,000) and the 10,000 test images as queries.
 Everything runs as one `tinymim pipeline`, so an interrupted study resumes where it stopped and a
 finished one only rewrites the table:
 
-    python benchmarks/micro_study.py --out runs/micro_study --table docs/results/micro_study.md
+    python benchmarks/experiments/micro_study.py --out runs/micro_study --table docs/results/micro_study.md
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ from cifar_study import SHARED, cached_knn, extract, mean_std, shape, teacher_mo
 from tinymim.pipeline.report import stage_result
 from tinymim.pipeline.stages import PipelineConfig, StageConfig, run_pipeline
 
-# the from-scratch recipe benchmarks/baseline_grid.py chose on held-out images (docs/results/baseline_grid.md)
+# the from-scratch recipe benchmarks/experiments/baseline_grid.py chose on held-out images
+# (docs/results/baseline_grid.md)
 SCRATCH_BEST = setup_overrides(CHOSEN)
 LABELS = {"scratch": "from scratch, the students' recipe (timm init, learned position embedding)",
           "scratch_best": "from scratch at its best (recipe chosen on held-out images)",
@@ -116,7 +117,7 @@ def main() -> None:
                     help="k-NN bank: a fixed random sample of this many training images (0: all 50,000)")
     ap.add_argument("--scratch-best", nargs="*", default=SCRATCH_BEST, metavar="KEY=VALUE",
                     help="the from-scratch baseline's own recipe, as overrides of cifar10/finetune_short (default: "
-                         "the choice of benchmarks/baseline_grid.py at the demo's scale)")
+                         "the choice of benchmarks/experiments/baseline_grid.py at the demo's scale)")
     ap.add_argument("--pretrain-only", action="store_true", help="run the pre-training stages only (no table)")
     ap.add_argument("--shard", type=lambda v: tuple(map(int, v.split("/"))), default=(0, 1), metavar="I/N",
                     help="run only every N-th stage (and k-NN scoring) from the I-th, so that N processes "
@@ -155,7 +156,7 @@ def main() -> None:
                                                                           " by no more than")
         return f"{LABELS[a]} {verdict} the seeds' spread: {gap:+.2f} points (largest std {spread:.2f})"
 
-    command = "python benchmarks/micro_study.py " + " ".join([
+    command = "python benchmarks/experiments/micro_study.py " + " ".join([
         f"--seeds {' '.join(map(str, args.seeds))}", f"--pretrain-epochs {args.pretrain_epochs}",
         f"--finetune-epochs {args.finetune_epochs}", f"--finetune-subset {args.finetune_subset}",
         f"--student-width {args.student_width} --student-depth {args.student_depth} "

@@ -5,7 +5,7 @@ camvid/segment_micro` for each arm, then the test split through `tinymim eval`. 
   --compare options   the release's backbone options (relative position bias, layer scale 1.0) on vs
                       off, both from the same distilled backbone (--init)
 
-    python benchmarks/camvid_segment.py --camvid PATH/camvid --init RUN_DIR --out runs/camvid \
+    python benchmarks/experiments/camvid_segment.py --camvid PATH/camvid --init RUN_DIR --out runs/camvid \
         [--compare init] [--steps 1200] [--seeds 0 1]
 
 Each arm runs alone (both cores), one after the other; each run's test metrics and wall time are kept in

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # beside the project
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 ARCHITECTURE = ("name", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
 

@@ -2,7 +2,7 @@
 per-image crop/resize/flip, against Pillow's decode + crop on one CPU core. Generated ImageNet-like
 JPEGs (jpeg_loader_throughput.make_jpeg).
 
-    python benchmarks/device_decode_profile.py [--batch 256] [--device cuda]
+    python benchmarks/speed/device_decode_profile.py [--batch 256] [--device cuda]
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def main():
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    from tinymim.data.pretrain import crop_resize_flip, random_resized_crop_params
+    from tinymim.data.pretrain import crop_resize_flip
+    from tinymim.data.view_dataset import random_resized_crop_params
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / f"{i}.jpg" for i in range(args.batch)]

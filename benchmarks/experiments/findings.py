@@ -23,8 +23,8 @@ Everything is one `tinymim pipeline`: an interrupted study resumes stage by stag
 every N-th stage from the I-th (pre-training stages first, then fine-tuning), so N processes on the same
 --out share the work; then the plain command writes the table:
 
-    python benchmarks/findings.py --out runs/findings --shard 0/2 &   # and 1/2, each OMP_NUM_THREADS=1
-    python benchmarks/findings.py --out runs/findings                  # the table
+    python benchmarks/experiments/findings.py --out runs/findings --shard 0/2 &   # and 1/2, each OMP_NUM_THREADS=1
+    python benchmarks/experiments/findings.py --out runs/findings                  # the table
 """
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def main() -> None:
     per_seed_header = ("| arm | setting | final distillation loss (mean) | k-NN top-1 per seed | k-NN mean ± std "
                        "| fine-tuned top-1 per seed | fine-tuned mean ± std |")
     teacher = teacher_model(args.teacher)
-    command = "python benchmarks/findings.py " + " ".join([
+    command = "python benchmarks/experiments/findings.py " + " ".join([
         f"--seeds {' '.join(map(str, args.seeds))}", f"--small {' '.join(map(str, args.small))}",
         f"--medium {' '.join(map(str, args.medium))}", f"--pretrain-images {args.pretrain_images}",
         f"--pretrain-epochs {args.pretrain_epochs}", f"--finetune-images {args.finetune_images}",

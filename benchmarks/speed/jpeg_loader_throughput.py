@@ -9,7 +9,7 @@ each path the paired views ready on the device per second (224px crops, flip, ji
 Each path runs alone; in training the device path shares the GPU with the step. With --step-rate
 (images/s of the training step, e.g. from gpu_throughput.py's JSON) it says whether each keeps up.
 
-    python benchmarks/jpeg_loader_throughput.py [--images 4096] [--workers 16] [--batch 256]
+    python benchmarks/speed/jpeg_loader_throughput.py [--images 4096] [--workers 16] [--batch 256]
         [--device cuda] [--step-rate IMG_PER_S | --step-json gpu_throughput.json] [--dir DIR [--keep]]
 """
 from __future__ import annotations
@@ -50,7 +50,8 @@ def generate(root: Path, n: int, workers: int) -> float:
 
 
 def views_per_second(root: Path, decode: str, workers: int, batch: int, device: torch.device, epochs: int) -> float:
-    from tinymim.data.pretrain import DataConfig, build_loader, paired_views
+    from tinymim.data.loader import build_loader
+    from tinymim.data.pretrain import DataConfig, paired_views
 
     cfg = DataConfig(name="folder", root=str(root), img_size=224, num_workers=workers, decode=decode)
     loader, sampler = build_loader(cfg, batch, pin_memory=device.type == "cuda")

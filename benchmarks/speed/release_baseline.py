@@ -1,4 +1,4 @@
-"""A release-equivalent TinyMIM training step, the baseline of benchmarks/gpu_throughput.py.
+"""A release-equivalent TinyMIM training step, the baseline of benchmarks/speed/gpu_throughput.py.
 
 Written from the method's description (TINYMIM.md sections 2-3), the way the public release runs it:
 - ViTs whose every block computes attention explicitly: softmax(Q K^T / sqrt(d)) V as separate

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks of the CUDA paths (bf16, fp16 + GradScaler, torch.compile, torchrun + nccl) and the
-# throughput benchmark at a GPU-sized batch. Usage: bash benchmarks/gpu_check.sh OUT_DIR
+# throughput benchmark at a GPU-sized batch. Usage: bash benchmarks/speed/gpu_check.sh OUT_DIR
 set -uo pipefail
 out=${1:-gpu_out}
 mkdir -p "$out"
@@ -46,5 +46,5 @@ for i in 1 2; do
   $py -m torch.distributed.run --standalone --nproc_per_node=1 -m tinymim pipeline --config "$out/pipe.yaml" --output "$out/pipe"
 done
 echo "== throughput, ViT-B -> ViT-S 224px"
-$py benchmarks/distill_throughput.py --batch 128 --precisions bf16 fp32 --steps 10
-$py benchmarks/distill_throughput.py --batch 128 --precisions bf16 --steps 10 --compile
+$py benchmarks/speed/distill_throughput.py --batch 128 --precisions bf16 fp32 --steps 10
+$py benchmarks/speed/distill_throughput.py --batch 128 --precisions bf16 --steps 10 --compile

@@ -13,7 +13,7 @@ against the same student fine-tuned plainly, 3 seeds each, scored on the test sp
 
 Resumable and shardable as one `tinymim pipeline` (--shard I/N, then once without for the table):
 
-    python benchmarks/star_analogue.py --data ../shared/data/cifar10 --out runs/star_analogue
+    python benchmarks/experiments/star_analogue.py --data ../shared/data/cifar10 --out runs/star_analogue
 """
 from __future__ import annotations
 
@@ -93,8 +93,8 @@ def main() -> None:
     rows = "\n".join(f"| {s} | {p:.2f} | {t:.2f} | {t - p:+.2f} |" for s, p, t in zip(args.seeds, plain, star))
     diffs = [t - p for p, t in zip(plain, star)]
     spread = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
-    command = (f"python benchmarks/star_analogue.py --images {args.images} --seeds {' '.join(map(str, args.seeds))}"
-               + (" --student RUN" if args.student else ""))
+    command = (f"python benchmarks/experiments/star_analogue.py --images {args.images} "
+               f"--seeds {' '.join(map(str, args.seeds))}" + (" --student RUN" if args.student else ""))
     text = f"""# TinyMIM*-T at CIFAR-10 scale: distillation token + hard distillation vs plain fine-tuning
 
 Made by `{command}` on a 2-core CPU (this invocation: {(time.perf_counter() - start) / 60:.0f} minutes,
