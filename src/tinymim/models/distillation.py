@@ -9,42 +9,62 @@ are split into `relation_heads` (default: the block's own). The student's last b
 its Q/K/V into the same number of heads (its weights do not change; TINYMIM.md section 2), and the
 relation maps (softmax of Q-K and V-V scaled products, per head) of the two are compared by KL.
 timm.task-style: the trainable part is `get_trainable_module()`; everything else stays frozen.
+The distill task (tasks/distill.py) is wired from the same pieces: this FrozenTeacher, the student's
+path through embed / run_blocks / block_parts, and the same RelationLoss.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from timm.layers import DropPath
 
-from tinymim.method.relations import RelationLoss, block_qkv, split_heads
-from tinymim.models.vit import embed, set_block_heads, tokens_before_block, truncate
+from tinymim.method.relations import RelationLoss, split_heads
+from tinymim.method.targets import block_parts
+from tinymim.models.vit import embed, run_blocks, set_block_heads, tokens_before_block, truncate
 
 
 class FrozenTeacher(nn.Module):
-    """A teacher ViT run only up to `block` (1-indexed, default: the last), never trained.
-    forward(x) -> the relation block's (q, k, v), each B x heads x N x head_dim."""
+    """A teacher ViT run only up to `block` (1-indexed, default: the last), never trained: eval mode
+    whatever mode is asked, no gradients; with `drop_path` its drop path (if it has any) still follows
+    the mode (the paper's teacher drop-path ablation). The one teacher of the public API and the
+    distill task.
 
-    def __init__(self, vit: nn.Module, block: int | None = None, relation_heads: int | None = None):
+    forward(x) -> the relation block's features at `sites` (method/targets.py: qkv, block, ffn ...);
+    qkv(x) -> its (q, k, v) split into `heads` (default: the block's own), each B x heads x N x d."""
+
+    def __init__(self, vit: nn.Module, block: int | None = None, relation_heads: int | None = None,
+                 sites=("qkv",), drop_path: bool = False):
         super().__init__()
         depth = len(vit.blocks)
         self.block = block or depth
         if not 1 <= self.block <= depth:
             raise ValueError(f"target block {self.block} is out of range: the teacher has blocks 1..{depth}")
-        self.vit = truncate(vit, self.block).requires_grad_(False).eval()
+        self.sites, self.drop_path = set(sites), drop_path
+        self.vit = truncate(vit, self.block).requires_grad_(False)
         self.heads = relation_heads or self.vit.blocks[self.block - 1].attn.num_heads
+        self.train(False)
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
-        return super().train(False)  # always in eval mode: no dropout, no drop path
+        super().train(False)  # always eval: no dropout ...
+        if self.drop_path:  # ... and no drop path unless asked for
+            for m in self.modules():
+                if isinstance(m, DropPath):
+                    m.train(mode)
+        return self
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        block = self.vit.blocks[self.block - 1]
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = tokens_before_block(self.vit, x, self.block)
-        return split_heads(block.attn.qkv(block.norm1(tokens)), self.heads)
+        return block_parts(self.vit.blocks[self.block - 1], tokens, self.sites | {"qkv"})
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return split_heads(self(x)["qkv"], self.heads)
 
 
 class RelationStudent(nn.Module):
     """A student ViT whose last block splits Q/K/V into `heads` (the teacher's relation heads).
-    forward(x) -> that block's (q, k, v); `vit` stays a plain timm VisionTransformer."""
+    forward(x) -> that block's (q, k, v); `vit` stays a plain timm VisionTransformer. The distill
+    task's student takes the same path (embed, run_blocks, block_parts of the last block)."""
 
     def __init__(self, vit: nn.Module, heads: int):
         super().__init__()
@@ -52,10 +72,8 @@ class RelationStudent(nn.Module):
         set_block_heads(vit.blocks[-1], heads)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens = embed(self.vit, x)
-        for blk in self.vit.blocks[:-1]:
-            tokens = blk(tokens)
-        return block_qkv(self.vit.blocks[-1], tokens)  # split into `heads`: set_block_heads above
+        tokens = run_blocks(self.vit, embed(self.vit, x), self.vit.blocks[:-1])
+        return split_heads(block_parts(self.vit.blocks[-1], tokens, {"qkv"})["qkv"], self.heads)
 
 
 class RelationDistillation(nn.Module):
@@ -72,4 +90,4 @@ class RelationDistillation(nn.Module):
         return self.student.vit
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.loss(self.teacher(x), self.student(x))
+        return self.loss(self.teacher.qkv(x), self.student(x))

@@ -20,7 +20,6 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
 
 from tinymim.core.config import ConfigError, checked_copy
 from tinymim.data.pretrain import DataConfig, paired_views
@@ -28,6 +27,7 @@ from tinymim.method.mae import DecoderConfig, MAEDecoder, random_masking, recons
 from tinymim.method.relations import RELATION_NAMES, RelationLoss, block_qkv, split_heads
 from tinymim.method.targets import ClassTokenLoss, FeatureLoss, block_parts
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
+from tinymim.models.distillation import FrozenTeacher
 from tinymim.models.vit import (
     ModelConfig,
     TokenFeatures,
@@ -38,7 +38,6 @@ from tinymim.models.vit import (
     set_block_heads,
     set_drop_path,
     tokens_before_block,
-    truncate,
     vit_sizes,
 )
 from tinymim.tasks.base import Task, TaskSpec
@@ -166,29 +165,6 @@ def _sites(loss: DistillLossConfig) -> set[str]:
     return sites
 
 
-class TeacherTargets(nn.Module):
-    """Frozen teacher run only up to its target block; returns that block's features at `sites`."""
-
-    def __init__(self, vit: nn.Module, block: int, sites: set[str]):
-        super().__init__()
-        self.block, self.sites = block, set(sites)
-        self.vit = truncate(vit, block)
-        self.vit.requires_grad_(False)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> "TeacherTargets":
-        super().train(False)  # always eval (no dropout) ...
-        for m in self.modules():  # ... except drop path, when the teacher was given some
-            if isinstance(m, DropPath):
-                m.train(mode)
-        return self
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = tokens_before_block(self.vit, x, self.block)
-        return block_parts(self.vit.blocks[self.block - 1], tokens, self.sites)
-
-
 class DistillStudent(nn.Module):
     """The trainable side: the student ViT plus the losses' projections and the optional MAE decoder.
 
@@ -276,7 +252,9 @@ class DistillTask(Task):
         trainable = DistillStudent(student, loss, teacher.embed_dim, teacher_block.attn.num_heads, config.mask_ratio)
         super().__init__(trainable)
         self.student = student
-        self.teacher = TeacherTargets(teacher, target_block, trainable.sites)
+        # the public API's teacher (models/distillation.py): frozen, up to the target block, its features
+        self.teacher = FrozenTeacher(teacher, target_block, teacher_block.attn.num_heads, trainable.sites,
+                                     drop_path=True)
         self.data_cfg = data_cfg
         self.config = config
         self.knn = KNNMonitor(config.knn, data_cfg) if config is not None and config.knn.every_epochs else None
@@ -304,8 +282,7 @@ class DistillTask(Task):
     @torch.no_grad()
     def relation_qkv(self, x: torch.Tensor):
         """(teacher Q, K, V at its target block, student Q, K, V at its last block) for images x."""
-        t_vit, k = self.teacher.vit, self.teacher.block
-        teacher = block_qkv(t_vit.blocks[k - 1], tokens_before_block(t_vit, x, k))
+        teacher = self.teacher.qkv(x)  # split into the teacher's relation heads, as the loss splits them
         depth = len(self.student.blocks)
         return teacher, block_qkv(self.student.blocks[-1], tokens_before_block(self.student, x, depth))
 
