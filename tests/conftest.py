@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from tinymim.data.pretrain import DataConfig  # noqa: E402
 from tinymim.models.vit import ModelConfig  # noqa: E402
-from tinymim.tasks.distill import DistillConfig, TeacherConfig  # noqa: E402
+from tinymim.tasks.distill_config import DistillConfig, TeacherConfig  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch first
 

@@ -11,7 +11,7 @@ import torch.utils.data as tud
 from tinymim.data.segmentation import SegmentationDataset, SegmentationFolder, SegmentDataConfig, collate_segment
 from tinymim.models.segmenter import Segmenter
 from tinymim.models.vit import ModelConfig, create_vit
-from tinymim.tasks.segment import evaluate_segmenter
+from tinymim.tasks.segment_eval import evaluate_segmenter
 
 root = sys.argv[1]
 if "RANK" in os.environ:

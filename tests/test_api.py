@@ -98,7 +98,7 @@ def test_config_command_lists_every_key_with_type_and_meaning(capsys):
 
 @pytest.mark.parametrize("task", ["distill", "mae", "finetune", "linprobe"])
 def test_every_config_key_of_every_task_has_a_meaning(task):
-    from tinymim.core.config import describe
+    from tinymim.core.config_docs import describe
 
     cfg = tinymim.load_config(task, None, ["data.name=synthetic"])
     undocumented = [key for key, _, _, doc in describe(type(cfg), cfg) if not doc]

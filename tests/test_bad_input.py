@@ -15,7 +15,8 @@ from tinymim.core.rundir import RunDir
 from tinymim.data.loader import build_loader
 from tinymim.data.pretrain import DataConfig
 from tinymim.models.checkpoint import CheckpointError, load_state_dict
-from tinymim.tasks.distill import DistillConfig, build_distill_task
+from tinymim.tasks.distill import build_distill_task
+from tinymim.tasks.distill_config import DistillConfig
 
 
 def make_folder(root: Path, per_class=8, classes=("a", "b"), size=32):

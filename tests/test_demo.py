@@ -43,7 +43,7 @@ def test_demo_offline_says_so_and_runs_on_synthetic_images(tmp_path, monkeypatch
 
 def test_demo_teacher_ships_with_the_package():
     from tinymim.models.checkpoint import load_weights
-    from tinymim.pipeline.stages import load, plan
+    from tinymim.pipeline.planning import load, plan
 
     state = load_weights("builtin:cifar10_mae_vit128x6")
     assert state["pos_embed"].shape == (1, 65, 128)
@@ -56,7 +56,7 @@ def test_demo_teacher_ships_with_the_package():
 def test_demo_baseline_is_the_grid_s_choice_and_the_twin_the_student_s_recipe(tmp_path, benchmark_module):
     """The best from-scratch baseline trains the setup baseline_grid chose (and says which in its
     label); the twin differs from the student's fine-tuning in its init only."""
-    from tinymim.pipeline.stages import load, plan
+    from tinymim.pipeline.planning import load, plan
 
     grid = benchmark_module("baseline_grid")
     planned = {s.name: (s, c) for s, _, c in plan(load("pipelines/demo"), tmp_path)}

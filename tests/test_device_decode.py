@@ -114,7 +114,7 @@ def test_distill_trains_with_device_decode(tmp_path):
 @pytest.mark.parametrize("decode", ["cpu", "device"])
 def test_decode_is_a_config_choice(decode):
     from tinymim.core.config import load_config
-    from tinymim.tasks.distill import DistillConfig
+    from tinymim.tasks.distill_config import DistillConfig
 
     assert load_config(DistillConfig, None, [f"data.decode={decode}"]).data.decode == decode
 

@@ -7,7 +7,8 @@ from conftest import tiny_vit
 import tinymim.tasks as tasks
 from tinymim.core.rundir import RunDir
 from tinymim.tasks import linprobe
-from tinymim.tasks.finetune import ClassifyDataConfig, FinetuneConfig, build_finetune_task
+from tinymim.tasks.finetune import ClassifyDataConfig, build_finetune_task
+from tinymim.tasks.finetune_config import FinetuneConfig
 from tinymim.train.knn import knn_accuracy
 
 
@@ -98,7 +99,7 @@ def test_linear_probe_trains_only_the_head(tmp_path):
         loader, sampler = build_classify_loaders(cfg.data, batch, rank, world, seed)
         return loader, sampler
 
-    engine_train(task, cfg.train, loader_fn, tmp_path / "run", {"probe": True})
+    engine_train(task, cfg, loader_fn, tmp_path / "run")
     after = task.probe.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and buffers unchanged
     assert not torch.equal(head_before, task.probe.head[1].weight)

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import tinymim.tasks as tasks
 from tinymim.core.config import load_config
 from tinymim.models.vit import ModelConfig, create_vit
-from tinymim.tasks.distill import DistillConfig, build_distill_task
+from tinymim.tasks.distill import build_distill_task
+from tinymim.tasks.distill_config import DistillConfig
 
 
 def mae_sincos_reference(dim: int, grid: int) -> np.ndarray:
@@ -71,7 +72,8 @@ def test_vit_tiny_pretrains_with_6_heads_and_12_in_the_relation_block():
         task = build_distill_task(cfg)
     assert [b.attn.num_heads for b in task.student.blocks] == [6] * 11 + [12]
     assert task.student.blocks[-1].attn.head_dim == 16
-    from tinymim.tasks.finetune import FinetuneConfig, build_finetune_task
+    from tinymim.tasks.finetune import build_finetune_task
+    from tinymim.tasks.finetune_config import FinetuneConfig
     ft = load_config(FinetuneConfig, "imagenet/finetune_vit_tiny", ["init=null", "num_classes=10"])
     with torch.device("meta"):
         model = build_finetune_task(ft).model
@@ -82,7 +84,7 @@ def test_main_chain_resolves_the_papers_teacher_heads(tmp_path):
     """MAE ViT-L -> ViT-B: 16; TinyMIM ViT-B -> ViT-S: 12 (although its last block was distilled with
     16); TinyMIM ViT-S -> ViT-T: 12. The ViT-T fine-tuning stage goes back to 3 heads."""
     from tinymim.core.config import from_dict
-    from tinymim.pipeline.stages import load, plan
+    from tinymim.pipeline.planning import load, plan
 
     resolved = {}
     for stage, _, config in plan(load("pipelines/imagenet_main_chain"), tmp_path):

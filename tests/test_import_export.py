@@ -122,7 +122,8 @@ def test_export_onnx_matches_pytorch(distilled_run, tmp_path):
     import numpy as np
     import onnxruntime as ort
 
-    from tinymim.evaluate.export import build_exportable, export_onnx
+    from tinymim.evaluate.export import export_onnx
+    from tinymim.evaluate.exportable import build_exportable
 
     diff = export_onnx(distilled_run, tmp_path / "student.onnx")
     assert diff < 1e-4
@@ -135,7 +136,7 @@ def test_export_onnx_matches_pytorch(distilled_run, tmp_path):
 
 def test_export_of_a_bare_checkpoint_needs_its_architecture(tmp_path):
     from tinymim.core.errors import TinymimError
-    from tinymim.evaluate.export import build_exportable
+    from tinymim.evaluate.exportable import build_exportable
 
     torch.save(encoder_state(), tmp_path / "w.pth")
     with pytest.raises(TinymimError, match="--model"):
@@ -169,7 +170,7 @@ def test_distilled_student_as_teacher_takes_the_declared_relation_heads(distille
     """Sequential distillation: the student's relation block was trained with 4 heads (3 elsewhere).
     As the next teacher its relation heads are what the recipe declares (TINYMIM.md section 2), not
     what its run directory recorded; undeclared, they are its architecture's 3."""
-    from tinymim.tasks.distill import TeacherConfig
+    from tinymim.tasks.distill_config import TeacherConfig
 
     for declared, expected in ((4, 4), (None, 3)):
         cfg = tiny_distill_config()
@@ -184,7 +185,7 @@ def test_distilled_student_as_teacher_takes_the_declared_relation_heads(distille
 def test_a_run_directory_as_teacher_supplies_its_architecture(distilled_run):
     """`teacher.checkpoint=RUN_DIR` with no teacher.model keys: the teacher is built as the run's
     student was (48 wide, 2 blocks, 3 heads, patch 4, 32px); keys given on the command line win."""
-    from tinymim.tasks.distill import load
+    from tinymim.tasks.distill_config import load
 
     small = ["student.name=vit_custom", "student.img_size=32", "student.patch_size=4", "student.embed_dim=48",
              "student.depth=2", "student.num_heads=2", "data.name=synthetic", "data.img_size=32",
@@ -236,7 +237,7 @@ def test_exported_student_carries_the_runs_preprocessing_and_a_true_card(distill
 def test_exported_classifier_gives_the_same_logits(tmp_path):
     from tinymim.core.config import load_config
     from tinymim.evaluate.robustness import load_classifier
-    from tinymim.tasks.finetune import FinetuneConfig
+    from tinymim.tasks.finetune_config import FinetuneConfig
 
     cfg = load_config(FinetuneConfig, None, [
         "model.name=vit_custom", "model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",

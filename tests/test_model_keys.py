@@ -8,7 +8,8 @@ import torch
 
 from tinymim.core.config import ConfigError, load_config
 from tinymim.method.mae import sincos_table
-from tinymim.tasks.finetune import FinetuneConfig, build_classifier
+from tinymim.tasks.finetune import build_classifier
+from tinymim.tasks.finetune_config import FinetuneConfig
 from tinymim.tasks.linprobe import LinearProbeConfig, build_linprobe_task
 from tinymim.tasks.segment import SegmentConfig, build_backbone
 

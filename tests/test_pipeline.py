@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from tinymim.core.config import ConfigError, from_dict
 from tinymim.core.rundir import RunDir
-from tinymim.pipeline.stages import PipelineConfig, run_pipeline
+from tinymim.pipeline.planning import PipelineConfig
+from tinymim.pipeline.stages import run_pipeline
 
 TINY = ["model.name=vit_custom", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32",
         "model.depth=2", "model.num_heads=2"]
@@ -148,7 +149,7 @@ def test_a_second_pipeline_on_the_same_output_refuses(tmp_path, capsys):
 def test_command_line_overrides_win_over_the_pipeline_file(tmp_path):
     """The demo pipeline sets its own epochs per stage; `train.epochs=1` on the command line changes
     every stage, `finetune:` only the fine-tuning ones, and the report says what was applied."""
-    from tinymim.pipeline.stages import load, plan
+    from tinymim.pipeline.planning import load, plan
 
     planned = {s.name: c for s, _, c in plan(load("pipelines/demo"), tmp_path)}
     assert {c["train"]["epochs"] for c in planned.values()} != {1}

@@ -13,7 +13,7 @@ import tinymim.tasks as tasks
 from tinymim.core.config import load_config
 from tinymim.models.checkpoint import CheckpointError
 from tinymim.models.vit import ModelConfig, create_vit, vit_sizes
-from tinymim.tasks.finetune import FinetuneConfig
+from tinymim.tasks.finetune_config import FinetuneConfig
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224",

@@ -8,7 +8,8 @@ from conftest import tiny_distill_config, tiny_vit
 from tinymim.method.relations import RelationLoss, block_qkv, relation_kl, relation_logits, split_heads
 from tinymim.method.targets import block_parts
 from tinymim.models.vit import create_vit, set_block_heads
-from tinymim.tasks.distill import TeacherConfig, build_distill_task
+from tinymim.tasks.distill import build_distill_task
+from tinymim.tasks.distill_config import TeacherConfig
 
 
 def reference_block_input(model, x, k):

@@ -293,7 +293,7 @@ def test_ade20k_recipes_have_the_papers_settings(size, channels, decay):
 def test_a_pipeline_can_end_in_segmentation(tmp_path):
     """A `segment` stage takes an earlier stage as its init, with that model's architecture."""
     from tinymim.core.config import from_dict
-    from tinymim.pipeline.stages import PipelineConfig, plan
+    from tinymim.pipeline.planning import PipelineConfig, plan
 
     cfg = from_dict(PipelineConfig, {"stages": [
         {"name": "student", "task": "distill", "config": "cifar10/distill_micro"},

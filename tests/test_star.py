@@ -13,7 +13,8 @@ from tinymim.cli import main
 from tinymim.models.checkpoint import load_state_dict, load_vit_weights
 from tinymim.models.star import DistilledViT
 from tinymim.models.vit import ModelConfig, create_vit
-from tinymim.tasks.finetune import ClassifyDataConfig, FinetuneConfig, FrozenTeacher, build_finetune_task
+from tinymim.tasks.finetune import ClassifyDataConfig, FrozenTeacher, build_finetune_task
+from tinymim.tasks.finetune_config import FinetuneConfig
 
 DIM, DEPTH, HEADS, EXTRA, CLASSES = 32, 2, 4, 64, 5  # 32px, patch 4: 64 patches, pos_embed 66 rows
 
@@ -235,7 +236,7 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
 
 def test_distilled_finetune_run_from_a_teacher_run(tmp_path, capsys):
     from tinymim.core.rundir import RunDir
-    from tinymim.evaluate.export import build_exportable
+    from tinymim.evaluate.exportable import build_exportable
     from tinymim.evaluate.robustness import load_classifier
 
     assert main(["finetune", "--output", str(tmp_path / "teacher"), *FAST, "train.max_steps=1"]) == 0

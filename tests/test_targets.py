@@ -7,7 +7,8 @@ from conftest import tiny_distill_config, tiny_vit
 
 from tinymim.core.config import ConfigError
 from tinymim.method.targets import FEATURE_SITES, block_parts
-from tinymim.tasks.distill import TeacherConfig, build_distill_task
+from tinymim.tasks.distill import build_distill_task
+from tinymim.tasks.distill_config import TeacherConfig
 
 TARGETS = [
     ("relation qk+vv softmax", {}),
@@ -183,7 +184,7 @@ def test_no_target_is_an_error():
     from dataclasses import asdict
 
     from tinymim.core.config import from_dict
-    from tinymim.tasks.distill import DistillConfig
+    from tinymim.tasks.distill_config import DistillConfig
 
     cfg = configure(tiny_distill_config(), {"relation": {"weight": 0}})
     with pytest.raises(ConfigError, match="no distillation target"):

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from cifar_study import SHARED, extract, shape
 
+from tinymim.pipeline.planning import PipelineConfig, StageConfig
 from tinymim.pipeline.report import read_metrics
-from tinymim.pipeline.stages import PipelineConfig, StageConfig, run_pipeline
+from tinymim.pipeline.stages import run_pipeline
 
 BLR = 3.0e-3  # cifar10/finetune_short's
 GRID = {"init": ["timm", "mae"], "pos_embed": ["learned", "sincos"], "layer_decay": [1.0, 0.85], "lr": [1, 2]}

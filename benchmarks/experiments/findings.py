@@ -37,8 +37,9 @@ from pathlib import Path
 
 from cifar_study import SHARED, cached_knn, extract, mean_std, shape, teacher_model, teacher_pairing
 
+from tinymim.pipeline.planning import PipelineConfig, StageConfig
 from tinymim.pipeline.report import read_metrics, stage_result
-from tinymim.pipeline.stages import PipelineConfig, StageConfig, run_pipeline
+from tinymim.pipeline.stages import run_pipeline
 
 # arm -> (label, overrides of the distill stage on top of the default arm)
 ARMS = {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tinymim.tasks as tasks
 from tinymim.core.config import load_config
-from tinymim.tasks import finetune
+from tinymim.tasks import finetune_config
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     for init_name, init in (("TinyMIM student", args.student), ("random init", None)):
         for seed in args.seeds:
             out = Path(args.out) / f"{'tinymim' if init else 'scratch'}_seed{seed}"
-            cfg = load_config(finetune.FinetuneConfig, args.recipe, [
+            cfg = load_config(finetune_config.FinetuneConfig, args.recipe, [
                 "data.name=folder", f"data.root={args.train}", f"data.val_root={args.test}",
                 f"train.epochs={args.epochs}", f"train.seed={seed}", "train.progress=false",
                 f"init={init if init else 'null'}", *args.overrides])

@@ -33,8 +33,9 @@ from pathlib import Path
 from baseline_grid import CHOSEN, setup_overrides
 from cifar_study import SHARED, cached_knn, extract, mean_std, shape, teacher_model, teacher_pairing
 
+from tinymim.pipeline.planning import PipelineConfig, StageConfig
 from tinymim.pipeline.report import stage_result
-from tinymim.pipeline.stages import PipelineConfig, StageConfig, run_pipeline
+from tinymim.pipeline.stages import run_pipeline
 
 # the from-scratch recipe benchmarks/experiments/baseline_grid.py chose on held-out images
 # (docs/results/baseline_grid.md)

@@ -26,8 +26,9 @@ from pathlib import Path
 
 from cifar_study import SHARED, extract, mean_std
 
+from tinymim.pipeline.planning import PipelineConfig, StageConfig
 from tinymim.pipeline.report import read_metrics
-from tinymim.pipeline.stages import PipelineConfig, StageConfig, run_pipeline
+from tinymim.pipeline.stages import run_pipeline
 
 STUDENT = ["model.embed_dim=64", "model.depth=6", "model.num_heads=2", "train.blr=6.0e-3"]
 STAR = ["model.dist_token=true", "model.extra_head_dim=384"]

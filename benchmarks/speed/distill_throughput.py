@@ -18,7 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tinymim.data.pretrain import DataConfig
 from tinymim.models.vit import ModelConfig
-from tinymim.tasks.distill import DistillConfig, TeacherConfig, build_distill_task
+from tinymim.tasks.distill import build_distill_task
+from tinymim.tasks.distill_config import DistillConfig, TeacherConfig
 from tinymim.train.distributed import cpu_performance_settings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -37,7 +37,8 @@ def tinymim_step(batch: int, img: int, device: torch.device, compile_: bool = Fa
     """A closure running one full tinymim training step, built as `tinymim distill` builds it."""
     from tinymim.data.pretrain import DataConfig
     from tinymim.models.vit import ModelConfig
-    from tinymim.tasks.distill import DistillConfig, TeacherConfig, build_distill_task
+    from tinymim.tasks.distill import build_distill_task
+    from tinymim.tasks.distill_config import DistillConfig, TeacherConfig
     from tinymim.train.config import TrainConfig
     from tinymim.train.engine import build_optimizer
 

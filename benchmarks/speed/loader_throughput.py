@@ -18,7 +18,8 @@ import torch
 
 from tinymim.core.config import load_config
 from tinymim.data.loader import build_loader
-from tinymim.tasks.distill import DistillConfig, build_distill_task
+from tinymim.tasks.distill import build_distill_task
+from tinymim.tasks.distill_config import DistillConfig
 from tinymim.train.distributed import seed_everything
 from tinymim.train.engine import _autocast
 

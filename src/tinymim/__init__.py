@@ -9,7 +9,8 @@ The public API (imported lazily: `import tinymim` stays cheap):
 - models and weights: `ModelConfig`, `create_vit`, `load_vit` (a run directory, a shipped teacher
   `builtin:NAME`, or a file with its timm architecture), `load_weights`, `load_vit_weights`
 - whole tasks: `load_config(task, recipe, overrides)` and `run(task, config, output)`, as the command line
-  runs them (tasks: distill, mae, finetune, linprobe)
+  runs them (tasks: distill, mae, finetune, linprobe, segment); `load_trained(run_dir, best=False)`: any
+  run directory's trained model, config and class names
 """
 
 __version__ = "0.1.0"
@@ -22,8 +23,8 @@ _EXPORTS = {
     "RelationStudent": "tinymim.models.distillation",
     "ModelConfig": "tinymim.models.vit", "create_vit": "tinymim.models.vit",
     "load_weights": "tinymim.models.checkpoint", "load_vit_weights": "tinymim.models.checkpoint",
-    "load_vit": "tinymim.evaluate.export",
-    "load_config": "tinymim.tasks", "run": "tinymim.tasks",
+    "load_vit": "tinymim.evaluate.exportable",
+    "load_config": "tinymim.tasks", "run": "tinymim.tasks", "load_trained": "tinymim.tasks",
 }
 __all__ = sorted(_EXPORTS)
 

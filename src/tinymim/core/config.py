@@ -7,6 +7,8 @@ command line are parsed as YAML scalars, so `train.epochs=3`, `data.name=cifar10
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -100,8 +102,6 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
-        import difflib
-
         # the closest valid keys, not all of them: a section can have 30 (`tinymim config TASK` lists all)
         close = sorted({prefix + m for k in unknown for m in difflib.get_close_matches(k, list(types_), n=3)})
         hint = (f"did you mean {', '.join(close)}?" if close
@@ -135,6 +135,11 @@ def from_run_config(cls: type[T], raw: dict, **top) -> T:
 
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
+
+
+def plain(obj) -> dict:
+    """A config as plain JSON types (what config.yaml and last.pt hold, and what resuming compares)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -233,79 +238,23 @@ def dump_config(obj, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
-def diff_configs(a: dict, b: dict, prefix: str = "", new_keys_ok: bool = False) -> list[str]:
-    """Dotted keys whose values differ between two nested dicts. new_keys_ok: keys only `b` has are no
-    difference (`a` is a stored config written before tinymim had those keys)."""
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
+def diff_configs(a: dict, b: dict, prefix: str = "", new_keys_ok: bool = False) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (value in a, value in b)} for every key whose values differ between two nested
+    dicts, in key order. new_keys_ok: keys only `b` has are no difference (`a` is a stored config
+    written before tinymim had those keys)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for k in sorted(set(a) | set(b)):
         if new_keys_ok and k not in a:
             continue
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += diff_configs(va, vb, prefix + k + ".", new_keys_ok)
+            out.update(diff_configs(va, vb, prefix + k + ".", new_keys_ok))
         elif va != vb:
-            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+            out[prefix + k] = (va, vb)
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# discovery: every key of a config, its type and a one-line meaning (`tinymim config TASK`)
-
-
-def field_docs(cls) -> dict[str, str]:
-    """One line per field of dataclass `cls`, from its source: the comment at the end of the field's
-    line, else the comment lines just above it."""
-    import inspect
-    import io
-    import tokenize
-
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    docs: dict[str, str] = {}
-    above: list[str] = []
-    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-    line_field, line_no = None, -1
-    for tok in tokens:
-        if tok.type == tokenize.COMMENT:
-            text = tok.string.lstrip("#").strip()
-            if tok.start[0] == line_no and line_field:  # a comment at the end of a field's line
-                docs[line_field] = text
-            else:
-                above.append(text)
-        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names and tok.start[0] != line_no:
-            line_field, line_no = tok.string, tok.start[0]
-            if above:
-                docs[tok.string] = " ".join(above)
-            above = []
-        elif tok.type == tokenize.NL and not above:
-            pass
-        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.COMMENT):
-            if tok.start[0] != line_no:
-                above = []
-    return docs
-
-
-def _type_name(tp) -> str:
-    text = getattr(tp, "__name__", None) if not typing.get_args(tp) else None
-    return text or str(tp).replace("typing.", "").replace("NoneType", "None")
-
-
-def describe(cls, value=None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, value, meaning) for every leaf key of a config (its defaults when value is None)."""
-    value = value if value is not None else cls()
-    types_, docs = _field_types(cls), {}
-    for klass in reversed(cls.__mro__):  # a subclass's comments over its base's
-        if dataclasses.is_dataclass(klass):
-            docs.update(field_docs(klass))
-    rows = []
-    for f in dataclasses.fields(cls):
-        tp, v = types_[f.name], getattr(value, f.name)
-        if _is_dataclass_type(tp) or dataclasses.is_dataclass(v):  # a section, or an optional one that is set
-            rows += describe(type(v) if v is not None else tp, v, prefix + f.name + ".")
-        else:
-            rows.append((prefix + f.name, _type_name(tp), v, docs.get(f.name, "")))
-    return rows
+def describe_diffs(diffs: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
+    """`key: old -> new; ...` for a message, the first `limit` of them."""
+    shown = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(diffs.items())[:limit]]
+    return "; ".join(shown) + (" ..." if len(diffs) > limit else "")

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import pickle
+import pickletools
 import secrets
 import shutil
 import warnings
@@ -17,6 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+import torch
 import yaml
 
 from tinymim.core.errors import TinymimError
@@ -132,8 +134,6 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
-    import torch
-
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -182,8 +182,6 @@ def read_json(path: str | Path, what: str = "file") -> dict | None:
 
 def safe_torch_load(path: str | Path) -> Any:
     """torch.load that refuses pickled code and names the problem."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -215,8 +213,6 @@ def safe_torch_load(path: str | Path) -> Any:
 def _parses_as_pickle(path: Path, head: bytes) -> bool:
     """Whether the file is a well-formed pickle stream (read, never run): what torch's weights-only
     unpickler refused is then an object it will not build, else the bytes are damaged."""
-    import pickletools
-
     if head[:1] != b"\x80":  # a zip archive: torch names a refused object a global
         return True
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch.distributed as dist
+
 from tinymim.core.errors import TinymimError
 from tinymim.core.files import RunDirError
 from tinymim.core.rundir import RunDir
@@ -18,8 +20,6 @@ def locked(run: RunDir, is_main: bool = True, distributed: bool = False):
         with run.lock():
             yield run
         return
-    import torch.distributed as dist
-
     stack, error = contextlib.ExitStack(), None
     if is_main:
         try:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from tinymim import __version__
+from tinymim.core.config import ConfigError, describe_diffs, diff_configs
 from tinymim.core.files import (
     TMP_SUFFIX,
     CheckpointError,
@@ -58,10 +60,18 @@ _HELD: set[Path] = set()  # run directories this process has locked
 
 # keys that may change between a run and its resumption: they do not change the result. data.root
 # may move (a mounted copy elsewhere): the data's fingerprint, not its path, must match.
-RESUMABLE_CHANGES = ("train.progress", "train.log_every", "train.checkpoint_every", "train.tensorboard",
-                     "train.loggers", "train.wandb", "train.mlflow",
-                     "data.num_workers", "data.root", "data.val_root", "data.shard_cache", "train.device",
-                     "train.compile", "train.activation_checkpointing")
+RESUMABLE_CHANGES = frozenset((
+    "train.progress", "train.log_every", "train.checkpoint_every", "train.tensorboard", "train.loggers",
+    "train.wandb_project", "train.wandb_mode", "train.mlflow_uri", "train.mlflow_experiment",
+    "data.num_workers", "data.root", "data.val_root", "data.shard_cache", "train.device",
+    "train.compile", "train.activation_checkpointing"))
+
+
+def result_changes(old: dict, new: dict) -> dict:
+    """The keys (with their old and new values) in which config `new` differs from the stored `old` in
+    a way that changes results: keys added to tinymim since `old` was written are no difference (the
+    run ran without them), nor are the RESUMABLE_CHANGES."""
+    return {k: v for k, v in diff_configs(old, new, new_keys_ok=True).items() if k not in RESUMABLE_CHANGES}
 
 
 class RunDir:
@@ -176,21 +186,17 @@ class RunDir:
 
     def check_config(self, config: dict, checkpoint: dict | None = None) -> None:
         """A resumed run must use the config it started with (bar settings that do not change results)."""
-        from tinymim.core.config import ConfigError, diff_configs
-
         old = self.stored_config(checkpoint)
         if old is None:
             return
         if not set(old) <= set(config):  # a section tinymim added since is no difference (see below)
             raise ConfigError(f"{self.path} holds another kind of run (its config has sections "
                               f"{', '.join(sorted(old))}); choose a new --output directory")
-        # keys added to tinymim after the run started are taken as unchanged: the run ran without them
-        diffs = [d for d in diff_configs(old, config, new_keys_ok=True) if not d.startswith(RESUMABLE_CHANGES)]
+        diffs = result_changes(old, config)
         if diffs:
             raise ConfigError(
-                f"{self.path} holds a run with a different config ({'; '.join(diffs[:6])}"
-                f"{' ...' if len(diffs) > 6 else ''}); choose a new --output directory, or repeat the original "
-                "settings to resume")
+                f"{self.path} holds a run with a different config ({describe_diffs(diffs)}); choose a new --output "
+                "directory, or repeat the original settings to resume")
 
     def write_config(self, config: dict) -> None:
         write_text(self.config, yaml.safe_dump(config, sort_keys=False))
@@ -243,8 +249,6 @@ class RunDir:
     def write_info(self, task: str, model_section: str) -> None:
         """RUN_DIR/run.json: which task made the run and where its config keeps the produced model
         (tools read it instead of guessing from the config)."""
-        from tinymim import __version__
-
         write_json(self.info_file, {"task": task, "model_section": model_section, "tinymim": __version__})
 
     def task(self) -> str | None:

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.utils.data as tud
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import auto_augment as aa
 from timm.data import create_transform
 
 from tinymim.core.config import ConfigError
 from tinymim.core.errors import DataError
 from tinymim.data.loader import batch_sampler, worker_init
 from tinymim.data.pretrain import DataConfig
-from tinymim.data.sources import build_source
+from tinymim.data.sources import SubsetImages, TorchvisionCIFAR, build_source, split_holdout
 from tinymim.data.view_dataset import load_or_substitute
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,6 @@ log = logging.getLogger(__name__)
 def _posterize_zero_bits_compat() -> None:
     """Pillow >= 12 refuses posterize(bits=0), which timm's 'PosterizeIncreasing' asks for at the top
     magnitude (m9 + noise reaches 10): keep the old result, an image with every bit cleared."""
-    from PIL import Image, ImageOps
-    from timm.data import auto_augment as aa
-
     try:
         ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
         return
@@ -130,10 +128,6 @@ def collate_classify(samples) -> dict:
 def classify_source(cfg: ClassifyDataConfig, root: str | None, train: bool):
     """The training images (data.subset of them), or the evaluation images: val_root's, or with
     data.holdout the training images held out (then the training side never sees them)."""
-    from dataclasses import replace
-
-    from tinymim.data.sources import SubsetImages, TorchvisionCIFAR, split_holdout
-
     if cfg.holdout:
         rest, held = split_holdout(classify_source(replace(cfg, holdout=0, subset=None), cfg.root, True), cfg.holdout)
         if not train:

@@ -4,12 +4,18 @@ the loader workers' start (stop signals left to the main process) and the end of
 exit, and `build_loader`, which puts a source, PairedViewDataset and a sampler together."""
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # noqa: F401 - its exit handler is registered first, so ours runs before it
+import signal
+
 import numpy as np
 import torch
 import torch.utils.data as tud
 
 from tinymim.core.errors import DataError
 from tinymim.data.pretrain import DataConfig
+from tinymim.data.shards import ShardImages
 from tinymim.data.sources import build_source
 from tinymim.data.view_dataset import PairedViewDataset, collate
 
@@ -98,8 +104,6 @@ def _rng(*key: int) -> np.random.Generator:
 def worker_init(worker_id: int) -> None:
     """Loader workers leave stop signals to the main process: a scheduler signals every process of a
     job, and a worker that died of SIGTERM would end the run before its checkpoint is written."""
-    import signal
-
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
 
@@ -107,8 +111,6 @@ def worker_init(worker_id: int) -> None:
 def _end_leftover_workers() -> None:
     """At exit, loader workers still alive (an iterator nobody shut down) are killed: they ignore the
     SIGTERM that multiprocessing's own exit handler sends, and it would wait for them forever."""
-    import multiprocessing
-
     for p in multiprocessing.active_children():
         if p.daemon:
             p.kill()
@@ -116,9 +118,6 @@ def _end_leftover_workers() -> None:
 
 
 def _register_exit_handler() -> None:
-    import atexit
-    import multiprocessing.util  # noqa: F401 - its exit handler is registered first, so ours runs before it
-
     atexit.register(_end_leftover_workers)
 
 
@@ -128,8 +127,6 @@ _register_exit_handler()
 def batch_sampler(source, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0):
     """The sampler for a source: whole shards per process for shards (ShardBatchSampler), GlobalBatchSampler
     for everything else (a subset of shards included)."""
-    from tinymim.data.shards import ShardImages
-
     if isinstance(source, ShardImages):
         return ShardBatchSampler(source.shard_ranges, global_batch, rank, world, seed)
     return GlobalBatchSampler(len(source), global_batch, rank, world, seed)

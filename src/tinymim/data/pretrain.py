@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from tinymim.core.errors import DataError  # defined below this module: tinymim.data.shards raises it too
 
@@ -116,8 +117,6 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 def decode_jpegs(files: list[torch.Tensor], names: list[str], device: torch.device) -> list[torch.Tensor | None]:
     """Encoded JPEGs -> uint8 3 x H x W images on `device`, the whole batch in one call (nvJPEG on
     CUDA). A file that does not decode gives None (it is logged by name)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     try:
         return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:  # a damaged file fails the batch: decode one by one to find it

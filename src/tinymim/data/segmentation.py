@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from tinymim.core.errors import DataError
@@ -222,15 +223,11 @@ def train_transform(image: Image.Image, label: np.ndarray, cfg: SegmentDataConfi
 
 
 def _normalize(img: np.ndarray, cfg: SegmentDataConfig):
-    import torch
-
     x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
     return (x - torch.tensor(cfg.mean).view(3, 1, 1)) / torch.tensor(cfg.std).view(3, 1, 1)
 
 
 def _pad(x, label: np.ndarray, size: int, ignore: int):
-    import torch
-
     h, w = label.shape
     image = torch.zeros(3, max(h, size), max(w, size))
     image[:, :h, :w] = x
@@ -256,8 +253,6 @@ class SegmentationDataset:
         return len(self.folder)
 
     def __getitem__(self, item):
-        import torch
-
         index, seed = item if isinstance(item, tuple) else (item, 0)
         if self.train:  # an unreadable pair: the next readable one, counted (a bad label map stops the run)
             image, label, skipped = load_or_substitute(self.folder, index, len(self.folder), fatal=(DataError,))
@@ -276,7 +271,5 @@ class SegmentationDataset:
 
 
 def collate_segment(samples: list[dict]) -> dict:
-    import torch
-
     return {"image": torch.stack([s["image"] for s in samples]), "label": torch.stack([s["label"] for s in samples]),
             "skipped": sum(s["skipped"] for s in samples)}

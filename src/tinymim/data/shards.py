@@ -1,6 +1,9 @@
 """Sharded data read by offset: `ShardImages`, a shard set (tinymim.data.shard_format; written by
 tinymim.data.shard_writer) as an image source, local or at a URL (downloads: tinymim.data.shard_download).
 
+Longer than 300 lines because it is one class whose index checks, reads and open files share its state
+(the format, the writer and the downloads are modules of their own already).
+
 `ShardImages` reads a shard folder, or a URL prefix (http://, https://, file://) holding the same files:
 remote shards are downloaded whole, once, into a cache folder the first time one of their samples is read
 (one subfolder per URL and index content: shard sets never share files, and shards written anew at

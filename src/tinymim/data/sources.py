@@ -4,6 +4,7 @@ source a DataConfig names) and `data_fingerprint` (what identifies a run's train
 mounted). Each source returns a PIL image and an integer label for an index, or raises."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -12,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch.utils.data as tud
 from PIL import Image
+from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tinymim.core.errors import DataError
 from tinymim.data.images import decode_image
 from tinymim.data.pretrain import DataConfig
+from tinymim.data.shards import ShardImages
 
 
 def list_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -24,8 +28,6 @@ def list_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
     folder path, file name; paths as found under root). Symlinks are followed, but each file is taken once
     by its real path, and a link back into the tree (a loop, or another class's images under this class)
     or in a loop outside it is refused, as is a class folder without images (it would shift the labels)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist; set data.root to a folder laid out as "
@@ -118,8 +120,6 @@ class FolderImages(tud.Dataset):
 
 class TorchvisionCIFAR(tud.Dataset):
     def __init__(self, name: str, root: str | None, train: bool = True):
-        from torchvision import datasets
-
         cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
         root = root or str(Path.home() / ".cache" / "tinymim" / name)
         try:
@@ -231,8 +231,6 @@ def _listing(source) -> list[str] | None:
         return [f"{type(source.ds).__name__} train={source.ds.train} {len(source.ds)}"]
     if isinstance(source, SyntheticImages):
         return [f"synthetic {source.size} {source.img_size} {source.num_classes} {source.seed}"]
-    from tinymim.data.shards import ShardImages
-
     if isinstance(source, ShardImages):  # its shards and sample keys: the same wherever it is served from
         return source.listing()
     return None
@@ -241,8 +239,6 @@ def _listing(source) -> list[str] | None:
 def data_fingerprint(dataset) -> dict:
     """What identifies a run's training data, wherever it is mounted: the number of images, the
     class count and a hash of the class names and of the images' paths relative to the root."""
-    import hashlib
-
     source = getattr(dataset, "source", dataset)
     classes = list(getattr(source, "classes", None) or [])
     listing = _listing(source)
@@ -256,8 +252,6 @@ def build_source(cfg: DataConfig, seed: int = 0):
     if cfg.name == "folder":
         src = FolderImages(cfg.root)
     elif cfg.name == "shards":
-        from tinymim.data.shards import ShardImages
-
         src = ShardImages(cfg.root, cache=cfg.shard_cache)
     elif cfg.name in ("cifar10", "cifar100"):
         src = TorchvisionCIFAR(cfg.name, cfg.root)

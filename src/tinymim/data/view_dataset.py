@@ -4,9 +4,11 @@ per-sample stream), `load_or_substitute` (an unreadable image replaced by the ne
 data.decode=device the encoded file and its crop box instead) and `collate`, which batches them."""
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
+import warnings
 
 import torch
 import torch.utils.data as tud
@@ -121,9 +123,6 @@ class PairedViewDataset(tud.Dataset):
     def _encoded(self, index: int, sample_seed: int):
         """The undecoded sample, or None when the file is not a baseline RGB/gray JPEG or its header
         cannot be read (then the Pillow path decodes it, or skips it as unreadable)."""
-        import io
-        import warnings
-
         try:
             data, label = self.source.read_bytes(index)
             with warnings.catch_warnings():

@@ -7,23 +7,30 @@
   E_{s,c} over severities s = 1..5, the corruption error normalized by AlexNet is
       CE_c = sum_s E_{s,c} / sum_s E_{s,c}^AlexNet,      mCE = mean over the 15 corruptions of CE_c
   (Hendrycks & Dietterich, 2019). The unnormalized mean error is mean_{c,s} E_{s,c}.
-- `corrupt_folder` writes such a corruption tree from any ImageFolder (8 of the 15 corruptions, those that
-  need nothing beyond numpy and Pillow), so CIFAR-10-C-style checks run anywhere.
+- `corrupt_folder` (evaluate/corruptions.py, `tinymim corrupt`) writes such a corruption tree from any
+  ImageFolder (8 of the 15 corruptions, those that need nothing beyond numpy and Pillow), so
+  CIFAR-10-C-style checks run anywhere.
 """
 from __future__ import annotations
 
-import io
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from timm.data import ImageNetInfo
 
 from tinymim.core.errors import TinymimError
 from tinymim.core.guards import check_classes
+from tinymim.core.rundir import RunDir
+from tinymim.data.classification import ClassifyDataConfig, build_eval_loader, classification_sums, sums_to_metrics
+from tinymim.evaluate.exportable import build_exportable
+from tinymim.models.vit import TokenFeatures
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import load_run_model
+from tinymim.tasks.segment import evaluate_segmentation_run
+from tinymim.train.knn import _eval_crop_pct, _sample, knn_loader_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +46,6 @@ ALEXNET_ERROR = {
 
 def imagenet_wnids() -> list[str]:
     """The 1000 ImageNet-1k WordNet ids in class-index order."""
-    from timm.data import ImageNetInfo
-
     return list(ImageNetInfo().label_names())
 
 
@@ -74,118 +79,8 @@ def evaluate_folder(model: torch.nn.Module, loader, device: torch.device,
                     class_indices: list[int] | None = None) -> dict:
     """Top-1 / top-5 (%) and mean cross-entropy of a classifier over a loader; logits restricted to
     `class_indices` when given (labels are positions in that list)."""
-    from tinymim.data.classification import classification_sums, sums_to_metrics
-
     model.eval()
     return sums_to_metrics(classification_sums(model, loader, device, class_indices))
-
-
-# ---------------------------------------------------------------------------------------------
-# corruptions (ImageNet-C parameters; spatial ones scaled from 224px to the image size)
-
-
-def _gaussian_noise(x, s, rng, size):
-    c = [0.08, 0.12, 0.18, 0.26, 0.38][s - 1]
-    return x + rng.normal(scale=c, size=x.shape)
-
-
-def _shot_noise(x, s, rng, size):
-    c = [60, 25, 12, 5, 3][s - 1]
-    return rng.poisson(x * c) / c
-
-
-def _impulse_noise(x, s, rng, size):
-    c = [0.03, 0.06, 0.09, 0.17, 0.27][s - 1]
-    x = x.copy()
-    hit = rng.random(x.shape[:2]) < c
-    salt = rng.random(x.shape[:2]) < 0.5
-    x[hit & salt], x[hit & ~salt] = 1.0, 0.0
-    return x
-
-
-def _defocus_blur(x, s, rng, size):
-    from PIL import ImageFilter
-
-    radius = [3, 4, 6, 8, 10][s - 1] * size / 224
-    img = Image.fromarray((x * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius / 2))
-    return np.asarray(img, dtype=np.float64) / 255
-
-
-def _brightness(x, s, rng, size):
-    c = [0.1, 0.2, 0.3, 0.4, 0.5][s - 1]
-    hsv = np.asarray(Image.fromarray((x * 255).astype(np.uint8)).convert("HSV"), dtype=np.float64) / 255
-    hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
-    return np.asarray(Image.fromarray((hsv * 255).astype(np.uint8), "HSV").convert("RGB"), dtype=np.float64) / 255
-
-
-def _contrast(x, s, rng, size):
-    c = [0.4, 0.3, 0.2, 0.1, 0.05][s - 1]
-    means = x.mean(axis=(0, 1), keepdims=True)
-    return (x - means) * c + means
-
-
-def _pixelate(x, s, rng, size):
-    c = [0.6, 0.5, 0.4, 0.3, 0.25][s - 1]
-    img = Image.fromarray((x * 255).astype(np.uint8))
-    w, h = img.size
-    img = img.resize((max(1, int(w * c)), max(1, int(h * c))), Image.BOX).resize((w, h), Image.BOX)
-    return np.asarray(img, dtype=np.float64) / 255
-
-
-def _jpeg_compression(x, s, rng, size):
-    quality = [25, 18, 15, 10, 7][s - 1]
-    buf = io.BytesIO()
-    Image.fromarray((x * 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
-    return np.asarray(Image.open(buf).convert("RGB"), dtype=np.float64) / 255
-
-
-CORRUPTIONS = {f.__name__[1:]: f for f in (_gaussian_noise, _shot_noise, _impulse_noise, _defocus_blur, _brightness,
-                                           _contrast, _pixelate, _jpeg_compression)}
-
-
-def corrupt_image(img: Image.Image, corruption: str, severity: int, seed: int = 0) -> Image.Image:
-    if corruption not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {corruption!r}; available: {', '.join(CORRUPTIONS)}")
-    if not 1 <= severity <= 5:
-        raise ValueError(f"severity must be 1..5, got {severity}")
-    from tinymim.data.images import to_rgb8
-
-    x = np.asarray(to_rgb8(img), dtype=np.float64) / 255
-    y = CORRUPTIONS[corruption](x, severity, np.random.default_rng(seed), min(img.size))
-    return Image.fromarray((np.clip(y, 0, 1) * 255).round().astype(np.uint8))
-
-
-def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severities=(1, 2, 3, 4, 5),
-                   limit_per_class: int | None = None) -> int:
-    """Write dst/<corruption>/<severity>/<class>/<image>.png from the ImageFolder src; returns images written."""
-    from tinymim.data.sources import FolderImages
-
-    corruptions = list(corruptions or CORRUPTIONS)
-    unknown = [c for c in corruptions if c not in CORRUPTIONS]
-    if unknown:
-        raise TinymimError(f"unknown corruption(s) {', '.join(unknown)}; available: {', '.join(CORRUPTIONS)}")
-    if not all(1 <= s <= 5 for s in severities):
-        raise TinymimError(f"severities must be 1..5, got {list(severities)}")
-    if limit_per_class is not None and limit_per_class < 1:
-        raise TinymimError(f"--per-class must be positive, got {limit_per_class}")
-    source = FolderImages(src)
-    per_class: dict[int, int] = {}
-    chosen = []
-    for i, (path, label) in enumerate(source.samples):
-        if limit_per_class is None or per_class.get(label, 0) < limit_per_class:
-            per_class[label] = per_class.get(label, 0) + 1
-            chosen.append(i)
-    written = 0
-    for i in chosen:
-        img, label = source.load(i)
-        name = Path(source.samples[i][0]).stem + ".png"
-        for c in corruptions:
-            for s in severities:
-                out = Path(dst) / c / str(s) / source.classes[label] / name
-                out.parent.mkdir(parents=True, exist_ok=True)
-                corrupt_image(img, c, s, seed=i * 31 + s).save(out)
-                written += 1
-    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,14 +99,7 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
                   num_workers: int = 2, device: str | None = None, split: str | None = None) -> dict:
     """Evaluate a fine-tuned run on a folder: plain ImageFolder, a 200-class ImageNet subset
     (ImageNet-A/R) or a corruption tree (ImageNet-C style)."""
-    from dataclasses import replace
-
-    from tinymim.core.rundir import RunDir
-    from tinymim.data.classification import build_eval_loader
-
     if RunDir(source).task() == "segment":
-        from tinymim.tasks.segment import evaluate_segmentation_run
-
         return evaluate_segmentation_run(source, data, split or "val", num_workers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg = load_classifier(source, weights)
@@ -312,12 +200,6 @@ def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None 
                  num_workers: int = 2, bank_size: int | None = None) -> dict:
     """k-NN top-1 of a model's frozen features: the average patch token after the final norm, or
     entering block `block` (1-indexed)."""
-    from tinymim.core.errors import TinymimError
-    from tinymim.data.classification import ClassifyDataConfig, build_eval_loader
-    from tinymim.evaluate.export import build_exportable
-    from tinymim.models.vit import TokenFeatures
-    from tinymim.train.knn import _eval_crop_pct, _sample, knn_loader_accuracy
-
     if k < 1 or not temperature > 0 or (bank_size is not None and bank_size < 1):
         raise TinymimError(f"k ({k}) and --bank-size ({bank_size}) must be positive, and the temperature "
                            f"({temperature}) above 0")

@@ -16,10 +16,14 @@ from PIL import Image, ImageDraw
 from tinymim.core.config import from_run_config
 from tinymim.core.errors import TinymimError
 from tinymim.core.rundir import RunDir
+from tinymim.data.images import decode_image
+from tinymim.data.pretrain import normalize
+from tinymim.method.relations import RELATION_NAMES, relation_logits
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import load_run_model
-from tinymim.tasks.distill import DistillConfig, build_distill_task
-from tinymim.train.distributed import seed_everything
+from tinymim.tasks.distill import build_distill_task
+from tinymim.tasks.distill_config import DistillConfig
+from tinymim.train.distributed import HeldLogs, seed_everything
 
 # a perceptually ordered dark-blue -> green -> yellow ramp (control points of viridis)
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
@@ -54,11 +58,6 @@ def load_run(run_dir: str | Path):
 
 def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk", "vv"), heads=(0,),
                   queries=None, cell: int = 128) -> Path:
-    from tinymim.data.images import decode_image
-    from tinymim.data.pretrain import normalize
-    from tinymim.method.relations import RELATION_NAMES, relation_logits
-    from tinymim.train.distributed import HeldLogs
-
     unknown = [r for r in relations if r not in RELATION_NAMES]
     if unknown:
         raise TinymimError(f"unknown relation(s) {', '.join(unknown)}; choose from {', '.join(RELATION_NAMES)}")

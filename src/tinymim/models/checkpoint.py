@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import timm
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
+from timm.layers import resample_abs_pos_embed
 
-from tinymim.core.files import CheckpointError, safe_torch_load  # noqa: F401 - re-exported
+from tinymim.core.files import CheckpointError, atomic_write, safe_torch_load  # noqa: F401 - re-exported
 from tinymim.core.rundir import RunDir
 
 log = logging.getLogger("tinymim")
@@ -83,8 +85,6 @@ def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
     if path.exists():
         return load_state_dict(path)
     name = str(spec)
-    import timm
-
     if name.startswith(("hf-hub:", "hf_hub:")) or (timm.is_model(name.split(".")[0]) and "/" not in name):
         try:
             return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
@@ -98,10 +98,6 @@ def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
     """A safetensors file, written atomically (see tinymim.core.rundir)."""
-    from safetensors.torch import save
-
-    from tinymim.core.files import atomic_write
-
     data = save({k: v.detach().contiguous().cpu() for k, v in state.items()},
                 metadata={k: str(v) for k, v in (metadata or {}).items()})
     atomic_write(path, lambda f: f.write(data))
@@ -143,8 +139,6 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     (gamma_1/gamma_2) are read as timm's. Any other mismatch (a missing encoder key, a key of another
     architecture, a shape mismatch) is an error: no silent partial loads.
     """
-    from timm.layers import resample_abs_pos_embed
-
     state = {_timm_layer_scale_name(k): v for k, v in state.items()}
     own = model.state_dict()
     set_aside = sorted(k for k in state if k.startswith(ignore_prefixes))

@@ -16,6 +16,8 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.deit import VisionTransformerDistilled
 
+from tinymim.core.config import ConfigError
+
 __all__ = ["DistilledViT", "build_distilled_vit"]
 
 
@@ -103,8 +105,6 @@ def build_distilled_vit(name: str | None, extra_dim: int | None = None, **kwargs
     theirs = {k: v.shape for k, v in ref.state_dict().items() if not k.startswith(skip)}
     if ours != theirs:
         differ = sorted(set(ours) ^ set(theirs)) or [k for k in ours if ours[k] != theirs[k]]
-        from tinymim.core.config import ConfigError
-
         raise ConfigError(f"model.dist_token builds a plain ViT with a distillation token; {name} has other parts "
                          f"({', '.join(differ[:4])}): use a plain vit_* name or vit_custom")
     return DistilledViT(extra_dim=extra_dim, **{**shape, **kwargs})

@@ -1,5 +1,8 @@
 """Vision Transformers for tinymim: timm's VisionTransformer, plus the three things TinyMIM needs.
 
+Longer than 300 lines because the config, the sizes it resolves to and the builder are one idea that
+calls itself both ways (vit_sizes builds on the meta device, create_vit reads the sizes).
+
 1. Any timm ViT by name (`vit_small_patch16_224`, ...) or custom sizes for small experiments.
 2. Per-block head counts: qkv weights do not depend on the head count, so a block can be told to
    split its Q/K/V into a different number of heads (the student's relation block takes the
@@ -13,6 +16,7 @@ head path (`dist_token`, `extra_head_dim`: tinymim.models.star.DistilledViT).
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,8 +26,11 @@ import torch.nn as nn
 from timm.layers import DropPath
 from timm.models import vision_transformer as _vit_module
 from timm.models.vision_transformer import VisionTransformer
+from torch.utils.checkpoint import checkpoint
 
+from tinymim.core.config import ConfigError
 from tinymim.method.mae import fix_sincos_pos_embed, sincos_table  # noqa: F401 - MAE's table, used by create_vit
+from tinymim.models.star import build_distilled_vit
 
 CUSTOM = "vit_custom"
 
@@ -96,8 +103,6 @@ def patch_size_of(cfg: ModelConfig) -> int | None:
     """The patch size a config builds: given, or read from a timm name (vit_small_patch16_224 -> 16)."""
     if cfg.patch_size is not None:
         return cfg.patch_size
-    import re
-
     m = re.search(r"patch(\d+)", cfg.name)
     return int(m.group(1)) if m else None
 
@@ -168,14 +173,10 @@ def create_vit(cfg: ModelConfig, num_classes: int = 0, **extra) -> VisionTransfo
     kwargs = dict(num_classes=num_classes, **size_args(cfg), **extra)
     if cfg.drop_path_schedule == "linear":
         kwargs["drop_path_rate"] = cfg.drop_path_rate
-    from tinymim.core.config import ConfigError
-
     if cfg.name != CUSTOM and not cfg.name.startswith(("vit_", "hf-hub:", "hf_hub:", "local-dir:")):
         raise ConfigError(f"model {cfg.name!r} is not a ViT; use a timm vit_* name or {CUSTOM}")
     try:
         if cfg.dist_token:
-            from tinymim.models.star import build_distilled_vit
-
             model = build_distilled_vit(None if cfg.name == CUSTOM else cfg.name, cfg.extra_head_dim, **kwargs)
         elif cfg.name == CUSTOM:
             model = VisionTransformer(**kwargs)
@@ -268,8 +269,6 @@ def run_blocks(model: VisionTransformer, x: torch.Tensor, blocks) -> torch.Tenso
     """Tokens through `blocks` of `model`; with timm's grad checkpointing on (set_grad_checkpointing)
     and gradients wanted, each block's activations are recomputed in the backward instead of kept."""
     if getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
-
         for blk in blocks:
             x = checkpoint(blk, x, use_reentrant=False)
         return x

@@ -19,6 +19,10 @@ import tarfile
 from pathlib import Path
 
 from tinymim.core.config import ConfigError
+from tinymim.core.errors import DataError
+from tinymim.data.sources import TorchvisionCIFAR
+from tinymim.pipeline.planning import load
+from tinymim.pipeline.stages import run_pipeline
 
 PRETRAIN_IMAGES = 50000  # the training images (CIFAR-10's all), without labels
 FINETUNE_IMAGES = 10000  # a fixed random sample, with labels, for every fine-tuned model
@@ -31,9 +35,6 @@ SYNTHETIC_NOTE = (
 
 def cifar10_ready() -> str | None:
     """None when torchvision's CIFAR-10 is cached or could be downloaded; else why not."""
-    from tinymim.core.errors import DataError
-    from tinymim.data.sources import TorchvisionCIFAR
-
     try:
         TorchvisionCIFAR("cifar10", None, train=True)
         TorchvisionCIFAR("cifar10", None, train=False)
@@ -71,8 +72,6 @@ def data_overrides(data: str, output: Path) -> tuple[list[str], list[str]]:
 def run_demo(output: str | Path = "runs/demo", data: str = "cifar10", progress: bool = True,
              overrides: list[str] = ()) -> Path:
     """Run the demo pipeline into `output`; `overrides` reach every stage (after the demo's own)."""
-    from tinymim.pipeline.stages import load, run_pipeline
-
     output = Path(output)
     if data == "cifar10":
         why = cifar10_ready()

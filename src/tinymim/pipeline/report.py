@@ -8,6 +8,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from tinymim.core.files import write_text
+from tinymim.core.rundir import RunDir
 from tinymim.tasks import TASKS
 
 CLASSIFY = tuple(name for name, spec in TASKS.items() if spec.kind == "classify")
@@ -15,8 +17,6 @@ CLASSIFY = tuple(name for name, spec in TASKS.items() if spec.kind == "classify"
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training-step records, evaluation records) of a run's metrics.jsonl."""
-    from tinymim.core.rundir import RunDir
-
     rows = RunDir(run_dir).read_metrics()
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if any(k.startswith("val_") for k in r)]
@@ -49,7 +49,7 @@ def _fmt(v, spec=".2f") -> str:
 
 
 def plot_losses(series: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: start-up time (about 0.5 s) for plots only; Agg is chosen before pyplot loads
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -65,7 +65,7 @@ def plot_losses(series: dict[str, list[dict]], path: Path) -> None:
 
 
 def plot_accuracy(curves: dict[str, list[dict]], finals: dict[str, float], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: start-up time (about 0.5 s) for plots only; Agg is chosen before pyplot loads
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -90,9 +90,6 @@ def plot_accuracy(curves: dict[str, list[dict]], finals: dict[str, float], path:
 
 def write_report(cfg, out: str | Path) -> Path:
     """Write DIR/report.md and DIR/plots/*.png for a pipeline config whose stages ran under `out`."""
-    from tinymim.core.files import write_text
-    from tinymim.core.rundir import RunDir
-
     out = Path(out)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn as nn
 from timm.task import TrainingTask
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tinymim.core.config import from_run_config, load_config
 from tinymim.core.rundir import RunDir
@@ -48,8 +49,6 @@ class Task(TrainingTask):
         return self.wrapped["compiled"]
 
     def prepare_distributed(self, device_ids=None, **ddp_kwargs) -> "Task":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         self.wrapped["ddp"] = DDP(self.trainable_forward, device_ids=device_ids, **ddp_kwargs)
         return self
 

@@ -8,23 +8,26 @@ epoch; keeps the last and the best weights (RUN_DIR/model.safetensors, RUN_DIR/b
 
 A model with a distillation token (model.dist_token: TinyMIM*-T's classifier, tinymim.models.star) trains
 its second head DeiT-style on a frozen teacher's predicted classes (`distillation`).
+The config and the keys derived from the data: tasks/finetune_config.py.
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Literal
 
+import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 
-from tinymim.core.config import ConfigError, checked_copy
+from tinymim.core.config import ConfigError
+from tinymim.core.guards import check_classes
 from tinymim.core.rundir import RunDir
 from tinymim.data.classification import (  # noqa: F401
     ClassifyDataConfig,
@@ -37,73 +40,12 @@ from tinymim.data.classification import (  # noqa: F401
     sums_to_metrics,
 )
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
-from tinymim.models.vit import ModelConfig, create_vit
+from tinymim.models.vit import create_vit
 from tinymim.tasks.base import Task, TaskSpec, load_run_model
-from tinymim.train.config import TrainConfig
+from tinymim.tasks.finetune_config import DistillationConfig, FinetuneConfig, resolve, training_classes
 
 log = logging.getLogger("tinymim")
 
-
-@dataclass
-class DistillationConfig:
-    """DeiT's hard-label distillation (Touvron et al. 2021) for a model with a distillation token:
-    `head` learns the labels, `head_dist` the teacher's predicted class (argmax) on the same, mixed
-    images; evaluation averages the two heads. TinyMIM*-T was fine-tuned DeiT-style (TINYMIM.md
-    section 5); the release has no code for it, so this follows DeiT."""
-
-    # the frozen teacher classifier: a timm model name (its pretrained weights, e.g. regnety_160.deit_in1k,
-    # DeiT's teacher), a tinymim finetune run directory, or a weights file (architecture: teacher_model);
-    # null: no teacher (with model.dist_token both heads learn the labels)
-    teacher: str | None = None
-    alpha: float = 0.5  # loss = (1 - alpha) * loss on head + alpha * loss on head_dist (DeiT: 0.5)
-    # the teacher's architecture when `teacher` is a weights file (pooling: avg when it has fc_norm, else token)
-    teacher_model: ModelConfig | None = None
-
-    def validate(self) -> None:
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"distillation.alpha must be in [0, 1], got {self.alpha}")
-
-
-@dataclass
-class FinetuneConfig:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224", drop_path_rate=0.1))
-    # pre-trained weights (run directory, file, timm name); None = random init, the from-scratch baseline
-    init: str | None = None
-    num_classes: int | None = None  # None: the training data's class count
-    global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens + fc_norm (MAE)
-    head_init_std: float = 2e-5  # std of the fresh classifier head's trunc-normal init
-    layer_decay: float = 0.65  # layer-wise lr decay: block j gets decay^(depth+1-j) of the lr
-    mixup: float = 0.8  # mixup alpha; 0: off
-    cutmix: float = 1.0  # cutmix alpha; 0: off
-    label_smoothing: float = 0.1  # label smoothing of the cross-entropy
-    ema_decay: float | None = None  # e.g. 0.9999; None = no EMA
-    eval_every: int = 1  # evaluate every N epochs (and at the end of the run)
-    distillation: DistillationConfig = field(default_factory=DistillationConfig)  # needs model.dist_token
-    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=100, batch_size=1024, blr=5e-4, warmup_epochs=5, min_lr=1e-6, weight_decay=0.05,
-        betas=[0.9, 0.999]))
-
-    def validate(self) -> None:
-        validate_classifier(self)
-        if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        if self.mixup < 0 or self.cutmix < 0 or not 0 <= self.label_smoothing < 1:
-            raise ValueError("mixup and cutmix must be 0 or more, label_smoothing in [0, 1)")
-        if self.eval_every < 1:
-            raise ValueError(f"eval_every must be 1 or more, got {self.eval_every}")
-        if self.distillation.teacher and not self.model.dist_token:
-            raise ValueError(f"distillation.teacher={self.distillation.teacher} trains a distillation head, which "
-                             "this model lacks: set model.dist_token=true (or distillation.teacher=null)")
-
-
-def validate_classifier(cfg) -> None:
-    """What fine-tuning and linear probing share: the model takes the data's images, a class count."""
-    from tinymim.models.vit import check_input_size
-
-    check_input_size(cfg.model, cfg.data.img_size, "model")
-    if cfg.num_classes is not None and cfg.num_classes < 1:
-        raise ValueError(f"num_classes must be positive (or null: the training data's), got {cfg.num_classes}")
 
 
 class FinetuneTask(Task):
@@ -129,7 +71,6 @@ class FinetuneTask(Task):
 
     def setup_model_ema(self) -> None:
         if self.cfg.ema_decay:
-            from timm.utils import ModelEmaV3
             # a registered submodule: it follows the task to its device (timm's EMA lerps in place)
             self.ema = ModelEmaV3(self.model, decay=self.cfg.ema_decay)
 
@@ -216,8 +157,6 @@ class FrozenTeacher(nn.Module):
 def build_teacher_classifier(cfg: DistillationConfig, num_classes: int, img_size: int) -> nn.Module:
     """The teacher `cfg.teacher` names (a finetune run directory, a weights file with
     cfg.teacher_model, or a timm name with pretrained weights); its class count must be the model's."""
-    import timm
-
     spec, path = cfg.teacher, Path(cfg.teacher)
     if path.is_dir():
         kind = RunDir(path).task()
@@ -294,19 +233,6 @@ def _encoder_only(state: dict, model: nn.Module) -> dict:
     return {**state, **fresh}
 
 
-def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
-    """A copy of `cfg` with its derived keys filled: the model's (and a teacher file's) input size is
-    the data's, the class count the training data's (its folders are listed, nothing is built)."""
-    cfg = checked_copy(cfg)  # validated, as a loaded config is
-    if cfg.model.img_size is None:
-        cfg.model.img_size = cfg.data.img_size
-    if cfg.distillation.teacher_model is not None and cfg.distillation.teacher_model.img_size is None:
-        cfg.distillation.teacher_model.img_size = cfg.data.img_size
-    if cfg.num_classes is None:
-        cfg.num_classes = len(training_classes(cfg.data))
-    return cfg
-
-
 def build_finetune_task(cfg: FinetuneConfig) -> FinetuneTask:
     cfg = resolve(cfg)
     classes = None
@@ -314,8 +240,6 @@ def build_finetune_task(cfg: FinetuneConfig) -> FinetuneTask:
     if cfg.distillation.teacher:
         teacher = build_teacher_classifier(cfg.distillation, cfg.num_classes, cfg.data.img_size)
         if getattr(teacher, "classes", None):  # a finetune run's: its labels must mean the same classes
-            from tinymim.core.guards import check_classes
-
             check_classes(teacher.classes, classes or training_classes(cfg.data), "the training data",
                           f"distill from a teacher fine-tuned on these classes, not {cfg.distillation.teacher}")
         log.info("distillation: head_dist learns the predicted classes of %s (%s), alpha %g",
@@ -327,10 +251,6 @@ def build_finetune_task(cfg: FinetuneConfig) -> FinetuneTask:
     return task
 
 
-def training_classes(cfg: ClassifyDataConfig) -> list[str]:
-    return list(classify_source(cfg, cfg.root, True).classes)
-
-
 def check_num_classes(num_classes: int, classes: list[str]) -> None:
     if num_classes < len(classes):
         raise ConfigError(f"num_classes={num_classes}, but the training data has {len(classes)} classes; "
@@ -339,8 +259,6 @@ def check_num_classes(num_classes: int, classes: list[str]) -> None:
 
 def classify_loaders(task, batch: int, rank: int, world: int, seed: int):
     """Training loader for the engine; the task gets the evaluation loader of the same data."""
-    from tinymim.core.guards import check_classes
-
     loader, sampler = build_classify_loaders(task.cfg.data, batch, rank, world, seed)
     classes = list(loader.dataset.source.classes)
     check_num_classes(task.num_classes, classes)

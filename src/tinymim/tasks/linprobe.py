@@ -14,15 +14,8 @@ import torch.nn as nn
 from tinymim.core.config import checked_copy
 from tinymim.models.vit import ModelConfig
 from tinymim.tasks.base import TaskSpec
-from tinymim.tasks.finetune import (
-    ClassifyDataConfig,
-    FinetuneConfig,
-    FinetuneTask,
-    build_classifier,
-    classify_loaders,
-    training_classes,
-    validate_classifier,
-)
+from tinymim.tasks.finetune import ClassifyDataConfig, FinetuneTask, build_classifier, classify_loaders
+from tinymim.tasks.finetune_config import FinetuneConfig, training_classes, validate_classifier
 from tinymim.train.config import TrainConfig
 
 

@@ -18,7 +18,7 @@ from tinymim.core.config import checked_copy
 from tinymim.data.pretrain import DataConfig, plain_view
 from tinymim.method.mae import DecoderConfig, MaskedAutoencoder
 from tinymim.models.checkpoint import save_weights
-from tinymim.models.vit import ModelConfig, TokenFeatures, create_vit
+from tinymim.models.vit import ModelConfig, TokenFeatures, check_input_size, create_vit
 from tinymim.tasks.base import Task, TaskSpec
 from tinymim.train.config import TrainConfig
 from tinymim.train.knn import KNNMonitor, KNNMonitorConfig
@@ -38,8 +38,6 @@ class MAEConfig:
     knn: KNNMonitorConfig = field(default_factory=KNNMonitorConfig)
 
     def validate(self) -> None:
-        from tinymim.models.vit import check_input_size
-
         check_input_size(self.model, self.data.img_size, "model")
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")

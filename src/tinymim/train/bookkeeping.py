@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from tinymim.core.files import save_torch
 from tinymim.core.rundir import RunDir
@@ -60,7 +62,6 @@ class RunLogs:
         self.metrics = MetricsLogger(run, ctx.is_main, cfg, config)
         self.bar = None
         if ctx.is_main and cfg.progress:
-            from tqdm.auto import tqdm
             self.bar = tqdm(total=plan.total, initial=step, desc=name, unit="step", dynamic_ncols=True)
         self.window, self.reported_skips, self.last, self.last_eval = LogWindow(), 0, None, {}
 
@@ -144,8 +145,6 @@ def _repair_finished(task, run: RunDir, config: dict, resume: dict) -> None:
 
 def readable_weights(path: Path) -> bool:
     """Whether a safetensors file opens (its header and size agree): a damaged one is re-exported."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             f.keys()

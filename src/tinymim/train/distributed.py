@@ -3,6 +3,7 @@ CPU, nccl on GPU), the CPU's process-wide speed settings, `HeldLogs` (a setup's 
 its checks pass) and seeding, with the RNG state a checkpoint keeps per process."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
@@ -55,7 +56,6 @@ def cpu_performance_settings() -> None:
     """
     torch.set_flush_denormal(True)
     try:
-        import ctypes
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
         libc.mallopt(M_MMAP_MAX, 0)

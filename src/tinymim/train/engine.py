@@ -19,16 +19,16 @@ tinymim.train.distributed), and so do its logs and checkpoints (tinymim.train.bo
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Protocol
 
+import timm.optim
+import timm.scheduler
 import torch
 import torch.distributed as dist
 
-from tinymim.core.config import ConfigError
+from tinymim.core.config import ConfigError, plain
 from tinymim.core.errors import WORKER_DEATH, NonFiniteLossError, loader_worker_death
 from tinymim.core.files import RunDirError
 from tinymim.core.guards import locked
@@ -62,29 +62,31 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train(task, cfg: TrainConfig, data_loader_fn, run_dir: str | Path, config: dict, ctx: DistContext | None = None,
+def train(task, config, data_loader_fn, run_dir: str | Path, ctx: DistContext | None = None,
           optimizer_kwargs: dict | None = None, checked=lambda: None):
-    """Train `task` and write its run directory.
+    """Train `task` and write its run directory. `config` is the task's resolved config (a dataclass
+    with a `train` section): the loop reads its `train` settings, the run directory records all of it.
 
     data_loader_fn(global_micro_batch, rank, world, seed) -> (loader, sampler); the sampler has
     `set_epoch(epoch, start_step)` and `steps_per_epoch` (micro steps).
     Returns the final metrics record, or None when the run had already finished.
     """
-    ctx = ctx or setup_distributed(cfg.device)
+    ctx = ctx or setup_distributed(config.train.device)
     run = RunDir(run_dir)
     with locked(run, ctx.is_main, ctx.distributed), StopSignals() as stop:
-        return _train(task, cfg, data_loader_fn, run, config, ctx, optimizer_kwargs, stop, checked)
+        return _train(task, config, data_loader_fn, run, ctx, optimizer_kwargs, stop, checked)
 
 
 FINISHED = "finished"
 
 
-def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ctx: DistContext,
-           optimizer_kwargs, stop: StopSignals, checked):
+def _train(task, config, data_loader_fn, run: RunDir, ctx: DistContext, optimizer_kwargs, stop: StopSignals,
+           checked):
     """The loop, nanoGPT-style: one optimizer step per iteration, then logging, evaluation at epoch
     ends, checkpoints, and a stop on request. The pieces it calls are defined below it (its state, logs
     and checkpoints: tinymim.train.bookkeeping)."""
-    resume = _open_run(task, run, config, ctx)
+    cfg, record = config.train, plain(config)  # the settings the loop reads; what the run directory records
+    resume = _open_run(task, run, record, ctx)
     if resume == FINISHED:
         return None
     if cfg.deterministic:
@@ -95,15 +97,15 @@ def _train(task, cfg: TrainConfig, data_loader_fn, run: RunDir, config: dict, ct
         preflight(cfg)  # a tracker that cannot start is said before anything is written
     checked()  # from here on the directory is written
     if ctx.is_main:
-        _write_run_files(task, run, config, resume)
+        _write_run_files(task, run, record, resume)
     optimizer, scheduler, scaler = _prepare(task, cfg, ctx, plan, optimizer_kwargs)
     state = TrainState(optimizer, scheduler, scaler)
     if resume is not None:
         _restore(task, state, resume, cfg, ctx, run)
     scheduler.step_update(state.step)
-    logs = RunLogs(run, ctx, cfg, config, plan, task.name, state.step)
+    logs = RunLogs(run, ctx, cfg, record, plan, task.name, state.step)
     task.last_epoch = -(-plan.total // plan.per_epoch)  # a task evaluating every N epochs still evaluates the end
-    checkpointer = Checkpointer(task, state, run, ctx, config, data_id)
+    checkpointer = Checkpointer(task, state, run, ctx, record, data_id)
     if stop.received is not None:  # asked during start-up: nothing new to save, nothing lost
         kept = f"its checkpoint at step {state.step} is kept" if resume is not None else "nothing had trained yet"
         raise Preempted(f"stopped on {signal_name(stop.received)} during start-up, before step {state.step + 1} "
@@ -220,8 +222,6 @@ def build_optimizer(trainable: torch.nn.Module, cfg: TrainConfig, optimizer_kwar
     the trainable module has no no_weight_decay() list, so cls_token/pos_embed are decayed, as in MAE
     and TinyMIM. optimizer_kwargs: e.g. layer_decay for fine-tuning. `trainable` may instead be a list
     of parameter groups (each with its weight_decay and lr_scale) a task built itself."""
-    import timm.optim
-
     opt_args = {"betas": tuple(cfg.betas)} if cfg.optimizer == "adamw" else {"momentum": cfg.momentum}
     params = ([p for g in trainable for p in g["params"]] if isinstance(trainable, list)
               else list(trainable.parameters()))
@@ -234,8 +234,6 @@ def build_optimizer(trainable: torch.nn.Module, cfg: TrainConfig, optimizer_kwar
 def build_scheduler(optimizer, cfg: TrainConfig, per_epoch: int):
     """Linear warmup from 0, then a half-cycle cosine (or poly) to min_lr, updated every optimizer step,
     over the run's length (max_steps when it is shorter than the epochs)."""
-    import timm.scheduler
-
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * per_epoch))
     length = per_epoch * cfg.epochs if cfg.schedule == "cosine" else min(
         per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
@@ -381,7 +379,6 @@ def run_task(spec: TaskDefinition, cfg, output: str | Path):
         cfg = spec.resolve(cfg)  # what the run directory records: every derived key filled
         seed_everything(cfg.train.seed)
         task = spec.build(cfg)
-        config = json.loads(json.dumps(asdict(cfg)))  # plain types only (YAML- and compare-friendly)
 
         def loader_fn(batch, rank, world, seed):
             if spec.loaders is not None:
@@ -389,5 +386,5 @@ def run_task(spec: TaskDefinition, cfg, output: str | Path):
             return build_loader(cfg.data, batch, rank, world, seed,
                                 pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu")
 
-        return train(task, cfg.train, loader_fn, output, config, ctx, optimizer_kwargs=spec.optimizer_options(cfg),
+        return train(task, cfg, loader_fn, output, ctx, optimizer_kwargs=spec.optimizer_options(cfg),
                      checked=held.release)

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tinymim.data.classification import ClassifyDataConfig, build_eval_loader
+from tinymim.data.sources import fixed_sample
+
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +76,6 @@ class KNNMonitorConfig:
 def _sample(loader, n: int | None):
     """Keep a fixed random sample of n images of an evaluation loader (a Subset underneath), in order.
     Not the first n: a folder tree lists its images class by class."""
-    from tinymim.data.sources import fixed_sample
-
     if n is not None and n < len(loader.dataset):
         indices = list(loader.dataset.indices)
         loader.dataset.indices = [indices[i] for i in fixed_sample(len(indices), n)]
@@ -97,8 +98,6 @@ def knn_loader_accuracy(features: torch.nn.Module, bank, queries, device: torch.
 
 class KNNMonitor:
     def __init__(self, cfg: KNNMonitorConfig, data_cfg):
-        from tinymim.data.classification import ClassifyDataConfig
-
         self.cfg = cfg
         size = cfg.img_size or data_cfg.img_size
         self.data = ClassifyDataConfig(
@@ -112,8 +111,6 @@ class KNNMonitor:
         return self.cfg.every_epochs > 0 and epoch % self.cfg.every_epochs == 0
 
     def __call__(self, features: torch.nn.Module, device: torch.device) -> dict:
-        from tinymim.data.classification import build_eval_loader
-
         if self.loaders is None:  # built on first use: monitoring that never runs costs nothing
             self.loaders = (
                 _sample(build_eval_loader(self.data, self.cfg.batch_size, split_train=True), self.cfg.bank_size),

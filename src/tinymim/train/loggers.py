@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import time
+import urllib.error
+import urllib.request
 
 from tinymim.core.config import ConfigError
 from tinymim.core.errors import TinymimError
@@ -27,8 +30,6 @@ _PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "
 
 def check_available(loggers) -> None:
     """Config-time check that the requested loggers' packages are installed."""
-    import importlib.util
-
     for name in loggers:
         module, extra = _PACKAGES[name]
         if importlib.util.find_spec(module) is None:
@@ -42,7 +43,7 @@ def _scalars(record: dict) -> dict[str, float]:
 
 class _TensorBoard:
     def __init__(self, run: RunDir, config: dict, cfg):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: optional dependency (tinymim[tensorboard])
 
         self.writer = SummaryWriter(str(run.path / "tensorboard"))
 
@@ -57,7 +58,7 @@ class _TensorBoard:
 
 class _Wandb:
     def __init__(self, run: RunDir, config: dict, cfg):
-        import wandb
+        import wandb  # lazy: optional dependency (tinymim[wandb])
 
         run_id = hashlib.sha1(str(run.path.resolve()).encode()).hexdigest()[:16]
         self.run = wandb.init(project=cfg.wandb_project, name=run.path.name, id=run_id, resume="allow",
@@ -73,7 +74,7 @@ class _Wandb:
 
 class _MLflow:
     def __init__(self, run: RunDir, config: dict, cfg):
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # lazy: optional dependency (tinymim[mlflow])
 
         uri = cfg.mlflow_uri or (run.path / "mlruns").resolve().as_uri()
         if uri.startswith("file:") or "://" not in uri:
@@ -93,7 +94,7 @@ class _MLflow:
             write_text(id_file, self.run_id + "\n")
 
     def log(self, record: dict) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: optional dependency (tinymim[mlflow])
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, record["step"]) for k, v in _scalars(record).items()]
@@ -111,9 +112,6 @@ def preflight(cfg) -> None:
 
 def _reachable(uri: str) -> None:
     """A server that does not answer is said at once (MLflow's client retries for minutes)."""
-    import urllib.error
-    import urllib.request
-
     try:
         urllib.request.urlopen(uri, timeout=10).close()
     except urllib.error.HTTPError:
