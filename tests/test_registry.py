@@ -105,3 +105,19 @@ def test_load_trained_refuses_what_is_not_a_run(tmp_path):
 
     with pytest.raises(CheckpointError, match="is a tinymim distill run, not a finetune run"):
         load_run_model(tasks.TASKS["finetune"], tmp_path / "distill")
+
+
+def test_a_run_still_training_gives_its_latest_checkpoint(tmp_path):
+    """latest=True reads the student out of last.pt's trainable state (what visualize shows mid-run);
+    the reference: the final weights file, written from the same state."""
+    from tinymim.tasks.base import load_run_model
+
+    tasks.run("distill", tiny_distill_config(max_steps=2), tmp_path / "run")
+    final = load_file(str(tmp_path / "run" / "student.safetensors"))
+    (tmp_path / "run" / "student.safetensors").unlink()  # as if it had not finished
+    with pytest.raises(CheckpointError, match="holds no weights yet"):
+        tasks.load_trained(tmp_path / "run")
+    trained = load_run_model(tasks.TASKS["distill"], tmp_path / "run", latest=True)
+    assert trained.weights.name == "last.pt"
+    state = trained.model.state_dict()
+    assert set(state) == set(final) and all(torch.equal(state[k], final[k]) for k in final)

@@ -13,16 +13,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from tinymim.core.config import from_run_config
 from tinymim.core.errors import TinymimError
-from tinymim.core.rundir import RunDir
 from tinymim.data.images import decode_image
 from tinymim.data.pretrain import normalize
 from tinymim.method.relations import RELATION_NAMES, relation_logits
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import load_run_model
 from tinymim.tasks.distill import build_distill_task
-from tinymim.tasks.distill_config import DistillConfig
 from tinymim.train.distributed import HeldLogs, seed_everything
 
 # a perceptually ordered dark-blue -> green -> yellow ramp (control points of viridis)
@@ -38,22 +35,13 @@ def colorize(values: np.ndarray, vmax: float) -> np.ndarray:
 
 
 def load_run(run_dir: str | Path):
-    """The DistillTask of a distill run with its student's trained weights (load_trained's), or for a
-    run still training its latest checkpoint's; the teacher rebuilt as the run built it."""
-    run = RunDir(run_dir)
-    if run.weights() is not None or not run.checkpoint.is_file() or run.task() != "distill":
-        trained = load_run_model(TASKS["distill"], run_dir)
-        cfg, student = trained.config, trained.model.state_dict()
-    else:  # not finished: the latest checkpoint holds the trainable part (student and projections)
-        checkpoint = run.read_checkpoint()
-        cfg, student = from_run_config(DistillConfig, run.stored_config(checkpoint)), None
-    seed_everything(cfg.train.seed)  # the same models as the run built (a random teacher included)
-    task = build_distill_task(cfg)
-    if student is not None:
-        task.student.load_state_dict(student)
-    else:
-        task.load_trainable_state(checkpoint["model"])
-    return task.eval(), cfg
+    """The DistillTask of a distill run with its student's trained weights (load_trained's: for a run
+    still training, its latest checkpoint's); the teacher rebuilt as the run built it."""
+    trained = load_run_model(TASKS["distill"], run_dir, latest=True)
+    seed_everything(trained.config.train.seed)  # the same models as the run built (a random teacher included)
+    task = build_distill_task(trained.config)
+    task.student.load_state_dict(trained.model.state_dict())
+    return task.eval(), trained.config
 
 
 def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk", "vv"), heads=(0,),

@@ -126,6 +126,8 @@ class TaskSpec:
     load: Callable | None = None
     # the weights file's state -> what `trained` loads (a layout an older release wrote, mended)
     trained_state: Callable[[dict], dict] | None = None
+    # where the trained module sits in the trainable module a checkpoint holds ("vit.": DistillStudent.vit)
+    checkpoint_prefix: str = ""
 
     @property
     def name(self) -> str:
@@ -157,9 +159,10 @@ class TrainedRun:
     classes: list[str] | None  # the class names of a classifier's outputs, when the run recorded them
 
 
-def load_run_model(spec: TaskSpec, run_dir: str | Path, best: bool = False) -> TrainedRun:
+def load_run_model(spec: TaskSpec, run_dir: str | Path, best: bool = False, latest: bool = False) -> TrainedRun:
     """The one path from a run directory of `spec`'s task to its trained model: the stored config,
-    the module it describes, the final (or with best=True the best evaluation's) weights."""
+    the module it describes, the final (or with best=True the best evaluation's) weights; with
+    latest=True a run still training gives its latest checkpoint's."""
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise CheckpointError(f"{run.path} does not exist; pass the --output folder of `tinymim {spec.name}`")
@@ -168,11 +171,16 @@ def load_run_model(spec: TaskSpec, run_dir: str | Path, best: bool = False) -> T
         what = f"a tinymim {task} run" if raw is not None and task else "not a tinymim run directory"
         raise CheckpointError(f"{run.path} is {what}, not a {spec.name} run with a usable config.yaml; pass the "
                               f"--output folder of `tinymim {spec.name}`")
-    cfg = spec.resolve(from_run_config(spec.config, raw))
     file = run.weights(best=best)
-    if file is None:
+    if file is None and latest and run.checkpoint.is_file():
+        checkpoint, file = run.read_checkpoint(), run.checkpoint
+        raw, n = run.stored_config(checkpoint), len(spec.checkpoint_prefix)
+        state = {k[n:]: v for k, v in checkpoint["model"].items() if k.startswith(spec.checkpoint_prefix)}
+    elif file is None:
         raise CheckpointError(f"{run.path} holds no weights yet; is the {spec.name} run finished?")
+    else:
+        state = load_state_dict(file)
+    cfg = spec.resolve(from_run_config(spec.config, raw))
     model = spec.trained(cfg)
-    state = load_state_dict(file)
     model.load_state_dict(spec.trained_state(state) if spec.trained_state else state)
     return TrainedRun(model.eval(), cfg, spec.name, file, run.read_classes())

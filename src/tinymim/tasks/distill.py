@@ -238,7 +238,7 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
 
 
 SPEC = TaskSpec(task=DistillTask, config=DistillConfig, resolve=resolve, build=build_distill_task,
-                trained=lambda cfg: create_vit(cfg.student),
+                trained=lambda cfg: create_vit(cfg.student), checkpoint_prefix="vit.",
                 load=load, kind="pretrain",
                 upstream="teacher", exports="encoder",
                 help="TinyMIM relation-distillation pre-training of a student ViT")

@@ -86,5 +86,6 @@ def build_mae_task(cfg: MAEConfig) -> MAETask:
 
 
 SPEC = TaskSpec(task=MAETask, config=MAEConfig, resolve=resolve, build=build_mae_task,
-                trained=lambda cfg: create_vit(cfg.model), kind="pretrain", upstream=None,
+                trained=lambda cfg: create_vit(cfg.model), checkpoint_prefix="encoder.", kind="pretrain",
+                upstream=None,
                 exports="encoder", help="MAE pre-training of a ViT (a teacher for distillation)")
