@@ -2,6 +2,7 @@
 the readers count as unreadable (a damaged file, a decompression bomb)."""
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
@@ -68,3 +69,12 @@ def decode_image(fp) -> Image.Image:
         return to_rgb8(img)  # always a new image
     finally:
         img.close()  # a multi-frame file (GIF, TIFF) stays open after load()
+
+
+def warn_unreadable(skipped: int, readable) -> None:
+    """One warning when unreadable images were left out of an evaluation's scores (each was named when
+    it failed to decode): how many, and over how many readable ones the scores are."""
+    if skipped:
+        logging.getLogger("tinymim").warning(
+            "%d unreadable images skipped (each named above): the scores are over the %s readable ones",
+            skipped, readable)

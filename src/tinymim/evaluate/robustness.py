@@ -25,6 +25,7 @@ from tinymim.core.errors import TinymimError
 from tinymim.core.guards import check_classes
 from tinymim.core.rundir import RunDir
 from tinymim.data.classification import ClassifyDataConfig, build_eval_loader, classification_sums, sums_to_metrics
+from tinymim.data.images import warn_unreadable
 from tinymim.evaluate.exportable import build_exportable
 from tinymim.models.vit import TokenFeatures
 from tinymim.tasks import TASKS
@@ -134,9 +135,7 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
 
     def said(result: dict) -> dict:
         """The result, with a warning when unreadable images were left out of its scores."""
-        if result["skipped_images"]:
-            log.warning("%d unreadable images skipped (each named above): the scores are over the %s readable "
-                        "ones", result["skipped_images"], result.get("images", "other"))
+        warn_unreadable(result["skipped_images"], result.get("images", "other"))
         return result
 
     if protocol == "plain":

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torch.utils.data as tud
 
 from tinymim.core.config import ConfigError, checked_copy
+from tinymim.data.images import warn_unreadable
 from tinymim.data.loader import GlobalBatchSampler, worker_init
 from tinymim.data.segmentation import SegmentationDataset, SegmentationFolder, SegmentDataConfig, collate_segment
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
@@ -247,8 +248,6 @@ def evaluate_segmentation_run(run_dir: str | Path, data_root: str | Path, split:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate_segmenter(model.to(device), loader, data, device, folder.classes)
     skipped = metrics.pop("skipped_images", 0)
-    if skipped:
-        log.warning("%d unreadable images skipped (each named above): the scores are over the %d readable ones",
-                    skipped, len(folder) - skipped)
+    warn_unreadable(skipped, len(folder) - skipped)
     return {"protocol": "segmentation", "split": split, "images": len(folder) - skipped, "skipped_images": skipped,
             **metrics}
