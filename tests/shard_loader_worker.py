@@ -1,4 +1,4 @@
-"""Under torchrun (gloo): each rank builds the real training loader (tinymim.data.pretrain.build_loader) on a shard
+"""Under torchrun (gloo): each rank builds the real training loader (tinymim.data.loader.build_loader) on a shard
 folder, runs one epoch through it with a loader worker process, and rank 0 prints what every rank read
 as JSON: per rank the steps taken and the samples loaded ("shard-000003.tar:<key>").
 

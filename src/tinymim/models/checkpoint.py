@@ -1,5 +1,5 @@
 """Weights in and out: any layout (MAE, DeiT, TinyMIM*-T, timm, tinymim runs) into a timm ViT, and
-safetensors files written atomically (through tinymim.core.rundir).
+safetensors files written atomically (through tinymim.core.files).
 
 Pickled checkpoints are only ever read with `torch.load(weights_only=True)`: a file that would run
 code while unpickling is refused. safetensors files are preferred for weights.
@@ -97,7 +97,7 @@ def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """A safetensors file, written atomically (see tinymim.core.rundir)."""
+    """A safetensors file, written atomically (see tinymim.core.files)."""
     data = save({k: v.detach().contiguous().cpu() for k, v in state.items()},
                 metadata={k: str(v) for k, v in (metadata or {}).items()})
     atomic_write(path, lambda f: f.write(data))
