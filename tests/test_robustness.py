@@ -122,3 +122,34 @@ def test_knn_command_on_a_distilled_student(tmp_path, capsys):
                  "--workers", "0", "--block", "2"]) == 0
     out = capsys.readouterr().out
     assert "k-NN (k=20, T=0.07) top-1" in out and "40 queries, bank of 40" in out
+
+
+def test_knn_prepares_images_as_the_run_did_and_takes_builtin_names(tmp_path, monkeypatch):
+    """The k-NN bank and queries are normalized with the run's own mean/std (not ImageNet's), and a
+    shipped teacher is taken by its builtin: name as export takes it."""
+    from conftest import tiny_distill_config
+
+    import tinymim.evaluate.robustness as robustness
+    from tinymim.models.checkpoint import BUILTIN_PREFIX
+
+    cfg = tiny_distill_config(max_steps=1)
+    cfg.data.mean, cfg.data.std = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]
+    tasks.run("distill", cfg, tmp_path / "run")
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+    seen = []
+
+    def loader(data, batch_size, split_train=False):
+        seen.append((list(data.mean), list(data.std)))
+        return []
+
+    monkeypatch.setattr(robustness, "build_eval_loader", loader)
+    monkeypatch.setattr(robustness, "knn_loader_accuracy", lambda *a, **k: {"knn_top1": 0.0})
+    robustness.knn_evaluate(tmp_path / "run", str(tmp_path / "train"), str(tmp_path / "val"), num_workers=0)
+    assert seen == [([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])] * 2
+    robustness.knn_evaluate(tmp_path / "run", str(tmp_path / "train"), str(tmp_path / "val"), num_workers=0,
+                            mean=[0.5] * 3, std=[0.25] * 3)
+    assert seen[-1] == ([0.5] * 3, [0.25] * 3)
+    monkeypatch.setattr(robustness, "builtin_teacher", lambda spec: tmp_path / "run" if spec == "builtin:x" else None)
+    robustness.knn_evaluate(f"{BUILTIN_PREFIX}x", str(tmp_path / "train"), str(tmp_path / "val"), num_workers=0)
+    assert seen[-1] == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])

@@ -27,11 +27,12 @@ from tinymim.core.rundir import RunDir
 from tinymim.data.classification import ClassifyDataConfig, build_eval_loader, classification_sums, sums_to_metrics
 from tinymim.data.images import warn_unreadable
 from tinymim.evaluate.exportable import build_exportable
+from tinymim.models.checkpoint import BUILTIN_PREFIX, builtin_teacher
 from tinymim.models.vit import TokenFeatures
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import load_run_model
 from tinymim.tasks.segment import evaluate_segmentation_run
-from tinymim.train.knn import _eval_crop_pct, _sample, knn_loader_accuracy
+from tinymim.train.knn import _sample, knn_loader_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,9 @@ def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None 
                  k: int = 20, temperature: float = 0.07, mean=None, std=None, batch_size: int = 256,
                  num_workers: int = 2, bank_size: int | None = None) -> dict:
     """k-NN top-1 of a model's frozen features: the average patch token after the final norm, or
-    entering block `block` (1-indexed)."""
+    entering block `block` (1-indexed). `source`: a run directory, a shipped teacher (`builtin:NAME`) or
+    a weights file with `model_name`. Images are prepared as the run prepared them (its mean, std and
+    crop; ImageNet's for a bare file) unless `mean`/`std` say otherwise."""
     if k < 1 or not temperature > 0 or (bank_size is not None and bank_size < 1):
         raise TinymimError(f"k ({k}) and --bank-size ({bank_size}) must be positive, and the temperature "
                            f"({temperature}) above 0")
@@ -206,17 +209,17 @@ def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None 
         if not Path(folder).is_dir():
             raise TinymimError(f"{folder} is not a folder; --data and --val take labelled ImageFolders "
                                "(root/<class>/<image>)")
+    if str(source).startswith(BUILTIN_PREFIX):
+        source = builtin_teacher(str(source))
     model, _ = build_exportable(source, model_name)
     if block is not None and not 1 <= block <= len(model.blocks) + 1:
         raise TinymimError(f"--block {block} is out of range: the model has blocks 1..{len(model.blocks)} "
                            f"({len(model.blocks) + 1}: after the last)")
-    size = model.patch_embed.img_size[0]
+    size, run = model.patch_embed.img_size[0], model.pretrained_cfg  # the run's own preprocessing
     data = ClassifyDataConfig(name="folder", root=str(train_root), val_root=str(val_root), img_size=size,
-                              eval_crop_pct=_eval_crop_pct(size), num_workers=num_workers)
-    if mean is not None:
-        data.mean = list(mean)
-    if std is not None:
-        data.std = list(std)
+                              eval_crop_pct=run["crop_pct"], num_workers=num_workers,
+                              mean=list(mean if mean is not None else run["mean"]),
+                              std=list(std if std is not None else run["std"]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return knn_loader_accuracy(TokenFeatures(model.to(device), block),
                                _sample(build_eval_loader(data, batch_size, split_train=True), bank_size),
