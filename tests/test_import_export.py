@@ -108,13 +108,20 @@ def test_export_timm_folder_loads_with_plain_timm(distilled_run, tmp_path):
     assert cfg["model_args"]["num_heads"] == 3 and "block_heads" not in json.dumps(cfg)
     assert (out / "model.safetensors").is_file() and "tinymim" in (out / "README.md").read_text()
     plain = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0).eval()
-    # the same features as the student inside tinymim
+    # the same features as the student inside tinymim: its patch tokens' mean after the final norm (k-NN's)
+    from tinymim.models.vit import TokenFeatures
+
     student = create_vit(tiny_vit(dim=48, depth=2, heads=3))
     student.load_state_dict(load_file(distilled_run / "student.safetensors"))
     student.eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        assert (plain(x) - student(x)).abs().max().item() < 1e-5
+        assert (plain(x) - TokenFeatures(student)(x)).abs().max().item() < 1e-5
+    # --pool token: the class token, as timm's default ViT head reads it
+    assert main(["export", str(distilled_run), "--output", str(tmp_path / "token"), "--pool", "token"]) == 0
+    token = timm.create_model(f"local-dir:{tmp_path / 'token'}", pretrained=True, num_classes=0).eval()
+    with torch.no_grad():
+        assert (token(x) - student(x)).abs().max().item() < 1e-5
 
 
 def test_export_onnx_matches_pytorch(distilled_run, tmp_path):
@@ -361,3 +368,32 @@ def test_export_of_a_pipeline_folder_or_an_empty_folder_says_what_it_is(tmp_path
     line = _error_line(capsys.readouterr().err)
     assert line.startswith(f"error: {empty} is an empty folder: it holds no run;") and "bare checkpoint" not in line
     assert _files(tmp_path) == before and not out.exists()
+
+
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_exported_encoder_gives_knn_features(tmp_path, pool):
+    """The timm folder an encoder exports to computes what the card says: by default the mean of the
+    patch tokens after the final norm, i.e. tinymim knn's features (TokenFeatures); --pool token the
+    class token. The card's title is the model's real architecture."""
+    import timm
+
+    from tinymim.evaluate.export import export_timm
+    from tinymim.evaluate.exportable import build_exportable
+    from tinymim.models.vit import TokenFeatures
+
+    tasks.run("distill", tiny_distill_config(max_steps=1), tmp_path / "run")
+    out = export_timm(tmp_path / "run", tmp_path / "export", pool=pool)
+    exported = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    knn_model = build_exportable(tmp_path / "run")[0]  # what tinymim knn builds
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        got = exported(x)
+        if pool == "avg":
+            expected = TokenFeatures(knn_model)(x)
+        else:
+            expected = knn_model.forward_features(x)[:, 0]
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+    card = (out / "README.md").read_text()
+    title = card.split("\n")[5]
+    assert title.startswith("# ViT, 2 blocks 48 wide, 3 heads, patch 4, 32px") and "vit_base" not in title
+    assert ("mean of the patch tokens" in card) == (pool == "avg")

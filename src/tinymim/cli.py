@@ -79,11 +79,12 @@ def cmd_export(args) -> int:
     from tinymim.evaluate import export
 
     if args.format == "timm":
-        out = export.export_timm(args.source, args.output, args.model, args.features, overwrite=args.overwrite)
+        out = export.export_timm(args.source, args.output, args.model, args.features, overwrite=args.overwrite,
+                                 pool=args.pool)
         print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True)")
     else:
         diff = export.export_onnx(args.source, args.output, args.model, features=args.features,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, pool=args.pool)
         print(f"wrote {args.output}: matches PyTorch within {diff:.1e} (onnxruntime, CPU)")
     return 0
 
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", default="final", choices=["final", "relation-input"],
                    help="pre-trained encoders: the final pooled features (default), or the tokens entering the "
                         "last (relation) block, which relation distillation trained")
+    p.add_argument("--pool", default="avg", choices=["avg", "token"],
+                   help="an encoder's output: avg, the mean of its patch tokens after the final norm (the features "
+                        "tinymim knn reads), or token, its class token")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the files of an earlier export in --output (default: refuse a non-empty folder "
                         "or an existing file)")

@@ -95,11 +95,14 @@ def _what_features(info: dict) -> str:
     if info["features"] == "relation-input":
         return ("the mean of the patch tokens entering the last (relation) block, i.e. the output of the "
                 "block before it, without a final norm: the features relation distillation trained")
+    pooled = ("the mean of the patch tokens after every block and the final norm (`num_classes=0`; the "
+              "features `tinymim knn` reads)" if info["pool"] == "avg"
+              else "the class token after every block and the final norm (`num_classes=0`)")
     if info["task"] == "distill":
-        return ("the mean-pooled patch tokens after every block and the final norm (`num_classes=0`). With "
-                "relation targets the last block's MLP and attention projection and the final norm were not "
-                "trained (only its Q/K/V were): fine-tune before use, or export with --features relation-input")
-    return "the pooled features after every block and the final norm (`num_classes=0`)"
+        return (f"{pooled}. With relation targets the last block's MLP and attention projection and the final "
+                "norm were not trained (only its Q/K/V were): fine-tune before use, or export with --features "
+                "relation-input")
+    return pooled
 
 
 def model_card(info: dict) -> str:
@@ -113,7 +116,7 @@ def model_card(info: dict) -> str:
         "---", "library_name: timm", f"license: {lic}",
         f"tags: [{'image-classification' if info['classifier'] else 'image-feature-extraction'}, timm, tinymim]",
         "---",
-        f"# {info['architecture']} {'fine-tuned' if info['classifier'] else 'pre-trained'} with tinymim "
+        f"# {info['title']}, {'fine-tuned' if info['classifier'] else 'pre-trained'} with tinymim "
         f"({info['task']})", "",
         "```python", "import timm",
         "model = timm.create_model('local-dir:PATH', pretrained=True)  # or hf-hub:USER/REPO once pushed",
@@ -162,10 +165,10 @@ def model_card(info: dict) -> str:
 
 
 def export_timm(source, output, model_name: str | None = None, features: str = "final",
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, pool: str = "avg") -> Path:
     """A timm / hub folder; a non-empty `output` is refused unless overwrite=True."""
     out = check_output(source, output, "timm", overwrite)
-    model, info = build_exportable(source, model_name, features)
+    model, info = build_exportable(source, model_name, features, pool)
     if hasattr(model, "dist_token"):
         raise TinymimError(f"{source} is a classifier with a distillation token "
                            "(tinymim.models.star.DistilledViT), which "
@@ -187,7 +190,7 @@ def export_timm(source, output, model_name: str | None = None, features: str = "
 
 
 def export_onnx(source, output, model_name: str | None = None, atol: float = 1e-4, features: str = "final",
-                overwrite: bool = False) -> float:
+                overwrite: bool = False, pool: str = "avg") -> float:
     """Write an ONNX feature extractor and return its max abs difference to PyTorch (checked before
     the file reaches `output`); an existing `output` is refused unless overwrite=True."""
     try:
@@ -195,7 +198,7 @@ def export_onnx(source, output, model_name: str | None = None, atol: float = 1e-
     except ImportError as e:
         raise TinymimError("ONNX export needs onnx and onnxruntime: pip install 'tinymim[onnx]'") from e
     out = check_output(source, output, "onnx", overwrite)
-    model, info = build_exportable(source, model_name, features)
+    model, info = build_exportable(source, model_name, features, pool)
     size = model.patch_embed.img_size
     diffs = []
 

@@ -23,6 +23,7 @@ from tinymim.tasks import TASKS, load_trained
 log = logging.getLogger("tinymim")
 
 FEATURES = ("final", "relation-input")
+POOLS = ("avg", "token")  # an encoder's output: the mean of its patch tokens (k-NN's features), or its class token
 # weights released under CC-BY-NC-4.0 (MAE's) that a teacher name or file may point at
 _NON_COMMERCIAL_MARKS = ("mae_pretrain", "mae_finetuned", "mae_visualize", ".mae")
 
@@ -65,12 +66,16 @@ def data_config(run_cfg: dict, img_size: int, kind: str) -> dict:
             "interpolation": "bicubic"}
 
 
-def build_exportable(source: str | Path, model_name: str | None = None,
-                     features: str = "final") -> tuple[torch.nn.Module, dict]:
+def build_exportable(source: str | Path, model_name: str | None = None, features: str = "final",
+                     pool: str = "avg") -> tuple[torch.nn.Module, dict]:
     """A timm-created VisionTransformer holding the weights of a run directory or checkpoint file:
-    the classifier of a fine-tuning run, else a feature extractor."""
+    the classifier of a fine-tuning run, else a feature extractor whose output is the mean of its
+    patch tokens after the final norm (pool="avg": the features `tinymim knn` reads) or its class
+    token (pool="token")."""
     if features not in FEATURES:
         raise TinymimError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
+    if pool not in POOLS:
+        raise TinymimError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
     source = Path(source)
     run_dir = source.is_dir() and RunDir(source).stored_config() is not None
     if run_dir:
@@ -117,6 +122,8 @@ def build_exportable(source: str | Path, model_name: str | None = None,
             last = f"blocks.{depth - 1}."
             state = {k: v for k, v in state.items() if not k.startswith((last, "norm."))}
             model_args.update(depth=depth - 1, final_norm=False, global_pool="avg", fc_norm=False)
+        else:  # the final norm on every token, then the pooling (no fc_norm: none was trained)
+            model_args.update(global_pool=pool, fc_norm=False)
         model = timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
         ignored = load_vit_weights(model, state, source=str(source))
     if ignored:
@@ -130,8 +137,14 @@ def build_exportable(source: str | Path, model_name: str | None = None,
                             "first_conv": "patch_embed.proj", "classifier": "head", "fixed_input_size": True,
                             "license": licence(run_cfg)}
     return model, {"architecture": arch, "model_args": model_args, "run_config": run_cfg, "task": kind,
-                   "source": str(source), "features": features, "classifier": classifier,
-                   "data_config": preprocessing}
+                   "source": str(source), "features": features, "classifier": classifier, "pool": pool,
+                   "data_config": preprocessing, "title": vit_title(model)}
+
+
+def vit_title(model: torch.nn.Module) -> str:
+    """What the model is, from the model itself (a custom size rides on a timm name that is not it)."""
+    return (f"ViT, {len(model.blocks)} blocks {model.embed_dim} wide, {model.blocks[0].attn.num_heads} heads, "
+            f"patch {model.patch_embed.patch_size[0]}, {model.patch_embed.img_size[0]}px")
 
 
 def load_vit(spec: str | Path, model_name: str | None = None, features: str = "final") -> torch.nn.Module:
