@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -204,9 +205,11 @@ def export_onnx(source, output, model_name: str | None = None, atol: float = 1e-
 
     def write(tmp: Path) -> None:
         path = tmp / out.name
-        torch.onnx.export(model, (torch.randn(2, 3, *size),), str(path), input_names=["image"],
-                          output_names=["features"], dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+        with warnings.catch_warnings():  # the tracer's notes on timm's shape checks: the check below is the proof
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(model, (torch.randn(2, 3, *size),), str(path), input_names=["image"],
+                              output_names=["features"], dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+                              opset_version=17, dynamo=False)
         check = torch.randn(3, 3, *size)
         with torch.no_grad():
             expected = model(check).numpy()
