@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TORCHRUN
+from conftest import TORCHRUN, tiny_distill_config
 from conftest import subprocess_env as env
 from PIL import Image
 from safetensors.torch import load_file
 
+import tinymim.tasks as tasks
 from tinymim.core.errors import DataError
 from tinymim.core.rundir import RunDir
 from tinymim.data.loader import ShardBatchSampler
@@ -520,3 +521,73 @@ def test_an_empty_class_folder_is_refused(folder, tmp_path):
     with pytest.raises(DataError, match="holds no images"):
         write_shards(FolderImages(src), tmp_path / "out")  # never reached: the listing refuses
     assert not (tmp_path / "out").exists()
+
+
+def _webdataset_shards(folder: Path, n: int = 25, per_shard: int = 10, label_as: str = "cls") -> list:
+    """n PNG samples written by the webdataset package's own ShardWriter; returns (image bytes, label)."""
+    import io
+
+    wds = pytest.importorskip("webdataset")
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = []
+    with wds.ShardWriter(str(folder / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
+            label = i % 3
+            sample = {"__key__": f"sample{i:04d}", "png": buf.getvalue()}
+            sample.update({"cls": label} if label_as == "cls" else {"json": {"label": f"class_{label}"}})
+            sink.write(sample)
+            written.append((buf.getvalue(), label))
+    return written
+
+
+def test_webdataset_shards_from_its_own_writer_are_indexed_and_read_back(tmp_path, capsys):
+    from tinymim.cli import main
+    from tinymim.data.shards import ShardImages
+
+    written = _webdataset_shards(tmp_path / "wds")
+    assert main(["shards", "--index", str(tmp_path / "wds")]) == 0
+    assert "indexed 3 shards (25 images, 3 classes)" in capsys.readouterr().out
+    data = ShardImages(tmp_path / "wds")
+    assert len(data) == 25 and data.classes == ["0", "1", "2"]
+    got = sorted(data.read_bytes(i) for i in range(len(data)))
+    assert got == sorted(written)  # every sample once, its image byte for byte, its label
+    assert main(["shards", "--index", str(tmp_path / "wds")]) == 1  # an index is never overwritten
+    assert "exists already" in capsys.readouterr().err
+
+
+def test_webdataset_json_labels_and_unlabelled_pretraining(tmp_path):
+    from tinymim.data.shard_index import index_webdataset
+    from tinymim.data.shards import ShardImages
+
+    written = _webdataset_shards(tmp_path / "json", n=12, per_shard=5, label_as="json")
+    index = index_webdataset(tmp_path / "json", "json:label")
+    assert index["classes"] == ["class_0", "class_1", "class_2"] and index["total"] == 12
+    assert sorted(ShardImages(tmp_path / "json").read_bytes(i) for i in range(12)) == sorted(written)
+    with pytest.raises(DataError, match="has no 'nope' field"):
+        index_webdataset(_copy_without_index(tmp_path / "json", tmp_path / "json2"), "json:nope")
+    index = index_webdataset(tmp_path / "json2", None)  # pre-training: no labels needed
+    assert index["classes"] == ["none"] and set(sum((s["labels"] for s in index["shards"]), [])) == {0}
+
+
+def _copy_without_index(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("index.json"))
+    return dst
+
+
+def test_webdataset_shards_train(tmp_path):
+    """A few distillation steps on shards webdataset wrote, read through their index."""
+    _webdataset_shards(tmp_path / "wds", n=40, per_shard=16)
+    from tinymim.data.shard_index import index_webdataset
+
+    index_webdataset(tmp_path / "wds")
+    cfg = tiny_distill_config(max_steps=2, batch_size=8)
+    cfg.data = DataConfig(name="shards", root=str(tmp_path / "wds"), img_size=32, num_workers=0)
+    last = tasks.run("distill", cfg, tmp_path / "run")
+    assert last is not None and np.isfinite(last["loss"])

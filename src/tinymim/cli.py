@@ -171,6 +171,16 @@ def cmd_shards(args) -> int:
     from tinymim.data.shard_writer import write_shards
     from tinymim.data.sources import FolderImages
 
+    if args.index:
+        from tinymim.data.shard_index import index_webdataset
+
+        index = index_webdataset(args.index, None if args.label == "none" else args.label)
+        print(f"indexed {len(index['shards'])} shards ({index['total']} images, {len(index['classes'])} classes) "
+              f"in {args.index}/index.json; train on them with data.name=shards data.root={args.index}")
+        return 0
+    if args.source is None or args.output is None:
+        raise TinymimError("tinymim shards needs SRC --output DIR (write shards), or --index DIR (index shards "
+                           "another tool wrote)")
     index = write_shards(FolderImages(args.source), args.output, args.shard_size, args.seed)
     shards = index["shards"]
     print(f"wrote {len(shards)} shards ({index['total']} images, {len(index['classes'])} classes, "
@@ -272,8 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_corrupt)
     p = sub.add_parser("shards", help="write an ImageFolder as WebDataset tar shards with an index, for "
                                       "data.name=shards (local or served over http)")
-    p.add_argument("source", help="ImageFolder root (root/<class>/<image>)")
-    p.add_argument("--output", required=True, help="a new folder for shard-NNNNNN.tar and index.json")
+    p.add_argument("source", nargs="?", help="ImageFolder root (root/<class>/<image>)")
+    p.add_argument("--output", help="a new folder for shard-NNNNNN.tar and index.json")
+    p.add_argument("--index", metavar="DIR", help="instead: write DIR/index.json for WebDataset tars another tool "
+                                                  "wrote (webdataset's ShardWriter, public WebDataset sets)")
+    p.add_argument("--label", default="cls", help="with --index: where a sample's class is: cls, txt, "
+                                                 "json:FIELD, or none (pre-training)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (about 100 MiB of ImageNet)")
     p.add_argument("--seed", type=int, default=0, help="seed of the order images are written in")
     p.set_defaults(func=cmd_shards)

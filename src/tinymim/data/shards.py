@@ -116,6 +116,8 @@ class ShardImages(tud.Dataset):
             if index.get("version") != VERSION:
                 raise ValueError(f"format version {index.get('version')}; this tinymim reads version {VERSION}")
             self.classes = [str(c) for c in index["classes"]]
+            # tinymim's own shards put each image's label member right after it; other tools' need not
+            self._label_members = index.get("source") != "webdataset"
             shards, start, self._ends = [], 0, {}
             for s in index["shards"]:
                 n = int(s["samples"])
@@ -194,7 +196,7 @@ class ShardImages(tud.Dataset):
         try:
             with open(path, "rb") as f:
                 for key, ext, offset, size, label in self._ends[shard.name]:
-                    found = _member_at(f, key, ext, offset, size, label)
+                    found = _member_at(f, key, ext, offset, size, label if self._label_members else None)
                     if found is not None:
                         raise DataError(f"shard {path} does not match {INDEX}: it holds {found} where the index puts "
                                         f"{key}.{ext} (shards swapped, or written again since the index); "
@@ -286,9 +288,10 @@ class ShardImages(tud.Dataset):
                 os.close(fd)
 
 
-def _member_at(f, key: str, ext: str, offset: int, size: int, label: int) -> str | None:
+def _member_at(f, key: str, ext: str, offset: int, size: int, label: int | None) -> str | None:
     """None when the tar `f` holds sample `key` as _write_tar wrote it: the image's header right before
-    `offset`, its label member right after its data; else what it holds there instead."""
+    `offset`, its label member right after its data (label None: shards another tool wrote, the image
+    alone); else what it holds there instead."""
     name = f"{key}.{ext}"
     try:
         f.seek(offset - tarfile.BLOCKSIZE)
@@ -298,6 +301,8 @@ def _member_at(f, key: str, ext: str, offset: int, size: int, label: int) -> str
     # the header's own name field: a name too long for it, or not ASCII, is cut short there (whole in a pax header)
     if (info.name, info.size) != (name.encode("ascii", "replace")[:100].decode(), size) or not info.isreg():
         return f"{info.name} ({info.size} bytes) at byte {offset}"
+    if label is None:
+        return None
     f.seek(offset + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:  # reads from here; pax headers included
