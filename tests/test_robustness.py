@@ -1,6 +1,7 @@
 """ImageNet-A/R logit restriction, the mCE formula, corruption trees and `tinymim eval`."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -153,3 +154,103 @@ def test_knn_prepares_images_as_the_run_did_and_takes_builtin_names(tmp_path, mo
     monkeypatch.setattr(robustness, "builtin_teacher", lambda spec: tmp_path / "run" if spec == "builtin:x" else None)
     robustness.knn_evaluate(f"{BUILTIN_PREFIX}x", str(tmp_path / "train"), str(tmp_path / "val"), num_workers=0)
     assert seen[-1] == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+
+
+def _photo(size: int) -> Image.Image:
+    """A smooth picture with edges (noise-free: the corruptions' effects are then what differs)."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([np.sin(6 * xx) * 0.5 + 0.5, yy, (xx > 0.5) * 0.8 + 0.1], -1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_builtin_corruptions_match_the_reference_definitions(size, monkeypatch):
+    """The six tinymim writes itself against imagecorruptions (the reference): the deterministic ones
+    pixel for pixel (within rounding), the noises in their strength."""
+    import tinymim.evaluate.corruptions as corruptions
+
+    ref = pytest.importorskip("imagecorruptions")
+    img = _photo(size)
+    x = np.asarray(img, dtype=np.float64)
+    for name in corruptions.BUILTIN:
+        for severity in (1, 3, 5):
+            with monkeypatch.context() as m:
+                m.setattr(corruptions, "reference", lambda: None)
+                ours = np.asarray(corruptions.corrupt_image(img, name, severity, seed=1), dtype=np.float64)
+            np.random.seed(0)
+            theirs = ref.corrupt(np.asarray(img), severity=severity, corruption_name=name,
+                                 **({"seed": 0} if name == "impulse_noise" else {})).astype(np.float64)
+            if name in ("contrast", "pixelate", "jpeg_compression"):
+                assert np.abs(ours - theirs).max() <= 1, (name, severity)
+            else:  # random: the same mean change per value
+                a, b = np.abs(ours - x).mean(), np.abs(theirs - x).mean()
+                assert abs(a - b) <= 0.1 * b + 0.5, (name, severity, a, b)
+
+
+def test_every_imagenet_c_corruption_is_written_and_seeded():
+    import tinymim.evaluate.corruptions as corruptions
+
+    pytest.importorskip("imagecorruptions")
+    img = _photo(32)
+    assert corruptions.available() == [*corruptions.IMAGENET_C, *corruptions.EXTRA]
+    for name in corruptions.available():
+        a, b = (np.asarray(corruptions.corrupt_image(img, name, 3, seed=7)) for _ in range(2))
+        assert a.shape == (32, 32, 3) and np.array_equal(a, b), name  # the same for the same seed
+        if name not in ("brightness",):
+            assert not np.array_equal(a, np.asarray(img)), name  # and it does something
+    with pytest.raises(TinymimError, match="too small"):
+        corruptions.corrupt_image(_photo(16), "fog", 1)
+
+
+def test_without_the_extra_the_rest_say_how_to_get_them(monkeypatch):
+    import tinymim.evaluate.corruptions as corruptions
+
+    monkeypatch.setattr(corruptions, "reference", lambda: None)
+    assert corruptions.available() == list(corruptions.BUILTIN)
+    with pytest.raises(TinymimError, match=r"glass_blur corruption needs.*tinymim\[corruptions\]"):
+        corruptions.corrupt_image(_photo(32), "glass_blur", 1)
+    with pytest.raises(TinymimError, match="unknown corruption 'nope'"):
+        corruptions.corrupt_image(_photo(32), "nope", 1)
+
+
+def test_mce_over_the_15_against_alexnet():
+    errors = {c: [e] * 5 for c, e in ALEXNET_ERROR.items()}  # AlexNet's own errors: every CE is 1
+    out = corruption_errors({**errors, "saturate": [0.5] * 5})  # a validation corruption is reported, not in mCE
+    assert out["mce"] == pytest.approx(1.0) and set(out["ce"]) == set(ALEXNET_ERROR)
+    assert "saturate" in out["per_corruption"]
+    half = corruption_errors({c: [e / 2] * 5 for c, e in ALEXNET_ERROR.items()})
+    assert half["mce"] == pytest.approx(0.5)
+    assert "mce" not in corruption_errors({"fog": [0.5] * 5})
+
+
+@pytest.mark.slow
+def test_eval_imagenet_c_protocol_gives_mce(tmp_path, capsys):
+    """`tinymim corrupt` writes all 15 at 5 severities; `tinymim eval --protocol imagenet-c` scores them and
+    reports mCE as the mean over the 15 of the model's error / AlexNet's error, checked from its own table."""
+    import json
+
+    from test_downstream import tiny_finetune_config
+
+    from tinymim.data.sources import SyntheticImages
+
+    pytest.importorskip("imagecorruptions")
+    cfg = tiny_finetune_config(max_steps=2)
+    cfg.data.synthetic_classes = 2
+    tasks.run("finetune", cfg, str(tmp_path / "run"))
+    images = SyntheticImages(size=4, img_size=32, num_classes=2, seed=5)
+    for i in range(4):
+        img, c = images.load(i)
+        (tmp_path / "clean" / f"class_{c}").mkdir(parents=True, exist_ok=True)
+        img.save(tmp_path / "clean" / f"class_{c}" / f"{i}.png")
+    assert main(["corrupt", str(tmp_path / "clean"), "--output", str(tmp_path / "c"), "--corruptions",
+                 *ALEXNET_ERROR]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "c"), "--workers", "0",
+                 "--protocol", "imagenet-c", "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    ce = {c: sum(1 - t / 100 for t in result["top1"][c].values()) / 5 / ALEXNET_ERROR[c] for c in ALEXNET_ERROR}
+    assert result["mce"] == pytest.approx(sum(ce.values()) / 15)
+    capsys.readouterr()
+    (tmp_path / "c" / "fog" / "5").rename(tmp_path / "fog5")  # one severity short: refused in one line
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "c"), "--workers", "0",
+                 "--protocol", "imagenet-c"]) == 1
+    assert "needs all 15 corruptions at severities 1..5" in capsys.readouterr().err

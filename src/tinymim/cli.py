@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "or mIoU of a segment run")
     p.add_argument("source", help="a tinymim finetune or segment run directory")
     p.add_argument("--data", required=True, help="ImageFolder, 200-class subset folder, or corruption tree")
-    p.add_argument("--protocol", default="auto", choices=["auto", "plain", "subset", "corruptions"])
+    p.add_argument("--protocol", default="auto", choices=["auto", "plain", "subset", "corruptions", "imagenet-c"],
+                   help="imagenet-c: a corruption tree of all 15 at severities 1..5, and its mCE (AlexNet-normalized)")
     p.add_argument("--weights", default="best", choices=["best", "last"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)

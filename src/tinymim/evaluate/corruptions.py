@@ -1,7 +1,13 @@
-"""ImageNet-C style corruptions (ImageNet-C parameters; spatial ones scaled from 224px to the image size):
-`corrupt_folder` writes a corruption tree `root/<corruption>/<severity 1-5>/<class>/<image>` from any
-ImageFolder (8 of the 15 corruptions, those that need nothing beyond numpy and Pillow), so CIFAR-10-C-style
-checks run anywhere; `tinymim eval` scores a model on such a tree (evaluate/robustness.py).
+"""ImageNet-C corruptions: `corrupt_folder` writes a corruption tree `root/<corruption>/<severity 1-5>/<class>/
+<image>` from any ImageFolder, and `tinymim eval` scores a model on it (evaluate/robustness.py; mCE over
+the 15 of ImageNet-C, normalized by AlexNet's errors).
+
+With the `corruptions` extra (`pip install 'tinymim[corruptions]'`: the maintained imagecorruptions-imaug
+package, Hendrycks & Dietterich's reference definitions) every ImageNet-C corruption is there, plus the
+four validation ones (speckle_noise, gaussian_blur, spatter, saturate), each seeded per image. Without
+it, the six that tinymim writes itself to the same definitions with numpy and Pillow (noise, contrast,
+pixelate, JPEG; spatial sizes scaled from 224px to the image's) still work, and the others say how to
+get them.
 """
 from __future__ import annotations
 
@@ -9,11 +15,26 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from tinymim.core.errors import TinymimError
 from tinymim.data.images import to_rgb8
 from tinymim.data.sources import FolderImages
+
+IMAGENET_C = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+              "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+              "jpeg_compression")
+EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")  # ImageNet-C's validation corruptions
+_SEEDED_BY_ARGUMENT = ("impulse_noise", "glass_blur")  # they draw from their own generators, seeded by `seed=`
+
+
+def reference():
+    """The imagecorruptions package, or None when the extra is not installed."""
+    try:
+        import imagecorruptions  # lazy: optional dependency (tinymim[corruptions]), slow to import (numba)
+    except ImportError:
+        return None
+    return imagecorruptions
 
 
 def _gaussian_noise(x, s, rng, size):
@@ -29,23 +50,10 @@ def _shot_noise(x, s, rng, size):
 def _impulse_noise(x, s, rng, size):
     c = [0.03, 0.06, 0.09, 0.17, 0.27][s - 1]
     x = x.copy()
-    hit = rng.random(x.shape[:2]) < c
-    salt = rng.random(x.shape[:2]) < 0.5
+    hit = rng.random(x.shape) < c  # per value, as skimage's s&p noise (the reference) draws it
+    salt = rng.random(x.shape) < 0.5
     x[hit & salt], x[hit & ~salt] = 1.0, 0.0
     return x
-
-
-def _defocus_blur(x, s, rng, size):
-    radius = [3, 4, 6, 8, 10][s - 1] * size / 224
-    img = Image.fromarray((x * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius / 2))
-    return np.asarray(img, dtype=np.float64) / 255
-
-
-def _brightness(x, s, rng, size):
-    c = [0.1, 0.2, 0.3, 0.4, 0.5][s - 1]
-    hsv = np.asarray(Image.fromarray((x * 255).astype(np.uint8)).convert("HSV"), dtype=np.float64) / 255
-    hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
-    return np.asarray(Image.fromarray((hsv * 255).astype(np.uint8), "HSV").convert("RGB"), dtype=np.float64) / 255
 
 
 def _contrast(x, s, rng, size):
@@ -58,7 +66,7 @@ def _pixelate(x, s, rng, size):
     c = [0.6, 0.5, 0.4, 0.3, 0.25][s - 1]
     img = Image.fromarray((x * 255).astype(np.uint8))
     w, h = img.size
-    img = img.resize((max(1, int(w * c)), max(1, int(h * c))), Image.BOX).resize((w, h), Image.BOX)
+    img = img.resize((max(1, int(w * c)), max(1, int(h * c))), Image.BOX).resize((w, h), Image.NEAREST)
     return np.asarray(img, dtype=np.float64) / 255
 
 
@@ -69,27 +77,53 @@ def _jpeg_compression(x, s, rng, size):
     return np.asarray(Image.open(buf).convert("RGB"), dtype=np.float64) / 255
 
 
-CORRUPTIONS = {f.__name__[1:]: f for f in (_gaussian_noise, _shot_noise, _impulse_noise, _defocus_blur, _brightness,
-                                           _contrast, _pixelate, _jpeg_compression)}
+BUILTIN = {f.__name__[1:]: f for f in (_gaussian_noise, _shot_noise, _impulse_noise, _contrast, _pixelate,
+                                       _jpeg_compression)}
+
+
+def available() -> list[str]:
+    """The corruptions this installation writes: all 19 with the extra, else the built-in six."""
+    return [*IMAGENET_C, *EXTRA] if reference() is not None else list(BUILTIN)
+
+
+def _check_name(corruption: str) -> None:
+    if corruption in available():
+        return
+    if corruption in IMAGENET_C + EXTRA:
+        raise TinymimError(f"the {corruption} corruption needs the reference definitions: pip install "
+                           f"'tinymim[corruptions]' (built in without it: {', '.join(BUILTIN)})")
+    raise TinymimError(f"unknown corruption {corruption!r}; available: {', '.join(available())}")
 
 
 def corrupt_image(img: Image.Image, corruption: str, severity: int, seed: int = 0) -> Image.Image:
-    if corruption not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {corruption!r}; available: {', '.join(CORRUPTIONS)}")
+    """`img` (any Pillow mode) corrupted at `severity` 1..5, the same for the same seed."""
+    _check_name(corruption)
     if not 1 <= severity <= 5:
-        raise ValueError(f"severity must be 1..5, got {severity}")
-    x = np.asarray(to_rgb8(img), dtype=np.float64) / 255
-    y = CORRUPTIONS[corruption](x, severity, np.random.default_rng(seed), min(img.size))
-    return Image.fromarray((np.clip(y, 0, 1) * 255).round().astype(np.uint8))
+        raise TinymimError(f"severity must be 1..5, got {severity}")
+    ref = reference()
+    if ref is None:
+        x = np.asarray(to_rgb8(img), dtype=np.float64) / 255
+        y = BUILTIN[corruption](x, severity, np.random.default_rng(seed), min(img.size))
+        return Image.fromarray((np.clip(y, 0, 1) * 255).round().astype(np.uint8))
+    x = np.asarray(to_rgb8(img))
+    if min(x.shape[:2]) < 32:
+        raise TinymimError(f"an image of {x.shape[1]}x{x.shape[0]} px is too small for the ImageNet-C definitions "
+                           "(at least 32 px a side); resize the source images first")
+    state = np.random.get_state()  # the reference draws from numpy's global generator: seeded, then restored
+    try:
+        np.random.seed(seed % 2**32)
+        kwargs = {"seed": seed} if corruption in _SEEDED_BY_ARGUMENT else {}
+        return Image.fromarray(ref.corrupt(x, severity=severity, corruption_name=corruption, **kwargs))
+    finally:
+        np.random.set_state(state)
 
 
 def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severities=(1, 2, 3, 4, 5),
                    limit_per_class: int | None = None) -> int:
     """Write dst/<corruption>/<severity>/<class>/<image>.png from the ImageFolder src; returns images written."""
-    corruptions = list(corruptions or CORRUPTIONS)
-    unknown = [c for c in corruptions if c not in CORRUPTIONS]
-    if unknown:
-        raise TinymimError(f"unknown corruption(s) {', '.join(unknown)}; available: {', '.join(CORRUPTIONS)}")
+    corruptions = list(corruptions or available())
+    for c in corruptions:
+        _check_name(c)
     if not all(1 <= s <= 5 for s in severities):
         raise TinymimError(f"severities must be 1..5, got {list(severities)}")
     if limit_per_class is not None and limit_per_class < 1:
