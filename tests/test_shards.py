@@ -63,6 +63,35 @@ def shards(folder, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def wds_shards(folder, tmp_path_factory) -> Path:
+    """The same images as `shards`, written by the webdataset package's own ShardWriter (its member names,
+    its tar layout) in a seeded order, then indexed by `tinymim shards --index`."""
+    import random
+
+    wds = pytest.importorskip("webdataset")
+    from tinymim.data.shard_index import index_webdataset
+
+    out = tmp_path_factory.mktemp("wds") / "train"
+    out.mkdir()
+    source = FolderImages(folder)
+    order = list(range(len(source.samples)))
+    random.Random(0).shuffle(order)
+    with wds.ShardWriter(str(out / "part-%06d.tar"), maxcount=SHARD, verbose=0) as sink:
+        for n, i in enumerate(order):
+            path, label = source.samples[i]
+            sink.write({"__key__": f"s{n:05d}", Path(path).suffix.lower().lstrip("."): Path(path).read_bytes(),
+                        "cls": label})
+    index_webdataset(out)
+    return out
+
+
+@pytest.fixture(params=["tinymim", "webdataset"])
+def any_shards(request) -> Path:
+    """Shards tinymim wrote, and shards webdataset wrote: training reads both the same way."""
+    return request.getfixturevalue("shards" if request.param == "tinymim" else "wds_shards")
+
+
 # ---------------------------------------------------------------------------------------------
 # writing
 
@@ -168,8 +197,8 @@ def epoch(sampler: ShardBatchSampler, e: int, start: int = 0) -> list[list[tuple
     return list(sampler)
 
 
-def test_two_ranks_read_disjoint_whole_shards_covering_every_sample_once(shards):
-    src = ShardImages(shards)
+def test_two_ranks_read_disjoint_whole_shards_covering_every_sample_once(any_shards):
+    src = ShardImages(any_shards)
     ranks = [ShardBatchSampler(src.shard_ranges, 8, rank, 2, seed=5) for rank in (0, 1)]
     orders, seeds, assignments = [], [], []
     for e in range(3):
@@ -212,8 +241,8 @@ def test_more_processes_than_shards_is_refused():
 
 
 @pytest.mark.slow
-def test_two_processes_under_torchrun_read_disjoint_shards_and_every_sample_once(shards, tmp_path):
-    r = subprocess.run([*TORCHRUN, str(HERE / "shard_loader_worker.py"), str(shards), str(tmp_path / "records")],
+def test_two_processes_under_torchrun_read_disjoint_shards_and_every_sample_once(any_shards, tmp_path):
+    r = subprocess.run([*TORCHRUN, str(HERE / "shard_loader_worker.py"), str(any_shards), str(tmp_path / "records")],
                        env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("READS "))[6:])
@@ -222,7 +251,7 @@ def test_two_processes_under_torchrun_read_disjoint_shards_and_every_sample_once
     names = [{read.split(":")[0] for read in x["reads"]} for x in ranks]
     assert not names[0] & names[1] and len(names[0]) == len(names[1]) == 4
     everything = [read for x in ranks for read in x["reads"]]
-    src = ShardImages(shards)
+    src = ShardImages(any_shards)
     assert collections.Counter(everything) == collections.Counter(src.describe(i) for i in range(len(src)))
 
 
@@ -244,8 +273,8 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-def test_training_from_shards_resumes_bit_identically_after_sigkill(shards, tmp_path):
-    args = ["distill", *TINY, f"data.root={shards}"]
+def test_training_from_shards_resumes_bit_identically_after_sigkill(any_shards, tmp_path):
+    args = ["distill", *TINY, f"data.root={any_shards}"]
     straight = tmp_path / "straight"
     r = subprocess.run([sys.executable, "-m", "tinymim", *args, "--output", str(straight)], env=env(),
                        capture_output=True, text=True, timeout=300)
@@ -591,3 +620,19 @@ def test_webdataset_shards_train(tmp_path):
     cfg.data = DataConfig(name="shards", root=str(tmp_path / "wds"), img_size=32, num_workers=0)
     last = tasks.run("distill", cfg, tmp_path / "run")
     assert last is not None and np.isfinite(last["loss"])
+
+
+def test_unlabelled_webdataset_shards_are_refused_by_fine_tuning_in_one_line(tmp_path, capsys):
+    from test_downstream import tiny_finetune_config
+
+    from tinymim.cli import main
+
+    _webdataset_shards(tmp_path / "wds", n=12, per_shard=6)
+    assert main(["shards", "--index", str(tmp_path / "wds"), "--label", "none"]) == 0
+    capsys.readouterr()
+    cfg = tiny_finetune_config(max_steps=1)
+    cfg.data.name, cfg.data.root, cfg.num_classes = "shards", str(tmp_path / "wds"), 3
+    with pytest.raises(DataError) as e:
+        tasks.run("finetune", cfg, tmp_path / "run")
+    assert "indexed without labels" in one_line(e.value) and "--label cls" in one_line(e.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()

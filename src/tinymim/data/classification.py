@@ -141,7 +141,12 @@ def classify_source(cfg: ClassifyDataConfig, root: str | None, train: bool):
     if not root:
         raise ConfigError("data.val_root is needed to evaluate a folder dataset" if not train
                           else "data.root is needed")
-    return build_source(replace(cfg, root=root, subset=cfg.subset if train else None))
+    source = build_source(replace(cfg, root=root, subset=cfg.subset if train else None))
+    if not getattr(getattr(source, "source", source), "labelled", True):  # a subset's: its source's
+        raise DataError(f"the shards in {root} were indexed without labels (--label none, for pre-training): "
+                        "classification needs each image's class; index them again with --label cls, txt or "
+                        "json:FIELD (delete their index.json first)")
+    return source
 
 
 def build_classify_loaders(cfg: ClassifyDataConfig, batch: int, rank: int, world: int, seed: int):

@@ -118,6 +118,7 @@ class ShardImages(tud.Dataset):
             self.classes = [str(c) for c in index["classes"]]
             # tinymim's own shards put each image's label member right after it; other tools' need not
             self._label_members = index.get("source") != "webdataset"
+            self.labelled = index.get("label") != "none"  # shards indexed for pre-training carry no classes
             shards, start, self._ends = [], 0, {}
             for s in index["shards"]:
                 n = int(s["samples"])
