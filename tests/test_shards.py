@@ -636,3 +636,20 @@ def test_unlabelled_webdataset_shards_are_refused_by_fine_tuning_in_one_line(tmp
         tasks.run("finetune", cfg, tmp_path / "run")
     assert "indexed without labels" in one_line(e.value) and "--label cls" in one_line(e.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_brace_pattern_reads_those_shards_and_one_matching_none_is_one_line(any_shards, tmp_path):
+    from tinymim.data.shard_format import expand_braces
+
+    assert expand_braces("t-{000008..000010}.tar") == ["t-000008.tar", "t-000009.tar", "t-000010.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    full = ShardImages(any_shards)
+    names = [s.name for s in full.shards]
+    stem = names[0][:-len("000000.tar")]
+    part = ShardImages(f"{any_shards}/{stem}{{000001..000002}}.tar")
+    assert [s.name for s in part.shards] == names[1:3] and len(part) == 2 * SHARD
+    assert sorted(part.read_bytes(i) for i in range(len(part))) == sorted(
+        full.read_bytes(i) for s in full.shards[1:3] for i in s.range)
+    with pytest.raises(DataError) as e:
+        ShardImages(f"{any_shards}/{stem}{{000100..000199}}.tar")
+    assert f"names {stem}000100.tar and 99 more, which" in one_line(e.value) and "fix the pattern" in one_line(e.value)

@@ -19,8 +19,27 @@ holds `shard_size` samples except the last.
 """
 from __future__ import annotations
 
+import re
+
 FORMAT, VERSION = "tinymim-shards", 1
 INDEX = "index.json"
 SHARD_NAME = "shard-{:06d}.tar"
 WRITE_FIX = "write them with `tinymim shards SRC --output DIR`"
 REWRITE_FIX = "rewrite the shards with `tinymim shards SRC --output DIR`"
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's (braceexpand's) shard patterns: `{000000..000127}` ranges, zero-padded to the width
+    of a bound written with leading zeros, and `{a,b}` lists; several braces expand left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body = m.group(1)
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = r.groups()
+        width = max(len(lo), len(hi)) if lo.startswith("0") or hi.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [x for o in options for x in expand_braces(pattern[:m.start()] + o + pattern[m.end():])]

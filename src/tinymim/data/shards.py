@@ -41,7 +41,7 @@ from PIL import Image
 from tinymim.core.errors import DataError
 from tinymim.data.images import decode_image
 from tinymim.data.shard_download import _check_size, _download, _reason, _remote_size, _size
-from tinymim.data.shard_format import FORMAT, INDEX, REWRITE_FIX, VERSION, WRITE_FIX
+from tinymim.data.shard_format import FORMAT, INDEX, REWRITE_FIX, VERSION, WRITE_FIX, expand_braces
 
 URL_SCHEMES = ("http://", "https://", "file://")
 MAX_OPEN_FILES = 64  # per process: a rank's epoch touches all of its shards
@@ -68,20 +68,26 @@ class ShardImages(tud.Dataset):
 
     `root`: a folder holding index.json and the shards, or a URL prefix (http://, https://, file://)
     where they are; remote shards are downloaded whole into `cache`/<hash of the URL and the index>
-    (default cache: ~/.cache/tinymim/shards) the first time a sample of theirs is read."""
+    (default cache: ~/.cache/tinymim/shards) the first time a sample of theirs is read. Its last part
+    may be a WebDataset brace pattern (`DIR/train-{000000..000009}.tar`): then only those shards of
+    the folder's index are read."""
 
     def __init__(self, root: str | Path, cache: str | Path | None = None):
         self.root = str(root)
         self.remote = self.root.startswith(URL_SCHEMES)
         if self.remote:
             self.root = self.root.rstrip("/")
+        self.pattern, self.selected = None, None
+        parent, _, last = self.root.rpartition("/")
+        if "{" in last:  # a brace pattern names some of the folder's shards
+            self.pattern, self.selected, self.root = self.root, expand_braces(last), parent or "."
         self._where = f"{self.root}/{INDEX}" if self.remote else str(Path(self.root) / INDEX)
         text = self._read_index()
         self.cache = None
         if self.remote:
             digest = hashlib.sha256(self.root.encode() + b"\n" + text).hexdigest()[:16]
             self.cache = Path(cache or Path.home() / ".cache" / "tinymim" / "shards").expanduser() / digest
-        self._load_index(self._parse_index(text))
+        self._load_index(self._select(self._parse_index(text)))
         self._check_shards()
         self._files: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._pid = os.getpid()
@@ -97,7 +103,8 @@ class ShardImages(tud.Dataset):
                 text = Path(self._where).read_bytes()
         except FileNotFoundError as e:
             raise DataError(f"no shard index {self._where}: {self.root} is not a shard folder; write one with "
-                            f"`tinymim shards SRC --output {self.root}`") from e
+                            f"`tinymim shards SRC --output {self.root}`, or index WebDataset tars there with "
+                            f"`tinymim shards --index {self.root}`") from e
         except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
             raise DataError(f"cannot read the shard index {self._where} ({_reason(e)}); check the path, or "
                             f"{WRITE_FIX}") from e
@@ -148,6 +155,20 @@ class ShardImages(tud.Dataset):
         self.shards = shards
         self._starts = [s.start for s in shards]
         self._verified: set[str] = set()
+
+    def _select(self, index):
+        """The index restricted to the shards the brace pattern names (all of them without one)."""
+        if self.selected is None or not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+            return index
+        listed = {s.get("name") for s in index["shards"] if isinstance(s, dict)}
+        missing = [name for name in self.selected if name not in listed]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise DataError(f"{self.pattern} names {missing[0]}{more}, which {self._where} does not list "
+                            f"(it has {len(listed)} shards, e.g. "
+                            f"{sorted(listed)[0] if listed else 'none'}); fix the pattern, or give the folder")
+        chosen = [s for s in index["shards"] if s.get("name") in set(self.selected)]
+        return {**index, "shards": chosen, "total": sum(int(s["samples"]) for s in chosen)}
 
     def _shard_name(self, name) -> str:
         """A shard's name: a plain file name, so that nothing an index names is read or written outside
@@ -313,3 +334,4 @@ def _member_at(f, key: str, ext: str, offset: int, size: int, label: int | None)
     except (tarfile.TarError, OSError, EOFError):
         return f"no label member after {name}"
     return None
+
