@@ -653,3 +653,23 @@ def test_a_brace_pattern_reads_those_shards_and_one_matching_none_is_one_line(an
     with pytest.raises(DataError) as e:
         ShardImages(f"{any_shards}/{stem}{{000100..000199}}.tar")
     assert f"names {stem}000100.tar and 99 more, which" in one_line(e.value) and "fix the pattern" in one_line(e.value)
+
+
+def test_webdataset_tars_at_a_url_are_indexed_by_a_brace_pattern(tmp_path, capsys):
+    """Tars at a URL (file:// here) are read once each as a stream; the index they give equals the one
+    of the same tars on disk, and once served beside them the shards read back."""
+    from tinymim.cli import main
+    from tinymim.data.shard_index import index_webdataset
+
+    written = _webdataset_shards(tmp_path / "wds", n=12, per_shard=5)
+    url = (tmp_path / "wds").as_uri()
+    assert main(["shards", "--index", f"{url}/train-{{000000..000002}}.tar", "--output", str(tmp_path / "idx")]) == 0
+    assert f"serve it beside the shards, then train on them with data.name=shards data.root={url}" in \
+        capsys.readouterr().out
+    local = index_webdataset(_copy_without_index(tmp_path / "wds", tmp_path / "copy"))
+    assert json.loads((tmp_path / "idx" / "index.json").read_text()) == local
+    shutil.copy(tmp_path / "idx" / "index.json", tmp_path / "wds" / "index.json")
+    remote = ShardImages(url, cache=tmp_path / "cache")
+    assert sorted(remote.read_bytes(i) for i in range(len(remote))) == sorted(written)
+    with pytest.raises(DataError, match="brace pattern"):
+        index_webdataset(url, "cls", tmp_path / "idx2")  # a URL needs its tars named

@@ -174,9 +174,13 @@ def cmd_shards(args) -> int:
     if args.index:
         from tinymim.data.shard_index import index_webdataset
 
-        index = index_webdataset(args.index, None if args.label == "none" else args.label)
+        index = index_webdataset(args.index, None if args.label == "none" else args.label, args.output)
+        remote = "://" in args.index
+        root = args.index.rpartition("/")[0] if remote else args.index
         print(f"indexed {len(index['shards'])} shards ({index['total']} images, {len(index['classes'])} classes) "
-              f"in {args.index}/index.json; train on them with data.name=shards data.root={args.index}")
+              f"in {args.output if remote else args.index}/index.json; "
+              + ("serve it beside the shards, then " if remote else "")
+              + f"train on them with data.name=shards data.root={root}")
         return 0
     if args.source is None or args.output is None:
         raise TinymimError("tinymim shards needs SRC --output DIR (write shards), or --index DIR (index shards "
@@ -285,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "data.name=shards (local or served over http)")
     p.add_argument("source", nargs="?", help="ImageFolder root (root/<class>/<image>)")
     p.add_argument("--output", help="a new folder for shard-NNNNNN.tar and index.json")
-    p.add_argument("--index", metavar="DIR", help="instead: write DIR/index.json for WebDataset tars another tool "
-                                                  "wrote (webdataset's ShardWriter, public WebDataset sets)")
+    p.add_argument("--index", metavar="DIR|URL", help="instead: write DIR/index.json for WebDataset tars another "
+                   "tool wrote (webdataset's ShardWriter, public WebDataset sets); for tars at a URL, a brace "
+                   "pattern (https://host/train-{000000..000127}.tar) and --output DIR for the index")
     p.add_argument("--label", default="cls", help="with --index: where a sample's class is: cls, txt, "
                                                  "json:FIELD, or none (pre-training)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (about 100 MiB of ImageNet)")

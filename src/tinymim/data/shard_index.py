@@ -15,12 +15,15 @@ import collections
 import json
 import posixpath
 import tarfile
+import urllib.request
 from pathlib import Path
 
 from tinymim.core.errors import DataError
 from tinymim.core.files import atomic_write
-from tinymim.data.shard_format import FORMAT, INDEX, VERSION
+from tinymim.data.shard_download import _remote_size
+from tinymim.data.shard_format import FORMAT, INDEX, VERSION, expand_braces
 from tinymim.data.shard_writer import _index_text
+from tinymim.data.shards import URL_SCHEMES
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
 SOURCE = "webdataset"  # index.json's `source`: shards tinymim did not write (no label member after each image)
@@ -48,11 +51,26 @@ def _label_of(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, label: st
     return None
 
 
-def _scan(path: Path, label: str | None) -> list[tuple[str, str, int, int, str | None]]:
-    """(key, image ext, offset, size, raw label) of each sample of one tar, in tar order."""
+class _Counted:
+    """A stream that counts what was read from it (a tar's size, read once over HTTP)."""
+
+    def __init__(self, raw):
+        self.raw, self.read_bytes = raw, 0
+
+    def read(self, n=-1) -> bytes:
+        data = self.raw.read(n)
+        self.read_bytes += len(data)
+        return data
+
+
+def _scan(path, label: str | None) -> list[tuple[str, str, int, int, str | None]]:
+    """(key, image ext, offset, size, raw label) of each sample of one tar, in tar order: a local file,
+    or a URL read once as a stream."""
     samples: dict[str, dict] = collections.OrderedDict()
+    remote = isinstance(path, str)
     try:
-        with tarfile.open(path, "r:") as tar:
+        with (urllib.request.urlopen(path, timeout=60) if remote else open(path, "rb")) as raw, \
+                tarfile.open(fileobj=_Counted(raw) if remote else raw, mode="r|" if remote else "r:") as tar:
             for m in tar:
                 if not m.isreg():
                     continue
@@ -64,8 +82,8 @@ def _scan(path: Path, label: str | None) -> list[tuple[str, str, int, int, str |
                     found = _label_of(tar, m, ext, label)
                     if found is not None:
                         sample["label"] = found
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"cannot read {path} as a tar file ({e}); restore it or leave it out of the folder") from None
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise DataError(f"cannot read {path} as a tar file ({e}); restore it or leave it out") from None
     out = []
     for key, sample in samples.items():
         if "image" not in sample:
@@ -77,19 +95,30 @@ def _scan(path: Path, label: str | None) -> list[tuple[str, str, int, int, str |
     return out
 
 
-def index_webdataset(folder: str | Path, label: str | None = "cls") -> dict:
-    """Write `folder`/index.json for the WebDataset tars in `folder` (see the module's docstring) and
-    return it; an existing index is refused."""
-    folder = Path(folder)
+def index_webdataset(folder: str | Path, label: str | None = "cls", output: str | Path | None = None) -> dict:
+    """Write index.json for the WebDataset tars in `folder` (see the module's docstring) and return it;
+    an existing index is refused. `folder` may instead be a URL pattern naming the tars
+    (`https://host/train-{000000..000127}.tar`, read once each); the index then goes to the folder
+    `output`, to be served beside them."""
+    remote = str(folder).startswith(URL_SCHEMES)
     if label is not None and label not in ("cls", "txt") and not (label.startswith("json:") and label[5:]):
         raise DataError(f"--label {label!r}: give cls, txt, json:FIELD or none")
-    if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder; give the folder that holds the .tar shards")
-    if (folder / INDEX).exists():
-        raise DataError(f"{folder / INDEX} exists already; delete it to index the shards again")
-    tars = sorted(folder.glob("*.tar"))
-    if not tars:
-        raise DataError(f"no .tar files in {folder}; give the folder that holds the WebDataset shards")
+    if remote:
+        prefix, _, pattern = str(folder).rpartition("/")
+        if "{" not in pattern or output is None:
+            raise DataError(f"{folder}: tars at a URL are named by a brace pattern (PREFIX/train-{{000000..000127}}"
+                            ".tar) and the index is written to --output DIR, to be served beside them")
+        tars = [f"{prefix}/{name}" for name in expand_braces(pattern)]
+        dest = Path(output)
+    else:
+        folder = dest = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"{folder} is not a folder; give the folder that holds the .tar shards")
+        tars = sorted(folder.glob("*.tar"))
+        if not tars:
+            raise DataError(f"no .tar files in {folder}; give the folder that holds the WebDataset shards")
+    if (dest / INDEX).exists():
+        raise DataError(f"{dest / INDEX} exists already; delete it to index the shards again")
     scanned = [(path, _scan(path, label)) for path in tars]
     raw = [s[4] for _, samples in scanned for s in samples]
     if not raw:
@@ -107,7 +136,10 @@ def index_webdataset(folder: str | Path, label: str | None = "cls") -> dict:
     shards = []
     for path, samples in scanned:
         if samples:
-            shards.append({"name": path.name, "samples": len(samples), "bytes": path.stat().st_size,
+            name, size = (path.rpartition("/")[2], _remote_size(path)) if remote else (path.name, path.stat().st_size)
+            if size is None:
+                raise DataError(f"the server does not give the size of {path}; serve the shards with Content-Length")
+            shards.append({"name": name, "samples": len(samples), "bytes": size,
                            "keys": [s[0] for s in samples], "exts": [s[1] for s in samples],
                            "offsets": [s[2] for s in samples], "sizes": [s[3] for s in samples],
                            "labels": [to_index[s[4]] for s in samples]})
@@ -115,5 +147,6 @@ def index_webdataset(folder: str | Path, label: str | None = "cls") -> dict:
     index = {"format": FORMAT, "version": VERSION, "source": SOURCE, "label": label or "none",
              "classes": classes, "class_counts": {c: counts.get(i, 0) for i, c in enumerate(classes)},
              "total": len(raw), "shards": shards}
-    atomic_write(folder / INDEX, lambda f: f.write(_index_text(index).encode()))
+    dest.mkdir(parents=True, exist_ok=True)
+    atomic_write(dest / INDEX, lambda f: f.write(_index_text(index).encode()))
     return index
