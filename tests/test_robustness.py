@@ -130,6 +130,7 @@ def test_knn_prepares_images_as_the_run_did_and_takes_builtin_names(tmp_path, mo
     shipped teacher is taken by its builtin: name as export takes it."""
     from conftest import tiny_distill_config
 
+    import tinymim.evaluate.exportable as exportable
     import tinymim.evaluate.robustness as robustness
     from tinymim.models.checkpoint import BUILTIN_PREFIX
 
@@ -151,7 +152,7 @@ def test_knn_prepares_images_as_the_run_did_and_takes_builtin_names(tmp_path, mo
     robustness.knn_evaluate(tmp_path / "run", str(tmp_path / "train"), str(tmp_path / "val"), num_workers=0,
                             mean=[0.5] * 3, std=[0.25] * 3)
     assert seen[-1] == ([0.5] * 3, [0.25] * 3)
-    monkeypatch.setattr(robustness, "builtin_teacher", lambda spec: tmp_path / "run" if spec == "builtin:x" else None)
+    monkeypatch.setattr(exportable, "builtin_teacher", lambda spec: tmp_path / "run" if spec == "builtin:x" else None)
     robustness.knn_evaluate(f"{BUILTIN_PREFIX}x", str(tmp_path / "train"), str(tmp_path / "val"), num_workers=0)
     assert seen[-1] == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
 

@@ -76,6 +76,8 @@ def build_exportable(source: str | Path, model_name: str | None = None, features
         raise TinymimError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
     if pool not in POOLS:
         raise TinymimError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if str(source).startswith(BUILTIN_PREFIX):  # a shipped teacher: its run directory
+        source = builtin_teacher(str(source))
     source = Path(source)
     run_dir = source.is_dir() and RunDir(source).stored_config() is not None
     if run_dir:
@@ -151,8 +153,6 @@ def load_vit(spec: str | Path, model_name: str | None = None, features: str = "f
     """A timm VisionTransformer with trained weights, in eval mode: a tinymim run directory (its
     architecture from its config), a shipped teacher (`builtin:NAME`), or a weights file with its timm
     architecture (`model_name`). A fine-tuning run gives its classifier, anything else its encoder."""
-    if str(spec).startswith(BUILTIN_PREFIX):
-        spec = builtin_teacher(str(spec))
     return build_exportable(spec, model_name, features)[0]
 
 

@@ -28,7 +28,6 @@ from tinymim.data.classification import ClassifyDataConfig, build_eval_loader, c
 from tinymim.data.images import warn_unreadable
 from tinymim.evaluate.corruptions import IMAGENET_C
 from tinymim.evaluate.exportable import build_exportable
-from tinymim.models.checkpoint import BUILTIN_PREFIX, builtin_teacher
 from tinymim.models.vit import TokenFeatures
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import load_run_model
@@ -216,8 +215,6 @@ def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None 
         if not Path(folder).is_dir():
             raise TinymimError(f"{folder} is not a folder; --data and --val take labelled ImageFolders "
                                "(root/<class>/<image>)")
-    if str(source).startswith(BUILTIN_PREFIX):
-        source = builtin_teacher(str(source))
     model, _ = build_exportable(source, model_name)
     if block is not None and not 1 <= block <= len(model.blocks) + 1:
         raise TinymimError(f"--block {block} is out of range: the model has blocks 1..{len(model.blocks)} "
