@@ -67,11 +67,17 @@ def test_corrupt_images_are_counted_in_metrics(tmp_path):
     assert last["skipped_images"] == 1
 
 
-def test_token_count_mismatch():
+def test_teacher_size_without_a_matching_grid():
+    """A patch-8 teacher pinned at 32 px has a 4 x 4 grid; the patch-4 student's is 8 x 8: one line naming
+    the size that would match. Unpinned, the same teacher is fed 64 px and pairs."""
     cfg = tiny_distill_config()
     cfg.teacher.model = tiny_vit(dim=64, depth=3, heads=4, patch=8)
-    with pytest.raises(ConfigError, match="token counts differ.*65.*17|token counts differ: the teacher sees 17"):
+    with pytest.raises(ConfigError, match=r"teacher.model.img_size=32 gives a 4-patch grid \(patch 8\), but the "
+                                          r"student sees a 8 x 8 grid.*leave teacher.model.img_size unset .* 64 px"):
         build_distill_task(cfg)
+    cfg.teacher.model.img_size = None
+    task = build_distill_task(cfg)
+    assert task.teacher.img_size == 64 and task.teacher(torch.zeros(1, 3, 32, 32))["qkv"].shape[1] == 65
 
 
 @pytest.mark.parametrize("block", [0, 4])

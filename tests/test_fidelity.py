@@ -92,9 +92,8 @@ def test_main_chain_resolves_the_papers_teacher_heads(tmp_path):
             cfg = from_dict(DistillConfig, {**config, "teacher": {**config["teacher"], "checkpoint": None}})
             with torch.device("meta"):
                 task = build_distill_task(cfg)
-            t_block = task.teacher.vit.blocks[cfg.teacher.target_block - 1]
-            assert task.student.blocks[-1].attn.num_heads == t_block.attn.num_heads
-            resolved[stage.name] = (cfg.teacher.target_block, t_block.attn.num_heads)
+            assert task.student.blocks[-1].attn.num_heads == task.teacher.heads  # the relation heads
+            resolved[stage.name] = (cfg.teacher.target_block, task.teacher.heads)
         elif stage.name == "finetune_vit_tiny":
             assert config["model"]["num_heads"] == 3
     assert resolved == {"tinymim_vit_base": (18, 16), "tinymim_vit_small": (12, 12), "tinymim_vit_tiny": (12, 12)}
@@ -120,7 +119,7 @@ def test_file_teacher_and_run_dir_teacher_pair_the_same(tmp_path, relation_heads
         cfg.teacher.relation_heads = relation_heads
         with caplog.at_level(logging.INFO, logger="tinymim"):
             task = build_distill_task(cfg)
-        t_heads = task.teacher.vit.blocks[1].attn.num_heads
+        t_heads = task.teacher.heads
         pairings.append((t_heads, task.student.blocks[-1].attn.num_heads))
         assert f"pairing: teacher block 2 of 2, {t_heads} heads of size {64 // t_heads}" in caplog.text
     assert pairings[0] == pairings[1] == ((relation_heads or 2),) * 2

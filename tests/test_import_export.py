@@ -185,7 +185,7 @@ def test_distilled_student_as_teacher_takes_the_declared_relation_heads(distille
                                     relation_heads=declared)
         cfg.student = tiny_vit(dim=48, depth=2, heads=2)
         task = build_distill_task(cfg)
-        assert task.teacher.vit.blocks[1].attn.num_heads == expected
+        assert task.teacher.heads == expected
         assert task.student.blocks[-1].attn.num_heads == expected and task.student.blocks[0].attn.num_heads == 2
 
 

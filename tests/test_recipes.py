@@ -37,7 +37,7 @@ def test_recipe_builds(recipe: Path):
     with torch.device("meta"):
         task = build(cfg)
     if kind is DistillConfig and cfg.loss.relation.weight > 0:
-        teacher_heads = task.teacher.vit.blocks[cfg.teacher.target_block - 1].attn.num_heads
+        teacher_heads = task.teacher.heads  # the relation heads the teacher's block is split into
         assert task.student.blocks[-1].attn.num_heads == teacher_heads
 
 

@@ -12,22 +12,28 @@ from safetensors.torch import load_file
 import tinymim.tasks as tasks
 from tinymim.core.config import load_config
 from tinymim.models.checkpoint import CheckpointError
-from tinymim.models.vit import ModelConfig, create_vit, vit_sizes
+from tinymim.models.vit import TEACHER_FAMILIES, ModelConfig, create_vit, vit_sizes
 from tinymim.tasks.finetune_config import FinetuneConfig
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224",
                                   "vit_base_patch14_reg4_dinov2", "vit_small_patch16_224:depth=4",
-                                  "vit_custom:depth=2,embed_dim=48,num_heads=3,patch_size=4"])
+                                  "vit_custom:depth=2,embed_dim=48,num_heads=3,patch_size=4",
+                                  "vit_custom:depth=2,embed_dim=48,num_heads=3,patch_size=14,reg_tokens=4",
+                                  "vit_base_patch16_siglip_224", "eva02_base_patch14_224.mim_in22k",
+                                  "vit_small_patch16_dinov3"])
 def test_vit_sizes_are_the_built_models(name):
     """Read without building; the reference is the model built on the meta device."""
     base, _, given = name.partition(":")
     sizes = {k: int(v) for k, v in (kv.split("=") for kv in given.split(",") if kv)}
     cfg = ModelConfig(name=base, **sizes)
     with torch.device("meta"):
-        model = create_vit(cfg)
-    assert vit_sizes(cfg) == {"depth": len(model.blocks), "embed_dim": model.embed_dim,
-                              "num_heads": model.blocks[0].attn.num_heads}
+        model = create_vit(cfg, families=TEACHER_FAMILIES)
+    cls = model.cls_token is not None
+    assert vit_sizes(cfg, TEACHER_FAMILIES) == {
+        "depth": len(model.blocks), "embed_dim": model.embed_dim, "num_heads": model.blocks[0].attn.num_heads,
+        "patch_size": model.patch_embed.patch_size[0], "reg_tokens": model.num_prefix_tokens - cls,
+        "class_token": cls}
 
 
 def test_every_task_declares_its_objects():

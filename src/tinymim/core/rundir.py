@@ -218,7 +218,7 @@ class RunDir:
 
     # -- what the run produced ---------------------------------------------------------------
 
-    ARCHITECTURE_KEYS = ("name", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
+    ARCHITECTURE_KEYS = ("name", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "reg_tokens")
 
     def model_section(self) -> str | None:
         """The config section of the model the run produced, as run.json records it (the task registry's

@@ -168,10 +168,12 @@ def plain_view(batch: dict, cfg: DataConfig, device: torch.device) -> torch.Tens
     return normalize(device_images(batch, cfg, device), cfg.mean, cfg.std)
 
 
-def paired_views(batch: dict, cfg: DataConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(teacher view, student view) as normalized float tensors on `device`."""
+def paired_views(batch: dict, cfg: DataConfig, device: torch.device, teacher_mean=None,
+                 teacher_std=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher view, student view) as normalized float tensors on `device`; the teacher's with its own
+    mean/std when given (a CLIP teacher expects CLIP's), else the data's."""
     x = device_images(batch, cfg, device)
-    teacher = normalize(x, cfg.mean, cfg.std)
+    teacher = normalize(x, teacher_mean or cfg.mean, teacher_std or cfg.std)
     student = x
     if cfg.color_jitter > 0:
         student = color_jitter(x, batch["jitter"].to(device), batch["jitter_order"].to(device))

@@ -114,8 +114,9 @@ class MAEDecoder(nn.Module):
 class MaskedAutoencoder(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: DecoderConfig, mask_ratio: float, norm_pix_loss: bool):
         super().__init__()
-        if encoder.num_prefix_tokens != 1 or not encoder.has_class_token:
-            raise ValueError("MAE here expects a ViT with one class token and no register tokens")
+        if not encoder.has_class_token or getattr(encoder, "no_embed_class", False):
+            raise ValueError("MAE here expects a ViT with a class token and a position embedding over its prefix "
+                             "tokens (timm's no_embed_class=False)")
         self.encoder, self.mask_ratio, self.norm_pix_loss = encoder, mask_ratio, norm_pix_loss
         grid, dim = encoder.patch_embed.grid_size, encoder.embed_dim
         self.patch = encoder.patch_embed.patch_size[0]
@@ -127,15 +128,17 @@ class MaskedAutoencoder(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         enc = self.encoder
-        x, _, restore, mask = random_masking(enc.patch_embed(img) + enc.pos_embed[:, 1:], self.mask_ratio)
-        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        p = enc.num_prefix_tokens  # the class token, then register tokens if the ViT has them
+        x, _, restore, mask = random_masking(enc.patch_embed(img) + enc.pos_embed[:, p:], self.mask_ratio)
+        prefix = torch.cat([t for t in (enc.cls_token, enc.reg_token) if t is not None], dim=1)
+        x = torch.cat([(prefix + enc.pos_embed[:, :p]).expand(x.shape[0], -1, -1), x], dim=1)
         if enc.grad_checkpointing and torch.is_grad_enabled():  # train.activation_checkpointing
             for blk in enc.blocks:
                 x = checkpoint(blk, x, use_reentrant=False)
         else:
             x = enc.blocks(x)
         latent = enc.norm(x)
+        latent = torch.cat([latent[:, :1], latent[:, p:]], dim=1)  # registers never reach the decoder
         pred = self.decoder(latent, restore)
         return reconstruction_loss(pred, img, mask, self.patch, self.norm_pix_loss)
 

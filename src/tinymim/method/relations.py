@@ -1,6 +1,7 @@
 """Token relations of a ViT block and the TinyMIM relation-distillation loss.
 
-For block input tokens F (B x N x D): Q, K, V = norm1(F) W_qkv, split into M heads of size d = D/M.
+For block input tokens F (B x N x D): Q, K, V = norm1(F) W_qkv (with the block's own q/k norm and
+rotary embedding where it has them: attention.py), split into M heads of size d = D/M.
 A relation between two of them is
 
     R_AB = softmax(A B^T / sqrt(d))          shape B x M x N x N,   A, B in {Q, K, V}
@@ -21,12 +22,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinymim.method.attention import block_qkv_features
+
 RELATION_NAMES = ("qk", "vv", "qq", "kk", "kq", "qv", "vq", "kv", "vk")
 
 
 def block_qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, K, V (each B x M x N x d) of a timm ViT block for its input tokens x, M = block's heads."""
-    return split_heads(block.attn.qkv(block.norm1(x)), block.attn.num_heads)
+    """Q, K, V (each B x M x N x d) of a timm ViT block for its input tokens x, M = block's heads
+    (no rotary embedding: for those see attention.block_qkv)."""
+    return split_heads(block_qkv_features(block, x), block.attn.num_heads)
 
 
 def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ Where the feature is taken in a block (`site`), for block input x:
     ffn           = ls2(MLP(norm2(attn_residual)))   FFN output before the residual add
     ffn_residual  = attn_residual + ffn              ... after it: the block output, same as `block`
     qkv           = norm1(x) W_qkv                   Q, K, V features: one projection and one loss each
+                                                     (as the attention uses them: method/attention.py)
 
 Class-token distillation: the student's class token after its last block against the teacher's class
 token after its target block, by the same projected smooth-L1, or by KL over the channel axis:
@@ -28,19 +29,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinymim.method.attention import POST_NORM_BLOCKS, UnreadableBlock, block_qkv_features
+
 FEATURE_SITES = ("block", "ffn", "ffn_residual", "attn", "attn_residual", "qkv")
 
 
-def block_parts(block: nn.Module, x: torch.Tensor, sites: set[str]) -> dict[str, torch.Tensor]:
+def block_parts(block: nn.Module, x: torch.Tensor, sites: set[str], rope: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
     """The features of a timm ViT block at `sites` (FEATURE_SITES) for block input x (B x N x D).
 
-    Computes only as far as the sites need; the block output equals `block(x)`.
+    Computes only as far as the sites need; the block output equals `block(x)`. "qkv" is Q, K, V as
+    the block's attention uses them (attention.py: its q/k norm and the rotary embedding `rope`
+    applied). Blocks other than timm's pre-norm Block (EVA's, with `rope`) give "qkv" and "block" only.
     """
     parts: dict[str, torch.Tensor] = {}
-    h = block.norm1(x)
     if "qkv" in sites:
-        parts["qkv"] = block.attn.qkv(h)
+        parts["qkv"] = block_qkv_features(block, x, rope)
+    inner = sites - {"qkv", "block"}
+    if not hasattr(block, "ls1") or type(block).__name__ in POST_NORM_BLOCKS:
+        if inner:
+            raise UnreadableBlock(f"feature site(s) {sorted(inner)} need timm's pre-norm ViT Block; this block is a "
+                                  f"{type(block).__name__}: use loss.feature.site=block or qkv")
+        if "block" in sites:
+            parts["block"] = block(x) if rope is None else block(x, rope=rope)
+        return parts
     if sites - {"qkv"}:
+        h = block.norm1(x)
         attn = block.ls1(block.attn(h))
         mid = x + block.drop_path1(attn)
         parts.update(attn=attn, attn_residual=mid)

@@ -74,6 +74,15 @@ def builtin_teacher(spec: str) -> Path:
     return path
 
 
+def is_timm_weights(spec) -> bool:
+    """Whether a checkpoint spec names weights timm fetches (`hf-hub:org/repo`, `vit_base_patch16_224.mae`)
+    rather than a file, a run directory or a built-in teacher."""
+    if not spec or str(spec).startswith(BUILTIN_PREFIX) or Path(str(spec)).exists():
+        return False
+    name = str(spec)
+    return name.startswith(("hf-hub:", "hf_hub:")) or (timm.is_model(name.split(".")[0]) and "/" not in name)
+
+
 def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
     """Weights from whatever `spec` names: a .safetensors/.pth/.pt file (MAE, TinyMIM, timm or our
     layouts), a tinymim run directory, a teacher shipped with tinymim (`builtin:NAME`), or a timm
@@ -85,14 +94,15 @@ def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
     if path.exists():
         return load_state_dict(path)
     name = str(spec)
-    if name.startswith(("hf-hub:", "hf_hub:")) or (timm.is_model(name.split(".")[0]) and "/" not in name):
+    if is_timm_weights(name):
         try:
             return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
         except Exception as e:  # noqa: BLE001 - offline, unknown tag, hub errors: all end here
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
             raise CheckpointError(
-                f"could not fetch timm weights {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                "this needs the network (or the Hugging Face cache); on an offline machine download the "
-                "weights elsewhere and pass the file instead") from e
+                f"could not fetch timm weights {name!r} ({type(e).__name__}: {first}); this needs the network or "
+                "a Hugging Face cache that holds them (HF_HUB_CACHE); offline, download them elsewhere and give "
+                "the file: teacher.checkpoint=model.safetensors with teacher.model.name=ARCHITECTURE") from e
     raise CheckpointError(f"checkpoint {spec} does not exist (neither a file, a run directory nor a timm model name)")
 
 

@@ -14,34 +14,76 @@ path through embed / run_blocks / block_parts, and the same RelationLoss.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath
+from timm.models.vision_transformer import VisionTransformer
 
+from tinymim.method.attention import check_readable
 from tinymim.method.relations import RelationLoss, split_heads
 from tinymim.method.targets import block_parts
 from tinymim.models.vit import embed, run_blocks, set_block_heads, tokens_before_block, truncate
+
+
+def prefix_layout(vit: nn.Module) -> tuple[int, int]:
+    """(class tokens, register tokens) in front of a timm ViT's patch tokens, in that order."""
+    cls = int(getattr(vit, "cls_token", None) is not None)
+    return cls, vit.num_prefix_tokens - cls
+
+
+def grid_matched_size(student_grid: int, teacher_patch: int) -> int:
+    """The teacher's input size whose patch grid equals the student's: grid x teacher patch (e.g. a
+    patch-16 student at 224 has a 14 x 14 grid, which a patch-14 DINOv2 sees at 196 px)."""
+    return student_grid * teacher_patch
+
+
+def teacher_tokens(vit: nn.Module, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens entering block k, the rotary embedding block k takes) of a timm ViT (no RoPE) or EVA."""
+    if isinstance(vit, VisionTransformer):
+        return tokens_before_block(vit, x, k), None
+    x, rope = vit._pos_embed(vit.patch_embed(x))  # EVA family: the tokens and their rotary embedding
+    x = vit.norm_pre(x)
+    per_block = getattr(vit, "rope_mixed", False) and rope is not None  # a table per block
+    for i, blk in enumerate(vit.blocks[: k - 1]):
+        x = blk(x, rope=rope[i] if per_block else rope)
+    return x, (rope[k - 1] if per_block else rope)
 
 
 class FrozenTeacher(nn.Module):
     """A teacher ViT run only up to `block` (1-indexed, default: the last), never trained: eval mode
     whatever mode is asked, no gradients; with `drop_path` its drop path (if it has any) still follows
     the mode (the paper's teacher drop-path ablation). The one teacher of the public API and the
-    distill task.
+    distill task. Any timm ViT or EVA (method/attention.py reads its Q/K/V with its own q/k norm
+    and rotary embedding).
+
+    Images are resized on their device to `img_size` when they differ (a patch-14 teacher of a
+    patch-16 student sees the same grid at 7/8 the size); register tokens are dropped from the
+    outputs (`registers="drop"`: the student has none; the class token is kept) or kept ("keep").
 
     forward(x) -> the relation block's features at `sites` (method/targets.py: qkv, block, ffn ...);
     qkv(x) -> its (q, k, v) split into `heads` (default: the block's own), each B x heads x N x d."""
 
     def __init__(self, vit: nn.Module, block: int | None = None, relation_heads: int | None = None,
-                 sites=("qkv",), drop_path: bool = False):
+                 sites=("qkv",), drop_path: bool = False, img_size: int | None = None,
+                 registers: Literal["drop", "keep"] = "drop"):
         super().__init__()
         depth = len(vit.blocks)
         self.block = block or depth
         if not 1 <= self.block <= depth:
             raise ValueError(f"target block {self.block} is out of range: the teacher has blocks 1..{depth}")
+        if registers not in ("drop", "keep"):
+            raise ValueError(f"registers must be drop or keep, got {registers!r}")
+        check_readable(vit.blocks[self.block - 1], f"teacher block {self.block}")
         self.sites, self.drop_path = set(sites), drop_path
         self.vit = truncate(vit, self.block).requires_grad_(False)
         self.heads = relation_heads or self.vit.blocks[self.block - 1].attn.num_heads
+        self.img_size = img_size or self.vit.patch_embed.img_size[0]
+        cls, regs = prefix_layout(self.vit)
+        # tokens kept: [class token, registers if kept, patches]
+        self.dropped = (cls, cls + regs) if registers == "drop" and regs else None
         self.train(False)
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
@@ -54,8 +96,15 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = tokens_before_block(self.vit, x, self.block)
-        return block_parts(self.vit.blocks[self.block - 1], tokens, self.sites | {"qkv"})
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:  # the grid-matched size, on the device
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False,
+                              antialias=True)
+        tokens, rope = teacher_tokens(self.vit, x, self.block)
+        parts = block_parts(self.vit.blocks[self.block - 1], tokens, self.sites | {"qkv"}, rope)
+        if self.dropped is not None:
+            a, b = self.dropped
+            parts = {k: torch.cat([v[:, :a], v[:, b:]], dim=1) for k, v in parts.items()}
+        return parts
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return split_heads(self(x)["qkv"], self.heads)
@@ -80,9 +129,14 @@ class RelationDistillation(nn.Module):
     """Teacher and student ViTs in; forward(images) -> {"loss_<relation>": ..., "loss": weighted sum}."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, target_block: int | None = None,
-                 relation_heads: int | None = None, relations=("qk", "vv"), weights=None, softmax: bool = True):
+                 relation_heads: int | None = None, relations=("qk", "vv"), weights=None, softmax: bool = True,
+                 registers: Literal["drop", "keep"] = "drop"):
         super().__init__()
-        self.teacher = FrozenTeacher(teacher, target_block, relation_heads)
+        grid = student.patch_embed.grid_size[0]
+        size = grid_matched_size(grid, teacher.patch_embed.patch_size[0])
+        if teacher.patch_embed.img_size[0] != size:  # timm resamples its position embedding (and RoPE grid)
+            teacher.set_input_size(img_size=(size, size))
+        self.teacher = FrozenTeacher(teacher, target_block, relation_heads, registers=registers)
         self.student = RelationStudent(student, self.teacher.heads)
         self.loss = RelationLoss(relations, weights, softmax)
 

@@ -33,6 +33,11 @@ from tinymim.method.mae import fix_sincos_pos_embed, sincos_table  # noqa: F401 
 from tinymim.models.star import build_distilled_vit
 
 CUSTOM = "vit_custom"
+HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+# timm families whose blocks a teacher may come from (method/attention.py reads their Q/K/V); a
+# student is always a VisionTransformer
+TEACHER_FAMILIES = ("VisionTransformer", "Eva")
+VIT_MODULES = ("vision_transformer", "eva", "deit")  # timm modules whose models are of these families
 
 
 @dataclass
@@ -46,6 +51,8 @@ class ModelConfig:
     embed_dim: int | None = None  # token width; null: the timm model's
     depth: int | None = None  # number of transformer blocks; null: the timm model's
     num_heads: int | None = None  # attention heads per block; null: the timm model's
+    # register tokens after the class token (DINOv2 with registers: 4); null: the timm model's (vit_custom: 0)
+    reg_tokens: int | None = None
     # head count per block, 1-indexed block -> heads; weights are unaffected
     block_heads: dict = field(default_factory=dict)
     drop_path_rate: float = 0.0  # stochastic depth rate (see drop_path_schedule)
@@ -76,15 +83,20 @@ class ModelConfig:
         if self.pretrained and self.name == CUSTOM:
             raise ValueError(f"pretrained=true needs a timm model name: {CUSTOM} has no pretrained weights "
                              "(give init=PATH for your own, or name a timm ViT)")
-        if self.name != CUSTOM:
-            if not self.name.startswith(("vit_", "hf-hub:", "hf_hub:", "local-dir:")):
-                raise ValueError(f"name {self.name!r} is not a ViT; use a timm vit_* name or {CUSTOM}")
-            if self.name.startswith("vit_") and not timm.is_model(self.name.split(".")[0]):
-                raise ValueError(f"unknown timm model {self.name!r}; see timm.list_models('vit_*')")
+        if self.name != CUSTOM and not self.name.startswith(HUB_PREFIXES):
+            if not timm.is_model(self.name.split(".")[0]):
+                raise ValueError(f"unknown timm model {self.name!r}; see timm.list_models('vit_*') (or "
+                                 f"'eva02_*' for a teacher), or use {CUSTOM}")
+            module = timm.models.model_entrypoint(self.name.split(".")[0]).__module__.rsplit(".", 1)[-1]
+            if module not in VIT_MODULES:
+                raise ValueError(f"name {self.name!r} is not a ViT; use a timm vit_* name (eva02_* for a teacher) "
+                                 f"or {CUSTOM}")
         for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be positive, got {value}")
+        if self.reg_tokens is not None and self.reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be 0 or more, got {self.reg_tokens}")
         if self.embed_dim is not None and self.num_heads is not None and self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if not 0 <= self.drop_path_rate < 1:
@@ -119,8 +131,8 @@ def check_input_size(cfg: ModelConfig, img_size: int, where: str) -> None:
 
 
 def size_args(cfg: ModelConfig) -> dict:
-    """The sizes a ModelConfig sets (img_size, patch_size, embed_dim, depth, num_heads), as kwargs."""
-    return {k: getattr(cfg, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+    """The sizes a ModelConfig sets (img_size, patch_size, embed_dim, depth, num_heads, reg_tokens), as kwargs."""
+    return {k: getattr(cfg, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "reg_tokens")
             if getattr(cfg, k) is not None}
 
 
@@ -139,17 +151,16 @@ def _capture_sizes(variant, pretrained=False, **kwargs):
     raise _Sizes(kwargs)
 
 
-def vit_sizes(cfg: ModelConfig) -> dict:
-    """depth, embed_dim and num_heads of the model `cfg` describes, without building it: cfg's own
-    sizes, else the arguments timm's registered entrypoint passes to its VisionTransformer (captured
-    on their way in), else VisionTransformer's defaults. A ViT timm builds elsewhere (a hub name)
-    is built once on the meta device, which allocates nothing."""
-    keys = ("depth", "embed_dim", "num_heads")
-    given = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}
-    if len(given) == len(keys):
-        return given
+def vit_sizes(cfg: ModelConfig, families: tuple[str, ...] = ("VisionTransformer",)) -> dict:
+    """depth, embed_dim, num_heads, patch_size, reg_tokens and class_token of the model `cfg`
+    describes, without building it: cfg's own sizes, else the arguments timm's registered entrypoint
+    passes to its VisionTransformer (captured on their way in), else VisionTransformer's defaults. A
+    ViT timm builds elsewhere (EVA, a hub name) is built once on the meta device, which allocates
+    nothing (a hub name reads its config from the hub or its local cache)."""
+    keys = ("depth", "embed_dim", "num_heads", "patch_size", "reg_tokens", "class_token")
+    given = {k: getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None}
+    defaults = inspect.signature(VisionTransformer).parameters
     if cfg.name == CUSTOM:
-        defaults = inspect.signature(VisionTransformer).parameters
         return {k: given.get(k, defaults[k].default) for k in keys}
     name = cfg.name.split(".")[0]
     entry = timm.models.model_entrypoint(name) if timm.is_model(name) else None
@@ -158,23 +169,25 @@ def vit_sizes(cfg: ModelConfig) -> dict:
         try:
             entry(pretrained=False)
         except _Sizes as captured:
-            defaults = inspect.signature(VisionTransformer).parameters
             return {k: given.get(k, captured.kwargs.get(k, defaults[k].default)) for k in keys}
         finally:
             _vit_module._create_vision_transformer = real
     with torch.device("meta"):
-        model = create_vit(ModelConfig(name=cfg.name, **size_args(cfg)))
-    return {"depth": len(model.blocks), "embed_dim": model.embed_dim, "num_heads": model.blocks[0].attn.num_heads}
+        model = create_vit(ModelConfig(name=cfg.name, **size_args(cfg)), families=families)
+    cls = int(getattr(model, "cls_token", None) is not None)
+    return {"depth": len(model.blocks), "embed_dim": model.embed_dim, "num_heads": model.blocks[0].attn.num_heads,
+            "patch_size": model.patch_embed.patch_size[0], "reg_tokens": model.num_prefix_tokens - cls,
+            "class_token": bool(cls)}
 
 
-def create_vit(cfg: ModelConfig, num_classes: int = 0, **extra) -> VisionTransformer:
+def create_vit(cfg: ModelConfig, num_classes: int = 0, families: tuple[str, ...] = ("VisionTransformer",),
+               **extra) -> VisionTransformer:
     """Build a timm VisionTransformer from a ModelConfig (no classifier head by default); with
-    cfg.dist_token a tinymim.models.star.DistilledViT (a VisionTransformer too)."""
+    cfg.dist_token a tinymim.models.star.DistilledViT (a VisionTransformer too). `families` are the
+    timm classes accepted (a teacher's: TEACHER_FAMILIES, which adds EVA)."""
     kwargs = dict(num_classes=num_classes, **size_args(cfg), **extra)
     if cfg.drop_path_schedule == "linear":
         kwargs["drop_path_rate"] = cfg.drop_path_rate
-    if cfg.name != CUSTOM and not cfg.name.startswith(("vit_", "hf-hub:", "hf_hub:", "local-dir:")):
-        raise ConfigError(f"model {cfg.name!r} is not a ViT; use a timm vit_* name or {CUSTOM}")
     try:
         if cfg.dist_token:
             model = build_distilled_vit(None if cfg.name == CUSTOM else cfg.name, cfg.extra_head_dim, **kwargs)
@@ -186,12 +199,12 @@ def create_vit(cfg: ModelConfig, num_classes: int = 0, **extra) -> VisionTransfo
         if "Unknown model" in str(e):
             raise ConfigError(f"unknown timm model {cfg.name!r}: see timm.list_models('vit_*')") from e
         raise
-    except OSError as e:  # offline hub download
-        raise ConfigError(
-            f"could not fetch pretrained weights for {cfg.name!r} ({e}); this needs the network "
-            "or a local checkpoint (teacher.checkpoint=PATH)") from e
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"{cfg.name!r} built a {type(model).__name__}, not a timm VisionTransformer")
+    except OSError as e:  # offline hub download (huggingface_hub's errors are OSErrors)
+        raise ConfigError(offline_message(cfg.name, e)) from e
+    if type(model).__name__ not in families and not isinstance(model, VisionTransformer):
+        raise ConfigError(f"{cfg.name!r} builds a timm {type(model).__name__}; tinymim takes "
+                          f"{' or '.join(families)} here: choose a timm vit_* model"
+                          + ("" if "Eva" in families else " (EVA models can be teachers, not students)"))
     if cfg.init == "mae" and not cfg.pretrained:
         mae_init_(model)
     if cfg.pos_embed == "sincos":
@@ -203,6 +216,15 @@ def create_vit(cfg: ModelConfig, num_classes: int = 0, **extra) -> VisionTransfo
             raise ValueError(f"block_heads names block {block_idx}, but the model has {len(model.blocks)} blocks")
         set_block_heads(model.blocks[block_idx - 1], heads)
     return model
+
+
+def offline_message(name: str, error: Exception) -> str:
+    """One line for a timm/hub name whose config or weights cannot be fetched."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    first = (text.split(". ")[0] if text else type(error).__name__)[:200]
+    return (f"cannot download {name!r} from the Hugging Face hub ({first}); offline or no network: "
+            "download it where there is one (or point HF_HUB_CACHE at a cache that holds it), or give the "
+            "weights as a file, e.g. teacher.checkpoint=model.safetensors with teacher.model.name=ARCHITECTURE")
 
 
 def mae_init_(model: VisionTransformer) -> None:

@@ -23,18 +23,19 @@ import torch.nn as nn
 
 from tinymim.core.config import ConfigError
 from tinymim.data.pretrain import DataConfig, paired_views
+from tinymim.method.attention import UnreadableBlock, check_readable
 from tinymim.method.mae import MAEDecoder, random_masking, reconstruction_loss
 from tinymim.method.relations import RelationLoss, block_qkv, split_heads
 from tinymim.method.targets import ClassTokenLoss, FeatureLoss, block_parts
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
-from tinymim.models.distillation import FrozenTeacher
+from tinymim.models.distillation import FrozenTeacher, prefix_layout
 from tinymim.models.vit import (
+    TEACHER_FAMILIES,
     TokenFeatures,
     create_vit,
     embed,
     num_tokens,
     run_blocks,
-    set_block_heads,
     set_drop_path,
     tokens_before_block,
 )
@@ -139,14 +140,15 @@ class DistillTask(Task):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, target_block: int, data_cfg: DataConfig,
                  config: DistillConfig):
-        loss = config.loss
-        teacher_block = teacher.blocks[target_block - 1]
-        trainable = DistillStudent(student, loss, teacher.embed_dim, teacher_block.attn.num_heads, config.mask_ratio)
+        loss, t = config.loss, config.teacher
+        heads = t.relation_heads or teacher.blocks[target_block - 1].attn.num_heads
+        trainable = DistillStudent(student, loss, teacher.embed_dim, heads, config.mask_ratio)
         super().__init__(trainable)
         self.student = student
         # the public API's teacher (models/distillation.py): frozen, up to the target block, its features
-        self.teacher = FrozenTeacher(teacher, target_block, teacher_block.attn.num_heads, trainable.sites,
-                                     drop_path=True)
+        # at the grid-matched input size, registers dropped unless kept
+        self.teacher = FrozenTeacher(teacher, target_block, heads, trainable.sites, drop_path=True,
+                                     img_size=t.model.img_size, registers=t.registers)
         self.data_cfg = data_cfg
         self.config = config
         self.knn = KNNMonitor(config.knn, data_cfg) if config is not None and config.knn.every_epochs else None
@@ -167,7 +169,8 @@ class DistillTask(Task):
         return super().compile(backend, mode, **kw)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        teacher_x, student_x = paired_views(batch, self.data_cfg, self.device)
+        teacher_x, student_x = paired_views(batch, self.data_cfg, self.device, self.config.teacher.mean,
+                                            self.config.teacher.std)
         teacher_out = self.wrapped.get("teacher", self.teacher)(teacher_x)
         return self.trainable_forward(student_x, teacher_out)
 
@@ -194,8 +197,9 @@ class DistillTask(Task):
 
 
 def build_teacher(cfg: TeacherConfig) -> nn.Module:
-    """The teacher ViT of a resolved config (its input size set), its weights loaded."""
-    teacher = create_vit(cfg.model)
+    """The teacher ViT (timm ViT or EVA) of a resolved config (its grid-matched input size set), its
+    weights loaded (position embeddings resampled by timm when trained at another size)."""
+    teacher = create_vit(cfg.model, families=TEACHER_FAMILIES)
     if cfg.drop_path_rate > 0:
         set_drop_path(teacher, cfg.drop_path_rate)
     if cfg.checkpoint:
@@ -217,9 +221,14 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
     teacher = build_teacher(cfg.teacher)
     t_depth, t_width = len(teacher.blocks), teacher.embed_dim
     try:
-        set_block_heads(teacher.blocks[k - 1], t_heads)
-    except ValueError as e:
-        raise ConfigError(f"teacher.relation_heads={t_heads}: {e}") from e
+        check_readable(teacher.blocks[k - 1], f"teacher block {k}")
+    except UnreadableBlock as e:
+        raise ConfigError(str(e)) from e
+    t_attn = teacher.blocks[k - 1].attn
+    if t_heads != t_attn.num_heads and (rope_or_norm := _own_transforms(teacher, t_attn)):
+        log.info("teacher block %d applies %s per head of its %d heads; its Q/K are taken after them and then split "
+                 "into %d relation heads (maps that are no longer its own attention)", k, rope_or_norm,
+                 t_attn.num_heads, t_heads)
     student = create_vit(cfg.student)
     s_depth = len(student.blocks)
     set_drop_path(student, 0.0, range(s_depth - 1, s_depth))  # the target block has none (as the release)
@@ -228,13 +237,23 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
              student.blocks[-1].attn.head_dim,
              "" if cfg.loss.relation.weight > 0 else " (no relation target: the head split does not matter)")
 
-    if num_tokens(teacher) != num_tokens(student):
+    cls, regs = prefix_layout(teacher)
+    t_tokens = teacher.patch_embed.num_patches + cls + (regs if cfg.teacher.registers == "keep" else 0)
+    if t_tokens != num_tokens(student):
         raise ConfigError(
-            f"token counts differ: the teacher sees {num_tokens(teacher)} tokens "
+            f"token counts differ: the teacher gives {t_tokens} tokens "
             f"(img {teacher.patch_embed.img_size}, patch {teacher.patch_embed.patch_size}), the student "
             f"{num_tokens(student)} (img {student.patch_embed.img_size}, patch {student.patch_embed.patch_size}); "
             "relation maps need the same tokens: match patch sizes or image sizes")
     return DistillTask(student, teacher, k, cfg.data, cfg)
+
+
+def _own_transforms(teacher: nn.Module, attn: nn.Module) -> str:
+    """What a teacher's attention does per head to Q/K beyond the projection: 'q/k norm', 'rotary embedding'."""
+    found = [] if isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity) else ["q/k norm"]
+    if getattr(teacher, "rope", None) is not None:
+        found.append("rotary embedding")
+    return " and ".join(found)
 
 
 SPEC = TaskSpec(task=DistillTask, config=DistillConfig, resolve=resolve, build=build_distill_task,

@@ -4,17 +4,21 @@ supplies its own architecture); and the keys derived from the teacher/student pa
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import timm
 
 from tinymim.core.config import ConfigError, checked_copy, load_config, merge, parse_overrides, read_recipe
 from tinymim.core.rundir import RunDir, architecture_overrides
 from tinymim.data.pretrain import DataConfig
 from tinymim.method.mae import DecoderConfig
 from tinymim.method.relations import RELATION_NAMES
-from tinymim.models.checkpoint import BUILTIN_PREFIX, builtin_teacher
-from tinymim.models.vit import ModelConfig, check_input_size, vit_sizes
+from tinymim.models.checkpoint import BUILTIN_PREFIX, builtin_teacher, is_timm_weights
+from tinymim.models.distillation import grid_matched_size
+from tinymim.models.vit import HUB_PREFIXES, TEACHER_FAMILIES, ModelConfig, check_input_size, vit_sizes
 from tinymim.train.config import TrainConfig
 from tinymim.train.knn import KNNMonitorConfig
 
@@ -37,6 +41,14 @@ class TeacherConfig:
     relation_heads: int | None = None
     # drop path in the teacher's blocks while training (the paper's ablation; 0 = none, its best)
     drop_path_rate: float = 0.0
+    # the teacher's register tokens (DINOv2/DINOv3 with registers): "drop" leaves them out of its maps
+    # and targets (the class token stays; softmax rows renormalize over the tokens kept), "keep" keeps
+    # them for a student with as many registers (student.reg_tokens)
+    registers: Literal["drop", "keep"] = "drop"
+    # per-channel mean the teacher's weights expect (its view is normalized with it on the device); null:
+    # timm's pretrained config when the weights come from timm (a timm or hub name), else the data's
+    mean: list[float] | None = None
+    std: list[float] | None = None  # per-channel std to go with teacher.mean; null: as teacher.mean
 
 
 @dataclass
@@ -115,8 +127,7 @@ class DistillConfig:
     knn: KNNMonitorConfig = field(default_factory=KNNMonitorConfig)
 
     def validate(self) -> None:
-        check_input_size(self.student, self.data.img_size, "student")
-        check_input_size(self.teacher.model, self.data.img_size, "teacher.model")
+        check_input_size(self.student, self.data.img_size, "student")  # the teacher's: resolve's grid rule
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.loss.mae.weight > 0 and self.mask_ratio == 0:
@@ -129,10 +140,15 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
     relation block is split into, and the student's relation block given that head count. Checks
     what only the pairing can tell (a block out of range, heads that cannot split the student)."""
     cfg = checked_copy(cfg)  # validated, as a loaded config is
-    for model in (cfg.student, cfg.teacher.model):
-        if model.img_size is None:
-            model.img_size = cfg.data.img_size
-    t, s = vit_sizes(cfg.teacher.model), vit_sizes(cfg.student)
+    if cfg.student.img_size is None:
+        cfg.student.img_size = cfg.data.img_size
+    t, s = vit_sizes(cfg.teacher.model, TEACHER_FAMILIES), vit_sizes(cfg.student)
+    cfg.teacher.model.img_size = teacher_input_size(cfg.teacher.model, t["patch_size"], cfg.data.img_size,
+                                                    s["patch_size"])
+    check_prefix_tokens(cfg.teacher, t, s)
+    if cfg.teacher.mean is None or cfg.teacher.std is None:
+        mean, std = teacher_norm(cfg.teacher, cfg.data)
+        cfg.teacher.mean, cfg.teacher.std = cfg.teacher.mean or mean, cfg.teacher.std or std
     k = cfg.teacher.target_block
     if k is None:
         k = cfg.teacher.target_block = PAPER_TARGET_BLOCKS.get((t["embed_dim"], t["depth"], s["embed_dim"]),
@@ -158,6 +174,49 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
     return cfg
 
 
+def teacher_input_size(model: ModelConfig, teacher_patch: int, img_size: int, student_patch: int) -> int:
+    """The grid rule: the teacher sees the student's images resized so its patch grid equals the
+    student's (grid x teacher patch: 196 px for a patch-14 teacher of a patch-16 student at 224)."""
+    grid = img_size // student_patch
+    size = grid_matched_size(grid, teacher_patch)
+    if model.img_size is not None and model.img_size != size:
+        raise ConfigError(
+            f"teacher.model.img_size={model.img_size} gives a {model.img_size / teacher_patch:g}-patch grid (patch "
+            f"{teacher_patch}), but the student sees a {grid} x {grid} grid (data.img_size {img_size} / patch "
+            f"{student_patch}); no other teacher size matches it: leave teacher.model.img_size unset (tinymim "
+            f"feeds the teacher {size} px) or set it to {size}")
+    return size
+
+
+def check_prefix_tokens(teacher: TeacherConfig, t: dict, s: dict) -> None:
+    """Class and register tokens must pair up: the teacher's class token with the student's, its
+    registers dropped (student without registers) or kept (student with as many)."""
+    if not t["class_token"]:
+        raise ConfigError(f"teacher {teacher.model.name!r} has no class token, and tinymim's students have one; "
+                          "relation maps need the same tokens: choose a teacher with a class token")
+    if teacher.registers == "keep" and s["reg_tokens"] != t["reg_tokens"]:
+        raise ConfigError(f"teacher.registers=keep: the teacher has {t['reg_tokens']} register tokens and the "
+                          f"student {s['reg_tokens']}; give the student as many (student.reg_tokens="
+                          f"{t['reg_tokens']}) or drop them (teacher.registers=drop)")
+    if teacher.registers == "drop" and s["reg_tokens"]:
+        raise ConfigError(f"the student has {s['reg_tokens']} register tokens and the teacher's are dropped "
+                          "(teacher.registers=drop): keep the teacher's (teacher.registers=keep, as many) or give "
+                          "the student none (student.reg_tokens=0)")
+
+
+def teacher_norm(teacher: TeacherConfig, data: DataConfig) -> tuple[list[float], list[float]]:
+    """The mean/std the teacher's weights expect: timm's pretrained config when they come from timm, else
+    the data's (a file or run directory was trained on tinymim's or MAE's, i.e. the data's, normalization)."""
+    source = teacher.checkpoint if is_timm_weights(teacher.checkpoint) else (
+        teacher.model.name if teacher.model.pretrained else None)
+    if source:
+        name = source.split(":", 1)[1].split("/", 1)[-1] if source.startswith(HUB_PREFIXES) else source
+        pretrained = timm.get_pretrained_cfg(name) if timm.is_model(name.split(".")[0]) else None
+        if pretrained is not None and pretrained.mean and pretrained.std:
+            return list(pretrained.mean), list(pretrained.std)
+    return list(data.mean), list(data.std)
+
+
 def load(recipe, overrides) -> DistillConfig:
     """The recipe with its overrides; a teacher that is a tinymim run directory (or a shipped teacher)
     supplies its own architecture for every teacher.model key the recipe and overrides leave unset."""
@@ -167,13 +226,18 @@ def load(recipe, overrides) -> DistillConfig:
 
 
 def teacher_architecture(teacher: dict) -> list[str]:
-    """teacher.model overrides read from the run directory teacher.checkpoint names, if it names one."""
+    """teacher.model overrides read from what teacher.checkpoint names: a run directory's architecture
+    (its image size aside: the grid rule sets the teacher's), or a timm/hub name as the model's name."""
     spec = teacher.get("checkpoint")
     if not spec:
         return []
+    model = teacher.get("model") if isinstance(teacher.get("model"), dict) else {}
+    if is_timm_weights(str(spec)):
+        return [] if "name" in model else [f"teacher.model.name={json.dumps(str(spec))}"]
     path = builtin_teacher(str(spec)) if str(spec).startswith(BUILTIN_PREFIX) else Path(str(spec))
     if not path.is_dir():
         return []
     arch = RunDir(path).architecture()
-    model = teacher.get("model") if isinstance(teacher.get("model"), dict) else {}
-    return architecture_overrides(arch, "teacher.model", model) if arch else []
+    if not arch:
+        return []
+    return architecture_overrides({k: v for k, v in arch.items() if k != "img_size"}, "teacher.model", model)
