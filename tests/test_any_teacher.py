@@ -218,3 +218,53 @@ def test_teacher_by_hub_name_offline_is_one_line(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     line = [ln for ln in r.stderr.splitlines() if "hf-hub:timm/not_cached_anywhere" in ln]
     assert len(line) == 1 and "offline" in line[0] and "teacher.checkpoint=model.safetensors" in line[0]
+
+
+@pytest.mark.parametrize("recipe, size, mean", [
+    ("distill_vit_small_from_dinov2_base", 196, (0.485, 0.456, 0.406)),
+    ("distill_vit_tiny_from_dinov2_base", 196, (0.485, 0.456, 0.406)),
+    ("distill_vit_small_from_clip_base", 224, (0.48145466, 0.4578275, 0.40821073)),
+    ("distill_vit_small_from_eva02_base", 196, (0.48145466, 0.4578275, 0.40821073))])
+def test_modern_teacher_recipes_resolve_their_input(recipe, size, mean):
+    """Resolved offline (timm's own configs): the grid-matched size and the normalization the weights expect;
+    the student's relation block takes the teacher's 12 heads."""
+    from tinymim.core.config import load_config
+    from tinymim.tasks.distill_config import DistillConfig
+
+    cfg = resolve(load_config(DistillConfig, f"imagenet/{recipe}"))
+    assert cfg.teacher.model.img_size == size and cfg.teacher.mean == pytest.approx(list(mean))
+    assert cfg.data.mean != cfg.teacher.mean or size == 196  # CLIP's differ from the data's ImageNet ones
+    assert cfg.student.block_heads == {12: 12} and cfg.teacher.registers == "drop"
+
+
+def test_mae_with_registers_trains_them_and_its_run_teaches_with_them(tmp_path):
+    """MAE of an encoder with 4 registers: gradients reach them, and they are kept apart from the decoder
+    (which predicts the patches only); the run, as a teacher, supplies its registers and
+    patch 14, and is fed 8 x 14 = 112 px for a patch-4 student at 32 px."""
+    from tinymim.core.config import load_config
+    from tinymim.tasks.mae import MAEConfig
+
+    cfg = load_config(MAEConfig, None, [
+        "model.name=vit_custom", "model.patch_size=14", "model.embed_dim=48", "model.depth=2", "model.num_heads=3",
+        "model.reg_tokens=4", "decoder.embed_dim=32", "decoder.depth=1", "decoder.num_heads=2", "data.img_size=56",
+        "data.num_workers=0", "data.synthetic_size=64", "train.batch_size=16", "train.max_steps=3",
+        "train.precision=fp32", "train.progress=false", "train.blr=1e-2", "train.warmup_epochs=0"])
+    mae = tasks.build_task("mae", cfg).mae
+    mae(torch.randn(4, 3, 56, 56)).backward()
+    assert mae.encoder.reg_token.grad.abs().sum() > 0  # the registers take part in the encoder ...
+    seen = []
+    mae.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    mae(torch.randn(4, 3, 56, 56))
+    assert seen == [(4, 1 + 4, 48)]  # ... and never reach the decoder: class token + 4 of 16 patches visible
+    tasks.run("mae", cfg, tmp_path / "teacher")
+    from safetensors.torch import load_file
+    assert load_file(tmp_path / "teacher" / "encoder.safetensors")["reg_token"].shape == (1, 4, 48)
+
+    from tinymim.tasks.distill_config import load
+    student = ["student.name=vit_custom", "student.patch_size=4", "student.embed_dim=48", "student.depth=2",
+               "student.num_heads=3", "data.img_size=32"]
+    resolved = resolve(load(None, [f"teacher.checkpoint={tmp_path / 'teacher'}", *student]))
+    assert (resolved.teacher.model.reg_tokens, resolved.teacher.model.patch_size) == (4, 14)
+    assert resolved.teacher.model.img_size == 112
+    distill = build_distill_task(resolved)
+    assert distill.teacher(torch.randn(2, 3, 32, 32))["qkv"].shape[1] == 65

@@ -4,8 +4,10 @@
     losses = distill(images)            # {"loss_qk": ..., "loss_vv": ..., "loss": weighted sum}
     losses["loss"].backward()           # gradients reach the student only
 
-The teacher runs up to its target block, frozen (eval mode, no gradients); its relation block's Q/K/V
-are split into `relation_heads` (default: the block's own). The student's last block is told to split
+The teacher, any timm ViT or EVA (DINOv2, CLIP, EVA-02 ...), runs up to its target block, frozen (eval
+mode, no gradients), on the images resized so its patch grid equals the student's, its register
+tokens dropped; its relation block's Q/K/V, as its attention uses them (method/attention.py), are
+split into `relation_heads` (default: the block's own). The student's last block is told to split
 its Q/K/V into the same number of heads (its weights do not change; TINYMIM.md section 2), and the
 relation maps (softmax of Q-K and V-V scaled products, per head) of the two are compared by KL.
 timm.task-style: the trainable part is `get_trainable_module()`; everything else stays frozen.

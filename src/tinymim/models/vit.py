@@ -44,7 +44,8 @@ VIT_MODULES = ("vision_transformer", "eva", "deit")  # timm modules whose models
 class ModelConfig:
     """A ViT: a timm name (sizes may be overridden) or `vit_custom` with every size given."""
 
-    # a timm ViT name (vit_small_patch16_224, ...) or vit_custom with every size given
+    # a timm ViT name (vit_small_patch16_224, ...; a teacher may be EVA, eva02_*, or a hub name,
+    # hf-hub:ORG/REPO) or vit_custom with every size given
     name: str = "vit_small_patch16_224"
     img_size: int | None = None  # input image size in pixels; null: the data's
     patch_size: int | None = None  # patch size in pixels; null: the timm model's
