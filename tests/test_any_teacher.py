@@ -154,6 +154,11 @@ def test_a_block_without_qkv_is_refused_in_one_line():
     with pytest.raises(UnreadableBlock, match=r"^teacher block 2 \(Block\) has no attention with q/k/v projections "
                                               r".*use a timm ViT or EVA teacher, or a feature/class-token target"):
         FrozenTeacher(vit, block=2)
+    # a feature target at the block output needs no Q/K/V: the same teacher serves it
+    vit = create_vit(tiny_vit())
+    vit.blocks[1].attn = NoQKV()
+    out = FrozenTeacher(vit, block=2, sites=("block",))(torch.randn(1, 3, 32, 32))
+    assert set(out) == {"block"} and out["block"].shape == (1, 65, 48)
 
 
 def test_eva02_teacher_distills(tmp_path):

@@ -55,6 +55,13 @@ def cases(ws: Path) -> dict[str, list[str]]:
         "distill: unknown model name": ["distill", *DISTILL, "student.name=vit_enormous_patch3", *out],
         "distill: a batch larger than the data": ["distill", *DISTILL, "train.batch_size=128", *out],
         "distill: target block out of range": ["distill", *DISTILL, "teacher.target_block=7", *out],
+        # teachers beyond MAE's plain ViT (issue 23)
+        "distill: a teacher block without q/k/v": ["distill", *DISTILL, "teacher.model.name=vit_base_patch16_xp_224",
+                                                    *out],
+        "distill: a teacher size whose patch grid cannot match": ["distill", *DISTILL, "teacher.model.img_size=48",
+                                                                   *out],
+        "distill: a teacher by hub name, offline": ["distill", *DISTILL, "teacher.checkpoint=hf-hub:timm/not_cached",
+                                                     *out],
         # paths and run types
         "distill: --output is a file": ["distill", *DISTILL, "--output", f"{w}/afile"],
         "distill: missing data folder": ["distill", *DISTILL, "data.name=folder", f"data.root={w}/nope", *out],
@@ -257,7 +264,8 @@ def results(workspace, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("driver")
     (work / "cases.json").write_text(json.dumps(list(scan.values())))
     r = subprocess.run([sys.executable, str(HERE / "cli_driver.py"), str(work / "cases.json"), str(work / "out.json"),
-                        str(workspace)], env=env(), capture_output=True, text=True, timeout=900, cwd=work)
+                        str(workspace)], env=env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(work / "hf_cache")),
+                       capture_output=True, text=True, timeout=900, cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
     return dict(zip(scan, json.loads((work / "out.json").read_text())))
 
@@ -272,6 +280,16 @@ def test_bad_input_is_one_line_exit_1_and_writes_nothing(results, case):
     # a run directory's .lock holds the note of whichever process last took the lock: not run data
     written = [p for p in r["written"] if not (p.endswith("/.lock") and p.count("/") == 1)]
     assert written == [], f"{case} changed {written}"
+
+
+def test_teachers_that_cannot_be_read_name_the_fix(results):
+    line = results["distill: a teacher block without q/k/v"]["stderr"]
+    assert "teacher block 2 (ParallelScalingBlock) has no attention with q/k/v projections" in line
+    assert "use a timm ViT or EVA teacher" in line
+    line = results["distill: a teacher size whose patch grid cannot match"]["stderr"]
+    assert "teacher.model.img_size=48 gives a 6-patch grid" in line and "set it to 32" in line
+    line = results["distill: a teacher by hub name, offline"]["stderr"]
+    assert "cannot download 'hf-hub:timm/not_cached'" in line and "teacher.checkpoint=model.safetensors" in line
 
 
 def test_a_checkpoint_of_random_bytes_is_called_damaged_not_unsafe(results):

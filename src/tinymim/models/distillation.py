@@ -78,8 +78,9 @@ class FrozenTeacher(nn.Module):
             raise ValueError(f"target block {self.block} is out of range: the teacher has blocks 1..{depth}")
         if registers not in ("drop", "keep"):
             raise ValueError(f"registers must be drop or keep, got {registers!r}")
-        check_readable(vit.blocks[self.block - 1], f"teacher block {self.block}")
         self.sites, self.drop_path = set(sites), drop_path
+        if "qkv" in self.sites:  # relation targets: Q/K/V must be readable (feature targets need not)
+            check_readable(vit.blocks[self.block - 1], f"teacher block {self.block}")
         self.vit = truncate(vit, self.block).requires_grad_(False)
         self.heads = relation_heads or self.vit.blocks[self.block - 1].attn.num_heads
         self.img_size = img_size or self.vit.patch_embed.img_size[0]
@@ -97,19 +98,19 @@ class FrozenTeacher(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, sites: set[str] | None = None) -> dict[str, torch.Tensor]:
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:  # the grid-matched size, on the device
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False,
                               antialias=True)
         tokens, rope = teacher_tokens(self.vit, x, self.block)
-        parts = block_parts(self.vit.blocks[self.block - 1], tokens, self.sites | {"qkv"}, rope)
+        parts = block_parts(self.vit.blocks[self.block - 1], tokens, sites or self.sites, rope)
         if self.dropped is not None:
             a, b = self.dropped
             parts = {k: torch.cat([v[:, :a], v[:, b:]], dim=1) for k, v in parts.items()}
         return parts
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return split_heads(self(x)["qkv"], self.heads)
+        return split_heads(self(x, {"qkv"})["qkv"], self.heads)
 
 
 class RelationStudent(nn.Module):

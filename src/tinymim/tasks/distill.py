@@ -221,7 +221,8 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
     teacher = build_teacher(cfg.teacher)
     t_depth, t_width = len(teacher.blocks), teacher.embed_dim
     try:
-        check_readable(teacher.blocks[k - 1], f"teacher block {k}")
+        if cfg.loss.relation.weight > 0 or cfg.loss.feature.site == "qkv" and cfg.loss.feature.weight > 0:
+            check_readable(teacher.blocks[k - 1], f"teacher block {k}")
     except UnreadableBlock as e:
         raise ConfigError(str(e)) from e
     t_attn = teacher.blocks[k - 1].attn
