@@ -74,6 +74,15 @@ def builtin_teacher(spec: str) -> Path:
     return path
 
 
+def offline_message(name: str, error: Exception) -> str:
+    """One line for a timm/hub name whose config or weights cannot be fetched."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    first = (text.split(". ")[0] if text else type(error).__name__)[:200]
+    return (f"cannot download {name!r} from the Hugging Face hub ({first}); offline or no network: "
+            "download it where there is one (or point HF_HUB_CACHE at a cache that holds it), or give the "
+            "weights as a file, e.g. teacher.checkpoint=model.safetensors with teacher.model.name=ARCHITECTURE")
+
+
 def is_timm_weights(spec) -> bool:
     """Whether a checkpoint spec names weights timm fetches (`hf-hub:org/repo`, `vit_base_patch16_224.mae`)
     rather than a file, a run directory or a built-in teacher."""
@@ -97,12 +106,12 @@ def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
     if is_timm_weights(name):
         try:
             return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
-        except Exception as e:  # noqa: BLE001 - offline, unknown tag, hub errors: all end here
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            raise CheckpointError(
-                f"could not fetch timm weights {name!r} ({type(e).__name__}: {first}); this needs the network or "
-                "a Hugging Face cache that holds them (HF_HUB_CACHE); offline, download them elsewhere and give "
-                "the file: teacher.checkpoint=model.safetensors with teacher.model.name=ARCHITECTURE") from e
+        except OSError as e:  # offline, no cache: huggingface_hub's errors are OSErrors
+            raise CheckpointError(offline_message(name, e)) from e
+        except Exception as e:  # noqa: BLE001 - an unknown tag, a repo that is not a timm model ...
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise CheckpointError(f"could not fetch timm weights {name!r} ({type(e).__name__}: {first}); check the "
+                                  "name (timm.list_pretrained()), or give the weights as a file") from e
     raise CheckpointError(f"checkpoint {spec} does not exist (neither a file, a run directory nor a timm model name)")
 
 

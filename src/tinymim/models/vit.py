@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tinymim.core.config import ConfigError
 from tinymim.method.mae import fix_sincos_pos_embed, sincos_table  # noqa: F401 - MAE's table, used by create_vit
+from tinymim.models.checkpoint import offline_message
 from tinymim.models.star import build_distilled_vit
 
 CUSTOM = "vit_custom"
@@ -217,15 +218,6 @@ def create_vit(cfg: ModelConfig, num_classes: int = 0, families: tuple[str, ...]
             raise ValueError(f"block_heads names block {block_idx}, but the model has {len(model.blocks)} blocks")
         set_block_heads(model.blocks[block_idx - 1], heads)
     return model
-
-
-def offline_message(name: str, error: Exception) -> str:
-    """One line for a timm/hub name whose config or weights cannot be fetched."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    first = (text.split(". ")[0] if text else type(error).__name__)[:200]
-    return (f"cannot download {name!r} from the Hugging Face hub ({first}); offline or no network: "
-            "download it where there is one (or point HF_HUB_CACHE at a cache that holds it), or give the "
-            "weights as a file, e.g. teacher.checkpoint=model.safetensors with teacher.model.name=ARCHITECTURE")
 
 
 def mae_init_(model: VisionTransformer) -> None:
