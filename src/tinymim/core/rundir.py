@@ -64,7 +64,7 @@ RESUMABLE_CHANGES = frozenset((
     "train.progress", "train.log_every", "train.checkpoint_every", "train.tensorboard", "train.loggers",
     "train.wandb_project", "train.wandb_mode", "train.mlflow_uri", "train.mlflow_experiment",
     "data.num_workers", "data.root", "data.val_root", "data.shard_cache", "train.device",
-    "train.compile", "train.activation_checkpointing"))
+    "train.compile", "train.compile_mode", "train.activation_checkpointing", "data.prefetch"))
 
 
 def result_changes(old: dict, new: dict) -> dict:

@@ -56,6 +56,8 @@ class ClassifyDataConfig(DataConfig):
     reprob: float = 0.25  # random-erasing probability
     eval_crop_pct: float = 0.875  # evaluation center crop: resize to img_size / crop_pct, crop img_size
     color_jitter: float = 0.0  # ignored by timm when auto_augment is set, as in MAE
+    prefetch: int = 0  # pre-training's prefetch of built views: nothing to build ahead here, 0 only
+    jpeg_draft: bool = False  # pre-training's reduced-scale JPEG decode: timm's transforms take whole images, false
     # hold out this many training images (a fixed random sample) and evaluate on them instead of
     # val_root: for tuning a recipe without looking at the test split. 0 = evaluate on val_root
     holdout: int = 0
@@ -66,6 +68,10 @@ class ClassifyDataConfig(DataConfig):
             raise ValueError("decode=device builds pre-training views (distill, mae); fine-tuning, linear probes "
                              "and k-NN decode with Pillow (timm's RandAugment works on PIL images): leave "
                              "data.decode at cpu")
+        if self.prefetch or self.jpeg_draft:
+            key = "prefetch" if self.prefetch else "jpeg_draft"
+            raise ValueError(f"data.{key} applies to pre-training views (distill, mae); fine-tuning, linear probes "
+                             f"and k-NN run timm's transforms on whole decoded images: leave data.{key} off")
         if self.holdout < 0:
             raise ValueError(f"holdout must be 0 or more, got {self.holdout}")
         if not 0 < self.eval_crop_pct <= 1:

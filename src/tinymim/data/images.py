@@ -41,9 +41,9 @@ def to_rgb8(img: Image.Image) -> Image.Image:
                          "grayscale PNG/JPEG") from None
 
 
-def open_decoded(fp) -> Image.Image:
-    """Image.open(fp) (a path or a binary file object), decoded as stored (no conversion). Raises,
-    instead of returning a partial picture, when the file is unreadable, and when it has more than
+def open_header(fp) -> Image.Image:
+    """Image.open(fp) (a path or a binary file object): the header parsed, nothing decoded yet (a JPEG
+    may still be told to decode at a reduced scale, Image.draft). Raises when it has more than
     PIL.Image.MAX_IMAGE_PIXELS pixels: a possible decompression bomb (Pillow itself only warns up to
     twice that, and decoding one can exhaust memory)."""
     with warnings.catch_warnings():
@@ -54,6 +54,14 @@ def open_decoded(fp) -> Image.Image:
         img.close()
         raise Image.DecompressionBombError(f"Image size ({pixels} pixels) exceeds limit of {limit} pixels, "
                                            "could be decompression bomb DOS attack.")
+    return img
+
+
+def open_decoded(fp) -> Image.Image:
+    """Image.open(fp) (a path or a binary file object), decoded as stored (no conversion). Raises,
+    instead of returning a partial picture, when the file is unreadable, and when it is a possible
+    decompression bomb (open_header)."""
+    img = open_header(fp)
     try:
         img.load()  # decode now, so a corrupt file fails here
     except BaseException:

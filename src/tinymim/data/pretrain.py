@@ -53,6 +53,15 @@ class DataConfig:
     # file and its header and draw the same random crop; the training device decodes the batch at once,
     # torchvision.io.decode_jpeg on CUDA, then crops, resizes and flips; other formats stay on Pillow)
     decode: Literal["cpu", "device"] = "cpu"
+    # batches prepared ahead of their step in a background thread (tinymim.data.prefetch): the next
+    # batch's images are built (with decode: device decoded, cropped and resized; on a GPU on a side CUDA
+    # stream) while the current one trains; the same views as without. 0: built inside the step
+    prefetch: int = 1
+    # decode: cpu: decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's draft) when its
+    # random crop still has at least img_size pixels a side at that scale, then one resize; faster on
+    # images much larger than the crop's output, pixels within about a level of the full decode's
+    # (benchmarks/speed/jpeg_loader_throughput.py --draft-study); off: every JPEG decoded whole
+    jpeg_draft: bool = False
     subset: int | None = None  # use a fixed random sample of N images (quick experiments)
     synthetic_size: int = 2048  # synthetic: number of images
     synthetic_classes: int = 10  # synthetic: number of classes
@@ -71,6 +80,8 @@ class DataConfig:
             raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be 0 or more, got {self.num_workers}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be 0 (none) or more batches, got {self.prefetch}")
         if self.subset is not None and self.subset < 1:
             raise ValueError(f"subset must be positive (or null for all images), got {self.subset}")
         if self.synthetic_size < 1 or self.synthetic_classes < 1:
@@ -142,7 +153,10 @@ def crop_resize_flip(img: torch.Tensor, box, size: int) -> torch.Tensor:
 
 def device_images(batch: dict, cfg: DataConfig, device: torch.device) -> torch.Tensor:
     """The batch's shared crops as floats in [0, 1] on `device`, B x 3 x S x S: transferred when the
-    loader workers decoded them, decoded and cropped here when they sent the files (decode: device)."""
+    loader workers decoded them, decoded and cropped here when they sent the files (decode: device);
+    built already when the batch was prefetched (`with_device_images`)."""
+    if "device_image" in batch:
+        return batch["device_image"]
     if "jpeg" not in batch:
         return batch["image"].to(device, non_blocking=True).float().div_(255)
     s = cfg.img_size
@@ -161,6 +175,22 @@ def device_images(batch: dict, cfg: DataConfig, device: torch.device) -> torch.T
         out[pos] = crop_resize_flip(images[j], boxes[j], s)
     batch["skipped"] = batch["skipped"] + len(images) - len(good)
     return out
+
+
+# what `device_images` reads of a batch: with_device_images drops them once the images are built
+RAW_IMAGE_KEYS = ("image", "image_index", "jpeg", "jpeg_sizes", "jpeg_box", "jpeg_index")
+
+
+def with_device_images(batch: dict, cfg: DataConfig, device: torch.device) -> dict:
+    """The batch with its images built ahead of its step (tinymim.data.prefetch runs this in its
+    thread): "device_image" holds `device_images`' result, which the views then take as it is; the
+    files and crops it was made from are dropped (nothing is left to transfer), and unreadable files
+    are counted in "skipped" as they would be inside the step. No random draw happens here: the
+    views are the same as without prefetching."""
+    batch["device_image"] = device_images(batch, cfg, device)
+    for key in RAW_IMAGE_KEYS:
+        batch.pop(key, None)
+    return batch
 
 
 def plain_view(batch: dict, cfg: DataConfig, device: torch.device) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The loader workers' half of pre-training's views: `random_resized_crop_params` (the crop drawn from a
 per-sample stream), `load_or_substitute` (an unreadable image replaced by the next readable one),
 `PairedViewDataset` (per sample the shared crop, its flip and the student's jitter factors; with
-data.decode=device the encoded file and its crop box instead) and `collate`, which batches them."""
+data.decode=device the encoded file and its crop box instead; with data.jpeg_draft a JPEG decoded at
+a reduced scale when its crop allows, `draft_scale`) and `collate`, which batches them."""
 from __future__ import annotations
 
 import io
@@ -17,6 +18,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from tinymim.core.errors import DataError
+from tinymim.data.images import open_header, to_rgb8
 from tinymim.data.pretrain import DataConfig
 from tinymim.data.sources import SubsetImages
 
@@ -46,6 +48,19 @@ def random_resized_crop_params(rng: random.Random, width: int, height: int, scal
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes at directly (its DCT scaling), largest first
+
+
+def draft_scale(crop_h: int, crop_w: int, size: int) -> int:
+    """The largest JPEG reduction (8, 4 or 2; 1: none) at which a crop of crop_h x crop_w pixels still
+    has at least `size` pixels a side: decoding at it and resizing the scaled crop to size x size never
+    upsamples what the full decode would have downsampled."""
+    for scale in DRAFT_SCALES:
+        if min(crop_h, crop_w) >= size * scale:
+            return scale
+    return 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +107,7 @@ class PairedViewDataset(tud.Dataset):
         self.source, self.cfg = source, cfg
         self.length = len(source)
         self.encoded = cfg.decode == "device" and reads_encoded(source)
+        self.drafted = cfg.jpeg_draft and reads_encoded(source)
 
     def __len__(self) -> int:
         return self.length
@@ -112,13 +128,48 @@ class PairedViewDataset(tud.Dataset):
             sample = self._encoded(index, sample_seed)
             if sample is not None:
                 return sample
+        if self.drafted:
+            view, label, skipped = load_or_substitute(DraftedViews(self, sample_seed), index, self.length)
+            return (*view, label, skipped)
         img, label, skipped = load_or_substitute(self.source, index, self.length)
-        (top, left, h, w), flip, factors, order = self.draw(random.Random(sample_seed), img.width, img.height)
+        return (*self.view(img, self.draw(random.Random(sample_seed), img.width, img.height)), label, skipped)
+
+    def view(self, img: Image.Image, draws):
+        """(uint8 crop, jitter factors, jitter order) of a decoded RGB image and its draws: the crop
+        (RandomResizedCrop's box, bicubic), flipped when drawn so."""
+        (top, left, h, w), flip, factors, order = draws
         s = self.cfg.img_size
         img = TF.resized_crop(img, top, left, h, w, [s, s], InterpolationMode.BICUBIC)
         if flip:
             img = TF.hflip(img)
-        return TF.pil_to_tensor(img), factors, order, label, skipped
+        return TF.pil_to_tensor(img), factors, order
+
+    def drafted_view(self, data: bytes, sample_seed: int):
+        """`view` of an encoded file: a JPEG decoded at the largest reduction its crop allows
+        (draft_scale), the crop box scaled to the reduced image (fractional edges kept) and resized
+        from there in one pass; exactly `view` of the whole decode when no reduction applies or the
+        file is not a JPEG."""
+        img = open_header(io.BytesIO(data))
+        try:
+            width, height = img.size
+            draws = self.draw(random.Random(sample_seed), width, height)
+            (top, left, h, w), flip, factors, order = draws
+            s = self.cfg.img_size
+            scale = draft_scale(h, w, s) if img.format == "JPEG" else 1
+            drafted = img.draft(img.mode, (width // scale, height // scale)) if scale > 1 else None
+            if drafted is None:  # decoded whole: the view without jpeg_draft, pixel for pixel
+                img.load()
+                return self.view(to_rgb8(img), draws)
+            _, (_, _, reduced_w, reduced_h) = drafted  # the original's extent in the reduced image
+            fx, fy = reduced_w / width, reduced_h / height
+            img.load()
+            rgb = img if img.mode == "RGB" else to_rgb8(img)
+            out = rgb.resize((s, s), Image.BICUBIC, box=(left * fx, top * fy, (left + w) * fx, (top + h) * fy))
+            if flip:
+                out = out.transpose(Image.FLIP_LEFT_RIGHT)
+            return TF.pil_to_tensor(out), factors, order
+        finally:
+            img.close()
 
     def _encoded(self, index: int, sample_seed: int):
         """The undecoded sample, or None when the file is not a baseline RGB/gray JPEG or its header
@@ -139,6 +190,22 @@ class PairedViewDataset(tud.Dataset):
         encoded = {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8),
                    "box": torch.tensor([top, left, h, w, int(flip)]), "name": self.source.describe(index)}
         return encoded, factors, order, label, 0
+
+
+class DraftedViews:
+    """A source for load_or_substitute whose images are finished views (PairedViewDataset.drafted_view
+    with the sample's seed): a file that fails anywhere in it is replaced by the next, as a whole decode
+    would be."""
+
+    def __init__(self, dataset: PairedViewDataset, sample_seed: int):
+        self.dataset, self.sample_seed = dataset, sample_seed
+
+    def load(self, i: int):
+        data, label = self.dataset.source.read_bytes(i)
+        return self.dataset.drafted_view(data, self.sample_seed), label
+
+    def describe(self, i: int) -> str:
+        return self.dataset.source.describe(i)
 
 
 def collate(samples) -> dict:

@@ -44,7 +44,7 @@ class Task(TrainingTask):
 
     def compile(self, backend: str = "inductor", mode=None, **kw) -> nn.Module:
         """torch.compile the trainable part (every task; timm's TrainingTask.compile differs between
-        timm releases, so tinymim does not rely on it)."""
+        timm releases, so tinymim does not rely on it); mode: torch.compile's (train.compile_mode)."""
         self.wrapped["compiled"] = torch.compile(self.trainable_module, backend=backend, mode=mode, **kw)
         return self.wrapped["compiled"]
 
@@ -87,6 +87,16 @@ class Task(TrainingTask):
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (e.g. to update an EMA copy)."""
+
+    # batches the engine prepares ahead of their step, running `prefetch` on each in a background thread
+    # while the current step trains (tinymim.data.prefetch); 0: none, the step does all of its work
+    prefetch_depth: int = 0
+
+    def prefetch(self, batch: dict) -> dict:
+        """The part of a batch's work that can run ahead of its step (in the prefetch thread; on CUDA on
+        a side stream): nothing by default. It must draw no random numbers, so that a run's batches are
+        the same with and without prefetching."""
+        return batch
 
     # evaluation at each epoch end (optional): a dict of metrics, reduced over processes
     best_metric: str | None = None  # a key of evaluate()'s dict; higher is better

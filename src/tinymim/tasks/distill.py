@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from tinymim.core.config import ConfigError
-from tinymim.data.pretrain import DataConfig, paired_views
+from tinymim.data.pretrain import DataConfig, paired_views, with_device_images
 from tinymim.method.attention import UnreadableBlock, check_readable
 from tinymim.method.mae import MAEDecoder, random_masking, reconstruction_loss
 from tinymim.method.relations import RelationLoss, block_qkv, split_heads
@@ -150,6 +150,7 @@ class DistillTask(Task):
         self.teacher = FrozenTeacher(teacher, target_block, heads, trainable.sites, drop_path=True,
                                      img_size=t.model.img_size, registers=t.registers)
         self.data_cfg = data_cfg
+        self.prefetch_depth = data_cfg.prefetch  # the next batch's views built while this one trains
         self.config = config
         self.knn = KNNMonitor(config.knn, data_cfg) if config is not None and config.knn.every_epochs else None
 
@@ -167,6 +168,9 @@ class DistillTask(Task):
     def compile(self, backend: str = "inductor", mode=None, **kw):
         self.wrapped["teacher"] = torch.compile(self.teacher, backend=backend, mode=mode, **kw)
         return super().compile(backend, mode, **kw)
+
+    def prefetch(self, batch: dict) -> dict:
+        return with_device_images(batch, self.data_cfg, self.device)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         teacher_x, student_x = paired_views(batch, self.data_cfg, self.device, self.config.teacher.mean,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tinymim.core.config import checked_copy
-from tinymim.data.pretrain import DataConfig, plain_view
+from tinymim.data.pretrain import DataConfig, plain_view, with_device_images
 from tinymim.method.mae import DecoderConfig, MaskedAutoencoder
 from tinymim.models.checkpoint import save_weights
 from tinymim.models.vit import ModelConfig, TokenFeatures, check_input_size, create_vit
@@ -53,7 +53,11 @@ class MAETask(Task):
     def __init__(self, mae: MaskedAutoencoder, data_cfg: DataConfig, config: MAEConfig | None = None):
         super().__init__(mae)
         self.mae, self.data_cfg, self.config = mae, data_cfg, config
+        self.prefetch_depth = data_cfg.prefetch  # the next batch's images built while this one trains
         self.knn = KNNMonitor(config.knn, data_cfg) if config is not None and config.knn.every_epochs else None
+
+    def prefetch(self, batch: dict) -> dict:
+        return with_device_images(batch, self.data_cfg, self.device)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"loss": self.trainable_forward(plain_view(batch, self.data_cfg, self.device))}

@@ -50,6 +50,7 @@ class LogWindow:
     images: int = 0
     steps: int = 0
     skipped: int = 0
+    loader_wait: float = 0.0  # seconds the loop waited for the loader's next batch
     sums: dict = field(default_factory=dict)
 
 
@@ -73,12 +74,16 @@ class RunLogs:
         if step % self.cfg.log_every == 0 or step == 1 or step == self.plan.total:
             # on the device: nccl reduces only device tensors
             skipped = torch.tensor(float(w.skipped), device=self.ctx.device)
+            # the slowest process's wait: the others wait for it at the gradients' all-reduce
+            wait = torch.tensor(w.loader_wait, dtype=torch.float64, device=self.ctx.device)
             if self.ctx.distributed:
                 dist.all_reduce(skipped)
+                dist.all_reduce(wait, op=dist.ReduceOp.MAX)
             self.last = {"step": step, "epoch": round(step / self.plan.per_epoch, 4),
                          **{k: s / w.steps for k, s in w.sums.items()},
                          "lr": max(g["lr"] for g in optimizer.param_groups),
-                         "images_per_s": w.images / (time.perf_counter() - w.t0), "skipped_images": int(skipped)}
+                         "images_per_s": w.images / (time.perf_counter() - w.t0),
+                         "loader_wait_s": round(float(wait), 4), "skipped_images": int(skipped)}
             self.metrics.log(self.last)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", lr=f"{self.last['lr']:.2e}")
@@ -111,6 +116,7 @@ class Checkpointer:
 
     def __init__(self, task, state: TrainState, run: RunDir, ctx: DistContext, config: dict, data_id: dict):
         self.task, self.state, self.run, self.ctx, self.config, self.data_id = task, state, run, ctx, config, data_id
+        self.saved_step: int | None = None  # the step of the last checkpoint written or resumed from
 
     def save(self, finished: bool = False, evaluated: bool = True) -> None:
         """evaluated=False: written at an epoch's end before its evaluation, which a resume then runs."""
@@ -126,6 +132,7 @@ class Checkpointer:
                         "global_step": state.step, "world": ctx.world, "rng": rng, "finished": finished,
                         "best": state.best, "config": self.config, "data": self.data_id, "evaluated": evaluated},
                        self.run.checkpoint)
+        self.saved_step = state.step
 
 
 def _repair_finished(task, run: RunDir, config: dict, resume: dict) -> None:

@@ -30,6 +30,9 @@ class TrainConfig:
     clip_grad: float | None = None  # gradient-norm clipping threshold; null: none
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast precision: bf16, fp16 (with a grad scaler) or fp32
     compile: bool = False  # torch.compile the task's models
+    # compile: torch.compile's mode: null (its default), reduce-overhead (CUDA graphs: less launch
+    # overhead, more memory), max-autotune (also searches kernel configurations: minutes at the start)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     # recompute the trained ViT's block activations in the backward instead of keeping them: about a
     # third more compute for much less memory, so a larger batch fits on a GPU
     activation_checkpointing: bool = False

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -29,12 +30,13 @@ import torch
 import torch.distributed as dist
 
 from tinymim.core.config import ConfigError, plain
-from tinymim.core.errors import WORKER_DEATH, NonFiniteLossError, loader_worker_death
+from tinymim.core.errors import WORKER_DEATH, DataError, NonFiniteLossError, loader_worker_death
 from tinymim.core.files import RunDirError
 from tinymim.core.guards import locked
 from tinymim.core.preempt import Preempted, StopSignals, signal_name
 from tinymim.core.rundir import RunDir
 from tinymim.data.loader import build_loader
+from tinymim.data.prefetch import Prefetcher, prefetched
 from tinymim.data.sources import data_fingerprint
 from tinymim.train.bookkeeping import Checkpointer, LogWindow, Plan, RunLogs, TrainState, _repair_finished
 from tinymim.train.config import TrainConfig, lr_for
@@ -106,6 +108,7 @@ def _train(task, config, data_loader_fn, run: RunDir, ctx: DistContext, optimize
     logs = RunLogs(run, ctx, cfg, record, plan, task.name, state.step)
     task.last_epoch = -(-plan.total // plan.per_epoch)  # a task evaluating every N epochs still evaluates the end
     checkpointer = Checkpointer(task, state, run, ctx, record, data_id)
+    checkpointer.saved_step = state.step if resume is not None else None
     if stop.received is not None:  # asked during start-up: nothing new to save, nothing lost
         kept = f"its checkpoint at step {state.step} is kept" if resume is not None else "nothing had trained yet"
         raise Preempted(f"stopped on {signal_name(stop.received)} during start-up, before step {state.step + 1} "
@@ -119,9 +122,18 @@ def _train(task, config, data_loader_fn, run: RunDir, ctx: DistContext, optimize
         while state.step < plan.total:
             epoch, step_in_epoch = divmod(state.step, plan.per_epoch)
             sampler.set_epoch(epoch, step_in_epoch * cfg.accum_steps)
-            batches = iter(loader)
+            _close_prefetch(batches)  # the last epoch's thread, before this epoch's loader starts
+            # with the task's prefetch hook, batch n+1 is prepared in a thread while batch n trains
+            batches = prefetched(iter(loader), task, ctx.device)
             for _ in range(step_in_epoch, min(plan.per_epoch, step_in_epoch + plan.total - state.step)):
-                losses, stopping = train_step(task, batches, cfg, ctx, state, logs.window, stop, run.checkpoint)
+                try:
+                    losses, stopping = train_step(task, batches, cfg, ctx, state, logs.window, stop,
+                                                  run.checkpoint)
+                except DataError as e:
+                    kept = _save_before_data_error(e, checkpointer, state, ctx, run)
+                    if kept is None:
+                        raise
+                    raise kept from e
                 state.step += 1
                 scheduler.step_update(state.step)
                 task.after_step(state.step)
@@ -146,19 +158,41 @@ def _train(task, config, data_loader_fn, run: RunDir, ctx: DistContext, optimize
             task.export(run.path)
         checkpointer.save(finished=True)
     finally:
+        _close_prefetch(batches)  # its thread first: it may be reading from the loader
         # the loader's workers end now, not whenever the iterator is collected (an exception's
         # traceback may hold it; the workers ignore stop signals, so they must be told)
-        shutdown = getattr(batches, "_shutdown_workers", None)
+        source = batches.source if isinstance(batches, Prefetcher) else batches
+        shutdown = getattr(source, "_shutdown_workers", None)
         if shutdown is not None:
             with contextlib.suppress(*WORKER_DEATH):  # a dead worker's pipe: the error on its way says so
                 shutdown()
-        batches = None  # noqa: F841
+        batches = source = None  # noqa: F841
         logs.close()
     return logs.final()
 
 
 # ---------------------------------------------------------------------------------------------
 # the loop's pieces
+
+
+def _close_prefetch(batches) -> None:
+    """Stop a Prefetcher's thread (a plain loader iterator: nothing to do)."""
+    if isinstance(batches, Prefetcher):
+        batches.close()
+
+
+def _save_before_data_error(e: DataError, checkpointer: Checkpointer, state: TrainState, ctx: DistContext,
+                            run: RunDir) -> DataError | None:
+    """A batch the data path could not make (e.g. no image of it decodes): the state after the last
+    completed step is saved, as a stop signal would save it, and the error to raise instead says so.
+    None (raise `e` as it is): nothing trained yet, or several processes (the others wait for this one
+    in a collective and cannot join a checkpoint's; the last periodic checkpoint is kept)."""
+    if ctx.distributed or state.step == 0:
+        return None
+    if checkpointer.saved_step != state.step:
+        checkpointer.save()
+    return DataError(f"{e} (the state after step {state.step} is saved in {run.checkpoint}: once the data is "
+                     "repaired, the same command resumes from it)")
 
 
 def _open_run(task, run: RunDir, config: dict, ctx: DistContext):
@@ -253,7 +287,7 @@ def _prepare(task, cfg: TrainConfig, ctx: DistContext, plan: Plan, optimizer_kwa
     if cfg.activation_checkpointing:
         task.set_grad_checkpointing(True)
     if cfg.compile:
-        task.compile()
+        task.compile(mode=cfg.compile_mode)
     if ctx.distributed:
         task.prepare_distributed(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     groups = task.param_groups(cfg.weight_decay)
@@ -280,15 +314,22 @@ def _restore(task, state: TrainState, resume: dict, cfg: TrainConfig, ctx: DistC
         log.info("resuming %s from step %d", run.path, state.step)
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
 def train_step(task, batches, cfg: TrainConfig, ctx: DistContext, state: TrainState, window: LogWindow,
                stop: StopSignals, checkpoint: Path) -> tuple[dict[str, float], bool]:
     """One optimizer step over accum_steps micro batches (DDP syncs gradients on the last only).
     Returns the step's losses averaged over processes, and whether any process was asked to stop."""
     sums = {}
     for micro in range(cfg.accum_steps):
+        waited = time.perf_counter()
         batch = next_batch(batches)
+        window.loader_wait += time.perf_counter() - waited  # blocked on the loader: it is behind the step
         sync = micro == cfg.accum_steps - 1
         with (contextlib.nullcontext() if sync else task.no_sync()):
+            if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES:
+                torch.compiler.cudagraph_mark_step_begin()  # the last micro step's graph outputs are consumed
             with _autocast(ctx.device, cfg.precision):
                 out = task(batch)
             state.scaler.scale(out["loss"] / cfg.accum_steps).backward()
@@ -383,8 +424,9 @@ def run_task(spec: TaskDefinition, cfg, output: str | Path):
         def loader_fn(batch, rank, world, seed):
             if spec.loaders is not None:
                 return spec.loaders(task, batch, rank, world, seed)
-            return build_loader(cfg.data, batch, rank, world, seed,
-                                pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu")
+            # a task that prefetches copies into pinned buffers it reuses (tinymim.data.prefetch) instead
+            return build_loader(cfg.data, batch, rank, world, seed, pin_memory=torch.cuda.is_available()
+                                and cfg.train.device != "cpu" and not getattr(task, "prefetch_depth", 0))
 
         return train(task, cfg, loader_fn, output, ctx, optimizer_kwargs=spec.optimizer_options(cfg),
                      checked=held.release)
