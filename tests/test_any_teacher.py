@@ -134,12 +134,34 @@ def test_registers_kept_need_a_student_with_as_many():
         resolve(cfg)
 
 
-def test_a_teacher_without_a_class_token_is_refused():
-    cfg = tiny_distill_config()
+def test_a_teacher_without_a_class_token_pairs_with_the_students_patches(tmp_path):
+    """SigLIP's ViT has no class token: its maps are over the patches only, the student's class token is
+    left out of its own maps (Q-K rows and columns) and targets; the class-token target is refused."""
+    cfg = tiny_distill_config(max_steps=2, batch_size=8)
     cfg.teacher.model = ModelConfig(name="vit_base_patch16_siglip_224", embed_dim=48, depth=2, num_heads=3,
                                     patch_size=4)
-    with pytest.raises(ConfigError, match="has no class token.*choose a teacher with a class token"):
+    task = build_distill_task(cfg)
+    x = torch.randn(2, 3, 32, 32)
+    t_qkv, s_qkv = task.relation_qkv(x)
+    assert t_qkv[0].shape[2] == s_qkv[0].shape[2] == 64  # 8 x 8 patches, no class token on either side
+    student_tokens = embed_tokens_before_last(task.student, x)
+    full = block_qkv_features(task.student.blocks[-1], student_tokens)
+    assert torch.equal(s_qkv[0], split_heads(full[:, 1:], task.student.blocks[-1].attn.num_heads)[0])
+    losses = task.trainable_forward(x, task.teacher(x))
+    assert torch.isfinite(losses["loss"])
+    cfg.mask_ratio = 0.5  # targets gathered at the student's visible patches, without a class-token offset
+    assert torch.isfinite(build_distill_task(cfg).trainable_forward(x, task.teacher(x))["loss"])
+    cfg.mask_ratio = 0.0
+    tasks.run("distill", cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "student.safetensors").is_file()
+    cfg.loss.class_token.weight = 1.0
+    with pytest.raises(ConfigError, match="has no class token .*the class-token target needs one"):
         resolve(cfg)
+
+
+def embed_tokens_before_last(vit, x):
+    from tinymim.models.vit import tokens_before_block
+    return tokens_before_block(vit, x, len(vit.blocks))
 
 
 def test_a_block_without_qkv_is_refused_in_one_line():

@@ -115,17 +115,19 @@ class FrozenTeacher(nn.Module):
 
 class RelationStudent(nn.Module):
     """A student ViT whose last block splits Q/K/V into `heads` (the teacher's relation heads).
-    forward(x) -> that block's (q, k, v); `vit` stays a plain timm VisionTransformer. The distill
-    task's student takes the same path (embed, run_blocks, block_parts of the last block)."""
+    forward(x) -> that block's (q, k, v), without its class token when `skip_class_token` (a teacher
+    that has none); `vit` stays a plain timm VisionTransformer. The distill task's student takes the
+    same path (embed, run_blocks, block_parts of the last block)."""
 
-    def __init__(self, vit: nn.Module, heads: int):
+    def __init__(self, vit: nn.Module, heads: int, skip_class_token: bool = False):
         super().__init__()
-        self.vit, self.heads = vit, heads
+        self.vit, self.heads, self.skip_class_token = vit, heads, skip_class_token
         set_block_heads(vit.blocks[-1], heads)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens = run_blocks(self.vit, embed(self.vit, x), self.vit.blocks[:-1])
-        return split_heads(block_parts(self.vit.blocks[-1], tokens, {"qkv"})["qkv"], self.heads)
+        qkv = block_parts(self.vit.blocks[-1], tokens, {"qkv"})["qkv"]
+        return split_heads(qkv[:, 1:] if self.skip_class_token else qkv, self.heads)
 
 
 class RelationDistillation(nn.Module):
@@ -140,7 +142,7 @@ class RelationDistillation(nn.Module):
         if teacher.patch_embed.img_size[0] != size:  # timm resamples its position embedding (and RoPE grid)
             teacher.set_input_size(img_size=(size, size))
         self.teacher = FrozenTeacher(teacher, target_block, relation_heads, registers=registers)
-        self.student = RelationStudent(student, self.teacher.heads)
+        self.student = RelationStudent(student, self.teacher.heads, skip_class_token=prefix_layout(teacher)[0] == 0)
         self.loss = RelationLoss(relations, weights, softmax)
 
     def get_trainable_module(self) -> nn.Module:

@@ -65,9 +65,11 @@ class DistillStudent(nn.Module):
     """
 
     def __init__(self, vit: nn.Module, cfg: DistillLossConfig, teacher_dim: int, teacher_heads: int,
-                 mask_ratio: float = 0.0):
+                 mask_ratio: float = 0.0, skip_class_token: bool = False):
         super().__init__()
         self.vit, self.cfg, self.mask_ratio = vit, cfg, mask_ratio
+        # a teacher without a class token (SigLIP): the student's is left out of the targets' tokens
+        self.skip_class_token = skip_class_token
         self.teacher_heads = teacher_heads
         self.sites = _sites(cfg)
         dim = vit.embed_dim
@@ -103,23 +105,25 @@ class DistillStudent(nn.Module):
             p = vit.num_prefix_tokens
             visible_tokens, visible, restore, mask = random_masking(tokens[:, p:], self.mask_ratio)
             tokens = torch.cat([tokens[:, :p], visible_tokens], dim=1)
-            index = torch.cat([torch.arange(p, device=x.device).expand(x.shape[0], -1), visible + p], dim=1)
+            pt = p - self.skip_class_token  # the teacher's prefix tokens among its targets
+            index = torch.cat([torch.arange(pt, device=x.device).expand(x.shape[0], -1), visible + pt], dim=1)
             teacher = {k: v.gather(1, index.unsqueeze(-1).expand(-1, -1, v.shape[-1])) for k, v in teacher.items()}
         tokens = run_blocks(vit, tokens, vit.blocks[:-1])
         last = vit.blocks[-1]
         sites = self.sites | ({"block"} if self.decoder is not None else set())
         student = block_parts(last, tokens, sites)
+        matched = {k: v[:, 1:] for k, v in student.items()} if self.skip_class_token else student
 
         losses, total = {}, 0.0
         if self.relation is not None:
             rel = self.relation(split_heads(teacher["qkv"], self.teacher_heads),
-                                split_heads(student["qkv"], last.attn.num_heads))
+                                split_heads(matched["qkv"], last.attn.num_heads))
             losses.update({k: v for k, v in rel.items() if k != "loss"})
             losses["loss_relation"] = rel["loss"]
             total = total + self.cfg.relation.weight * rel["loss"]
         if self.feature is not None:
             site = self.cfg.feature.site
-            losses["loss_feature"] = self.feature(teacher[site], student[site])
+            losses["loss_feature"] = self.feature(teacher[site], matched[site])
             total = total + self.cfg.feature.weight * losses["loss_feature"]
         if self.class_token is not None:
             losses["loss_class_token"] = self.class_token(teacher["block"][:, 0], student["block"][:, 0])
@@ -142,7 +146,8 @@ class DistillTask(Task):
                  config: DistillConfig):
         loss, t = config.loss, config.teacher
         heads = t.relation_heads or teacher.blocks[target_block - 1].attn.num_heads
-        trainable = DistillStudent(student, loss, teacher.embed_dim, heads, config.mask_ratio)
+        self.skip_class_token = prefix_layout(teacher)[0] == 0  # SigLIP: no class token to match the student's
+        trainable = DistillStudent(student, loss, teacher.embed_dim, heads, config.mask_ratio, self.skip_class_token)
         super().__init__(trainable)
         self.student = student
         # the public API's teacher (models/distillation.py): frozen, up to the target block, its features
@@ -183,7 +188,10 @@ class DistillTask(Task):
         """(teacher Q, K, V at its target block, student Q, K, V at its last block) for images x."""
         teacher = self.teacher.qkv(x)  # split into the teacher's relation heads, as the loss splits them
         depth = len(self.student.blocks)
-        return teacher, block_qkv(self.student.blocks[-1], tokens_before_block(self.student, x, depth))
+        student = block_qkv(self.student.blocks[-1], tokens_before_block(self.student, x, depth))
+        if self.skip_class_token:  # the tokens the teacher has
+            student = tuple(t[:, :, 1:] for t in student)
+        return teacher, student
 
     def evaluate(self, epoch: int) -> dict | None:
         """k-NN accuracy of the student's features (patch tokens entering its last block: with
@@ -244,7 +252,7 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
 
     cls, regs = prefix_layout(teacher)
     t_tokens = teacher.patch_embed.num_patches + cls + (regs if cfg.teacher.registers == "keep" else 0)
-    if t_tokens != num_tokens(student):
+    if t_tokens + (1 - cls) != num_tokens(student):  # without a class token the student's is left out
         raise ConfigError(
             f"token counts differ: the teacher gives {t_tokens} tokens "
             f"(img {teacher.patch_embed.img_size}, patch {teacher.patch_embed.patch_size}), the student "

@@ -145,7 +145,7 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
     t, s = vit_sizes(cfg.teacher.model, TEACHER_FAMILIES), vit_sizes(cfg.student)
     cfg.teacher.model.img_size = teacher_input_size(cfg.teacher.model, t["patch_size"], cfg.data.img_size,
                                                     s["patch_size"])
-    check_prefix_tokens(cfg.teacher, t, s)
+    check_prefix_tokens(cfg.teacher, t, s, cfg.loss.class_token.weight > 0)
     if cfg.teacher.mean is None or cfg.teacher.std is None:
         mean, std = teacher_norm(cfg.teacher, cfg.data)
         cfg.teacher.mean, cfg.teacher.std = cfg.teacher.mean or mean, cfg.teacher.std or std
@@ -188,12 +188,13 @@ def teacher_input_size(model: ModelConfig, teacher_patch: int, img_size: int, st
     return size
 
 
-def check_prefix_tokens(teacher: TeacherConfig, t: dict, s: dict) -> None:
-    """Class and register tokens must pair up: the teacher's class token with the student's, its
-    registers dropped (student without registers) or kept (student with as many)."""
-    if not t["class_token"]:
-        raise ConfigError(f"teacher {teacher.model.name!r} has no class token, and tinymim's students have one; "
-                          "relation maps need the same tokens: choose a teacher with a class token")
+def check_prefix_tokens(teacher: TeacherConfig, t: dict, s: dict, class_token_target: bool = False) -> None:
+    """Class and register tokens must pair up: the teacher's class token with the student's (a teacher
+    without one, as SigLIP's: the student's is left out of the maps), its registers dropped (student
+    without registers) or kept (student with as many)."""
+    if not t["class_token"] and class_token_target:
+        raise ConfigError(f"teacher {teacher.model.name!r} has no class token (as SigLIP's): the class-token "
+                          "target needs one; use loss.relation or loss.feature, or a teacher with a class token")
     if teacher.registers == "keep" and s["reg_tokens"] != t["reg_tokens"]:
         raise ConfigError(f"teacher.registers=keep: the teacher has {t['reg_tokens']} register tokens and the "
                           f"student {s['reg_tokens']}; give the student as many (student.reg_tokens="
