@@ -295,3 +295,33 @@ def test_mae_with_registers_trains_them_and_its_run_teaches_with_them(tmp_path):
     assert resolved.teacher.model.img_size == 112
     distill = build_distill_task(resolved)
     assert distill.teacher(torch.randn(2, 3, 32, 32))["qkv"].shape[1] == 65
+
+
+def test_masked_targets_of_a_teacher_without_a_class_token_are_its_visible_patches(monkeypatch):
+    """With mask_ratio > 0 the targets are taken at the student's visible patches: with no class token on
+    the teacher's side there is no prefix offset (checked with a mask that keeps the first half in order)."""
+    import tinymim.tasks.distill as distill_module
+    from tinymim.method.targets import block_parts
+    from tinymim.models.vit import embed, run_blocks
+
+    def first_half(x, ratio):
+        b, n, _ = x.shape
+        visible = torch.arange(n // 2).expand(b, -1)
+        mask = torch.cat([torch.zeros(b, n // 2), torch.ones(b, n - n // 2)], dim=1)
+        return x[:, : n // 2], visible, torch.arange(n).expand(b, -1), mask
+
+    monkeypatch.setattr(distill_module, "random_masking", first_half)
+    cfg = tiny_distill_config()
+    cfg.teacher.model = ModelConfig(name="vit_base_patch16_siglip_224", embed_dim=48, depth=2, num_heads=3,
+                                    patch_size=4)
+    cfg.mask_ratio = 0.5
+    task = build_distill_task(cfg)
+    x = torch.randn(2, 3, 32, 32)
+    targets = task.teacher(x)
+    got = task.trainable_forward(x, targets)["loss"]
+    vit, last = task.student, task.student.blocks[-1]
+    tokens = run_blocks(vit, embed(vit, x)[:, :33], vit.blocks[:-1])  # class token + the first 32 patches
+    student_qkv = block_parts(last, tokens, {"qkv"})["qkv"][:, 1:]
+    expected = task.trainable_module.relation(split_heads(targets["qkv"][:, :32], task.teacher.heads),
+                                              split_heads(student_qkv, last.attn.num_heads))["loss"]
+    assert torch.allclose(got, expected, atol=1e-6)
