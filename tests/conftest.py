@@ -6,8 +6,11 @@ import os
 # subprocess a test starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tarfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -36,6 +39,20 @@ def subprocess_env(**extra: str) -> dict:
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
+
+
+def signal_once_marked(cmd: list[str], marker: Path, env: dict, sig=None,
+                       timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `cmd`; once it has written `marker` (it holds there until signalled: tests/faulty_run.py),
+    send it `sig` (SIGTERM) and return its result. Waits for the file, never for a fixed time."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(sig or signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def with_overrides(base: list[str], *changes: str) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO_FINETUNE, SMALL_DISTILL, with_overrides
+from conftest import MICRO_FINETUNE, SMALL_DISTILL, signal_once_marked, with_overrides
 from conftest import subprocess_env as env
 from PIL import Image
 from safetensors.torch import load_file
@@ -404,15 +404,7 @@ def test_unwritable_output_is_one_line(tmp_path, monkeypatch):
 def _stop_during_start_up(out: Path, marker: Path) -> subprocess.CompletedProcess:
     """SIGTERM to a run that is certainly still starting: tests/faulty_run.py holds its start-up (before
     anything is built) until the signal has arrived."""
-    proc = subprocess.Popen(cli(out, DISTILL, ("startup", 0, marker)), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return signal_once_marked(cli(out, DISTILL, ("startup", 0, marker)), marker, env())
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ same views and losses as without prefetching, its errors ending the run in one l
 after the last completed step saved, and a stop signal while a batch is in flight stopping cleanly."""
 import json
 import math
-import signal
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_DISTILL, subprocess_env, tiny_distill_config, with_overrides
+from conftest import SMALL_DISTILL, signal_once_marked, subprocess_env, tiny_distill_config, with_overrides
 from safetensors.torch import load_file
 from test_device_decode import natural_jpegs
 
@@ -216,15 +215,9 @@ def test_sigterm_while_a_prefetch_is_in_flight_stops_cleanly_then_resumes_exactl
 
     out, marker = tmp_path / "run", tmp_path / "in_flight"
     # batch 5 is held in the prefetch thread; step 4 trains only once the signal is in
-    proc = subprocess.Popen(fault_cli(("holdprefetch", 5, marker), out, args), env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 75, stderr[-3000:]
+    r = signal_once_marked(fault_cli(("holdprefetch", 5, marker), out, args), marker, subprocess_env())
+    stdout, stderr = r.stdout, r.stderr
+    assert r.returncode == 75, stderr[-3000:]
     assert [line for line in stderr.splitlines() if line.strip()][-1] == (
         f"stopped on SIGTERM at step 4 of 8; checkpoint written to {out / 'checkpoints' / 'last.pt'}; "
         "run the same command again to resume")
