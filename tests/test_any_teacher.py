@@ -325,3 +325,17 @@ def test_masked_targets_of_a_teacher_without_a_class_token_are_its_visible_patch
     expected = task.trainable_module.relation(split_heads(targets["qkv"][:, :32], task.teacher.heads),
                                               split_heads(student_qkv, last.attn.num_heads))["loss"]
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_a_teacher_without_qkv_serves_a_block_output_target():
+    """What the one-line refusal suggests works: a block-output feature target needs no Q/K/V, so the
+    distill task builds and trains with a teacher whose blocks tinymim cannot read relations from."""
+    cfg = tiny_distill_config()
+    cfg.teacher.model = ModelConfig(name="vit_base_patch16_xp_224", embed_dim=64, depth=3, num_heads=4, patch_size=4)
+    cfg.loss.relation.weight, cfg.loss.feature.weight, cfg.loss.feature.site = 0.0, 1.0, "block"
+    task = build_distill_task(cfg)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.isfinite(task.trainable_forward(x, task.teacher(x))["loss_feature"])
+    cfg.loss.relation.weight = 1.0
+    with pytest.raises(ConfigError, match=r"teacher block 3 \(ParallelScalingBlock\) has no attention"):
+        build_distill_task(cfg)

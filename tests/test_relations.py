@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import tiny_distill_config, tiny_vit
 
-from tinymim.method.relations import RelationLoss, block_qkv, relation_kl, relation_logits, split_heads
+from tinymim.method.attention import block_qkv
+from tinymim.method.relations import RelationLoss, relation_kl, relation_logits, split_heads
 from tinymim.method.targets import block_parts
 from tinymim.models.vit import create_vit, set_block_heads
 from tinymim.tasks.distill import build_distill_task

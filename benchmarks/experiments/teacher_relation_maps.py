@@ -19,7 +19,8 @@ import torch
 from cifar_study import ARCHITECTURE, CIFAR_MEAN, CIFAR_STD, SHARED, teacher_model
 from PIL import Image
 
-from tinymim.method.relations import block_qkv, relation_logits
+from tinymim.method.attention import block_qkv
+from tinymim.method.relations import relation_logits
 from tinymim.models.checkpoint import load_vit_weights, load_weights
 from tinymim.models.vit import ModelConfig, create_vit, embed
 

@@ -3,7 +3,8 @@ modeling teacher (TinyMIM, CVPR 2023), then fine-tune and evaluate them.
 
 The public API (imported lazily: `import tinymim` stays cheap):
 
-- the method: `RelationLoss`, `relation_logits`, `relation_kl`, `split_heads`, `block_qkv` (method/relations)
+- the method: `RelationLoss`, `relation_logits`, `relation_kl`, `split_heads` (method/relations), `block_qkv`
+  (method/attention: Q, K, V as a block's attention uses them)
 - in your own loop: `RelationDistillation(teacher_vit, student_vit, target_block)`, `FrozenTeacher`,
   `RelationStudent` (models/distillation)
 - models and weights: `ModelConfig`, `create_vit`, `load_vit` (a run directory, a shipped teacher
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "RelationLoss": "tinymim.method.relations", "relation_logits": "tinymim.method.relations",
     "relation_kl": "tinymim.method.relations", "split_heads": "tinymim.method.relations",
-    "block_qkv": "tinymim.method.relations", "RELATION_NAMES": "tinymim.method.relations",
+    "block_qkv": "tinymim.method.attention", "RELATION_NAMES": "tinymim.method.relations",
     "RelationDistillation": "tinymim.models.distillation", "FrozenTeacher": "tinymim.models.distillation",
     "RelationStudent": "tinymim.models.distillation",
     "ModelConfig": "tinymim.models.vit", "create_vit": "tinymim.models.vit",

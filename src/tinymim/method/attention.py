@@ -21,13 +21,16 @@ import torch
 import torch.nn as nn
 from timm.layers import apply_rot_embed_cat
 
+from tinymim.core.config import ConfigError
+
 # blocks that normalize their input before attention (timm's Block, EVA's EvaBlock and kin) read
 # norm1(x); these apply their norms after attention and attend to x itself
 POST_NORM_BLOCKS = ("ResPostBlock", "EvaBlockPostNorm")
 
 
-class UnreadableBlock(ValueError):
-    """A block whose attention tinymim cannot read Q, K and V from."""
+class UnreadableBlock(ConfigError):
+    """A block whose attention tinymim cannot read Q, K and V from (a config error: the teacher or
+    target chosen does not fit; one line on the command line)."""
 
 
 def check_readable(block: nn.Module, where: str = "block") -> None:

@@ -22,15 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinymim.method.attention import block_qkv_features
-
 RELATION_NAMES = ("qk", "vv", "qq", "kk", "kq", "qv", "vq", "kv", "vk")
-
-
-def block_qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q, K, V (each B x M x N x d) of a timm ViT block for its input tokens x, M = block's heads
-    (no rotary embedding: for those see attention.block_qkv)."""
-    return split_heads(block_qkv_features(block, x), block.attn.num_heads)
 
 
 def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -27,13 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from tinymim.method.attention import check_readable
 from tinymim.method.relations import RelationLoss, split_heads
 from tinymim.method.targets import block_parts
-from tinymim.models.vit import embed, run_blocks, set_block_heads, tokens_before_block, truncate
-
-
-def prefix_layout(vit: nn.Module) -> tuple[int, int]:
-    """(class tokens, register tokens) in front of a timm ViT's patch tokens, in that order."""
-    cls = int(getattr(vit, "cls_token", None) is not None)
-    return cls, vit.num_prefix_tokens - cls
+from tinymim.models.vit import embed, prefix_layout, run_blocks, set_block_heads, tokens_before_block, truncate
 
 
 def grid_matched_size(student_grid: int, teacher_patch: int) -> int:

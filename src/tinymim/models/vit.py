@@ -176,10 +176,9 @@ def vit_sizes(cfg: ModelConfig, families: tuple[str, ...] = ("VisionTransformer"
             _vit_module._create_vision_transformer = real
     with torch.device("meta"):
         model = create_vit(ModelConfig(name=cfg.name, **size_args(cfg)), families=families)
-    cls = int(getattr(model, "cls_token", None) is not None)
+    cls, regs = prefix_layout(model)
     return {"depth": len(model.blocks), "embed_dim": model.embed_dim, "num_heads": model.blocks[0].attn.num_heads,
-            "patch_size": model.patch_embed.patch_size[0], "reg_tokens": model.num_prefix_tokens - cls,
-            "class_token": bool(cls)}
+            "patch_size": model.patch_embed.patch_size[0], "reg_tokens": regs, "class_token": bool(cls)}
 
 
 def create_vit(cfg: ModelConfig, num_classes: int = 0, families: tuple[str, ...] = ("VisionTransformer",),
@@ -265,6 +264,12 @@ def set_block_heads(block: nn.Module, num_heads: int) -> None:
 
 def block_heads(model: VisionTransformer) -> list[int]:
     return [b.attn.num_heads for b in model.blocks]
+
+
+def prefix_layout(vit: nn.Module) -> tuple[int, int]:
+    """(class tokens, register tokens) in front of a timm ViT's (or EVA's) patch tokens, in that order."""
+    cls = int(getattr(vit, "cls_token", None) is not None)
+    return cls, vit.num_prefix_tokens - cls
 
 
 def num_tokens(model: VisionTransformer) -> int:

@@ -23,18 +23,19 @@ import torch.nn as nn
 
 from tinymim.core.config import ConfigError
 from tinymim.data.pretrain import DataConfig, paired_views, with_device_images
-from tinymim.method.attention import UnreadableBlock, check_readable
+from tinymim.method.attention import block_qkv, check_readable
 from tinymim.method.mae import MAEDecoder, random_masking, reconstruction_loss
-from tinymim.method.relations import RelationLoss, block_qkv, split_heads
+from tinymim.method.relations import RelationLoss, split_heads
 from tinymim.method.targets import ClassTokenLoss, FeatureLoss, block_parts
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
-from tinymim.models.distillation import FrozenTeacher, prefix_layout
+from tinymim.models.distillation import FrozenTeacher
 from tinymim.models.vit import (
     TEACHER_FAMILIES,
     TokenFeatures,
     create_vit,
     embed,
     num_tokens,
+    prefix_layout,
     run_blocks,
     set_drop_path,
     tokens_before_block,
@@ -232,16 +233,13 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
     k, t_heads = cfg.teacher.target_block, cfg.teacher.relation_heads
     teacher = build_teacher(cfg.teacher)
     t_depth, t_width = len(teacher.blocks), teacher.embed_dim
-    try:
-        if cfg.loss.relation.weight > 0 or cfg.loss.feature.site == "qkv" and cfg.loss.feature.weight > 0:
-            check_readable(teacher.blocks[k - 1], f"teacher block {k}")
-    except UnreadableBlock as e:
-        raise ConfigError(str(e)) from e
-    t_attn = teacher.blocks[k - 1].attn
-    if t_heads != t_attn.num_heads and (rope_or_norm := _own_transforms(teacher, t_attn)):
-        log.info("teacher block %d applies %s per head of its %d heads; its Q/K are taken after them and then split "
-                 "into %d relation heads (maps that are no longer its own attention)", k, rope_or_norm,
-                 t_attn.num_heads, t_heads)
+    if "qkv" in _sites(cfg.loss):  # before anything reads its attention (FrozenTeacher checks it too)
+        check_readable(teacher.blocks[k - 1], f"teacher block {k}")
+        t_attn = teacher.blocks[k - 1].attn
+        if t_heads != t_attn.num_heads and (rope_or_norm := _own_transforms(teacher, t_attn)):
+            log.info("teacher block %d applies %s per head of its %d heads; its Q/K are taken after them and then "
+                     "split into %d relation heads (maps that are no longer its own attention)", k, rope_or_norm,
+                     t_attn.num_heads, t_heads)
     student = create_vit(cfg.student)
     s_depth = len(student.blocks)
     set_drop_path(student, 0.0, range(s_depth - 1, s_depth))  # the target block has none (as the release)
