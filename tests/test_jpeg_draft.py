@@ -63,7 +63,13 @@ def test_draft_is_a_pretraining_choice():
     from tinymim.core.config import ConfigError
     from tinymim.tasks import load_config
 
-    assert load_config("distill", None, ["data.jpeg_draft=true"]).data.jpeg_draft is True
+    folder = ["data.name=folder", "data.root=images"]
+    assert load_config("distill", None, [*folder, "data.jpeg_draft=true"]).data.jpeg_draft is True
     assert load_config("distill", None, []).data.jpeg_draft is False  # the default: the measured choice
     with pytest.raises(ConfigError, match="data.jpeg_draft applies to pre-training views"):
         load_config("finetune", None, ["data.jpeg_draft=true"])
+    # where it would change nothing (no JPEG files, or the GPU decodes them whole) it is refused
+    for where in (["data.name=synthetic"], [*folder, "data.decode=device"]):
+        with pytest.raises(ConfigError, match="data.jpeg_draft reduces JPEG files Pillow decodes .* would change "
+                                              "nothing: leave it off"):
+            load_config("distill", None, [*where, "data.jpeg_draft=true"])

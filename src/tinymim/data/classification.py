@@ -63,15 +63,15 @@ class ClassifyDataConfig(DataConfig):
     holdout: int = 0
 
     def validate(self) -> None:
+        if self.prefetch or self.jpeg_draft:  # before the pre-training checks of these keys
+            key = "prefetch" if self.prefetch else "jpeg_draft"
+            raise ValueError(f"data.{key} applies to pre-training views (distill, mae); fine-tuning, linear probes "
+                             f"and k-NN run timm's transforms on whole decoded images: leave data.{key} off")
         super().validate()
         if self.decode != "cpu":
             raise ValueError("decode=device builds pre-training views (distill, mae); fine-tuning, linear probes "
                              "and k-NN decode with Pillow (timm's RandAugment works on PIL images): leave "
                              "data.decode at cpu")
-        if self.prefetch or self.jpeg_draft:
-            key = "prefetch" if self.prefetch else "jpeg_draft"
-            raise ValueError(f"data.{key} applies to pre-training views (distill, mae); fine-tuning, linear probes "
-                             f"and k-NN run timm's transforms on whole decoded images: leave data.{key} off")
         if self.holdout < 0:
             raise ValueError(f"holdout must be 0 or more, got {self.holdout}")
         if not 0 < self.eval_crop_pct <= 1:

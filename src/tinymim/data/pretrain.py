@@ -80,6 +80,10 @@ class DataConfig:
             raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be 0 or more, got {self.num_workers}")
+        if self.jpeg_draft and (self.decode != "cpu" or self.name not in ("folder", "shards")):
+            raise ValueError("data.jpeg_draft reduces JPEG files Pillow decodes (data.name folder or shards, "
+                             f"data.decode=cpu); with data.name={self.name}, data.decode={self.decode} it would "
+                             "change nothing: leave it off")
         if self.prefetch < 0:
             raise ValueError(f"prefetch must be 0 (none) or more batches, got {self.prefetch}")
         if self.subset is not None and self.subset < 1:
