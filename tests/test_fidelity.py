@@ -1,4 +1,4 @@
-"""The student is set up as the public release sets it up (TINYMIM.md sections 2-3): MAE's fixed
+"""The student is set up as the public release sets it up (docs/method.md sections 2-3): MAE's fixed
 sin-cos position embedding, MAE's init, ViT-T's pre-training heads, and declared head pairings."""
 import logging
 

@@ -175,7 +175,7 @@ def test_timm_pretrained_names_need_the_network(tmp_path):
 
 def test_distilled_student_as_teacher_takes_the_declared_relation_heads(distilled_run):
     """Sequential distillation: the student's relation block was trained with 4 heads (3 elsewhere).
-    As the next teacher its relation heads are what the recipe declares (TINYMIM.md section 2), not
+    As the next teacher its relation heads are what the recipe declares (docs/method.md section 2), not
     what its run directory recorded; undeclared, they are its architecture's 3."""
     from tinymim.tasks.distill_config import TeacherConfig
 

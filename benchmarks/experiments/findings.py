@@ -1,7 +1,7 @@
 """The article's six findings, measured on CIFAR-10: each as arms that differ only in its setting.
 
 TinyMIM (CVPR 2023) states six findings about distilling an MAE teacher into a small ViT
-(TINYMIM.md section 5). This study measures each one at micro scale with a shared MAE teacher
+(docs/method.md section 5). This study measures each one at micro scale with a shared MAE teacher
 (by default ../shared/teachers/cifar10_mae_vit192x6: 192 wide, 6 blocks, 6 heads), `--seeds` seeds per
 arm, frozen k-NN for every arm and fine-tuned top-1 where the finding is about the end result:
 

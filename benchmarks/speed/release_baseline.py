@@ -1,6 +1,6 @@
 """A release-equivalent TinyMIM training step, the baseline of benchmarks/speed/gpu_throughput.py.
 
-Written from the method's description (TINYMIM.md sections 2-3), the way the public release runs it:
+Written from the method's description (docs/method.md sections 2-3), the way the public release runs it:
 - ViTs whose every block computes attention explicitly: softmax(Q K^T / sqrt(d)) V as separate
   matmul, softmax and matmul kernels (the release predates fused attention);
 - the teacher runs to its target block k under no_grad in fp32 weights; the student runs every block,

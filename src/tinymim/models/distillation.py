@@ -8,7 +8,7 @@ The teacher, any timm ViT or EVA (DINOv2, CLIP, EVA-02 ...), runs up to its targ
 mode, no gradients), on the images resized so its patch grid equals the student's, its register
 tokens dropped; its relation block's Q/K/V, as its attention uses them (method/attention.py), are
 split into `relation_heads` (default: the block's own). The student's last block is told to split
-its Q/K/V into the same number of heads (its weights do not change; TINYMIM.md section 2), and the
+its Q/K/V into the same number of heads (its weights do not change; docs/method.md section 2), and the
 relation maps (softmax of Q-K and V-V scaled products, per head) of the two are compared by KL.
 timm.task-style: the trainable part is `get_trainable_module()`; everything else stays frozen.
 The distill task (tasks/distill.py) is wired from the same pieces: this FrozenTeacher, the student's

@@ -1,4 +1,4 @@
-"""Semantic segmentation on a ViT backbone: the release's UperNet setup (TINYMIM.md section 4), without
+"""Semantic segmentation on a ViT backbone: the release's UperNet setup (docs/method.md section 4), without
 mmcv/mmseg.
 
 - `ViTPyramid`: features of four blocks (default 4, 6, 8, 12 of 12, 1-indexed) through timm's

@@ -35,7 +35,7 @@ class TeacherConfig:
     # 1-indexed block whose relations are the target; None = the paper's choice or the last block
     target_block: int | None = None
     # heads the teacher's relation block is split into (a choice, not part of the weights: qkv does not
-    # depend on it). Recipes declare it, following the paper's table (TINYMIM.md section 2): 16 for MAE
+    # depend on it). Recipes declare it, following the paper's table (docs/method.md section 2): 16 for MAE
     # ViT-L -> ViT-B, 12 for ViT-B -> ViT-S and ViT-S -> ViT-T. None = the head count of teacher.model
     # (never what a run directory's student was trained with: a file and a run dir pair the same way).
     relation_heads: int | None = None

@@ -1,4 +1,4 @@
-"""Fine-tuning a pre-trained ViT for classification: the MAE recipe (TINYMIM.md section 4).
+"""Fine-tuning a pre-trained ViT for classification: the MAE recipe (docs/method.md section 4).
 
 Layer-wise lr decay (timm's parameter groups: embeddings = layer 0, block j = layer j+1, head =
 layer L+1, scale decay^(L+1-layer)), drop path, mixup / cutmix, label smoothing, RandAugment and

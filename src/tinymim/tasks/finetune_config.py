@@ -17,7 +17,7 @@ from tinymim.train.config import TrainConfig
 class DistillationConfig:
     """DeiT's hard-label distillation (Touvron et al. 2021) for a model with a distillation token:
     `head` learns the labels, `head_dist` the teacher's predicted class (argmax) on the same, mixed
-    images; evaluation averages the two heads. TinyMIM*-T was fine-tuned DeiT-style (TINYMIM.md
+    images; evaluation averages the two heads. TinyMIM*-T was fine-tuned DeiT-style (docs/method.md
     section 5); the release has no code for it, so this follows DeiT."""
 
     # the frozen teacher classifier: a timm model name (its pretrained weights, e.g. regnety_160.deit_in1k,

@@ -1,4 +1,4 @@
-"""Semantic segmentation (TINYMIM.md section 4): UperNet + an auxiliary FCN head on a ViT backbone
+"""Semantic segmentation (docs/method.md section 4): UperNet + an auxiliary FCN head on a ViT backbone
 initialized from any weights tinymim loads, trained with layer-wise lr decay, AdamW and a poly schedule
 by iterations, evaluated by sliding-window (or whole-image) inference: mIoU, mAcc, aAcc and per-class IoU
 from a confusion matrix summed over processes. RUN_DIR/segmenter.safetensors holds the whole model.
