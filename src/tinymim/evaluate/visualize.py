@@ -1,9 +1,9 @@
 """Relation maps to look at: teacher vs student, chosen relations, heads and query tokens, as a PNG.
 
-`tinymim visualize RUN_DIR --image IMG --output grid.png` rebuilds the teacher and the student of a
-`tinymim distill` run, feeds both the image (resized and center-cropped to the run's size) and draws,
-for each (relation, head, query token): the image with the query patch outlined, the teacher's map
-over the patch grid and the student's, as heat maps on a shared scale. No plotting library needed.
+`tinymim visualize RUN_DIR --image IMG --output maps.png` rebuilds the teacher and the student of a
+`tinymim distill` run, feeds both the image (resized and center-cropped to the run's size) and draws one
+row per (relation, head, query token): the image with the query patch outlined | the teacher's map over
+the patch grid | a gap | the student's map, the two maps on one colour scale with its colorbar beside them.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from tinymim.core.errors import TinymimError
 from tinymim.data.images import decode_image
@@ -22,16 +22,9 @@ from tinymim.tasks.base import load_run_model
 from tinymim.tasks.distill import build_distill_task
 from tinymim.train.distributed import HeldLogs, seed_everything
 
-# a perceptually ordered dark-blue -> green -> yellow ramp (control points of viridis)
-_RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
-
-
-def colorize(values: np.ndarray, vmax: float) -> np.ndarray:
-    """H x W values in [0, vmax] -> H x W x 3 uint8."""
-    t = np.clip(values / max(vmax, 1e-12), 0, 1) * (len(_RAMP) - 1)
-    lo = np.floor(t).astype(int).clip(0, len(_RAMP) - 2)
-    frac = (t - lo)[..., None]
-    return (_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).astype(np.uint8)
+# the columns of a row: image | teacher | gap | student | colorbar (relative widths)
+COLUMNS = ("image", "teacher", "gap", "student", "colorbar")
+WIDTHS = (1.0, 1.0, 0.18, 1.0, 0.07)
 
 
 def load_run(run_dir: str | Path):
@@ -44,8 +37,10 @@ def load_run(run_dir: str | Path):
     return task.eval(), trained.config
 
 
-def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk", "vv"), heads=(0,),
-                  queries=None, cell: int = 128) -> Path:
+def relation_maps(run_dir, image: str | Path, relations=("qk", "vv"), heads=(0,), queries=None):
+    """(the cropped image, the rows, the patch grid, the number of prefix tokens, the teacher's block) of a
+    distill run: one row (relation, head, query, teacher map, student map) per combination, each map a
+    softmax over the patch grid."""
     unknown = [r for r in relations if r not in RELATION_NAMES]
     if unknown:
         raise TinymimError(f"unknown relation(s) {', '.join(unknown)}; choose from {', '.join(RELATION_NAMES)}")
@@ -82,30 +77,70 @@ def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk
         t_map = torch.softmax(relation_logits(t_qkv, rel)[0].float(), -1)
         s_map = torch.softmax(relation_logits(s_qkv, rel)[0].float(), -1)
         for h in heads:
-            if not 0 <= h < n_heads:
-                raise TinymimError(f"head {h} does not exist: the maps have heads 0..{n_heads - 1}")
             for q in queries:
                 rows.append((rel, h, q, t_map[h, q, prefix:].reshape(grid_h, grid_w).numpy(),
                              s_map[h, q, prefix:].reshape(grid_h, grid_w).numpy()))
+    return img, rows, (grid_h, grid_w), prefix, cfg.teacher.target_block
 
-    label_h = 14
-    canvas = Image.new("RGB", (3 * cell, len(rows) * (cell + label_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (rel, h, q, tm, sm) in enumerate(rows):
-        y = r * (cell + label_h)
-        draw.text((2, y), f"{rel.upper()} head {h} query {q}: image | teacher | student", fill="black")
-        y += label_h
-        panel = img.resize((cell, cell), Image.BICUBIC)
-        if q >= prefix:  # outline the query patch
-            pr, pc = divmod(q - prefix, grid_w)
-            ph, pw = cell / grid_h, cell / grid_w
-            ImageDraw.Draw(panel).rectangle([pc * pw, pr * ph, (pc + 1) * pw - 1, (pr + 1) * ph - 1], outline="red")
-        canvas.paste(panel, (0, y))
-        vmax = float(max(tm.max(), sm.max()))
-        for col, m in ((1, tm), (2, sm)):
-            heat = Image.fromarray(colorize(m, vmax)).resize((cell, cell), Image.NEAREST)
-            canvas.paste(heat, (col * cell, y))
+
+def relation_figure(run_dir, image: str | Path, relations=("qk", "vv"), heads=(0,), queries=None, cell: int = 128):
+    """The matplotlib figure of relation_grid: a row per (relation, head, query) of COLUMNS, titled on top,
+    the row's relation, head and query on its left, the teacher and student maps sharing the row's colorbar."""
+    import matplotlib  # lazy: plotting is this command's business only; Agg is chosen before pyplot loads
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    img, rows, (grid_h, grid_w), prefix, teacher_block = relation_maps(run_dir, image, relations, heads, queries)
+    dpi, inch = 100, cell / 100
+    fig = plt.figure(figsize=(inch * (sum(WIDTHS) + 0.9), inch * len(rows) + 0.55), dpi=dpi)
+    # fixed margins in inches (the row labels on the left, the column titles on top), not fractions of the figure
+    width, height = fig.get_size_inches()
+    spec = fig.add_gridspec(len(rows), len(COLUMNS), width_ratios=WIDTHS, wspace=0.06, hspace=0.08,
+                            left=0.42 / width, right=1 - 0.48 / width, top=1 - 0.5 / height, bottom=0.05 / height)
+    titles = {"image": "image\n(query outlined)", "teacher": f"teacher\nblock {teacher_block}",
+              "student": "student\nlast block"}
+    for r, (rel, h, q, t_map, s_map) in enumerate(rows):
+        vmax = float(max(t_map.max(), s_map.max()))
+        image_ax = fig.add_subplot(spec[r, 0])
+        image_ax.imshow(np.asarray(img), extent=(0, grid_w, grid_h, 0), interpolation="bilinear")
+        token = f"query {q}" + (" (prefix token)" if q < prefix else "")
+        image_ax.set_ylabel(f"{rel.upper()}, head {h}\n{token}", fontsize=8)
+        shown = None
+        for name, values in (("teacher", t_map), ("student", s_map)):
+            ax = fig.add_subplot(spec[r, COLUMNS.index(name)])
+            shown = ax.imshow(values, cmap="viridis", vmin=0, vmax=vmax, extent=(0, grid_w, grid_h, 0),
+                              interpolation="nearest")
+            ax.set_label(name)
+            if r == 0:
+                ax.set_title(titles[name], fontsize=9)
+        if r == 0:
+            image_ax.set_title(titles["image"], fontsize=9)
+        image_ax.set_label("image")
+        for ax in fig.axes[-3:]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if q >= prefix:  # the query patch, outlined on the image and both maps
+                pr, pc = divmod(q - prefix, grid_w)
+                ax.add_patch(Rectangle((pc, pr), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
+        bar = fig.colorbar(shown, cax=fig.add_subplot(spec[r, COLUMNS.index("colorbar")]))
+        bar.ax.set_label("colorbar")
+        bar.ax.tick_params(labelsize=7)
+        if r == 0:
+            bar.ax.set_title("weight", fontsize=7, loc="left")
+    return fig
+
+
+def relation_grid(run_dir, image: str | Path, output: str | Path, relations=("qk", "vv"), heads=(0,),
+                  queries=None, cell: int = 128) -> Path:
+    """Write relation_figure as a PNG at `output` (its folder made); returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig = relation_figure(run_dir, image, relations, heads, queries, cell)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
+    try:
+        fig.savefig(out, dpi=fig.dpi)
+    finally:
+        plt.close(fig)
     return out
