@@ -18,7 +18,7 @@ from tinymim.core.config import ConfigError
 from tinymim.core.errors import DataError
 from tinymim.data.loader import batch_sampler, worker_init
 from tinymim.data.pretrain import DataConfig
-from tinymim.data.sources import SubsetImages, TorchvisionCIFAR, build_source, split_holdout
+from tinymim.data.sources import SubsetImages, TorchvisionCIFAR, build_source, is_tar, split_holdout
 from tinymim.data.view_dataset import load_or_substitute
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ def _posterize_zero_bits_compat() -> None:
 class ClassifyDataConfig(DataConfig):
     """Labelled data: `root` (or cifar10/cifar100/synthetic) to train on, `val_root` to evaluate."""
 
-    # the evaluation ImageFolder (shards: the evaluation shards' folder or URL; cifar/synthetic: their test split)
+    # the evaluation ImageFolder or a tar of one (test.tar holding test/<class>/*.jpg; shards: the evaluation
+    # shards' folder or URL; cifar/synthetic: their test split)
     val_root: str | None = None
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range [low, high]
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec (rand-m9-mstd0.5-inc1); null: none
@@ -141,13 +142,18 @@ def classify_source(cfg: ClassifyDataConfig, root: str | None, train: bool):
         return SubsetImages(rest, cfg.subset) if cfg.subset is not None else rest
     if cfg.name == "synthetic":  # a held-out synthetic split: other seeds
         return build_source(cfg if train else replace(cfg, subset=None), seed=0 if train else 1)
-    if cfg.name in ("cifar10", "cifar100"):
+    if cfg.name in ("cifar10", "cifar100") and not is_tar(root):
+        # torchvision's test split would need the network or its cache: ask for the test tar
+        if not train and root is None and is_tar(cfg.root):
+            raise ConfigError(f"data.root {cfg.root} is a tar of images: give the evaluation images the same way, "
+                              "data.val_root=PATH/test.tar")
         src = TorchvisionCIFAR(cfg.name, root, train=train)
         return SubsetImages(src, cfg.subset) if train and cfg.subset is not None else src
     if not root:
         raise ConfigError("data.val_root is needed to evaluate a folder dataset" if not train
                           else "data.root is needed")
-    source = build_source(replace(cfg, root=root, subset=cfg.subset if train else None))
+    source = build_source(replace(cfg, name="folder" if is_tar(root) else cfg.name, root=root,
+                                  subset=cfg.subset if train else None))
     if not getattr(getattr(source, "source", source), "labelled", True):  # a subset's: its source's
         raise DataError(f"the shards in {root} were indexed without labels (--label none, for pre-training): "
                         "classification needs each image's class; index them again with --label cls, txt or "

@@ -1,13 +1,18 @@
 """Pre-training's image sources: an ImageFolder tree (`list_folder`, `FolderImages`), torchvision's CIFAR,
 procedural synthetic images, a fixed random subset or held-out split of any of them, `build_source` (the
 source a DataConfig names) and `data_fingerprint` (what identifies a run's training data, wherever it is
-mounted). Each source returns a PIL image and an integer label for an index, or raises."""
+mounted). Each source returns a PIL image and an integer label for an index, or raises. A data root may
+be a tar archive of such a folder (`data_root`: extracted once into a cache)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import random
+import shutil
+import tarfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +22,73 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tinymim.core.errors import DataError
+from tinymim.data.image_files import ImageFiles
 from tinymim.data.images import decode_image
 from tinymim.data.pretrain import DataConfig
 from tinymim.data.shards import ShardImages
+
+log = logging.getLogger("tinymim")
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def is_tar(root: str | Path | None) -> bool:
+    """Whether a data root names a tar archive (a file with a tar suffix) rather than a folder."""
+    return root is not None and str(root).lower().endswith(TAR_SUFFIXES) and Path(root).is_file()
+
+
+def tar_cache() -> Path:
+    """Where tar roots are extracted: $TINYMIM_CACHE/tars, else ~/.cache/tinymim/tars."""
+    return Path(os.environ.get("TINYMIM_CACHE") or Path.home() / ".cache" / "tinymim").expanduser() / "tars"
+
+
+def _inner_folder(folder: Path) -> Path:
+    """The data folder an extracted archive holds: its one top folder when that holds folders itself
+    (train.tar -> train/<class>/..., camvid.tar -> camvid/images/...), else the archive's top."""
+    entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir() and any(e.is_dir() for e in entries[0].iterdir()):
+        return entries[0]
+    return folder
+
+
+def data_root(root: str | None) -> str | None:
+    """A data root as a folder: `root` itself, or for a tar archive (train.tar holding train/<class>/*.jpg,
+    as the demo takes; camvid.tar holding camvid/images/...) the folder it holds, extracted once into
+    tar_cache() (keyed by the archive's path, size and modification time; read-only archives are fine).
+    Several processes may extract the same archive at once: each into its own temporary folder, the first
+    rename wins."""
+    if root is None or not str(root).lower().endswith(TAR_SUFFIXES) or Path(root).is_dir():
+        return root
+    path = Path(root)
+    if not path.is_file():
+        raise DataError(f"data root {root} does not exist; give an ImageFolder, or a tar archive of one "
+                        "(such as CIFAR-10's train.tar)")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    stem = path.name[:-len(next(s for s in TAR_SUFFIXES if path.name.lower().endswith(s)))]
+    cache = tar_cache()
+    dest = cache / f"{stem}-{key}"
+    if not dest.is_dir():
+        tmp = cache / f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        log.info("extracting %s into %s (once; later runs reuse it)", path, dest)
+        try:
+            tmp.mkdir(parents=True)
+            with tarfile.open(path) as tar:
+                tar.extractall(tmp, filter="data")  # no absolute paths, no links out of the folder
+        except (tarfile.TarError, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, tarfile.TarError):
+                raise DataError(f"data root {root} is not a readable tar archive; give an ImageFolder or a tar of "
+                                "one") from None
+            raise DataError(f"data root {root} could not be extracted into {cache} ({e.strerror or e}); set "
+                            "TINYMIM_CACHE to a folder with room that can be written") from None
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not dest.is_dir():  # not another process's extraction that won
+                raise
+    return str(_inner_folder(dest))
 
 
 def list_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -231,6 +300,8 @@ def _listing(source) -> list[str] | None:
         return [f"{type(source.ds).__name__} train={source.ds.train} {len(source.ds)}"]
     if isinstance(source, SyntheticImages):
         return [f"synthetic {source.size} {source.img_size} {source.num_classes} {source.seed}"]
+    if isinstance(source, ImageFiles):
+        return source.listing()
     if isinstance(source, ShardImages):  # its shards and sample keys: the same wherever it is served from
         return source.listing()
     return None
@@ -249,10 +320,13 @@ def data_fingerprint(dataset) -> dict:
 
 
 def build_source(cfg: DataConfig, seed: int = 0):
-    if cfg.name == "folder":
-        src = FolderImages(cfg.root)
+    # a tar root is a folder of images, whatever the name (data.name=cifar10 data.root=PATH/train.tar)
+    if cfg.name == "folder" or (cfg.name in ("cifar10", "cifar100") and is_tar(cfg.root)):
+        src = FolderImages(data_root(cfg.root))
     elif cfg.name == "shards":
         src = ShardImages(cfg.root, cache=cfg.shard_cache)
+    elif cfg.name == "images":
+        src = ImageFiles(cfg.root)
     elif cfg.name in ("cifar10", "cifar100"):
         src = TorchvisionCIFAR(cfg.name, cfg.root)
     else:
