@@ -36,8 +36,9 @@ class DataConfig:
     # `tinymim shards`; cifar10/cifar100: torchvision (downloaded into root when missing); synthetic:
     # procedural images generated on the fly, offline
     name: Literal["folder", "shards", "cifar10", "cifar100", "synthetic"] = "synthetic"
-    # folder: the ImageFolder root; shards: their folder or URL prefix (http://, https://, file://);
-    # cifar10/100: where torchvision keeps (or downloads) it
+    # folder: the ImageFolder root, or a tar of it (train.tar holding train/<class>/*.jpg, extracted once
+    # into ~/.cache/tinymim/tars or $TINYMIM_CACHE/tars; with cifar10/100 too); shards: their folder or URL
+    # prefix (http://, https://, file://); cifar10/100: where torchvision keeps (or downloads) it
     root: str | None = None
     shard_cache: str | None = None  # shards from a URL: where to download them (null: ~/.cache/tinymim/shards)
     img_size: int = 224  # training image size in pixels (the random crop's output)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from tinymim.core.errors import DataError
 from tinymim.data.images import decode_image, open_decoded
+from tinymim.data.sources import data_root
 from tinymim.data.view_dataset import load_or_substitute
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ CAMVID_PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128),
 
 @dataclass
 class SegmentationDataConfig:
-    root: str | None = None  # the folder holding images/ and annotations/
+    root: str | None = None  # the folder holding images/ and annotations/, or a tar of it (camvid.tar)
     train_split: str = "train"  # images/<train_split>: training images (ADE20K: training)
     val_split: str = "val"  # images/<val_split>: evaluation images (ADE20K: validation)
     num_classes: int = 11  # classes after reduce_zero_label (ADE20K: 150, CamVid: 11)
@@ -70,7 +71,7 @@ class SegmentationFolder:
 
     def __init__(self, cfg: SegmentationDataConfig, split: str):
         self.cfg = cfg
-        root = Path(cfg.root or "")
+        root = Path(data_root(cfg.root) or "")  # a tar archive of the folder is extracted once
         images, labels = root / "images" / split, root / "annotations" / split
         for folder in (images, labels):
             if not folder.is_dir():
