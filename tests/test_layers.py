@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "tinymim"
-README = ROOT / "README.md"
+README = ROOT / "docs" / "code.md"  # the map of the package
 
 # the layers, lowest first: each a folder of src/tinymim (the foundation, the method, models and weights,
 # data, training machinery, tasks, evaluation and tools, orchestration), then the command line, the only
