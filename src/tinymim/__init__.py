@@ -12,6 +12,9 @@ The public API (imported lazily: `import tinymim` stays cheap):
 - whole tasks: `load_config(task, recipe, overrides)` and `run(task, config, output)`, as the command line
   runs them (tasks: distill, mae, finetune, linprobe, segment); `load_trained(run_dir, best=False)`: any
   run directory's trained model, config and class names
+- your own images in one call: `distill(data="images/", teacher="builtin:cifar10_mae_vit128x6",
+  student="vit_tiny_patch16_224", output="runs/mine")`, every other setting derived and printed, the
+  student exported as a timm folder (pipeline/own_images)
 """
 
 __version__ = "0.1.0"
@@ -26,6 +29,7 @@ _EXPORTS = {
     "load_weights": "tinymim.models.checkpoint", "load_vit_weights": "tinymim.models.checkpoint",
     "load_vit": "tinymim.evaluate.exportable",
     "load_config": "tinymim.tasks", "run": "tinymim.tasks", "load_trained": "tinymim.tasks",
+    "distill": "tinymim.pipeline.own_images",
 }
 __all__ = sorted(_EXPORTS)
 

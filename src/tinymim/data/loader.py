@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - its exit handler is registered first, so ours runs before it
+import os
 import signal
 
 import numpy as np
@@ -139,8 +140,11 @@ def build_loader(cfg: DataConfig, global_batch: int, rank: int = 0, world: int =
     sampler = batch_sampler(source, global_batch, rank, world, seed)
     # the loader gets its own generator: starting an iterator must not consume the global RNG
     # (drop path draws from it), or a run resumed mid-epoch would diverge from an uninterrupted one
-    loader = tud.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
+    # no more workers than cores: more only add memory and switching (the views are the same either way)
+    workers = min(cfg.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count() or 1)
+    loader = tud.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                             pin_memory=pin_memory, persistent_workers=False, worker_init_fn=worker_init,
                             generator=torch.Generator().manual_seed(seed),
-                            prefetch_factor=4 if cfg.num_workers else None)
+                            prefetch_factor=4 if workers else None)
     return loader, sampler

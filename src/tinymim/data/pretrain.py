@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 class DataConfig:
     # folder: an ImageFolder tree (ImageNet layout root/<class>/<image>); shards: tar shards written by
     # `tinymim shards`; cifar10/cifar100: torchvision (downloaded into root when missing); synthetic:
-    # procedural images generated on the fly, offline
-    name: Literal["folder", "shards", "cifar10", "cifar100", "synthetic"] = "synthetic"
+    # procedural images generated on the fly, offline; images: every image under root (a folder at any
+    # depth, or a .tar/.zip), unlabeled (pre-training only)
+    name: Literal["folder", "shards", "cifar10", "cifar100", "synthetic", "images"] = "synthetic"
     # folder: the ImageFolder root, or a tar of it (train.tar holding train/<class>/*.jpg, extracted once
     # into ~/.cache/tinymim/tars or $TINYMIM_CACHE/tars; with cifar10/100 too); shards: their folder or URL
     # prefix (http://, https://, file://); cifar10/100: where torchvision keeps (or downloads) it
@@ -68,7 +69,7 @@ class DataConfig:
     synthetic_classes: int = 10  # synthetic: number of classes
 
     def validate(self) -> None:
-        if self.name in ("folder", "shards") and not self.root:
+        if self.name in ("folder", "shards", "images") and not self.root:
             raise ValueError(f"data.root is needed for data.name={self.name}")
         if self.img_size < 1:
             raise ValueError(f"img_size must be positive, got {self.img_size}")

@@ -43,6 +43,7 @@ from tinymim.models.vit import (
 from tinymim.tasks.base import Task, TaskSpec
 from tinymim.tasks.distill_config import DistillConfig, DistillLossConfig, TeacherConfig, load, resolve
 from tinymim.train.knn import KNNMonitor
+from tinymim.train.memory import check_distill_fits
 
 log = logging.getLogger("tinymim")
 
@@ -230,6 +231,7 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
     """Build and check a teacher/student pair from `cfg` (resolved here: the caller's is not changed);
     errors name the mismatch and the fix."""
     cfg = resolve(cfg)
+    check_distill_fits(cfg)  # before anything is allocated: a run too big is refused, not killed unannounced
     k, t_heads = cfg.teacher.target_block, cfg.teacher.relation_heads
     teacher = build_teacher(cfg.teacher)
     t_depth, t_width = len(teacher.blocks), teacher.embed_dim
