@@ -22,10 +22,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     """Load the task's config (recipe + overrides), train it, say what was written."""
-    from tinymim.tasks import TASKS, load_config, run
+    from tinymim import tasks  # the config is checked before the task modules (torch, timm) are imported
 
-    weights = TASKS[args.command].weights
-    last = run(args.command, load_config(args.command, args.config, args.overrides), args.output)
+    last = tasks.run(args.command, tasks.load_config(args.command, args.config, args.overrides), args.output)
+    weights = tasks.TASKS[args.command].weights
     if not _is_main_process():
         return 0
     if last is not None:
@@ -197,15 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinymim", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
-    from tinymim.tasks import TASKS
+    # the catalog, not the task modules: --help, --version and a mistyped command need neither torch nor timm
+    from tinymim.tasks import CATALOG
 
-    for name, spec in TASKS.items():
-        p = sub.add_parser(name, help=spec.help)
+    for name, entry in CATALOG.items():
+        p = sub.add_parser(name, help=entry.help)
         _add_run_args(p)
         p.set_defaults(func=cmd_train)
     p = sub.add_parser("config", help="print a task's resolved config (defaults <- recipe <- overrides): every "
                                       "key with its value, type and meaning")
-    p.add_argument("task", choices=[*TASKS, "pipeline"])
+    p.add_argument("task", choices=[*CATALOG, "pipeline"])
     p.add_argument("--config", help="YAML recipe or a built-in one (default: the task's defaults)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.set_defaults(func=cmd_config)
@@ -364,6 +365,6 @@ def main(argv=None) -> int:
         import gc
 
         gc.collect()  # an exception's reference cycles may hold data loaders: their workers end now
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # only a command that imported torch can have started it
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
