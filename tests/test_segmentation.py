@@ -247,7 +247,7 @@ def test_segment_task_trains_evaluates_and_records_classes(tmp_path):
     from PIL import Image
 
     picture = Image.open(tmp_path / "run" / "predictions.png")  # image | ground truth | prediction, 2 rows
-    assert picture.size == (3 * 240, 2 * 180)
+    assert picture.width > 3 * 240 and picture.height > 2 * 180  # (its layout: tests/test_pictures.py)
     from tinymim.cli import main
 
     assert main(["eval", str(tmp_path / "run"), "--data", str(root), "--split", "val", "--workers", "0",

@@ -13,7 +13,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.data as tud
-from PIL import Image
 
 from tinymim.core.errors import DataError
 from tinymim.core.files import atomic_write
@@ -73,47 +72,90 @@ def evaluate_segmenter(model: nn.Module, loader, cfg: SegmentDataConfig, device:
     return metrics
 
 
+def spread_picks(n: int, count: int) -> list[int]:
+    """`count` indices evenly spaced over 0..n-1, first and last included: frames from across the split,
+    not neighbours (consecutive frames of a video look alike)."""
+    count = min(count, n)
+    return sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)})
+
+
 @torch.no_grad()
-def prediction_picture(model: nn.Module, folder: SegmentationFolder, cfg: SegmentDataConfig, path: Path,
-                       device: torch.device, count: int = 4, width: int = 240) -> Path:
-    """A PNG with one row per image (the first `count` of the split): image | ground truth | prediction,
-    in the dataset's palette (ignored pixels black)."""
+def prediction_figure(model: nn.Module, folder: SegmentationFolder, cfg: SegmentDataConfig, device: torch.device,
+                      count: int = 4, width: int = 240):
+    """(the matplotlib figure, the split's indices shown) of a segmenter's predictions: one row per image,
+    `count` images evenly spaced over the split (an unreadable one gives way to its next), titled columns
+    image | ground truth | prediction in the dataset's palette, ignored pixels black, and a legend of the
+    classes (every one up to 24 classes, else those shown) and the ignored label; None when no image reads."""
+    import matplotlib  # lazy: plotting is the picture's business only; Agg is chosen before pyplot loads
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
     was_training = model.training
     model.eval()
     palette = np.array([*folder.palette, (0, 0, 0)], dtype=np.uint8)  # the last colour: ignored
 
-    def paint(label: np.ndarray) -> Image.Image:
-        index = np.where(label == cfg.ignore_index, len(palette) - 1, np.clip(label, 0, len(palette) - 2))
-        return Image.fromarray(palette[index])
+    def paint(label: np.ndarray) -> np.ndarray:
+        return palette[np.where(label == cfg.ignore_index, len(palette) - 1, np.clip(label, 0, len(palette) - 2))]
 
-    rows = []
-    for i in range(len(folder)):
-        if len(rows) == count:
+    rows, shown, seen = [], [], set()
+    for pick in spread_picks(len(folder), count):
+        for i in range(pick, len(folder)):
+            if i in shown:
+                continue
+            try:
+                image, label = folder.load(i)
+            except DataError:
+                raise
+            except Exception:  # noqa: BLE001 - unreadable (already counted by the evaluation): the next one
+                continue
+            pred = predict(model, eval_transform(image, cfg)[None].to(device), cfg, label.shape)[0].cpu().numpy()
+            seen |= set(np.unique(label).tolist()) | set(np.unique(pred).tolist())
+            rows.append((folder.images[i].stem, np.asarray(image), paint(label), paint(pred)))
+            shown.append(i)
             break
-        try:
-            image, label = folder.load(i)
-        except DataError:
-            raise
-        except Exception:  # noqa: BLE001 - unreadable (already counted by the evaluation): the next one
-            continue
-        pred = predict(model, eval_transform(image, cfg)[None].to(device), cfg, label.shape)[0]
-        height = round(width * image.height / image.width)
-        rows.append([p.resize((width, height), Image.NEAREST)
-                     for p in (image, paint(label), paint(pred.cpu().numpy()))])
     model.train(was_training)
     if not rows:  # no readable image to show
+        return None, []
+    classes = [c for c in range(len(folder.palette)) if len(folder.palette) <= 24 or c in seen]
+    legend = [(folder.classes[c] if c < len(folder.classes) else str(c), palette[c]) for c in classes]
+    legend.append((f"ignored ({cfg.ignore_index})", palette[-1]))
+    panel_w = width / 100  # inches at 100 dpi: `width` pixels per panel
+    panel_h = max(panel_w * r[1].shape[0] / r[1].shape[1] for r in rows)
+    legend_rows = -(-len(legend) // 6)
+    fig_h = 0.35 + len(rows) * (panel_h + 0.08) + 0.25 + 0.22 * legend_rows
+    fig = plt.figure(figsize=(3 * panel_w + 0.45, fig_h), dpi=100)
+    spec = fig.add_gridspec(len(rows), 3, wspace=0.03, hspace=0.08, left=0.4 / (3 * panel_w + 0.45), right=0.99,
+                            top=1 - 0.35 / fig_h, bottom=(0.25 + 0.22 * legend_rows) / fig_h)
+    for r, (stem, *panels) in enumerate(rows):
+        for col, (title, pixels) in enumerate(zip(("image", "ground truth", "prediction"), panels)):
+            ax = fig.add_subplot(spec[r, col])
+            ax.imshow(pixels, interpolation="nearest" if col else "bilinear")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_label(title)
+            if r == 0:
+                ax.set_title(title, fontsize=10)
+            if col == 0:
+                ax.set_ylabel(stem, fontsize=7)
+    fig.legend(handles=[Patch(facecolor=colour / 255, edgecolor="0.4", label=name) for name, colour in legend],
+               loc="lower center", ncol=min(6, len(legend)), fontsize=7, frameon=False, handlelength=1.2,
+               columnspacing=1.0)
+    return fig, shown
+
+
+def prediction_picture(model: nn.Module, folder: SegmentationFolder, cfg: SegmentDataConfig, path: Path,
+                       device: torch.device, count: int = 4, width: int = 240) -> Path:
+    """prediction_figure written as a PNG at `path` (nothing written when no image reads)."""
+    import matplotlib.pyplot as plt
+
+    fig, _ = prediction_figure(model, folder, cfg, device, count, width)
+    if fig is None:
         return path
-    canvas = Image.new("RGB", (3 * width, sum(r[0].height for r in rows)), "white")
-    y = 0
-    for row in rows:
-        for col, panel in enumerate(row):
-            canvas.paste(panel, (col * width, y))
-        y += row[0].height
-
-    def write(f):
-        buffer = io.BytesIO()
-        canvas.save(buffer, "PNG")
-        f.write(buffer.getvalue())
-
-    atomic_write(path, write)
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
     return path
