@@ -4,6 +4,8 @@ under DIR/plots/: pre-training loss curves, fine-tuning accuracy curves and fina
 from __future__ import annotations
 
 import json
+import os
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -42,6 +44,16 @@ def summarize(task: str, steps: list[dict], evals: list[dict]) -> dict:
     if knn:
         out["knn_top1"] = knn[-1]
     return out
+
+
+# an absolute local path inside a line of text (not a URL's "//host/..." or a relative "a/b")
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[^\s`'\",;|)\]]+")
+
+
+def portable(text: str, out: Path) -> str:
+    """`text` with every absolute local path made relative to the report's folder: a report is read on
+    other machines (and may be published), so it names no local folders."""
+    return ABSOLUTE_PATH.sub(lambda m: os.path.relpath(m.group(0), Path(out).resolve()), text)
 
 
 def _fmt(v, spec=".2f") -> str:
@@ -101,7 +113,7 @@ def write_report(cfg, out: str | Path) -> Path:
         r = summarize(s.task, steps, evals)
         label = s.label or s.name
         teacher_file = ((record.get("config") or {}).get("teacher") or {}).get("checkpoint")
-        source = (f"teacher {s.teacher}" if s.teacher else f"teacher {teacher_file}" if teacher_file else
+        source = (f"teacher {s.teacher}" if s.teacher else f"teacher {portable(teacher_file, out)}" if teacher_file else
                   f"init {s.init}" if s.init else "random init" if s.task in CLASSIFY else "–")
         if s.task in CLASSIFY:
             result = f"top-1 {_fmt(r.get('top1'))} (best {_fmt(r.get('best_top1'))})"
@@ -131,18 +143,19 @@ def write_report(cfg, out: str | Path) -> Path:
         plot_accuracy(curves, finals, plots / "accuracy.png")
         pictures.append("![fine-tuning accuracy](plots/accuracy.png)")
 
-    notes = [line for note in getattr(cfg, "notes", []) for line in (f"> {note}", ">")][:-1]
+    notes_given = [portable(note, out) for note in getattr(cfg, "notes", [])]
+    command_line = [portable(item, out) for item in getattr(cfg, "command_line", None) or []]
+    notes = [line for note in notes_given for line in (f"> {note}", ">")][:-1]
     text = [
         "# tinymim pipeline report", "", *notes, *([""] if notes else []),
         f"Written {time.strftime('%Y-%m-%d %H:%M')}; each stage's run directory is `{out.name}/<stage>`.",
-        *([f"Command-line overrides, applied last to every stage they name: `{' '.join(cfg.command_line)}`."]
-          if getattr(cfg, "command_line", None) else []),
+        *([f"Command-line overrides, applied last to every stage they name: `{' '.join(command_line)}`."]
+          if command_line else []),
         "Top-1 is the last evaluation of the run (best in brackets). Paper numbers are the TinyMIM paper's",
         "ImageNet-1K results for the setting a stage mirrors: comparable only at that scale.", "",
         "| stage | task | from | result | paper | minutes |", "|---|---|---|---|---|---|", *rows, "", *pictures, "",
     ]
-    write_text(out / "report.json", json.dumps({"notes": list(getattr(cfg, "notes", [])),
-                                                "command_line": list(getattr(cfg, "command_line", [])),
+    write_text(out / "report.json", json.dumps({"notes": notes_given, "command_line": command_line,
                                                 "stages": records}, indent=1))
     path = out / "report.md"
     write_text(path, "\n".join(text))
