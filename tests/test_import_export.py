@@ -108,7 +108,8 @@ def test_export_timm_folder_loads_with_plain_timm(distilled_run, tmp_path):
     assert cfg["model_args"]["num_heads"] == 3 and "block_heads" not in json.dumps(cfg)
     assert (out / "model.safetensors").is_file() and "tinymim" in (out / "README.md").read_text()
     plain = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0).eval()
-    # the same features as the student inside tinymim: its patch tokens' mean after the final norm (k-NN's)
+    # the same features as the student inside tinymim: by default (relation targets only) its patch tokens'
+    # mean entering its last block (what its k-NN monitor read; tests/test_one_feature.py checks every way)
     from tinymim.models.vit import TokenFeatures
 
     student = create_vit(tiny_vit(dim=48, depth=2, heads=3))
@@ -116,9 +117,10 @@ def test_export_timm_folder_loads_with_plain_timm(distilled_run, tmp_path):
     student.eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        assert (plain(x) - TokenFeatures(student)(x)).abs().max().item() < 1e-5
-    # --pool token: the class token, as timm's default ViT head reads it
-    assert main(["export", str(distilled_run), "--output", str(tmp_path / "token"), "--pool", "token"]) == 0
+        assert (plain(x) - TokenFeatures(student, 2)(x)).abs().max().item() < 1e-5
+    # --features final --pool token: the class token after every block, as timm's default ViT head reads it
+    assert main(["export", str(distilled_run), "--output", str(tmp_path / "token"), "--features", "final",
+                 "--pool", "token"]) == 0
     token = timm.create_model(f"local-dir:{tmp_path / 'token'}", pretrained=True, num_classes=0).eval()
     with torch.no_grad():
         assert (token(x) - student(x)).abs().max().item() < 1e-5
@@ -164,7 +166,7 @@ def test_timm_pretrained_names_need_the_network(tmp_path):
     # offline from the start (the hub library reads this when imported): a clear error, at once
     env = subprocess_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hub-cache"))
     r = subprocess.run([sys.executable, "-m", "tinymim", "distill", "--output", str(tmp_path / "run"),
-                        "teacher.checkpoint=vit_base_patch16_224.mae", "data.img_size=224"],
+                        "teacher.checkpoint=vit_base_patch16_224.mae", "data.img_size=224", "train.batch_size=2"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "cannot download 'vit_base_patch16_224.mae'" in r.stderr
@@ -228,7 +230,7 @@ def test_exported_student_carries_the_runs_preprocessing_and_a_true_card(distill
     assert "tag" not in config["pretrained_cfg"] and "in21k" not in json.dumps(config)
     card = (tmp_path / "student" / "README.md").read_text()
     assert "relations qk, vv (KL, softmax, weight 1.0)" in card and "license: apache-2.0" in card
-    assert "CC-BY-NC" not in card and "were not trained" in card
+    assert "CC-BY-NC" not in card and "these were never trained" in card
     # the relation block's input tokens, as the k-NN monitor reads them
     from tinymim.evaluate.visualize import load_run
     from tinymim.models.vit import TokenFeatures
@@ -373,8 +375,9 @@ def test_export_of_a_pipeline_folder_or_an_empty_folder_says_what_it_is(tmp_path
 @pytest.mark.parametrize("pool", ["avg", "token"])
 def test_exported_encoder_gives_knn_features(tmp_path, pool):
     """The timm folder an encoder exports to computes what the card says: by default the mean of the
-    patch tokens after the final norm, i.e. tinymim knn's features (TokenFeatures); --pool token the
-    class token. The card's title is the model's real architecture."""
+    patch tokens (entering the last block of this relation-distilled student), i.e. tinymim knn's
+    features (TokenFeatures); --pool token the class token. The card's title is the model's real
+    architecture."""
     import timm
 
     from tinymim.evaluate.export import export_timm
@@ -395,7 +398,8 @@ def test_exported_encoder_gives_knn_features(tmp_path, pool):
     assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
     card = (out / "README.md").read_text()
     title = card.split("\n")[5]
-    assert title.startswith("# ViT, 2 blocks 48 wide, 3 heads, patch 4, 32px") and "vit_base" not in title
+    # by default the blocks distillation trained: the student's first (tests/test_one_feature.py)
+    assert title.startswith("# ViT, 1 block 48 wide, 3 heads, patch 4, 32px") and "vit_base" not in title
     assert ("mean of the patch tokens" in card) == (pool == "avg")
 
 

@@ -75,6 +75,13 @@ def _described(describe, cfg, prefix: str = "") -> list[tuple]:
     return rows
 
 
+# an encoder's features, the same for tinymim export, tinymim knn and the Python API (tinymim.models.features)
+FEATURES_HELP = ("pre-trained encoders: auto (default) stops a distilled student before its last block when "
+                 "distillation did not wholly train it, else final; final: after every block and the final norm; "
+                 "relation-input: the tokens entering the last block")
+POOL_HELP = "an encoder's features: avg, the mean of its patch tokens (default), or token, its class token"
+
+
 def cmd_export(args) -> int:
     from tinymim.evaluate import export
 
@@ -107,7 +114,7 @@ def cmd_knn(args) -> int:
 
     r = knn_evaluate(args.source, args.data, args.val, model_name=args.model, block=args.block, k=args.k,
                      temperature=args.temperature, mean=args.mean, std=args.std, batch_size=args.batch_size,
-                     num_workers=args.workers, bank_size=args.bank_size)
+                     num_workers=args.workers, bank_size=args.bank_size, features=args.features, pool=args.pool)
     print(f"k-NN (k={args.k}, T={args.temperature}) top-1 {r['knn_top1']:.2f}% "
           f"({r['queries']} queries, bank of {r['bank']})")
     return 0
@@ -234,12 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["timm", "onnx"], default="timm")
     p.add_argument("--output", required=True, help="folder (timm) or .onnx file")
     p.add_argument("--model", help="timm architecture of a bare weights file, e.g. vit_small_patch16_224")
-    p.add_argument("--features", default="final", choices=["final", "relation-input"],
-                   help="pre-trained encoders: the final pooled features (default), or the tokens entering the "
-                        "last (relation) block, which relation distillation trained")
-    p.add_argument("--pool", default="avg", choices=["avg", "token"],
-                   help="an encoder's output: avg, the mean of its patch tokens after the final norm (the features "
-                        "tinymim knn reads), or token, its class token")
+    p.add_argument("--features", default="auto", choices=["auto", "final", "relation-input"],
+                   help=FEATURES_HELP)
+    p.add_argument("--pool", default="avg", choices=["avg", "token"], help=POOL_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the files of an earlier export in --output (default: refuse a non-empty folder "
                         "or an existing file)")
@@ -261,7 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="labelled ImageFolder: the neighbour bank")
     p.add_argument("--val", required=True, help="labelled ImageFolder: the queries")
     p.add_argument("--model", help="timm architecture of a bare weights file")
-    p.add_argument("--block", type=int, help="features entering this block (1-indexed) instead of the final ones")
+    p.add_argument("--block", type=int, help="the mean patch token entering this block (1-indexed) of the whole "
+                                             "model, instead of --features")
+    p.add_argument("--features", default="auto", choices=["auto", "final", "relation-input"], help=FEATURES_HELP)
+    p.add_argument("--pool", default="avg", choices=["avg", "token"], help=POOL_HELP)
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--mean", type=float, nargs=3, help="normalization mean (default: the run's; ImageNet's for a file)")

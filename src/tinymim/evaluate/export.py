@@ -1,23 +1,29 @@
 """Take a trained model elsewhere: a timm / Hugging Face hub folder, or ONNX.
 
-`tinymim export RUN_DIR_OR_CHECKPOINT --format timm|onnx --output PATH [--features final|relation-input] [--overwrite]`
+`tinymim export RUN_DIR_OR_CHECKPOINT --format timm|onnx --output PATH [--features auto|final|relation-input]
+[--pool avg|token] [--overwrite]`
 
 PATH must be a new or empty folder (timm) or a new file (onnx) unless --overwrite; a run folder never.
 The files get the umask's mode, as a run directory's do, and each is written atomically.
 
 - timm: PATH/config.json (architecture, model_args, pretrained_cfg) + PATH/model.safetensors +
-  PATH/README.md (a model card), written by timm's own `save_for_hf`, so `timm.create_model(
-  "local-dir:PATH", pretrained=True)` rebuilds the model and `timm.data.resolve_data_config` gives the
-  run's own preprocessing: its mean/std, input size, crop and interpolation (no tag or source of the
-  base timm model). The relation block's head count goes back to the model's default: qkv weights do
-  not depend on it.
-- A fine-tuning (or linear-probe-free classification) run exports as the classifier it is: head,
-  pooling and fc_norm included, the same logits; class names go into config.json's label_names. A
-  classifier with a distillation token (model.dist_token, tinymim.models.star.DistilledViT) exports to ONNX
-  only: timm cannot rebuild it from a hub folder.
-- A pre-training run exports as a feature extractor (`num_classes=0`). `--features relation-input`
-  drops the last block and the final norm: with relation targets those were never trained (only the
-  last block's Q/K/V were), and the pooled tokens entering that block are what the k-NN monitor reads.
+  PATH/README.md (a model card, with no local paths: a run or data folder appears by its name), written
+  by timm's own `save_for_hf`, so `timm.create_model("local-dir:PATH", pretrained=True)` rebuilds the
+  model (its pooling in model_args) and `timm.data.resolve_data_config` gives the run's own
+  preprocessing: its mean/std, input size, crop and interpolation (no tag or source of the base timm
+  model). The relation block's head count goes back to the model's default: qkv weights do not
+  depend on it.
+- A fine-tuning run exports as the classifier it is: head, pooling and fc_norm included, the same
+  logits; a linear probe as one too, its BatchNorm folded into its head. Class names go into
+  config.json's label_names. A classifier with a distillation token (model.dist_token,
+  tinymim.models.star.DistilledViT) exports to ONNX only: timm cannot rebuild it from a hub folder.
+- A pre-training run exports as a feature extractor (`num_classes=0`) whose output is what
+  `tinymim.load_trained(RUN).model`, `tinymim.load_vit` and `tinymim knn` give for the same choices
+  (tinymim.models.features). By default (`--features auto`) a distilled student whose last block
+  distillation did not wholly train (relation targets train only its Q/K/V; only the auxiliary MAE
+  decoder trains the final norm) stops before that block: the tokens it did train, which its k-NN
+  monitor read; one printed line names what was left out, the model card too. `--features final`
+  keeps the whole student.
 - onnx: the same model through torch.onnx, checked against onnxruntime.
 
 The model these write (`build_exportable`): evaluate/exportable.py.
@@ -25,6 +31,7 @@ The model these write (`build_exportable`): evaluate/exportable.py.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -36,7 +43,9 @@ from timm.models import save_for_hf
 from tinymim.core.errors import TinymimError
 from tinymim.core.files import TMP_SUFFIX, atomic_write, write_error, write_text
 from tinymim.core.rundir import RunDir
-from tinymim.evaluate.exportable import build_exportable, licence
+from tinymim.evaluate.exportable import build_exportable, licence, plain_timm_snippet
+
+log = logging.getLogger("tinymim")
 
 
 def check_output(source, output, fmt: str = "timm", overwrite: bool = False) -> Path:
@@ -91,19 +100,42 @@ def _write_files(out: Path, write, folder: bool = True) -> None:
 def _what_features(info: dict) -> str:
     if info["classifier"]:
         pool = info["run_config"].get("global_pool", "avg")
-        return (f"class logits ({info['run_config'].get('num_classes')} classes): "
-                f"{'mean of the patch tokens + fc_norm' if pool == 'avg' else 'the class token'} -> head")
+        read = "mean of the patch tokens + fc_norm" if pool == "avg" else "the class token after the final norm"
+        if info["probe"]:
+            return (f"class logits ({info['run_config'].get('num_classes')} classes) of a linear probe: {read} "
+                    "-> BatchNorm without affine (folded into the head) -> head; the backbone was frozen")
+        return f"class logits ({info['run_config'].get('num_classes')} classes): {read} -> head"
+    pooled = "the mean of the patch tokens" if info["pool"] == "avg" else "the class token"
     if info["features"] == "relation-input":
-        return ("the mean of the patch tokens entering the last (relation) block, i.e. the output of the "
-                "block before it, without a final norm: the features relation distillation trained")
-    pooled = ("the mean of the patch tokens after every block and the final norm (`num_classes=0`; the "
-              "features `tinymim knn` reads)" if info["pool"] == "avg"
-              else "the class token after every block and the final norm (`num_classes=0`)")
-    if info["task"] == "distill":
-        return (f"{pooled}. With relation targets the last block's MLP and attention projection and the final "
-                "norm were not trained (only its Q/K/V were): fine-tune before use, or export with --features "
-                "relation-input")
-    return pooled
+        return (f"{pooled} entering the last (relation) block, i.e. the output of the block before it, without "
+                "a final norm (`num_classes=0`): the features relation distillation trained, which the k-NN "
+                "monitor of the distill run read")
+    return f"{pooled} after every block and the final norm (`num_classes=0`)"
+
+
+def _features_row(info: dict) -> list[str]:
+    """The model card's account of a distilled student's features: which choice was made and why."""
+    if info["classifier"] or info["task"] != "distill":
+        return []
+    caveats = info.get("untrained") or []
+    if not caveats:
+        return ["| features | every part of the student was trained: the whole of it is exported |"]
+    parts = "; ".join(caveats)
+    if info["features"] == "relation-input":
+        return [f"| features | the export stops before the last block: these were never trained ({parts}). "
+                "`tinymim export RUN --features final` keeps the whole student (to fine-tune it elsewhere); "
+                "`tinymim finetune init=RUN` fine-tunes it whole |"]
+    return [f"| features | these were never trained, and the features pass through them: {parts}. Fine-tune "
+            "before use, or export with `--features relation-input` |"]
+
+
+def _public(value) -> str:
+    """A file or folder a run was made from, as a model card may show it: its name, never the local path
+    (a builtin:, hf-hub: or timm name as it is)."""
+    text = str(value)
+    if text.startswith(("builtin:", "hf-hub:", "hf_hub:")) or "/" not in text:
+        return text
+    return Path(text.rstrip("/")).name
 
 
 def model_card(info: dict) -> str:
@@ -127,6 +159,7 @@ def model_card(info: dict) -> str:
         f"| architecture | {info['architecture']} {json.dumps(info['model_args'])} |",
         f"| task | {info['task']} |",
         f"| output | {_what_features(info)} |",
+        *_features_row(info),
         f"| preprocessing | {dc['input_size'][1]}px, mean {list(dc['mean'])}, std {list(dc['std'])}, crop "
         f"{dc['crop_pct']}, {dc['interpolation']} |",
     ]
@@ -134,7 +167,7 @@ def model_card(info: dict) -> str:
         t = teacher.get("model") or {}
         arch = t.get("name") if t.get("name") != "vit_custom" else (
             f"ViT {t.get('embed_dim')} wide, {t.get('depth')} blocks, patch {t.get('patch_size')}")
-        lines.append(f"| teacher | {arch} from {teacher.get('checkpoint') or 'random init'}; block "
+        lines.append(f"| teacher | {arch} from {_public(teacher.get('checkpoint') or 'random init')}; block "
                      f"{teacher.get('target_block')}, {teacher.get('relation_heads') or 'its own'} relation heads |")
         losses = cfg.get("loss") or {}
         rel = losses.get("relation") or {}
@@ -147,14 +180,18 @@ def model_card(info: dict) -> str:
                 targets.append(f"{name.replace('_', ' ')} (weight {losses[name]['weight']})")
         lines.append(f"| targets | {'; '.join(targets) or 'none recorded'} |")
     if cfg.get("init") is not None or info["classifier"]:
-        lines.append(f"| initialized from | {cfg.get('init') or 'random init'} |")
+        lines.append(f"| initialized from | {_public(cfg.get('init') or 'random init')} |")
     if data:
         subset = f", a sample of {data['subset']} images" if data.get("subset") else ""
-        lines.append(f"| data | {data.get('name')} {data.get('root') or ''} at {data.get('img_size')}px{subset} |")
+        root = f" {_public(data['root'])}" if data.get("root") else ""
+        lines.append(f"| data | {data.get('name')}{root} at {data.get('img_size')}px{subset} |")
     if train:
         cap = f" (at most {train['max_steps']} steps)" if train.get("max_steps") else ""
         lines.append(f"| schedule | {train.get('epochs')} epochs{cap}, batch {train.get('batch_size')}, "
                      f"blr {train.get('blr')}, {train.get('precision')} |")
+    if info.get("snippet"):
+        lines += ["", "The same model with plain timm, from the run's own weights file:", "", "```python",
+                  info["snippet"], "```"]
     lines += ["", "## Results", "", "No downstream results recorded with this export.", "", "## Licence", ""]
     if lic == "cc-by-nc-4.0":
         lines.append("CC-BY-NC-4.0: these weights descend from MAE's released weights, which carry that licence's "
@@ -165,11 +202,21 @@ def model_card(info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_timm(source, output, model_name: str | None = None, features: str = "final",
+def _with_snippet(source, info: dict) -> dict:
+    """info plus the plain-timm snippet for the run's weights file, named by the run folder's name."""
+    weights = RunDir(source).weights() if Path(source).is_dir() else None
+    name = f"{Path(source).name}/{weights.name}" if weights is not None else Path(source).name
+    return {**info, "snippet": plain_timm_snippet(info, name)}
+
+
+def export_timm(source, output, model_name: str | None = None, features: str = "auto",
                 overwrite: bool = False, pool: str = "avg") -> Path:
     """A timm / hub folder; a non-empty `output` is refused unless overwrite=True."""
     out = check_output(source, output, "timm", overwrite)
     model, info = build_exportable(source, model_name, features, pool)
+    if info["note"]:
+        log.info("%s", info["note"])
+    info = _with_snippet(source, info)
     if hasattr(model, "dist_token"):
         raise TinymimError(f"{source} is a classifier with a distillation token "
                            "(tinymim.models.star.DistilledViT), which "
@@ -190,7 +237,7 @@ def export_timm(source, output, model_name: str | None = None, features: str = "
     return out
 
 
-def export_onnx(source, output, model_name: str | None = None, atol: float = 1e-4, features: str = "final",
+def export_onnx(source, output, model_name: str | None = None, atol: float = 1e-4, features: str = "auto",
                 overwrite: bool = False, pool: str = "avg") -> float:
     """Write an ONNX feature extractor and return its max abs difference to PyTorch (checked before
     the file reaches `output`); an existing `output` is refused unless overwrite=True."""
@@ -200,6 +247,8 @@ def export_onnx(source, output, model_name: str | None = None, atol: float = 1e-
         raise TinymimError("ONNX export needs onnx and onnxruntime: pip install 'tinymim[onnx]'") from e
     out = check_output(source, output, "onnx", overwrite)
     model, info = build_exportable(source, model_name, features, pool)
+    if info["note"]:
+        log.info("%s", info["note"])
     size = model.patch_embed.img_size
     diffs = []
 

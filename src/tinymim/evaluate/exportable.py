@@ -17,13 +17,12 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tinymim.core.errors import TinymimError
 from tinymim.core.rundir import RunDir
 from tinymim.models.checkpoint import BUILTIN_PREFIX, CheckpointError, builtin_teacher, load_vit_weights, load_weights
+from tinymim.models.features import FEATURES, POOLS, default_features, final_path_caveats
 from tinymim.models.vit import ModelConfig, create_vit, size_args, timm_architecture
 from tinymim.tasks import TASKS, load_trained
 
 log = logging.getLogger("tinymim")
 
-FEATURES = ("final", "relation-input")
-POOLS = ("avg", "token")  # an encoder's output: the mean of its patch tokens (k-NN's features), or its class token
 # weights released under CC-BY-NC-4.0 (MAE's) that a teacher name or file may point at
 _NON_COMMERCIAL_MARKS = ("mae_pretrain", "mae_finetuned", "mae_visualize", ".mae")
 
@@ -66,12 +65,25 @@ def data_config(run_cfg: dict, img_size: int, kind: str) -> dict:
             "interpolation": "bicubic"}
 
 
-def build_exportable(source: str | Path, model_name: str | None = None, features: str = "final",
+def _folded_probe(state: dict, eps: float) -> dict:
+    """A linear probe's state (backbone.*, head.0 = BatchNorm1d without affine, head.1 = Linear) as one
+    classifier: the BatchNorm's running statistics folded into the linear head, W' = W / s and
+    b' = b - W' mean with s = sqrt(var + eps) (float64, then float32): the same logits in eval mode."""
+    mean, var = state["head.0.running_mean"].double(), state["head.0.running_var"].double()
+    weight, bias = state["head.1.weight"].double(), state["head.1.bias"].double()
+    folded = weight / (var + eps).sqrt()
+    head = {"head.weight": folded.float(), "head.bias": (bias - folded @ mean).float()}
+    return {**{k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}, **head}
+
+
+def build_exportable(source: str | Path, model_name: str | None = None, features: str = "auto",
                      pool: str = "avg") -> tuple[torch.nn.Module, dict]:
-    """A timm-created VisionTransformer holding the weights of a run directory or checkpoint file:
-    the classifier of a fine-tuning run, else a feature extractor whose output is the mean of its
-    patch tokens after the final norm (pool="avg": the features `tinymim knn` reads) or its class
-    token (pool="token")."""
+    """A timm-created VisionTransformer holding the weights of a run directory or checkpoint file: the
+    classifier of a fine-tuning run or a linear probe (its BatchNorm folded into its head), else a
+    feature extractor (tinymim.models.features): its patch tokens' mean (pool="avg") or class token
+    ("token"), after the final norm (features="final") or entering the last block ("relation-input");
+    "auto": the latter for a distilled student whose last block distillation did not wholly train.
+    info["note"]: one line on which parts a distilled student's features leave out or pass through."""
     if features not in FEATURES:
         raise TinymimError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
     if pool not in POOLS:
@@ -92,22 +104,28 @@ def build_exportable(source: str | Path, model_name: str | None = None, features
     else:
         raise CheckpointError(f"{source} does not exist")
     exports = TASKS[kind].exports if kind in TASKS else "encoder"
-    if exports == "probe":
-        raise TinymimError(f"{source} is a linear probe (a frozen backbone + BatchNorm + linear head): export the "
-                           "run its backbone came from (its `init`) instead")
     if exports == "segmenter":
         raise TinymimError(f"{source} is a segmentation run: its segmenter.safetensors loads with "
                            "tinymim.tasks.segment.build_segment_task; timm has no UperNet to export it to")
-    classifier = exports == "classifier"
-    if classifier and features != "final":
-        raise TinymimError(f"{source} is a fine-tuned classifier: --features applies to pre-trained encoders")
+    classifier = exports in ("classifier", "probe")
+    if classifier and features not in ("auto", "final"):
+        raise TinymimError(f"{source} is a {'linear probe' if exports == 'probe' else 'fine-tuned classifier'}: "
+                           "--features applies to pre-trained encoders (its features are its pre-logits)")
+    # a run's weights through its own model (load_trained: the one reader of run directories), a file as it is
+    trained = load_trained(source) if run_dir else None
+    state = trained.model.state_dict() if trained is not None else load_weights(source)
+    caveats = final_path_caveats(trained.config) if kind == "distill" else []
+    if features == "auto":
+        features = default_features(kind, trained.config) if trained is not None else "final"
+    if classifier:
+        features = "final"
     # default head counts everywhere (the relation block's only changed how Q/K/V were split)
     model_cfg = replace(model_cfg, block_heads={}, drop_path_rate=0.0, pretrained=False)
     arch, model_args = timm_architecture(model_cfg), size_args(model_cfg)
     if model_args.get("img_size") is None and (run_cfg.get("data") or {}).get("img_size"):
         model_args["img_size"] = run_cfg["data"]["img_size"]
-    # a run's weights through its own model (load_trained: the one reader of run directories), a file as it is
-    state = load_trained(source).model.state_dict() if run_dir else load_weights(source)
+    if exports == "probe":
+        state = _folded_probe(state, trained.model.head[0].eps)
     if classifier:
         pool = run_cfg.get("global_pool", "avg")
         model_args.update(global_pool=pool, fc_norm=pool == "avg")
@@ -123,9 +141,9 @@ def build_exportable(source: str | Path, model_name: str | None = None, features
             depth = model_args.get("depth") or len(timm.create_model(arch, pretrained=False).blocks)
             last = f"blocks.{depth - 1}."
             state = {k: v for k, v in state.items() if not k.startswith((last, "norm."))}
-            model_args.update(depth=depth - 1, final_norm=False, global_pool="avg", fc_norm=False)
-        else:  # the final norm on every token, then the pooling (no fc_norm: none was trained)
-            model_args.update(global_pool=pool, fc_norm=False)
+            model_args.update(depth=depth - 1, final_norm=False)
+        # the final norm on every token (if kept), then the pooling (no fc_norm: none was trained)
+        model_args.update(global_pool=pool, fc_norm=False)
         model = timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
         ignored = load_vit_weights(model, state, source=str(source))
     if ignored:
@@ -138,22 +156,86 @@ def build_exportable(source: str | Path, model_name: str | None = None, features
     model.pretrained_cfg = {"architecture": arch, "tag": None, **preprocessing, "num_classes": model.num_classes,
                             "first_conv": "patch_embed.proj", "classifier": "head", "fixed_input_size": True,
                             "license": licence(run_cfg)}
-    return model, {"architecture": arch, "model_args": model_args, "run_config": run_cfg, "task": kind,
-                   "source": str(source), "features": features, "classifier": classifier, "pool": pool,
-                   "data_config": preprocessing, "title": vit_title(model)}
+    info = {"architecture": arch, "model_args": model_args, "run_config": run_cfg, "task": kind,
+            "source": str(source), "features": features, "classifier": classifier, "probe": exports == "probe",
+            "pool": pool, "data_config": preprocessing, "title": vit_title(model), "untrained": caveats,
+            "dist_token": bool(model_cfg.dist_token)}
+    info["note"] = feature_note(info)
+    return model, info
+
+
+def feature_note(info: dict) -> str | None:
+    """One line on a distilled student's features: which parts its export leaves out (relation-input)
+    or passes through untrained (final), and the --features choice that does the other."""
+    caveats = info.get("untrained") or []
+    if info["classifier"] or not caveats:
+        return None
+    parts = ", ".join(caveats[:-1]) + (" and " if len(caveats) > 1 else "") + caveats[-1]
+    if info["features"] == "relation-input":
+        return (f"features: the tokens entering the last block, which distillation trained; left out, as never "
+                f"trained: {parts} (--features final keeps the whole student, e.g. to fine-tune it elsewhere)")
+    return (f"features: these pass through {parts}, which distillation never trained (--features relation-input "
+            "stops before them, at the tokens it did train)")
+
+
+def plain_timm_snippet(info: dict, weights: str) -> str | None:
+    """Python that builds the same model as the export with plain timm and loads it from the run's own
+    weights file `weights` (as written there: the whole model), or None where plain timm cannot (a
+    distillation token): the snippet the model card shows and the tests run."""
+    if info.get("dist_token"):
+        return None
+    args = dict(info["model_args"])
+    relation_input = not info["classifier"] and info["features"] == "relation-input"
+    if relation_input:  # the whole student is in the file: build it whole, then stop before its last block
+        args["depth"] += 1
+        args.pop("final_norm", None)
+    classes = int(info["run_config"]["num_classes"]) if info["classifier"] else 0
+    call = ", ".join([repr(info["architecture"]), f"num_classes={classes}",
+                      *(f"{k}={v!r}" for k, v in args.items())])
+    lines = ["import timm, torch", "from safetensors.torch import load_file",
+             f"model = timm.create_model({call})"]
+    if info["probe"]:  # the probe's BatchNorm (no affine, eps 1e-6) folded into its head, as the export does
+        lines += [f"state = load_file({weights!r})",
+                  "scale = (state['head.0.running_var'].double() + 1e-6).rsqrt()",
+                  "weight = state['head.1.weight'].double() * scale",
+                  "bias = state['head.1.bias'].double() - weight @ state['head.0.running_mean'].double()",
+                  "model.load_state_dict({**{k[len('backbone.'):]: v for k, v in state.items() if "
+                  "k.startswith('backbone.')}, 'head.weight': weight.float(), 'head.bias': bias.float()})"]
+    else:
+        lines.append(f"model.load_state_dict(load_file({weights!r}))")
+    if relation_input:
+        lines.append("model.blocks, model.norm = model.blocks[:-1], torch.nn.Identity()  # the tokens entering "
+                     "the last block")
+    return "\n".join([*lines, "model.eval()"])
 
 
 def vit_title(model: torch.nn.Module) -> str:
     """What the model is, from the model itself (a custom size rides on a timm name that is not it)."""
-    return (f"ViT, {len(model.blocks)} blocks {model.embed_dim} wide, {model.blocks[0].attn.num_heads} heads, "
+    blocks = len(model.blocks)
+    return (f"ViT, {blocks} block{'s' if blocks != 1 else ''} {model.embed_dim} wide, {model.blocks[0].attn.num_heads} heads, "
             f"patch {model.patch_embed.patch_size[0]}, {model.patch_embed.img_size[0]}px")
 
 
-def load_vit(spec: str | Path, model_name: str | None = None, features: str = "final") -> torch.nn.Module:
+def load_vit(spec: str | Path, model_name: str | None = None, features: str = "auto",
+             pool: str = "avg") -> torch.nn.Module:
     """A timm VisionTransformer with trained weights, in eval mode: a tinymim run directory (its
     architecture from its config), a shipped teacher (`builtin:NAME`), or a weights file with its timm
-    architecture (`model_name`). A fine-tuning run gives its classifier, anything else its encoder."""
-    return build_exportable(spec, model_name, features)[0]
+    architecture (`model_name`). A fine-tuning run or a linear probe gives its classifier, anything
+    else its encoder, whose model(x) are the features `tinymim export` and `tinymim knn` give for the
+    same `features` and `pool` (build_exportable; by default those of load_trained(spec).model).
+
+    With plain timm: timm.create_model("local-dir:FOLDER", pretrained=True) of the folder `tinymim
+    export` writes; or from the run's own weights file (RUN/student.safetensors of a distill run,
+    RUN/model.safetensors of an MAE run), as the export's model card shows (plain_timm_snippet):
+
+        model = timm.create_model(ARCH, num_classes=0, global_pool="avg", fc_norm=False, **SIZES)
+        model.load_state_dict(safetensors.torch.load_file(WEIGHTS))
+        # features="relation-input": stop before the last block, without the final norm
+        model.blocks, model.norm = model.blocks[:-1], torch.nn.Identity()"""
+    model, info = build_exportable(spec, model_name, features, pool)
+    if info["note"]:
+        log.info("%s", info["note"])
+    return model
 
 
 def licence(run_cfg: dict) -> str:

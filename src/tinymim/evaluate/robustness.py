@@ -203,11 +203,13 @@ def format_report(result: dict) -> str:
 
 def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None = None, block: int | None = None,
                  k: int = 20, temperature: float = 0.07, mean=None, std=None, batch_size: int = 256,
-                 num_workers: int = 2, bank_size: int | None = None) -> dict:
-    """k-NN top-1 of a model's frozen features: the average patch token after the final norm, or
-    entering block `block` (1-indexed). `source`: a run directory, a shipped teacher (`builtin:NAME`) or
-    a weights file with `model_name`. Images are prepared as the run prepared them (its mean, std and
-    crop; ImageNet's for a bare file) unless `mean`/`std` say otherwise."""
+                 num_workers: int = 2, bank_size: int | None = None, features: str = "auto",
+                 pool: str = "avg") -> dict:
+    """k-NN top-1 of a model's frozen features: those `tinymim export` writes for the same `features`
+    and `pool` (tinymim.models.features; a classifier's: its pre-logits), or the average patch token
+    entering block `block` (1-indexed) of the whole model. `source`: a run directory, a shipped teacher
+    (`builtin:NAME`) or a weights file with `model_name`. Images are prepared as the run prepared them
+    (its mean, std and crop; ImageNet's for a bare file) unless `mean`/`std` say otherwise."""
     if k < 1 or not temperature > 0 or (bank_size is not None and bank_size < 1):
         raise TinymimError(f"k ({k}) and --bank-size ({bank_size}) must be positive, and the temperature "
                            f"({temperature}) above 0")
@@ -215,16 +217,22 @@ def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None 
         if not Path(folder).is_dir():
             raise TinymimError(f"{folder} is not a folder; --data and --val take labelled ImageFolders "
                                "(root/<class>/<image>)")
-    model, _ = build_exportable(source, model_name)
+    if block is not None and (features, pool) != ("auto", "avg"):
+        raise TinymimError("--block takes the mean patch token entering that block: leave out --features and --pool")
+    model, info = build_exportable(source, model_name, "final" if block is not None else features, pool)
     if block is not None and not 1 <= block <= len(model.blocks) + 1:
         raise TinymimError(f"--block {block} is out of range: the model has blocks 1..{len(model.blocks)} "
                            f"({len(model.blocks) + 1}: after the last)")
+    if block is None and info["note"]:
+        log.info("%s", info["note"])
+    if model.num_classes:  # a classifier: its pre-logits (the export loaded with num_classes=0)
+        model.reset_classifier(0)
     size, run = model.patch_embed.img_size[0], model.pretrained_cfg  # the run's own preprocessing
     data = ClassifyDataConfig(name="folder", root=str(train_root), val_root=str(val_root), img_size=size,
                               eval_crop_pct=run["crop_pct"], num_workers=num_workers,
                               mean=list(mean if mean is not None else run["mean"]),
                               std=list(std if std is not None else run["std"]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return knn_loader_accuracy(TokenFeatures(model.to(device), block),
+    return knn_loader_accuracy(model.to(device) if block is None else TokenFeatures(model.to(device), block),
                                _sample(build_eval_loader(data, batch_size, split_train=True), bank_size),
                                build_eval_loader(data, batch_size), device, k, temperature)

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tinymim.core.config import from_run_config, load_config
 from tinymim.core.rundir import RunDir
 from tinymim.models.checkpoint import CheckpointError, load_state_dict
+from tinymim.models.features import default_features, feature_view
 
 
 class Task(TrainingTask):
@@ -160,13 +161,17 @@ class TaskSpec:
 
 @dataclass
 class TrainedRun:
-    """A finished run's model (eval mode, its weights loaded) and what it was trained with."""
+    """A finished run's model (eval mode, its weights loaded) and what it was trained with. model(x)
+    is what every other way out of tinymim gives for the run by default (tinymim.models.features):
+    a classifier's logits, an encoder's mean patch token of its default `features`."""
 
     model: nn.Module
     config: Any  # the run's typed config, every derived key filled
     task: str
     weights: Path  # the file the weights came from
     classes: list[str] | None  # the class names of a classifier's outputs, when the run recorded them
+    # an encoder's: final (after every block and the final norm) or relation-input (entering the last block)
+    features: str | None = None
 
 
 def load_run_model(spec: TaskSpec, run_dir: str | Path, best: bool = False, latest: bool = False) -> TrainedRun:
@@ -193,4 +198,8 @@ def load_run_model(spec: TaskSpec, run_dir: str | Path, best: bool = False, late
     cfg = spec.resolve(from_run_config(spec.config, raw))
     model = spec.trained(cfg)
     model.load_state_dict(spec.trained_state(state) if spec.trained_state else state)
-    return TrainedRun(model.eval(), cfg, spec.name, file, run.read_classes())
+    features = None
+    if spec.exports == "encoder":  # model(x): the export's default features (its state dict unchanged)
+        features = default_features(spec.name, cfg)
+        model = feature_view(model, features, "avg")
+    return TrainedRun(model.eval(), cfg, spec.name, file, run.read_classes(), features)
