@@ -26,6 +26,7 @@ from tinymim.core.guards import check_classes
 from tinymim.core.rundir import RunDir
 from tinymim.data.classification import ClassifyDataConfig, build_eval_loader, classification_sums, sums_to_metrics
 from tinymim.data.images import warn_unreadable
+from tinymim.data.sources import is_tar
 from tinymim.evaluate.corruptions import IMAGENET_C
 from tinymim.evaluate.exportable import build_exportable
 from tinymim.models.vit import TokenFeatures
@@ -214,9 +215,9 @@ def knn_evaluate(source, train_root: str, val_root: str, model_name: str | None 
         raise TinymimError(f"k ({k}) and --bank-size ({bank_size}) must be positive, and the temperature "
                            f"({temperature}) above 0")
     for folder in (train_root, val_root):
-        if not Path(folder).is_dir():
+        if not Path(folder).is_dir() and not is_tar(folder):
             raise TinymimError(f"{folder} is not a folder; --data and --val take labelled ImageFolders "
-                               "(root/<class>/<image>)")
+                               "(root/<class>/<image>) or tars of them (train.tar, test.tar)")
     if block is not None and (features, pool) != ("auto", "avg"):
         raise TinymimError("--block takes the mean patch token entering that block: leave out --features and --pool")
     model, info = build_exportable(source, model_name, "final" if block is not None else features, pool)

@@ -12,10 +12,11 @@ an earlier stage's output:
       - {name: tinymim_s, task: distill, config: imagenet/distill_vit_small_from_mae_base, teacher: mae_b}
       - {name: ft_s, task: finetune, config: ..., init: tinymim_s, paper: {top1: 83.0, row: "ViT-S TinyMIM"}}
 
-Stage `name` runs in DIR/name. The teacher's (init's) architecture is taken from the earlier stage,
-key by key, unless the stage's own overrides set that key (or name another model). The teacher's
-relation pairing (teacher.target_block, teacher.relation_heads) is never inferred from the earlier
-stage: the distill recipe declares it.
+Stage `name` runs in DIR/name. The teacher's architecture is taken from the earlier stage, key by key,
+unless the stage's own overrides set that key (or name another model). The teacher's relation pairing
+(teacher.target_block, teacher.relation_heads) is never inferred from the earlier stage: the distill
+recipe declares it. An init stage's architecture is taken as `init=RUN` takes a run's on the command
+line (tasks/init_run.py), from the earlier stage's planned config.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tinymim.core.config import load_config
+from tinymim.core.config import load_config, merge, parse_overrides, read_recipe, to_dict
 from tinymim.core.rundir import architecture_overrides, produced_architecture
 from tinymim.tasks import TASKS
+from tinymim.tasks.init_run import check_init_architecture, init_overrides
 
 # the config key through which a stage receives an earlier stage's weights, by role
 WIRED = {"teacher": ("teacher", "checkpoint"), "init": ("init",)}
@@ -101,38 +103,59 @@ def command_line_overrides(cfg: "PipelineConfig", task: str) -> list[str]:
     return out
 
 
-def _architecture(config: dict, task: str, prefix: str, own: list[str], skip=()) -> list[str]:
+def _architecture(config: dict, task: str, prefix: str, own: list[str]) -> list[str]:
     """Overrides that give `prefix` (e.g. teacher.model) the architecture of an earlier stage's model,
     but for the keys the stage's own overrides set (all of them when those name the model)."""
-    produced = produced_architecture(config, TASKS[task].model_section)
-    arch = {k: v for k, v in produced.items() if k not in skip}
-    return architecture_overrides(arch, prefix, own)
+    return architecture_overrides(produced_architecture(config, TASKS[task].model_section), prefix, own)
+
+
+def _own(cfg: PipelineConfig, stage: StageConfig) -> list[str]:
+    """A stage's own overrides: its declared ones, then the command line's that reach it."""
+    return [*stage.overrides, *command_line_overrides(cfg, stage.task)]
 
 
 def stage_overrides(cfg: PipelineConfig, stage: StageConfig, out: Path, configs: dict[str, dict]) -> list[str]:
     """The overrides a stage runs with: pipeline-wide, per task, wiring to earlier stages, its own.
     `configs`: the configs of the earlier stages, by name."""
-    cli = command_line_overrides(cfg, stage.task)
-    own = [*stage.overrides, *cli]
+    own = _own(cfg, stage)
     tasks = {s.name: s.task for s in cfg.stages}
+    common = [*cfg.overrides, *cfg.task_overrides.get(stage.task, [])]
     wiring = []
     if stage.teacher is not None:
         wiring.append(f"{'.'.join(WIRED['teacher'])}={out / stage.teacher}")
         wiring += _architecture(configs[stage.teacher], tasks[stage.teacher], "teacher.model", own)
     if stage.init is not None:
         wiring.append(f"{'.'.join(WIRED['init'])}={out / stage.init}")
-        # not the image size: fine-tuning may change the resolution (position embeddings are resampled)
-        wiring += _architecture(configs[stage.init], tasks[stage.init], "model", own, skip=("img_size",))
-    return [*cfg.overrides, *cfg.task_overrides.get(stage.task, []), *wiring, *own]  # the last word wins
+        spec = TASKS[stage.task]
+        requested = merge(merge(to_dict(spec.config()), read_recipe(stage.config) if stage.config else {}),
+                          parse_overrides([*common, *wiring, *own]))
+        wiring += init_overrides(configs[stage.init], TASKS[tasks[stage.init]].model_section, requested,
+                                 parse_overrides(own), str(out / stage.init))
+    return [*common, *wiring, *own]  # the last word wins
+
+
+def stage_config(stage: StageConfig, overrides: list[str]):
+    """A stage's typed config from its recipe and overrides (stage_overrides'). A stage with an init stage
+    has its architecture wired in already, from the planned config of that stage: the run on disk may be
+    an older one, about to be redone."""
+    spec = TASKS[stage.task]
+    if stage.init is not None:
+        return load_config(spec.config, stage.config, overrides)
+    return spec.load_config(stage.config, overrides)
 
 
 def plan(cfg: PipelineConfig, out: str | Path) -> list[tuple[StageConfig, list[str], dict]]:
     """(stage, its overrides, its config as a plain dict) for every stage, without running anything:
     every recipe and override is checked."""
     out, configs, planned = Path(out), {}, []
+    tasks = {s.name: s.task for s in cfg.stages}
     for stage in cfg.stages:
         overrides = stage_overrides(cfg, stage, out, configs)
-        configs[stage.name] = json.loads(json.dumps(asdict(TASKS[stage.task].load_config(stage.config, overrides))))
+        typed = stage_config(stage, overrides)
+        if stage.init is not None:
+            check_init_architecture(typed.model, configs[stage.init], TASKS[tasks[stage.init]].model_section,
+                                    parse_overrides(_own(cfg, stage)), str(out / stage.init))
+        configs[stage.name] = json.loads(json.dumps(asdict(typed)))
         planned.append((stage, overrides, configs[stage.name]))
     return planned
 

@@ -28,7 +28,7 @@ from tinymim.core.config import ConfigError
 from tinymim.core.files import RunDirError, read_yaml, save_torch
 from tinymim.core.guards import locked
 from tinymim.core.rundir import RunDir, result_changes
-from tinymim.pipeline.planning import WIRED, PipelineConfig, StageConfig, plan
+from tinymim.pipeline.planning import WIRED, PipelineConfig, StageConfig, plan, stage_config
 from tinymim.pipeline.report import write_report
 from tinymim.tasks import TASKS
 from tinymim.train.distributed import setup_distributed
@@ -257,8 +257,7 @@ def _run_stages(cfg: PipelineConfig, out: Path, planned, procs: _Processes, repo
             procs.barrier()
             start = time.perf_counter()
             try:
-                spec = TASKS[stage.task]
-                run_task(spec, spec.load_config(stage.config, overrides), stage_dir)
+                run_task(TASKS[stage.task], stage_config(stage, overrides), stage_dir)
                 record.update(status="done", run_id=same_run or uuid.uuid4().hex)
             finally:  # a failed stage keeps status "running": the next invocation resumes it
                 record["seconds"] += time.perf_counter() - start

@@ -42,7 +42,7 @@ from tinymim.data.classification import (  # noqa: F401
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.models.vit import create_vit
 from tinymim.tasks.base import Task, TaskSpec, load_run_model
-from tinymim.tasks.finetune_config import DistillationConfig, FinetuneConfig, resolve, training_classes
+from tinymim.tasks.finetune_config import DistillationConfig, FinetuneConfig, load, resolve, training_classes
 
 log = logging.getLogger("tinymim")
 
@@ -274,7 +274,7 @@ SPEC = TaskSpec(task=FinetuneTask, config=FinetuneConfig, resolve=resolve, build
                 trained=lambda cfg: build_classifier(replace(cfg, init=None), cfg.num_classes),
                 loaders=classify_loaders,
                 optimizer_options=lambda cfg: {"layer_decay": cfg.layer_decay}, kind="classify", upstream="init",
-                exports="classifier",
+                exports="classifier", load=load,
                 help="fine-tune a pre-trained (or randomly initialized) ViT for classification")
 
 

@@ -10,6 +10,7 @@ from typing import Literal
 from tinymim.core.config import checked_copy
 from tinymim.data.classification import ClassifyDataConfig, classify_source
 from tinymim.models.vit import ModelConfig, check_input_size
+from tinymim.tasks.init_run import load_with_init
 from tinymim.train.config import TrainConfig
 
 
@@ -88,3 +89,9 @@ def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
 
 def training_classes(cfg: ClassifyDataConfig) -> list[str]:
     return list(classify_source(cfg, cfg.root, True).classes)
+
+
+def load(recipe, overrides) -> FinetuneConfig:
+    """The recipe with its overrides; a model initialized from a tinymim run takes its architecture
+    (tasks/init_run.py)."""
+    return load_with_init(FinetuneConfig, recipe, overrides)

@@ -16,6 +16,7 @@ from tinymim.models.vit import ModelConfig
 from tinymim.tasks.base import TaskSpec
 from tinymim.tasks.finetune import ClassifyDataConfig, FinetuneTask, build_classifier, classify_loaders
 from tinymim.tasks.finetune_config import FinetuneConfig, training_classes, validate_classifier
+from tinymim.tasks.init_run import load_with_init
 from tinymim.train.config import TrainConfig
 
 
@@ -98,4 +99,5 @@ def build_linprobe_task(cfg: LinearProbeConfig) -> LinearProbeTask:
 SPEC = TaskSpec(task=LinearProbeTask, config=LinearProbeConfig, resolve=resolve, build=build_linprobe_task,
                 trained=lambda cfg: build_linprobe_task(replace(cfg, init=None)).model,
                 loaders=classify_loaders, kind="classify", upstream="init", exports="probe",
+                load=lambda recipe, overrides: load_with_init(LinearProbeConfig, recipe, overrides),
                 help="linear probe: a frozen backbone, BatchNorm + linear head")

@@ -26,6 +26,7 @@ from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weigh
 from tinymim.models.segmenter import Segmenter, add_relative_position_bias, mmseg_init_, release_layer_id
 from tinymim.models.vit import ModelConfig, check_input_size, create_vit
 from tinymim.tasks.base import Task, TaskSpec, load_run_model
+from tinymim.tasks.init_run import load_with_init
 from tinymim.tasks.segment_eval import eval_loader, evaluate_segmenter, prediction_picture
 from tinymim.train.config import TrainConfig
 
@@ -235,6 +236,7 @@ SPEC = TaskSpec(task=SegmentTask, config=SegmentConfig, resolve=resolve, build=b
                 trained=lambda cfg: build_segment_task(replace(cfg, init=None)).model,
                 trained_state=_without_unused_norm, loaders=segment_loaders,
                 kind="segment", upstream="init", exports="segmenter",
+                load=lambda recipe, overrides: load_with_init(SegmentConfig, recipe, overrides),
                 help="semantic segmentation: UperNet on a pre-trained (or random) ViT backbone")
 
 
