@@ -129,6 +129,14 @@ def _features_row(info: dict) -> list[str]:
             "before use, or export with `--features relation-input` |"]
 
 
+def _first_blocks(info: dict) -> str:
+    """A relation-input export holds all but the student's last block: the title says so."""
+    if info["classifier"] or info["features"] != "relation-input":
+        return ""
+    kept = info["model_args"]["depth"]
+    return f": the first {kept} of its {kept + 1} blocks"
+
+
 def _public(value) -> str:
     """A file or folder a run was made from, as a model card may show it: its name, never the local path
     (a builtin:, hf-hub: or timm name as it is)."""
@@ -150,7 +158,7 @@ def model_card(info: dict) -> str:
         f"tags: [{'image-classification' if info['classifier'] else 'image-feature-extraction'}, timm, tinymim]",
         "---",
         f"# {info['title']}, {'fine-tuned' if info['classifier'] else 'pre-trained'} with tinymim "
-        f"({info['task']})", "",
+        f"({info['task']}){_first_blocks(info)}", "",
         "```python", "import timm",
         "model = timm.create_model('local-dir:PATH', pretrained=True)  # or hf-hub:USER/REPO once pushed",
         "config = timm.data.resolve_data_config({}, model=model)  # the run's own preprocessing",
