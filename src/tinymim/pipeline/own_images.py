@@ -200,10 +200,12 @@ def student_patch(name_patch: int, fixed: int | None, img: int, teacher_grid: in
     when it gives the teacher's grid, else changed to the patch that does."""
     if fixed is not None:
         if img % fixed:
+            both = math.lcm(fixed, teacher_grid)  # an image size the patch tiles into the teacher's grid
+            patch = f"patch{img // teacher_grid} or " if img % teacher_grid == 0 else ""
             raise ConfigError(f"the student's patch {fixed} does not tile {img} px images ({img} / {fixed} is not "
                               f"whole), so its grid cannot match the teacher's {teacher_grid} x {teacher_grid}; "
-                              f"give patch{img // teacher_grid if img % teacher_grid == 0 else ''} or an image "
-                              f"size divisible by {fixed} (--img-size {img // fixed * fixed or fixed})")
+                              f"give {patch}an image size divisible by {fixed} (--img-size "
+                              f"{fixed * teacher_grid if both == fixed * teacher_grid else both})")
         return fixed, "as given"
     if img % name_patch == 0 and img // name_patch == teacher_grid:
         return name_patch, "its own, which gives the teacher's grid"

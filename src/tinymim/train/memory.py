@@ -3,7 +3,7 @@
 starts, so that a run too big is refused in one line instead of being killed by the kernel unannounced.
 
 The estimate counts, in bytes: the teacher's weights; the student's weights, gradients and AdamW's two
-moments; per image, the student's saved activations (per block about 16 N x D values and 3 H x N x N
+moments; per image, the student's saved activations (per block about 24 N x D values and 3 H x N x N
 attention values, N tokens, width D, H heads), the teacher's largest block in flight, the relation maps
 with their gradients and the image views; plus the Python/PyTorch process and each loader worker. fp32
 sizes throughout (autocast keeps part of it in fp32), so it errs on the high side; it is a guard against
@@ -96,7 +96,7 @@ def estimate(teacher: Sizes, student: Sizes, relation_heads: int, relations: int
              workers: int, grad_checkpointing: bool = False) -> Estimate:
     f = 4  # bytes per value
     n, d, h = student.tokens, student.width, student.heads
-    block = (16 * n * d + 3 * h * n * n) * f
+    block = (24 * n * d + 3 * h * n * n) * f
     saved = (n * d * f * (student.depth - 1) + block) if grad_checkpointing else block * student.depth
     nt, dt = teacher.tokens, teacher.width
     teacher_block = (10 * nt * dt + 2 * teacher.heads * nt * nt) * f + 3 * nt * dt * f  # in flight + its targets
