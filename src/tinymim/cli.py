@@ -20,11 +20,50 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
+def _add_own_images_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("your own images in one call (--data, --teacher and --student; every other setting "
+                             "derived and printed; overrides still apply)")
+    g.add_argument("--data", metavar="DIR", help="a folder of images (flat or nested, no labels), a .tar/.zip of "
+                   "them, an indexed shard folder or a brace pattern of shards")
+    g.add_argument("--teacher", metavar="T", help="a tinymim run directory, a weights file, builtin:NAME (e.g. "
+                   "builtin:cifar10_mae_vit128x6) or a timm/hub name with weights")
+    g.add_argument("--student", metavar="S", help="a timm ViT name (e.g. vit_tiny_patch16_224: used at the data's "
+                   "size, its patch fitted to the teacher's grid) or sizes, e.g. dim192,depth12,heads3,patch4")
+    g.add_argument("--img-size", type=int, help="image size in pixels (default: derived)")
+    g.add_argument("--batch-size", type=int, help="images per step (default: what fits memory, derived)")
+    g.add_argument("--epochs", type=int, help="passes over the images (default: derived from their number)")
+
+
+def cmd_own_images(args) -> int:
+    """tinymim distill --data DIR --teacher T --student S --output OUT: pipeline/own_images.py."""
+    missing = [f"--{k}" for k in ("data", "teacher", "student") if not getattr(args, k)]
+    if missing:
+        raise TinymimError(f"your own images in one call need --data, --teacher and --student; add "
+                           f"{' and '.join(missing)} (or leave all three out and give --config RECIPE)")
+    if args.config is not None:
+        raise TinymimError("--data/--teacher/--student derive the recipe themselves: leave out --config (give "
+                           "section.key=value overrides instead)")
+    from tinymim.pipeline.own_images import distill
+
+    distill(args.data, args.teacher, args.student, args.output, img_size=args.img_size,
+            batch_size=args.batch_size, epochs=args.epochs, overrides=args.overrides)
+    return 0
+
+
 def cmd_train(args) -> int:
     """Load the task's config (recipe + overrides), train it, say what was written."""
+    if any(getattr(args, k, None) is not None for k in ("data", "teacher", "student")):
+        return cmd_own_images(args)
     from tinymim import tasks  # the config is checked before the task modules (torch, timm) are imported
 
-    last = tasks.run(args.command, tasks.load_config(args.command, args.config, args.overrides), args.output)
+    try:
+        last = tasks.run(args.command, tasks.load_config(args.command, args.config, args.overrides), args.output)
+    except TinymimError as e:
+        if args.command == "distill" and args.config is None and type(e).__name__ == "MemoryFitError":
+            raise TinymimError(f"{e}. Without --config these are the ImageNet recipe's defaults (ViT-B teacher, "
+                               "224 px); for your own images: tinymim distill --data DIR --teacher T --student S "
+                               "--output OUT, or start small with --config cifar10/distill_micro") from e
+        raise
     weights = tasks.TASKS[args.command].weights
     if not _is_main_process():
         return 0
@@ -211,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=entry.help)
         _add_run_args(p)
         p.set_defaults(func=cmd_train)
+        if name == "distill":
+            _add_own_images_args(p)
     p = sub.add_parser("config", help="print a task's resolved config (defaults <- recipe <- overrides): every "
                                       "key with its value, type and meaning")
     p.add_argument("task", choices=[*CATALOG, "pipeline"])
