@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save
 from timm.layers import resample_abs_pos_embed
 
 from tinymim.core.files import CheckpointError, atomic_write, safe_torch_load  # noqa: F401 - re-exported
+from tinymim.core.hub import hub_or_cache, offline_message
 from tinymim.core.rundir import RunDir
 
 log = logging.getLogger("tinymim")
@@ -74,15 +75,6 @@ def builtin_teacher(spec: str) -> Path:
     return path
 
 
-def offline_message(name: str, error: Exception) -> str:
-    """One line for a timm/hub name whose config or weights cannot be fetched."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    first = (text.split(". ")[0] if text else type(error).__name__)[:200]
-    return (f"cannot download {name!r} from the Hugging Face hub ({first}); offline or no network: "
-            "download it where there is one (or point HF_HUB_CACHE at a cache that holds it), or give the "
-            "weights as a file, e.g. teacher.checkpoint=model.safetensors with teacher.model.name=ARCHITECTURE")
-
-
 def is_timm_weights(spec) -> bool:
     """Whether a checkpoint spec names weights timm fetches (`hf-hub:org/repo`, `vit_base_patch16_224.mae`)
     rather than a file, a run directory or a built-in teacher."""
@@ -105,7 +97,8 @@ def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
     name = str(spec)
     if is_timm_weights(name):
         try:
-            return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
+            with hub_or_cache():
+                return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
         except OSError as e:  # offline, no cache: huggingface_hub's errors are OSErrors
             raise CheckpointError(offline_message(name, e)) from e
         except Exception as e:  # noqa: BLE001 - an unknown tag, a repo that is not a timm model ...

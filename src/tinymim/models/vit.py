@@ -29,8 +29,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from tinymim.core.config import ConfigError
+from tinymim.core.hub import hub_or_cache, offline_message
 from tinymim.method.mae import fix_sincos_pos_embed, sincos_table  # noqa: F401 - MAE's table, used by create_vit
-from tinymim.models.checkpoint import offline_message
 from tinymim.models.star import build_distilled_vit
 
 CUSTOM = "vit_custom"
@@ -195,7 +195,8 @@ def create_vit(cfg: ModelConfig, num_classes: int = 0, families: tuple[str, ...]
         elif cfg.name == CUSTOM:
             model = VisionTransformer(**kwargs)
         else:
-            model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
+            with hub_or_cache():  # a hub name or pretrained weights: refused at once offline, unless cached
+                model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ConfigError(f"unknown timm model {cfg.name!r}: see timm.list_models('vit_*')") from e

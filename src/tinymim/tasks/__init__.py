@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tinymim.core.config import ConfigError, from_dict, merge, parse_overrides, read_recipe
+from tinymim.core.hub import hub_names, offline_message, unfetchable
 from tinymim.core.schema import static_schema
 
 
@@ -72,12 +73,16 @@ def spec_of(task: str):
 
 def check_config(task: str, recipe: str | Path | None = None, overrides=()) -> None:
     """Refuse a recipe or override whose key the task's config lacks or whose value has the wrong type,
-    from the config's source alone (no torch, no timm: a typo costs a fraction of a second). Ranges,
-    files and models are the full load's to check."""
+    from the config's source alone, and an `hf-hub:` name that cannot be fetched here (no torch, no timm:
+    a typo costs a fraction of a second). Ranges, files and models are the full load's to check."""
     schema = static_schema(_entry(task).config)
     given = merge(read_recipe(recipe) if recipe is not None else {}, parse_overrides(overrides))
     if schema is not None:
         from_dict(schema, given)
+    for name in hub_names(given):
+        reason = unfetchable(name)
+        if reason is not None:
+            raise ConfigError(offline_message(name, OSError(reason)))
 
 
 def load_config(task: str, recipe: str | Path | None = None, overrides=()):

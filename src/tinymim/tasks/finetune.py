@@ -28,6 +28,7 @@ from timm.utils import ModelEmaV3
 
 from tinymim.core.config import ConfigError
 from tinymim.core.guards import check_classes
+from tinymim.core.hub import hub_or_cache
 from tinymim.core.rundir import RunDir
 from tinymim.data.classification import (  # noqa: F401
     ClassifyDataConfig,
@@ -180,7 +181,8 @@ def build_teacher_classifier(cfg: DistillationConfig, num_classes: int, img_size
         load_vit_weights(teacher, state, source=f"teacher {spec}")
     else:
         try:
-            teacher = timm.create_model(spec, pretrained=True)
+            with hub_or_cache():
+                teacher = timm.create_model(spec, pretrained=True)
         except RuntimeError as e:
             if "Unknown model" not in str(e):
                 raise
