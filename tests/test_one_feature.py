@@ -223,3 +223,29 @@ def test_model_card_and_config_hold_no_local_paths(runs, tmp_path):
     assert "from mae;" in card  # the teacher: the MAE run's folder name
     assert "| initialized from | distill |" in (tmp_path / "finetune" / "README.md").read_text()
     assert "BatchNorm without affine (folded into the head)" in (tmp_path / "linprobe" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_choices_that_do_not_apply_are_refused_in_one_line(runs, tmp_path, capsys):
+    """--features on a classifier, --block with --features in tinymim knn: one line naming the fix,
+    nothing written."""
+    from tinymim.cli import main
+
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+    cases = [
+        (["export", str(runs / "finetune"), "--output", str(tmp_path / "out"), "--features", "relation-input"],
+         "is a fine-tuned classifier: --features applies to pre-trained encoders"),
+        (["export", str(runs / "linprobe"), "--output", str(tmp_path / "out"), "--features", "final"], None),
+        (["knn", str(runs / "distill"), "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+          "--block", "2", "--features", "final"], "--block takes the mean patch token entering that block"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        if message is None:  # a probe's only features are its pre-logits: "final" is what it exports anyway
+            assert main(args) == 0
+            continue
+        assert main(args) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors"]
