@@ -13,6 +13,7 @@ import torch
 from conftest import subprocess_env
 from PIL import Image
 
+import tinymim
 from tinymim import cli
 from tinymim.data.image_files import ImageFiles
 from tinymim.pipeline import own_images
@@ -155,10 +156,11 @@ def test_one_call_trains_prints_the_derived_settings_and_exports_a_timm_folder(t
     assert "tinymim knn" in printed and "tinymim finetune" in printed and "tinymim export" in printed
     # the export is a plain timm model: the student's architecture, its weights
     model = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
-    assert model.patch_embed.patch_size == (4, 4) and len(model.blocks) == 2 and model.embed_dim == 192
+    assert model.patch_embed.patch_size == (4, 4) and model.embed_dim == 192
     from safetensors.torch import load_file
 
     trained = load_file(out / "student.safetensors")
     assert torch.equal(model.blocks[0].attn.qkv.weight, trained["blocks.0.attn.qkv.weight"])
-    with torch.no_grad():
-        assert model(torch.randn(2, 3, 32, 32)).shape[0] == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the same features as tinymim's own loader gives for the run
+        assert torch.allclose(model(x), tinymim.load_vit(out)(x), atol=1e-5)
