@@ -2,7 +2,6 @@
 CPU: what made every command slow to start), the config check read from source agrees with the imported
 classes, and a hub name that cannot be fetched is refused at once, in one line, without huggingface_hub's
 retries. benchmarks/speed/startup.py measures the times."""
-import dataclasses
 import importlib
 import json
 import logging

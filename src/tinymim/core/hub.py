@@ -1,17 +1,13 @@
 """The Hugging Face hub without the wait: offline, huggingface_hub retries a fetch with back-off for half a
 minute to a minute before it gives up. tinymim asks first whether the hub can be reached at all (one TCP
 connection, a few seconds at most) and, where it cannot, lets huggingface_hub answer from its cache at once
-or fail at once, in one line. Standard library at import (huggingface_hub only when asked): the command
-line refuses an `hf-hub:` name it cannot fetch before torch and timm are imported.
+or fail at once, in one line. Light at import (huggingface_hub, sockets and urllib come when a hub name is in
+play): the command line refuses an `hf-hub:` name it cannot fetch before torch and timm are imported.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import socket
-import threading
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,6 +17,9 @@ HUB_NAME_PREFIXES = ("hf-hub:", "hf_hub:")  # timm's names of a hub repository
 def hub_unreachable(timeout: float = 3.0) -> str | None:
     """Why the Hugging Face hub cannot be reached from here, or None when it can (or a proxy stands
     between): one TCP connection to its endpoint, DNS included, given `timeout` seconds in all."""
+    import urllib.parse
+    import urllib.request  # http.client, email, ssl: imported when a hub name is in play, not at start-up
+
     from huggingface_hub import constants
 
     url = urllib.parse.urlsplit(constants.ENDPOINT)
@@ -32,6 +31,9 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
 
 @functools.cache  # once per process: a run may fetch several files, and the answer holds for its start-up
 def _probe(host: str, port: int, timeout: float) -> str | None:
+    import socket
+    import threading
+
     outcome: dict[str, str | None] = {}
 
     def connect() -> None:

@@ -75,8 +75,9 @@ def check_config(task: str, recipe: str | Path | None = None, overrides=()) -> N
     """Refuse a recipe or override whose key the task's config lacks or whose value has the wrong type,
     from the config's source alone, and an `hf-hub:` name that cannot be fetched here (no torch, no timm:
     a typo costs a fraction of a second). Ranges, files and models are the full load's to check."""
-    schema = static_schema(_entry(task).config)
+    entry = _entry(task)
     given = merge(read_recipe(recipe) if recipe is not None else {}, parse_overrides(overrides))
+    schema = static_schema(entry.config)
     if schema is not None:
         from_dict(schema, given)
     for name in hub_names(given):
