@@ -1,10 +1,11 @@
 """`TrainConfig`, the `train` section of every task's config, with its range checks (`check_device`:
-the device asked for is there) and `lr_for`, the learning rate it gives."""
+the device asked for is there), `lr_for`, the learning rate it gives, and `schedule_steps`, the length
+of its warmup and of the whole schedule."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -18,9 +19,11 @@ class TrainConfig:
     accum_steps: int = 1  # micro batches accumulated per optimizer step
     blr: float = 1.5e-4  # lr = blr x batch_size / 256, unless lr is given
     lr: float | None = None  # absolute learning rate; overrides blr when given
-    min_lr: float = 0.0  # learning rate at the end of the cosine schedule
-    warmup_epochs: float = 15.0  # linear warmup length, in epochs (fractions allowed)
-    warmup_steps: int | None = None  # linear warmup length in optimizer steps; overrides warmup_epochs
+    min_lr: float = 0.0  # learning rate the schedule (cosine or poly) ends at, after the run's last step
+    # linear warmup from 0, in epochs (fractions allowed); a run max_steps ends early keeps the same share of it
+    warmup_epochs: float = 15.0
+    # linear warmup in optimizer steps, as given; overrides warmup_epochs. Either warmup is cut to half the run at most
+    warmup_steps: int | None = None
     schedule: Literal["cosine", "poly"] = "cosine"  # after warmup: half-cycle cosine, or poly (segmentation)
     poly_power: float = 1.0  # poly schedule: lr x (1 - t/T)^power
     weight_decay: float = 0.05  # decoupled weight decay (none on biases and norms)
@@ -41,7 +44,9 @@ class TrainConfig:
     deterministic: bool = False  # ask PyTorch for deterministic kernels (slower)
     log_every: int = 20  # optimizer steps between metrics lines
     checkpoint_every: int = 500  # optimizer steps between checkpoints (also at every epoch end)
-    max_steps: int | None = None  # stop after this many optimizer steps in total (quick runs)
+    # end the run after this many optimizer steps (quick runs); the whole lr schedule, warmup then cosine (or
+    # poly) down to min_lr, is fitted into them, so a short run anneals as a full one does
+    max_steps: int | None = None
     tensorboard: bool = False  # also log to RUN_DIR/tensorboard (needs the tensorboard extra)
     # also log to these trackers: tensorboard, wandb, mlflow (each an extra: pip install 'tinymim[wandb]')
     loggers: list[str] = field(default_factory=list)
@@ -57,6 +62,8 @@ class TrainConfig:
                     "log_every": self.log_every, "checkpoint_every": self.checkpoint_every}
         if self.max_steps is not None:
             positive["max_steps"] = self.max_steps
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be zero or positive (or null: warmup_epochs), got {self.warmup_steps}")
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be at least 1, got {value}")
@@ -99,3 +106,28 @@ def check_device(device: str) -> None:
 
 def lr_for(cfg: TrainConfig) -> float:
     return cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
+
+
+class Schedule(NamedTuple):
+    """The lr schedule's shape in optimizer steps."""
+
+    length: int  # the run's steps: warmup, then the decay to min_lr
+    warmup: int  # warmup steps the run takes
+    warmup_asked: int  # warmup steps before the cut to half the run
+    planned: int  # steps in the epochs asked (more than length when max_steps ends the run early)
+
+
+def schedule_steps(cfg: TrainConfig, per_epoch: int) -> Schedule:
+    """The lr schedule of a run. It spans the run: its epochs, or max_steps when that ends the run sooner,
+    so a short run warms up and anneals to min_lr too. warmup_epochs is a share of the epochs and keeps
+    that share of a run max_steps shortens; warmup_steps counts steps as given. Either is cut to half
+    the run at most: the decay always has steps to run."""
+    planned = per_epoch * cfg.epochs
+    length = min(planned, cfg.max_steps) if cfg.max_steps else planned
+    if cfg.warmup_steps is not None:
+        warmup = cfg.warmup_steps
+    elif length == planned:
+        warmup = int(round(cfg.warmup_epochs * per_epoch))
+    else:
+        warmup = int(round(cfg.warmup_epochs / cfg.epochs * length))
+    return Schedule(length, min(warmup, length // 2), warmup, planned)

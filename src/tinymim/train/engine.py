@@ -5,9 +5,10 @@ named losses ("loss" is optimized, the others are logged), with `get_trainable_m
 `prepare_distributed()` and `compile()` hooks, and `export(run_dir)` for its final weights.
 
 The engine owns: torchrun/DDP setup (gloo on CPU, nccl on GPU), seeding, AdamW with the MAE
-parameter groups, lr = blr x batch / 256 with per-iteration warmup + half-cycle cosine, gradient
-accumulation, fp32/bf16/fp16 autocast (GradScaler for fp16), optional torch.compile, a progress
-bar, metrics.jsonl (+ TensorBoard), atomic resumable checkpoints and the NaN guard.
+parameter groups, lr = blr x batch / 256 with per-iteration warmup + half-cycle cosine (fitted into
+train.max_steps when that ends the run early), gradient accumulation, fp32/bf16/fp16 autocast
+(GradScaler for fp16), optional torch.compile, a progress bar (and one for each evaluation),
+metrics.jsonl (+ TensorBoard), atomic resumable checkpoints and the NaN guard.
 
 Run directory:  RUN_DIR/config.yaml, RUN_DIR/metrics.jsonl, RUN_DIR/checkpoints/last.pt, and the
 task's final weights. Running again on the same RUN_DIR resumes; a finished run says so and exits.
@@ -39,7 +40,7 @@ from tinymim.data.loader import build_loader
 from tinymim.data.prefetch import Prefetcher, prefetched
 from tinymim.data.sources import data_fingerprint
 from tinymim.train.bookkeeping import Checkpointer, LogWindow, Plan, RunLogs, TrainState, _repair_finished
-from tinymim.train.config import TrainConfig, lr_for
+from tinymim.train.config import TrainConfig, lr_for, schedule_steps
 from tinymim.train.distributed import (
     DistContext,
     HeldLogs,
@@ -266,16 +267,43 @@ def build_optimizer(trainable: torch.nn.Module, cfg: TrainConfig, optimizer_kwar
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, per_epoch: int):
-    """Linear warmup from 0, then a half-cycle cosine (or poly) to min_lr, updated every optimizer step,
-    over the run's length (max_steps when it is shorter than the epochs)."""
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * per_epoch))
-    length = per_epoch * cfg.epochs if cfg.schedule == "cosine" else min(
-        per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
+    """Linear warmup from 0, then a half-cycle cosine (or poly) to min_lr, updated every optimizer step and
+    fitted into the run's length (max_steps when it ends the run before the epochs do): schedule_steps."""
+    length, warmup, _, _ = schedule_steps(cfg, per_epoch)
     common = dict(t_initial=max(1, length - warmup), lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
                   warmup_prefix=True, t_in_epochs=False)
-    if cfg.schedule == "poly":
-        return timm.scheduler.PolyLRScheduler(optimizer, power=cfg.poly_power, **common)
-    return timm.scheduler.CosineLRScheduler(optimizer, **common)
+    # timm warns that a one-step decay "will have no effect"; over one step it still ends at min_lr, as meant
+    with _quiet("timm.scheduler.cosine_lr", "timm.scheduler.poly_lr"):
+        if cfg.schedule == "poly":
+            return timm.scheduler.PolyLRScheduler(optimizer, power=cfg.poly_power, **common)
+        return timm.scheduler.CosineLRScheduler(optimizer, **common)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """The named loggers' warnings dropped for the block."""
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def describe_schedule(cfg: TrainConfig, per_epoch: int) -> str:
+    """The schedule in one line, as the run will follow it."""
+    plan = schedule_steps(cfg, per_epoch)
+    notes = []
+    if plan.length < plan.planned:
+        notes.append(f"train.max_steps={cfg.max_steps} ends the run before the {plan.planned} steps of its "
+                     f"{cfg.epochs} epochs" + ("; warmup_epochs keeps its share" if cfg.warmup_steps is None else ""))
+    if plan.warmup < plan.warmup_asked:
+        notes.append(f"warmup of {plan.warmup_asked} steps cut to half the run")
+    shape = "cosine" if cfg.schedule == "cosine" else f"poly (power {cfg.poly_power:g})"
+    return (f"lr schedule over {plan.length} steps: warmup {plan.warmup} steps from 0 to {lr_for(cfg):.3g}, then "
+            f"{shape} to min_lr {cfg.min_lr:g} after step {plan.length}" + "".join(f"; {n}" for n in notes))
 
 
 def _prepare(task, cfg: TrainConfig, ctx: DistContext, plan: Plan, optimizer_kwargs):
@@ -293,6 +321,8 @@ def _prepare(task, cfg: TrainConfig, ctx: DistContext, plan: Plan, optimizer_kwa
     groups = task.param_groups(cfg.weight_decay)
     optimizer = build_optimizer(groups if groups is not None else task.get_trainable_module(), cfg, optimizer_kwargs)
     scheduler = build_scheduler(optimizer, cfg, plan.per_epoch)
+    if ctx.is_main:
+        log.info("%s", describe_schedule(cfg, plan.per_epoch))
     return optimizer, scheduler, torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
 
 
