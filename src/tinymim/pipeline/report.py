@@ -4,6 +4,7 @@ under DIR/plots/: pre-training loss curves, fine-tuning accuracy curves and fina
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import textwrap
@@ -60,44 +61,112 @@ def _fmt(v, spec=".2f") -> str:
     return "–" if v is None else format(v, spec)
 
 
-def plot_losses(series: dict[str, list[dict]], path: Path) -> None:
+def _pyplot():
     import matplotlib  # lazy: start-up time (about 0.5 s) for plots only; Agg is chosen before pyplot loads
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    return plt
+
+
+def _span(values, pad: float, least: float) -> tuple[float, float]:
+    """(low, high) around the values: their range widened by `pad` of it (at least `least`) on each side,
+    so that an axis starts where the data does instead of at 0."""
+    low, high = min(values), max(values)
+    margin = max((high - low) * pad, least)
+    return low - margin, high + margin
+
+
+def _legend_below(fig, ax, count: int) -> None:
+    """The axes' legend under the figure's plots, never over the curves (the constrained layout makes room)."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=1 if count > 3 else count,
+               fontsize=8, frameon=False)
+
+
+def loss_figure(series: dict[str, list[dict]]):
+    """Training loss per logged step against epoch, one line per stage (points marked when few); x from the
+    first logged epoch to the last, y over the losses' range, on a log scale only when it spans more than
+    a factor 20."""
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    epochs = [r["epoch"] for steps in series.values() for r in steps]
+    losses = [r["loss"] for steps in series.values() for r in steps]
     for name, steps in series.items():
-        ax.plot([r["epoch"] for r in steps], [r["loss"] for r in steps], label=name)
-    ax.set(xlabel="epoch", ylabel="training loss", yscale="log", title="pre-training losses")
+        ax.plot([r["epoch"] for r in steps], [r["loss"] for r in steps], label=name,
+                marker="o" if len(steps) <= 30 else None, markersize=3)
+    log = min(losses) > 0 and max(losses) / min(losses) > 20
+    if log:
+        ax.set_yscale("log")
+        low, high = min(losses), max(losses)
+        ax.set_ylim(low / (high / low) ** 0.04, high * (high / low) ** 0.04)
+        # plain numbers; between the powers of ten, 2 and 5 (and 3 within one decade): no crowded labels
+        digits = {2, 3, 5} if high / low < 10 else {2, 5} if high / low <= 100 else set()
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in digits else ""))
+    else:
+        ax.set_ylim(*_span(losses, 0.05, 1e-3 * max(abs(v) for v in losses) or 1e-3))
+    ax.set_xlim(*_span(epochs, 0.02, 0.5 if max(epochs) == min(epochs) else 0))
+    ax.set(xlabel="epoch", ylabel="training loss" + (" (log scale)" if log else ""), title="pre-training losses")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _legend_below(fig, ax, len(series))
+    return fig
+
+
+def accuracy_figure(curves: dict[str, list[dict]], finals: dict[str, float]):
+    """Validation top-1 against epoch per run (when a run was evaluated more than once) beside each run's
+    final top-1 as a dot on an axis around the values (bars from 0 would hide a point's difference)."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    colours = {name: f"C{i % 10}" for i, name in enumerate([*finals, *(n for n in curves if n not in finals)])}
+    if any(len(evals) > 1 for evals in curves.values()):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+        tops = [e["val_top1"] for evals in curves.values() for e in evals]
+        epochs = [e["epoch"] for evals in curves.values() for e in evals]
+        for name, evals in curves.items():
+            left.plot([e["epoch"] for e in evals], [e["val_top1"] for e in evals], marker="o", markersize=4,
+                      label=name, color=colours[name])
+        left.set_xlim(*_span(epochs, 0.03, 0.5 if max(epochs) == min(epochs) else 0))
+        left.set_ylim(*_span(tops, 0.08, 0.5))
+        left.xaxis.set_major_locator(MaxNLocator(integer=True))
+        left.set(xlabel="epoch", ylabel="validation top-1 (%)", title="validation top-1 while fine-tuning")
+        left.grid(alpha=0.3)
+        _legend_below(fig, left, len(curves))
+    else:  # each run evaluated once (eval_every): no curve to draw, the dots say it all
+        fig, right = plt.subplots(figsize=(7, 0.6 + 0.55 * len(finals) + 0.6), layout="constrained")
+    names = list(finals)  # long stage labels wrapped, so that the axis keeps its width
+    values = [finals[n] for n in names]
+    rows = range(len(names))
+    right.hlines(rows, *_span(values, 0.25, 0.5)[:1], values, color="0.8", linewidth=1)
+    right.scatter(values, rows, s=50, c=[colours[n] for n in names], zorder=3)  # each run's colour, as on the left
+    for row, value in zip(rows, values):
+        right.annotate(f"{value:.2f}", (value, row), xytext=(7, 0), textcoords="offset points", va="center",
+                       fontsize=9)
+    right.set_yticks(list(rows), [textwrap.fill(n, 30) for n in names], fontsize=9)
+    right.set_ylim(len(names) - 0.5, -0.5)
+    right.set_xlim(*_span(values, 0.25, 0.5))
+    right.set(xlabel="final top-1 (%)", title="fine-tuned top-1 (last evaluation)")
+    right.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    plt = _pyplot()
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def plot_losses(series: dict[str, list[dict]], path: Path) -> None:
+    _save(loss_figure(series), path)
 
 
 def plot_accuracy(curves: dict[str, list[dict]], finals: dict[str, float], path: Path) -> None:
-    import matplotlib  # lazy: start-up time (about 0.5 s) for plots only; Agg is chosen before pyplot loads
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if any(len(evals) > 1 for evals in curves.values()):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, evals in curves.items():
-            left.plot([e["epoch"] for e in evals], [e["val_top1"] for e in evals], marker="o", label=name)
-        left.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1 while fine-tuning")
-        left.grid(alpha=0.3)
-        left.legend(fontsize=8)
-    else:  # each run evaluated once (eval_every): no curve to draw, the bars say it all
-        fig, right = plt.subplots(figsize=(6, 4))
-    names = list(finals)  # long stage labels wrapped, so that the bars keep their width
-    bars = right.barh([textwrap.fill(n, 30) for n in names], [finals[n] for n in names], color="tab:blue")
-    right.bar_label(bars, fmt="%.2f", fontsize=8)
-    right.invert_yaxis()
-    right.set(xlabel="final top-1 (%)", title="fine-tuned top-1")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(accuracy_figure(curves, finals), path)
 
 
 def write_report(cfg, out: str | Path) -> Path:
