@@ -338,11 +338,12 @@ def timed_step_seconds(cfg, images: int = 16, repeats: int = 2) -> float:
     return min(took[1:]) / images
 
 
-def next_commands(run: Path, export: Path) -> list[str]:
+def next_commands(run: Path, export: Path, cfg) -> list[str]:
     return [
         f"k-NN of its features:  tinymim knn {run} --data LABELLED_TRAIN_FOLDER --val LABELLED_VAL_FOLDER",
         f"fine-tune it:          tinymim finetune --output {run}-finetune init={run} data.name=folder "
-        "data.root=LABELLED_TRAIN_FOLDER data.val_root=LABELLED_VAL_FOLDER",
+        f"data.root=LABELLED_TRAIN_FOLDER data.val_root=LABELLED_VAL_FOLDER data.img_size={cfg.data.img_size} "
+        f"train.batch_size={cfg.train.batch_size} train.epochs=50 train.warmup_epochs=5",
         f"export it as ONNX:     tinymim export {run} --format onnx --output {run}/student.onnx",
         f"load it in plain timm: timm.create_model('local-dir:{export}', pretrained=True)",
     ]
@@ -378,8 +379,9 @@ def distill(data: str | Path, teacher: str, student: str, output: str | Path, *,
     export = output / "timm"
     if metrics is not None or not export.is_dir():
         export_timm(output, export, overwrite=True)
-    commands = next_commands(output, export)
-    say(f"done: student in {output}, exported as a timm folder {export}; next:")
+    commands = next_commands(output, export, cfg)
+    say(f"done: student in {output}, exported as a timm folder {export} (its README.md says which features it "
+        "gives); next:")
     for line in commands:
         say(f"  {line}")
     return Result(output, export, metrics, commands)
