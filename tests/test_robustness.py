@@ -97,6 +97,7 @@ def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| corruption | sev 1 top-1 | sev 5 top-1 | mean error | CE |" in out
     assert "| gaussian_noise |" in out and "| contrast |" in out and "mCE: not computed" in out
+    assert "over 2 corruptions x 2 severities, 6 images each" in out and "comparable to the paper" not in out
     import json
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["protocol"] == "corruptions" and math.isfinite(result["mean_error"]) and "mce" not in result
@@ -104,6 +105,116 @@ def test_eval_on_a_corruption_folder_prints_a_table(tmp_path, capsys):
     # plain protocol on the clean folder
     assert main(["eval", str(tmp_path / "run"), "--data", str(src), "--workers", "0"]) == 0
     assert "top-1" in capsys.readouterr().out
+
+
+def _labelled_folder(root, n: int, classes: int = 3, seed: int = 5):
+    from tinymim.data.sources import SyntheticImages
+
+    images = SyntheticImages(size=n, img_size=32, num_classes=classes, seed=seed)
+    for i in range(n):
+        img, c = images.load(i)
+        (root / f"class_{c}").mkdir(parents=True, exist_ok=True)
+        img.save(root / f"class_{c}" / f"{i:02d}.png")
+    return root
+
+
+def test_eval_limit_scores_evenly_spaced_images_with_a_progress_bar(tmp_path, capsys):
+    """--limit N scores the N images spread_picks chooses over each folder's sorted files (the same scores as
+    a folder of just those), says "N of M images", and a progress bar counts every image scored; a 3-severity
+    tree's error is named for what it is, not as ImageNet-C's mCE."""
+    import json
+    import shutil
+
+    from test_downstream import tiny_finetune_config
+
+    from tinymim.tasks.segment_eval import spread_picks
+
+    cfg = tiny_finetune_config(max_steps=2)
+    cfg.data.synthetic_classes = 3
+    tasks.run("finetune", cfg, str(tmp_path / "run"))
+    clean = _labelled_folder(tmp_path / "clean", 12)
+    files = sorted(clean.rglob("*.png"), key=lambda f: (f.parent.name, f.name))
+    for i in spread_picks(len(files), 5):  # the 5 --limit 5 scores, as a folder of their own
+        (tmp_path / "picked" / files[i].parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(files[i], tmp_path / "picked" / files[i].parent.name / files[i].name)
+    run = str(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["eval", run, "--data", str(clean), "--workers", "0", "--limit", "5", "--json",
+                 str(tmp_path / "limited.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "(5 of 12 images, evenly spaced: --limit 5)" in out and "5/5" in err and "eval" in err
+    assert main(["eval", run, "--data", str(tmp_path / "picked"), "--workers", "0", "--no-progress", "--json",
+                 str(tmp_path / "picked.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "(5 images)" in out and "eval" not in err
+    limited, picked = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("limited", "picked"))
+    assert limited["images"] == picked["images"] == 5 and limited["of_images"] == 12
+    assert limited["top1"] == picked["top1"] and limited["loss"] == pytest.approx(picked["loss"], rel=1e-6)
+    assert main(["corrupt", str(clean), "--output", str(tmp_path / "c"), "--corruptions", "gaussian_noise",
+                 "contrast", "--severities", "1", "2", "3"]) == 0
+    capsys.readouterr()
+    assert main(["eval", run, "--data", str(tmp_path / "c"), "--workers", "0", "--limit", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "24/24" in err  # 2 corruptions x 3 severities x 4 images, under one bar
+    assert "over 2 corruptions x 3 severities, 4 of 12 images each (evenly spaced: --limit 4)" in out
+    assert "mCE: not computed" in out and "not comparable to ImageNet-C mCE" in out and "AlexNet)" not in out
+    assert main(["eval", run, "--data", str(clean), "--limit", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--limit must be a positive number of images, got 0" in err
+
+
+def test_eval_limit_on_a_segment_run(tmp_path, capsys):
+    """A segment run's --limit N scores the N frames spread over the split: the same mIoU as a split of just those."""
+    import json
+    import shutil
+
+    from test_segmentation import _seg_folder, tiny_segment_overrides
+
+    from tinymim.tasks import load_config
+    from tinymim.tasks.segment_eval import spread_picks
+
+    root = _seg_folder(tmp_path / "data", "train", 4)
+    _seg_folder(root, "val", 7, seed=1)
+    tasks.run("segment", load_config("segment", None, tiny_segment_overrides(root, "train.max_steps=2")),
+              tmp_path / "run")
+    for kind in ("images", "annotations"):
+        (root / kind / "picked").mkdir()
+        for i in spread_picks(7, 3):  # 0, 3, 6
+            shutil.copy(root / kind / "val" / f"{i}.png", root / kind / "picked" / f"{i}.png")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--data", str(root), "--workers", "0", "--limit", "3", "--json",
+                 str(tmp_path / "limited.json")]) == 0
+    assert "(3 of 7 images of split val, evenly spaced: --limit 3)" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "run"), "--data", str(root), "--split", "picked", "--workers", "0",
+                 "--json", str(tmp_path / "picked.json")]) == 0
+    limited, picked = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("limited", "picked"))
+    assert limited["images"] == picked["images"] == 3 and limited["of_images"] == 7
+    assert limited["mIoU"] == pytest.approx(picked["mIoU"]) and limited["aAcc"] == pytest.approx(picked["aAcc"])
+
+
+def test_mce_is_comparable_to_the_paper_only_for_imagenet_c_of_an_imagenet_classifier():
+    from tinymim.evaluate.robustness import format_report, is_imagenet_classifier
+
+    def result(errors: dict, comparable: bool, num_classes: int) -> dict:
+        table = {c: {str(s + 1): 100 * (1 - e) for s, e in enumerate(errs)} for c, errs in errors.items()}
+        out = {"protocol": "corruptions", "top1": table, **corruption_errors(errors), "skipped_images": 0,
+               "images": 50, "of_images": 50, "num_classes": num_classes}
+        return {**out, "comparable_to_paper": comparable and "mce" in out}
+
+    full = {c: [e] * 5 for c, e in ALEXNET_ERROR.items()}  # AlexNet's own errors: mCE 100
+    text = format_report(result(full, True, 1000))
+    assert "mCE 100.0 (ImageNet-C: the 15 corruptions x 5 severities, normalized by AlexNet's errors: " \
+           "comparable to the paper)" in text
+    text = format_report(result(full, False, 10))  # the same tree made from a 10-class model's data
+    assert "AlexNet-normalized mean CE 100.0 over the 15 x 5: not comparable to ImageNet-C mCE" in text
+    assert "this model has 10 classes" in text and "comparable to the paper" not in text
+    three = {c: [e] * 3 for c, e in ALEXNET_ERROR.items()}  # all 15, 3 severities: no AlexNet-normalized mCE
+    assert "mce" not in corruption_errors(three)
+    text = format_report(result(three, True, 1000))
+    assert "mCE: not computed" in text and "this tree has 15 corruptions x 3 severities" in text
+    assert "mCE 1" not in text and "comparable to the paper" not in text
+    assert is_imagenet_classifier(None, 1000) and is_imagenet_classifier(imagenet_wnids(), 1000)
+    assert not is_imagenet_classifier(None, 10) and not is_imagenet_classifier([str(i) for i in range(1000)], 1000)
 
 
 def test_knn_command_on_a_distilled_student(tmp_path, capsys):

@@ -139,7 +139,8 @@ def cmd_eval(args) -> int:
     from tinymim.evaluate import robustness
 
     result = robustness.evaluate_path(args.source, args.data, protocol=args.protocol, weights=args.weights,
-                                      batch_size=args.batch_size, num_workers=args.workers, split=args.split)
+                                      batch_size=args.batch_size, num_workers=args.workers, split=args.split,
+                                      limit=args.limit, progress=not args.no_progress)
     print(robustness.format_report(result))
     if args.json:
         from tinymim.core.files import write_json
@@ -300,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--split", help="segmentation runs: the split under DATA/images/ (default val)")
+    p.add_argument("--limit", type=int, metavar="N", help="score N images of each folder (each corruption and "
+                   "severity), evenly spaced over its sorted files, so every class in proportion; the report says "
+                   "'N of M images'")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("knn", help="weighted k-NN accuracy of a model's frozen features")
     p.add_argument("source", help="a run directory, a shipped teacher (builtin:NAME) or weights (then --model)")

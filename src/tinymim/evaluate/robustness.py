@@ -6,7 +6,12 @@
 - ImageNet-C: `root/<corruption>/<severity 1-5>/<class>/<image>`. For corruption c with top-1 errors
   E_{s,c} over severities s = 1..5, the corruption error normalized by AlexNet is
       CE_c = sum_s E_{s,c} / sum_s E_{s,c}^AlexNet,      mCE = mean over the 15 corruptions of CE_c
-  (Hendrycks & Dietterich, 2019). The unnormalized mean error is mean_{c,s} E_{s,c}.
+  (Hendrycks & Dietterich, 2019). The unnormalized mean error is mean_{c,s} E_{s,c}. AlexNet's errors are
+  ImageNet-C's: mCE is computed only for a tree of all 15 at severities 1..5, and called comparable to
+  the paper's only for an ImageNet-1k classifier; any other tree reports its mean error, named as such.
+- `evaluate_path(limit=N)` (`tinymim eval --limit N`) scores N images of each evaluated folder, evenly
+  spaced over its sorted files (class folders in order, so every class in proportion), the same N in
+  every corruption folder; the report says "N of M images".
 - `corrupt_folder` (evaluate/corruptions.py, `tinymim corrupt`) writes such a corruption tree from any
   ImageFolder (8 of the 15 corruptions, those that need nothing beyond numpy and Pillow), so
   CIFAR-10-C-style checks run anywhere.
@@ -14,11 +19,13 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.data as tud
 from timm.data import ImageNetInfo
 
 from tinymim.core.errors import TinymimError
@@ -33,6 +40,7 @@ from tinymim.models.vit import TokenFeatures
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import load_run_model
 from tinymim.tasks.segment import evaluate_segmentation_run
+from tinymim.tasks.segment_eval import spread_picks
 from tinymim.train.knn import _sample, knn_loader_accuracy
 
 log = logging.getLogger(__name__)
@@ -65,13 +73,14 @@ def subset_class_indices(folder_wnids: list[str], all_wnids: list[str] | None = 
 
 def corruption_errors(errors: dict[str, list[float]], reference: dict[str, float] | None = ALEXNET_ERROR) -> dict:
     """Per-corruption mean error and the overall mean error; CE per corruption and mCE over the
-    reference's corruptions (ImageNet-C's 15) when all of them are there (others are reported, not in mCE).
+    reference's corruptions (ImageNet-C's 15) when all of them are there at all 5 severities (others are
+    reported, not in mCE).
 
-    errors: corruption -> top-1 errors (fractions) per severity.
+    errors: corruption -> top-1 errors (fractions) per severity, severities 1..5 in order.
     """
     out = {"mean_error": float(np.mean([e for errs in errors.values() for e in errs])),
            "per_corruption": {c: float(np.mean(errs)) for c, errs in errors.items()}}
-    if reference is not None and set(reference) <= set(errors):  # mCE is defined over all 15
+    if reference is not None and all(len(errors.get(c, ())) == 5 for c in reference):  # mCE: all 15 x 5
         ce = {c: float(np.mean(errors[c])) / reference[c] for c in reference}
         out["ce"] = ce
         out["mce"] = float(np.mean(list(ce.values())))
@@ -79,11 +88,37 @@ def corruption_errors(errors: dict[str, list[float]], reference: dict[str, float
 
 
 def evaluate_folder(model: torch.nn.Module, loader, device: torch.device,
-                    class_indices: list[int] | None = None) -> dict:
+                    class_indices: list[int] | None = None, progress=None) -> dict:
     """Top-1 / top-5 (%) and mean cross-entropy of a classifier over a loader; logits restricted to
-    `class_indices` when given (labels are positions in that list)."""
+    `class_indices` when given (labels are positions in that list). `progress`: a tqdm bar advanced by
+    the images of each batch."""
     model.eval()
-    return sums_to_metrics(classification_sums(model, loader, device, class_indices))
+    return sums_to_metrics(classification_sums(model, counted(loader, progress), device, class_indices))
+
+
+def counted(loader, progress):
+    """The loader's batches, advancing `progress` (a tqdm bar; None: none) by each batch's images."""
+    for batch in loader:
+        yield batch
+        if progress is not None:
+            progress.update(len(batch["label"]) + int(batch.get("skipped", 0)))
+
+
+def limited(loader: tud.DataLoader, limit: int | None) -> tud.DataLoader:
+    """The loader over `limit` of its images, evenly spaced over its (sorted) dataset; itself without a limit."""
+    if limit is None or limit >= len(loader.dataset):
+        return loader
+    return tud.DataLoader(tud.Subset(loader.dataset, spread_picks(len(loader.dataset), limit)),
+                          batch_size=loader.batch_size, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                          worker_init_fn=loader.worker_init_fn)
+
+
+def is_imagenet_classifier(classes: list[str] | None, num_classes: int) -> bool:
+    """Whether a classifier's outputs are ImageNet-1k's classes (its recorded class names the WordNet ids,
+    or, for a run that recorded none, 1000 outputs): the models AlexNet's ImageNet-C errors compare with."""
+    if num_classes != 1000:
+        return False
+    return classes is None or list(classes) == imagenet_wnids()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,11 +134,15 @@ def load_classifier(source: str | Path, weights: str = "best"):
 
 
 def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str = "best", batch_size: int = 128,
-                  num_workers: int = 2, device: str | None = None, split: str | None = None) -> dict:
+                  num_workers: int = 2, device: str | None = None, split: str | None = None,
+                  limit: int | None = None, progress: bool = True) -> dict:
     """Evaluate a fine-tuned run on a folder: plain ImageFolder, a 200-class ImageNet subset
-    (ImageNet-A/R) or a corruption tree (ImageNet-C style)."""
+    (ImageNet-A/R) or a corruption tree (ImageNet-C style); with `limit`, N images of each folder (evenly
+    spaced over it); with `progress`, a progress bar over every image to score on stderr."""
+    if limit is not None and limit < 1:
+        raise TinymimError(f"--limit must be a positive number of images, got {limit}")
     if RunDir(source).task() == "segment":
-        return evaluate_segmentation_run(source, data, split or "val", num_workers)
+        return evaluate_segmentation_run(source, data, split or "val", num_workers, limit)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg = load_classifier(source, weights)
     model.to(dev)
@@ -131,22 +170,43 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
             raise TinymimError(f"{folder} has {len(found)} class folders, the model {cfg.num_classes} classes: "
                                "every label would be wrong; evaluate on a folder with the training data's classes")
 
+    folder_images = {}  # each evaluated folder's images, before the limit
+
     def loader_for(folder):
         dcfg = replace(cfg.data, name="folder", val_root=str(folder), num_workers=num_workers)
-        return build_eval_loader(dcfg, batch_size)
+        loader = build_eval_loader(dcfg, batch_size)
+        folder_images[str(folder)] = len(loader.dataset)
+        return limited(loader, limit)
+
+    def scored(loaders: dict, class_indices=None) -> dict:
+        """name -> evaluate_folder of each loader, under one progress bar over all their images."""
+        from tqdm.auto import tqdm
+
+        total = sum(len(loader.dataset) for loader in loaders.values())
+        with tqdm(total=total, desc="eval", unit="img", dynamic_ncols=True, disable=not progress,
+                  file=sys.stderr) as bar:
+            out = {}
+            for name, loader in loaders.items():
+                bar.set_postfix_str(name, refresh=False)
+                out[name] = evaluate_folder(model, loader, dev, class_indices, bar)
+            return out
 
     def said(result: dict) -> dict:
-        """The result, with a warning when unreadable images were left out of its scores."""
+        """The result, with a warning when unreadable images were left out of its scores, and what of each
+        folder was scored: of_images, its images, and limit when --limit cut them."""
         warn_unreadable(result["skipped_images"], result.get("images", "other"))
+        result["of_images"] = max(folder_images.values())
+        if limit is not None:
+            result["limit"] = limit
         return result
 
     if protocol == "plain":
         check(root)
-        return said({"protocol": "plain", **evaluate_folder(model, loader_for(root), dev)})
+        return said({"protocol": "plain", **scored({root.name: loader_for(root)})[root.name]})
     if protocol == "subset":
         indices = subset_class_indices(subdirs, classes)
         return said({"protocol": "subset", "classes": len(indices),
-                     **evaluate_folder(model, loader_for(root), dev, class_indices=indices)})
+                     **scored({root.name: loader_for(root)}, indices)[root.name]})
     if protocol not in ("corruptions", "imagenet-c"):
         raise TinymimError(f"unknown protocol {protocol!r}: auto, plain, subset, corruptions or imagenet-c")
     if protocol == "imagenet-c":  # mCE: every one of the 15 at severities 1..5
@@ -155,32 +215,47 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
             raise TinymimError(f"--protocol imagenet-c needs all 15 corruptions at severities 1..5; {root} lacks "
                                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: write them with "
                                "`tinymim corrupt` (all 15 need pip install 'tinymim[corruptions]')")
-    errors, table, skipped = {}, {}, 0
+    severities = {}
     for c in subdirs:
         sev = [d.name for d in (root / c).iterdir() if d.is_dir()]
-        if not all(x.isdigit() for x in sev):
+        if not all(x.isdigit() and 1 <= int(x) <= 5 for x in sev):
             raise TinymimError(f"{root / c} should hold severity folders 1..5, found {', '.join(sorted(sev)[:5])}")
-        sev = sorted(sev, key=int)
-        for x in sev:
+        severities[c] = sorted(sev, key=int)
+        for x in severities[c]:
             check(root / c / x)
-        res = [evaluate_folder(model, loader_for(root / c / s), dev) for s in sev]
-        errors[c] = [1 - r["top1"] / 100 for r in res]
-        table[c] = dict(zip(sev, (r["top1"] for r in res)))
-        skipped += sum(r["skipped_images"] for r in res)
-    return said({"protocol": protocol, "top1": table, **corruption_errors(errors), "skipped_images": skipped})
+    results = scored({f"{c}/{s}": loader_for(root / c / s) for c in subdirs for s in severities[c]})
+    errors = {c: [1 - results[f"{c}/{s}"]["top1"] / 100 for s in severities[c]] for c in subdirs}
+    table = {c: {s: results[f"{c}/{s}"]["top1"] for s in severities[c]} for c in subdirs}
+    scored_images = [r["images"] for r in results.values()]
+    out = {"protocol": protocol, "top1": table, **corruption_errors(errors),
+           "skipped_images": sum(r["skipped_images"] for r in results.values()),
+           "images": max(scored_images), "corruptions": len(subdirs),
+           "severities": sorted({int(s) for sev in severities.values() for s in sev}),
+           "mean_top1": float(np.mean([t for row in table.values() for t in row.values()]))}
+    out["comparable_to_paper"] = "mce" in out and is_imagenet_classifier(classes, cfg.num_classes)
+    out["num_classes"] = cfg.num_classes
+    return said(out)
+
+
+def _images_said(result: dict, extra: str = "") -> str:
+    """'N images...', or with --limit 'N of M images ..., evenly spaced: --limit N'."""
+    skipped = f", {result['skipped_images']} unreadable skipped" if result.get("skipped_images") else ""
+    if result.get("limit") is not None and result.get("of_images", 0) > result["limit"]:
+        return (f"{result['images']} of {result['of_images']} images{extra}, evenly spaced: --limit "
+                f"{result['limit']}{skipped}")
+    return f"{result['images']} images{extra}{skipped}"
 
 
 def format_report(result: dict) -> str:
     if result["protocol"] == "segmentation":
         rows = [f"| {name} | {iou:.2f} |" for name, iou in result["per_class_iou"].items()]
+        images = _images_said(result, f" of split {result['split']}")
         return "\n".join([f"mIoU {result['mIoU']:.2f}  mAcc {result['mAcc']:.2f}  aAcc {result['aAcc']:.2f}  "
-                          f"({result['images']} images of split {result['split']})", "", "| class | IoU |",
-                          "|---|---|", *rows])
+                          f"({images})", "", "| class | IoU |", "|---|---|", *rows])
     if result["protocol"] not in ("corruptions", "imagenet-c"):
         extra = f" over {result['classes']} classes (logits restricted)" if "classes" in result else ""
-        unreadable = f", {result['skipped_images']} unreadable skipped" if result.get("skipped_images") else ""
         return (f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
-                f"({result['images']} images{extra}{unreadable})")
+                f"({_images_said(result, extra)})")
     sev = sorted({s for row in result["top1"].values() for s in row}, key=int)
     lines = ["| corruption | " + " | ".join(f"sev {s} top-1" for s in sev) + " | mean error | CE |",
              "|---|" + "---|" * (len(sev) + 2)]
@@ -188,11 +263,23 @@ def format_report(result: dict) -> str:
         ce = result.get("ce", {}).get(c)
         lines.append(f"| {c} | " + " | ".join(f"{row.get(s, float('nan')):.2f}" for s in sev)
                      + f" | {100 * result['per_corruption'][c]:.2f} | {'' if ce is None else f'{100 * ce:.1f}'} |")
-    lines.append(f"\nmean error {100 * result['mean_error']:.2f}%")
-    if "mce" in result:
-        lines.append(f"mCE {100 * result['mce']:.1f} (normalized by AlexNet)")
+    shape = f"{len(result['top1'])} corruption{'s' * (len(result['top1']) != 1)} x {len(sev)} severities"
+    each = f"{result['images']} images each"
+    if result.get("limit") is not None and result.get("of_images", 0) > result["limit"]:
+        each = f"{result['images']} of {result['of_images']} images each (evenly spaced: --limit {result['limit']})"
+    lines.append(f"\nmean top-1 error {100 * result['mean_error']:.2f}% (mean corrupted top-1 "
+                 f"{100 - 100 * result['mean_error']:.2f}%) over {shape}, {each}; not AlexNet-normalized")
+    if result.get("comparable_to_paper"):
+        lines.append(f"mCE {100 * result['mce']:.1f} (ImageNet-C: the 15 corruptions x 5 severities, normalized by "
+                     "AlexNet's errors: comparable to the paper)")
+    elif "mce" in result:
+        lines.append(f"AlexNet-normalized mean CE {100 * result['mce']:.1f} over the 15 x 5: not comparable to "
+                     f"ImageNet-C mCE (AlexNet's errors are on ImageNet-1k; this model has {result['num_classes']} "
+                     "classes)")
     else:
-        lines.append("mCE: not computed (defined for the 15 ImageNet-C corruptions, normalized by AlexNet's errors)")
+        lines.append(f"mCE: not computed: it is defined for the 15 ImageNet-C corruptions at severities 1..5 "
+                     f"(AlexNet-normalized); this tree has {shape}, and its mean error is not comparable to "
+                     "ImageNet-C mCE")
     if result.get("skipped_images"):
         lines.append(f"{result['skipped_images']} unreadable images skipped (errors are over the readable ones)")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from tinymim.models.segmenter import Segmenter, add_relative_position_bias, mmse
 from tinymim.models.vit import ModelConfig, check_input_size, create_vit
 from tinymim.tasks.base import Task, TaskSpec, load_run_model
 from tinymim.tasks.init_run import load_with_init
-from tinymim.tasks.segment_eval import eval_loader, evaluate_segmenter, prediction_picture
+from tinymim.tasks.segment_eval import eval_loader, evaluate_segmenter, prediction_picture, spread_picks
 from tinymim.train.config import TrainConfig
 
 log = logging.getLogger("tinymim")
@@ -240,16 +240,23 @@ SPEC = TaskSpec(task=SegmentTask, config=SegmentConfig, resolve=resolve, build=b
                 help="semantic segmentation: UperNet on a pre-trained (or random) ViT backbone")
 
 
-def evaluate_segmentation_run(run_dir: str | Path, data_root: str | Path, split: str, num_workers: int = 2) -> dict:
-    """mIoU, mAcc, aAcc and per-class IoU of a segment run on `data_root`/images/`split` (its own settings)."""
+def evaluate_segmentation_run(run_dir: str | Path, data_root: str | Path, split: str, num_workers: int = 2,
+                              limit: int | None = None) -> dict:
+    """mIoU, mAcc, aAcc and per-class IoU of a segment run on `data_root`/images/`split` (its own settings);
+    with `limit`, on that many images evenly spaced over the split (tinymim eval --limit)."""
     trained = load_run_model(SPEC, run_dir)
     model, cfg = trained.model, trained.config
     data = replace(cfg.data, root=str(data_root), num_workers=num_workers)
     loader = eval_loader(data, split)
     folder = loader.dataset.dataset.folder
+    if limit is not None and limit < len(folder):
+        loader = tud.DataLoader(tud.Subset(loader.dataset, spread_picks(len(folder), limit)), batch_size=1,
+                                num_workers=num_workers, collate_fn=collate_segment, worker_init_fn=worker_init)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate_segmenter(model.to(device), loader, data, device, folder.classes)
     skipped = metrics.pop("skipped_images", 0)
-    warn_unreadable(skipped, len(folder) - skipped)
-    return {"protocol": "segmentation", "split": split, "images": len(folder) - skipped, "skipped_images": skipped,
+    images = len(loader.dataset) - skipped
+    warn_unreadable(skipped, images)
+    return {"protocol": "segmentation", "split": split, "images": images, "of_images": len(folder), "limit": limit,
+            "skipped_images": skipped,
             **metrics}
