@@ -314,6 +314,49 @@ def test_every_imagenet_c_corruption_is_written_and_seeded():
         corruptions.corrupt_image(_photo(16), "fog", 1)
 
 
+def test_corrupt_counts_and_names_constant_outputs(tmp_path, capsys):
+    """A corruption whose output is one colour is counted and named by corruption and severity: contrast of a
+    flat source image is flat (a real case, with or without the extra); the clean run says nothing."""
+    from tinymim.evaluate.corruptions import degenerate
+
+    for cls in ("a", "b"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        _photo(32).save(tmp_path / "src" / cls / "photo.png")
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(tmp_path / "src" / "b" / "flat.png")
+    assert main(["corrupt", str(tmp_path / "src"), "--output", str(tmp_path / "out"), "--corruptions", "contrast",
+                 "gaussian_noise", "--severities", "1", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert "wrote 12 images" in out and len(list((tmp_path / "out").rglob("*.png"))) == 12
+    assert err.count("\n") == 1 and err.startswith("warning: 2 of 12 written images are constant (one colour)")
+    assert "contrast severity 1: 1 constant (e.g. contrast/1/b/flat.png); contrast severity 5: 1 constant" in err
+    assert "gaussian_noise" not in err
+    flat = np.asarray(Image.open(tmp_path / "out" / "contrast" / "5" / "b" / "flat.png"))
+    assert (flat == flat[0, 0]).all()  # the named file is indeed one colour
+    assert main(["corrupt", str(tmp_path / "src"), "--output", str(tmp_path / "clean"),
+                 "--corruptions", "gaussian_noise", "--severities", "3"]) == 0
+    assert capsys.readouterr().err == ""
+    assert degenerate(Image.new("RGB", (0, 0))) == "empty" and degenerate(Image.new("L", (4, 4), 7)) == "constant"
+    assert degenerate(_photo(8)) is None and degenerate(Image.new("RGB", (4, 4), (0, 0, 0))) == "constant"
+    tilted = np.zeros((4, 4, 3), np.uint8)
+    tilted[0, 0, 2] = 1  # one value differs in one channel: not constant
+    assert degenerate(Image.fromarray(tilted)) is None
+
+
+def test_the_references_all_black_spatter_is_caught():
+    """imagecorruptions' spatter at severity 1 divides 0 by 0 for some seeds and returns an all-black image
+    (the case tinymim corrupt once wrote without a word): degenerate() calls it constant, with no warning."""
+    import warnings
+
+    import tinymim.evaluate.corruptions as corruptions
+
+    pytest.importorskip("imagecorruptions")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the reference's RuntimeWarnings stay inside corrupt_image
+        black = corruptions.corrupt_image(_photo(32), "spatter", 1, seed=35)
+        assert corruptions.degenerate(black) == "constant" and np.asarray(black).max() == 0
+        assert corruptions.degenerate(corruptions.corrupt_image(_photo(32), "spatter", 1, seed=36)) is None
+
+
 def test_without_the_extra_the_rest_say_how_to_get_them(monkeypatch):
     import tinymim.evaluate.corruptions as corruptions
 

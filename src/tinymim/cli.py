@@ -209,8 +209,10 @@ def cmd_visualize(args) -> int:
 def cmd_corrupt(args) -> int:
     from tinymim.evaluate import corruptions
 
-    n = corruptions.corrupt_folder(args.source, args.output, args.corruptions, args.severities, args.per_class)
-    print(f"wrote {n} images under {args.output}/<corruption>/<severity>/<class>/")
+    tree = corruptions.corrupt_folder(args.source, args.output, args.corruptions, args.severities, args.per_class)
+    print(f"wrote {tree.written} images under {args.output}/<corruption>/<severity>/<class>/")
+    if tree.problems:
+        print(f"warning: {tree.summary()}", file=sys.stderr)
     return 0
 
 

@@ -8,10 +8,16 @@ four validation ones (speckle_noise, gaussian_blur, spatter, saturate), each see
 it, the six that tinymim writes itself to the same definitions with numpy and Pillow (noise, contrast,
 pixelate, JPEG; spatial sizes scaled from 224px to the image's) still work, and the others say how to
 get them.
+
+`corrupt_folder` checks every image it writes: one of a single colour (the reference's spatter divides
+by zero on some small images and writes them all black) or with no pixels is counted and named by
+corruption and severity in CorruptedTree.problems, which `tinymim corrupt` prints.
 """
 from __future__ import annotations
 
 import io
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -113,14 +119,48 @@ def corrupt_image(img: Image.Image, corruption: str, severity: int, seed: int = 
     try:
         np.random.seed(seed % 2**32)
         kwargs = {"seed": seed} if corruption in _SEEDED_BY_ARGUMENT else {}
-        return Image.fromarray(ref.corrupt(x, severity=severity, corruption_name=corruption, **kwargs))
+        # its 0/0 on some images (spatter) is a warning per image; corrupt_folder counts the result instead
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return Image.fromarray(ref.corrupt(x, severity=severity, corruption_name=corruption, **kwargs))
     finally:
         np.random.set_state(state)
 
 
+def degenerate(img: Image.Image) -> str | None:
+    """'empty' for an image without pixels, 'constant' for one of a single colour, else None."""
+    pixels = np.asarray(img)
+    if pixels.size == 0:
+        return "empty"
+    flat = pixels.reshape(-1, pixels.shape[-1]) if pixels.ndim == 3 else pixels.reshape(-1, 1)
+    return "constant" if (flat == flat[0]).all() else None
+
+
+@dataclass
+class CorruptedTree:
+    """What corrupt_folder wrote: how many images, and the degenerate ones among them (constant or empty)
+    as "corruption/severity" -> their paths under the tree, with the kind of each."""
+
+    written: int = 0
+    problems: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line naming each corruption and severity with constant or empty outputs; '' when none."""
+        if not self.problems:
+            return ""
+        count = sum(len(v) for v in self.problems.values())
+        parts = []
+        for where, items in self.problems.items():
+            kinds = sorted({kind for _, kind in items})
+            parts.append(f"{where}: {len(items)} {'/'.join(kinds)} (e.g. {items[0][0]})")
+        return (f"{count} of {self.written} written images are constant (one colour) or empty, useless for "
+                f"scoring: {'; '.join(parts)}; leave those corruptions out (--corruptions) or check the source images")
+
+
 def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severities=(1, 2, 3, 4, 5),
-                   limit_per_class: int | None = None) -> int:
-    """Write dst/<corruption>/<severity>/<class>/<image>.png from the ImageFolder src; returns images written."""
+                   limit_per_class: int | None = None) -> CorruptedTree:
+    """Write dst/<corruption>/<severity>/<class>/<image>.png from the ImageFolder src; returns how many were
+    written and which came out constant or empty."""
     corruptions = list(corruptions or available())
     for c in corruptions:
         _check_name(c)
@@ -135,7 +175,7 @@ def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severitie
         if limit_per_class is None or per_class.get(label, 0) < limit_per_class:
             per_class[label] = per_class.get(label, 0) + 1
             chosen.append(i)
-    written = 0
+    tree = CorruptedTree()
     for i in chosen:
         img, label = source.load(i)
         name = Path(source.samples[i][0]).stem + ".png"
@@ -143,6 +183,11 @@ def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severitie
             for s in severities:
                 out = Path(dst) / c / str(s) / source.classes[label] / name
                 out.parent.mkdir(parents=True, exist_ok=True)
-                corrupt_image(img, c, s, seed=i * 31 + s).save(out)
-                written += 1
-    return written
+                corrupted = corrupt_image(img, c, s, seed=i * 31 + s)
+                corrupted.save(out)
+                tree.written += 1
+                kind = degenerate(corrupted)
+                if kind:
+                    tree.problems.setdefault(f"{c} severity {s}", []).append(
+                        (f"{c}/{s}/{source.classes[label]}/{name}", kind))
+    return tree
