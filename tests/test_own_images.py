@@ -79,6 +79,13 @@ def test_the_plan_derives_every_setting_from_the_teacher_student_and_data(images
     s = cfg.student
     assert (s.name, s.embed_dim, s.depth, s.patch_size) == ("vit_custom", 64, 3, 4)
     assert cfg.train.epochs == 2 and cfg.train.blr == 5e-4
+    # a bare weights file as the teacher: its sizes read from the shapes, its heads from tinymim's metadata
+    from tinymim.models.checkpoint import builtin_teacher
+
+    cfg, _ = own_images.plan(str(images), str(builtin_teacher(TEACHER) / "encoder.safetensors"), "dim64,depth2,heads2",
+                             free=16 * GiB)
+    t = cfg.teacher.model
+    assert (t.name, t.patch_size, t.embed_dim, t.depth, t.num_heads) == ("vit_custom", 4, 128, 6, 4)
 
 
 def test_the_memory_estimate_grows_with_the_batch_and_names_a_batch_that_fits(images):

@@ -243,7 +243,10 @@ def plan(data: str, teacher: str, student: str, img_size: int | None = None, bat
         img_rule = (f"the images' median short side {short} px, a multiple of the teacher's {t_grid}-patch grid "
                     f"(the teacher's own size is {t_img} px)")
     s_sizes = vit_sizes(ModelConfig(**s_keys, patch_size=s_patch))
-    patch, patch_rule = student_patch(s_sizes["patch_size"], s_patch, img, t_grid)
+    if s_keys["name"] == "vit_custom" and s_patch is None and img % t_grid == 0:
+        patch, patch_rule = img // t_grid, "chosen so that its grid equals the teacher's"
+    else:
+        patch, patch_rule = student_patch(s_sizes["patch_size"], s_patch, img, t_grid)
     grid = img // patch
 
     cores = usable_cores()
@@ -281,8 +284,10 @@ def plan(data: str, teacher: str, student: str, img_size: int | None = None, bat
         batch_rule = (f"the smallest of {MAX_BATCH}, a quarter of the {n} images rounded down to a power of two "
                       f"({by_data}) and what fits {gib(free * 0.85)} of {where} ({fit})")
     steps_per_epoch = max(1, n // batch)
+    epoch_rule = "as given"
     if epochs is None:
         epochs = min(max(round(IMAGES_SEEN / n), EPOCH_RANGE[0]), EPOCH_RANGE[1])
+        epoch_rule = f"about {IMAGES_SEEN:,} images seen, {EPOCH_RANGE[0]} to {EPOCH_RANGE[1]} epochs"
     warmup = round(0.05 * epochs, 2)
     keys += [f"train.batch_size={batch}", f"train.epochs={epochs}", f"train.warmup_epochs={warmup}"]
     cfg = resolve(load(None, [*keys, *overrides]))  # the user's overrides win over every derived key
@@ -301,11 +306,13 @@ def plan(data: str, teacher: str, student: str, img_size: int | None = None, bat
         f"relation block: the teacher's block {cfg.teacher.target_block} of {t_sizes['depth']} split into "
         f"{cfg.teacher.relation_heads} heads -> the student's last block (block {s_final['depth']}), given "
         f"{cfg.teacher.relation_heads} heads; relations {'+'.join(cfg.loss.relation.relations)}",
-        f"normalization: mean {cfg.data.mean}, std {cfg.data.std} (the teacher's)",
+        f"normalization: mean {cfg.data.mean}, std {cfg.data.std} " + (
+            "(the teacher's)" if t_mean or is_timm_weights(str(teacher)) else "(ImageNet's: a weights file does not "
+            "record its own; set data.mean, data.std, teacher.mean and teacher.std if it was trained with others)"),
         f"batch: {cfg.train.batch_size} ({batch_rule}); lr {cfg.train.blr:g} x batch / 256",
         f"loader workers: {cfg.data.num_workers} ({cores} cores: the cores but one)",
         f"epochs: {cfg.train.epochs} ({steps_per_epoch} steps each, {steps_per_epoch * cfg.train.epochs} in all; "
-        f"about {IMAGES_SEEN:,} images seen, {EPOCH_RANGE[0]} to {EPOCH_RANGE[1]} epochs), warmup "
+        f"{epoch_rule}), warmup "
         f"{cfg.train.warmup_epochs:g} epochs then cosine",
         f"peak memory: about {gib(p.peak_bytes)} estimated ({gib(free)} {where})" if free else
         f"peak memory: about {gib(p.peak_bytes)} estimated",
