@@ -142,13 +142,29 @@ def test_an_unreachable_hub_name_is_refused_by_the_config_check(unreachable_hub)
 
 
 def test_a_fetch_while_the_hub_is_unreachable_is_one_try_from_the_cache(unreachable_hub, caplog):
-    """Past the config check (a timm name with a tag, resolved by timm): huggingface_hub runs offline, so
-    it neither retries (its back-off logs 'Retrying in Ns') nor says more than the one line."""
+    """A model built from a hub name past the config check (in code): huggingface_hub runs offline for
+    the fetch, so it neither retries (its back-off logs 'Retrying in Ns') nor says more than the one line."""
+    from tinymim.models.vit import ModelConfig, create_vit
+
     caplog.set_level(logging.WARNING)
-    with pytest.raises(CheckpointError, match=r"cannot be reached .*the hub cache holds no copy\); offline"):
-        load_weights("hf-hub:timm/not_cached")
+    with pytest.raises(ConfigError, match=r"cannot be reached .*the hub cache holds no copy\); offline"):
+        create_vit(ModelConfig(name="hf-hub:timm/not_cached", img_size=None))
     assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
     assert unreachable_hub.HF_HUB_OFFLINE is False  # offline for the fetch only
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_224.mae", "hf-hub:timm/not_cached"])
+def test_weights_that_cannot_be_had_are_refused_before_a_model_is_built(unreachable_hub, monkeypatch, name):
+    """A timm name with a tag (its hub repository from timm's pretrained config) or a hub name: no
+    ViT-B is built and initialized (seconds) only to learn that its weights cannot be fetched."""
+    import timm
+
+    def build(*a, **k):
+        raise AssertionError("timm.create_model was called")
+
+    monkeypatch.setattr(timm, "create_model", build)
+    with pytest.raises(CheckpointError, match=rf"cannot download '{name}' .*cannot be reached"):
+        load_weights(name)
 
 
 def test_a_cached_hub_name_is_read_while_the_hub_is_unreachable(unreachable_hub):

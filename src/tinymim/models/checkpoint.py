@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save
 from timm.layers import resample_abs_pos_embed
 
 from tinymim.core.files import CheckpointError, atomic_write, safe_torch_load  # noqa: F401 - re-exported
-from tinymim.core.hub import hub_or_cache, offline_message
+from tinymim.core.hub import HUB_NAME_PREFIXES, hub_or_cache, offline_message, unfetchable
 from tinymim.core.rundir import RunDir
 
 log = logging.getLogger("tinymim")
@@ -84,6 +84,22 @@ def is_timm_weights(spec) -> bool:
     return name.startswith(("hf-hub:", "hf_hub:")) or (timm.is_model(name.split(".")[0]) and "/" not in name)
 
 
+def _refuse_unfetchable(name: str) -> None:
+    """A timm/hub name whose hub repository cannot be had here, refused before timm builds the model it
+    would load them into (a ViT-B's random initialization alone takes seconds)."""
+    if name.startswith(HUB_NAME_PREFIXES):
+        repo = name.split(":", 1)[1]
+    else:
+        try:
+            cfg = timm.get_pretrained_cfg(name)
+        except RuntimeError:  # an unknown tag: timm's own error, below, names it
+            cfg = None
+        repo = getattr(cfg, "hf_hub_id", None)  # None: weights from a URL (torch's hub cache), not checked here
+    reason = unfetchable(f"hf-hub:{repo}") if repo else None
+    if reason is not None:
+        raise CheckpointError(offline_message(name, OSError(reason)))
+
+
 def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
     """Weights from whatever `spec` names: a .safetensors/.pth/.pt file (MAE, TinyMIM, timm or our
     layouts), a tinymim run directory, a teacher shipped with tinymim (`builtin:NAME`), or a timm
@@ -96,6 +112,7 @@ def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
         return load_state_dict(path)
     name = str(spec)
     if is_timm_weights(name):
+        _refuse_unfetchable(name)
         try:
             with hub_or_cache():
                 return timm.create_model(name, pretrained=True, num_classes=0).state_dict()

@@ -213,11 +213,13 @@ class DistillTask(Task):
 def build_teacher(cfg: TeacherConfig) -> nn.Module:
     """The teacher ViT (timm ViT or EVA) of a resolved config (its grid-matched input size set), its
     weights loaded (position embeddings resampled by timm when trained at another size)."""
+    # the weights first: a checkpoint that cannot be had (a hub offline) is refused before a model is built
+    state = load_weights(cfg.checkpoint) if cfg.checkpoint else None
     teacher = create_vit(cfg.model, families=TEACHER_FAMILIES)
     if cfg.drop_path_rate > 0:
         set_drop_path(teacher, cfg.drop_path_rate)
-    if cfg.checkpoint:
-        ignored = load_vit_weights(teacher, load_weights(cfg.checkpoint), source=f"teacher checkpoint {cfg.checkpoint}")
+    if state is not None:
+        ignored = load_vit_weights(teacher, state, source=f"teacher checkpoint {cfg.checkpoint}")
         if ignored:
             log.info("teacher checkpoint: set aside %d non-encoder keys (%s%s)", len(ignored),
                      ", ".join(ignored[:5]), " ..." if len(ignored) > 5 else "")
