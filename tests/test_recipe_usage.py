@@ -31,7 +31,8 @@ TRAINING = ("distill", "mae", "finetune", "linprobe", "segment", "pipeline")
 SHRINK = ["train.max_steps=2", "train.progress=false", "data.num_workers=0"]
 SHRINK_TASK = {"mae": ["data.subset=64", "train.batch_size=16"], "distill": ["data.subset=64", "train.batch_size=16"],
                "finetune": ["data.subset=64", "train.batch_size=16"], "segment": ["train.batch_size=2"]}
-EVAL_LIMIT = {"finetune": ("data.val_limit=16", "data.holdout=16"), "segment": ("data.val_limit=2", None)}
+EVAL_LIMIT = {"finetune": (["eval_limit=16", "data.val_limit=16"], "data.holdout=16"),
+              "segment": (["eval_limit=2", "data.val_limit=2"], None)}
 
 
 def usages(recipe: Path) -> list[str]:
@@ -105,14 +106,14 @@ def eval_limit(task: str) -> str | None:
     from tinymim.core.config import ConfigError
     from tinymim.tasks import load_config
 
-    limit, fallback = EVAL_LIMIT.get(task, (None, None))
-    if limit is None:
-        return None
-    try:
-        load_config(task, None, [limit])
-    except ConfigError:
-        return fallback
-    return limit
+    limits, fallback = EVAL_LIMIT.get(task, ([], None))
+    for limit in limits:
+        try:
+            load_config(task, None, [limit])
+        except ConfigError:
+            continue
+        return limit
+    return fallback
 
 
 def shrunk(command: str) -> list[str]:
