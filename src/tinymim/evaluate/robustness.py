@@ -33,7 +33,7 @@ from tinymim.core.guards import check_classes
 from tinymim.core.rundir import RunDir
 from tinymim.data.classification import ClassifyDataConfig, build_eval_loader, classification_sums, sums_to_metrics
 from tinymim.data.images import warn_unreadable
-from tinymim.data.sources import is_tar
+from tinymim.data.sources import data_root, is_tar
 from tinymim.evaluate.corruptions import IMAGENET_C
 from tinymim.evaluate.exportable import build_exportable
 from tinymim.models.vit import TokenFeatures
@@ -146,7 +146,7 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg = load_classifier(source, weights)
     model.to(dev)
-    root = Path(data)
+    root = Path(data_root(str(data)))  # a tar of the folder is extracted once
     if not root.is_dir():
         raise TinymimError(f"evaluation data {root} does not exist; pass --data an ImageFolder, a class subset "
                            "or a corruption tree")
