@@ -39,7 +39,8 @@ DOC_ORDER = ["configuration.md", "data.md", "method.md", "evaluation.md", "expor
              "code.md", "reliability.md"]
 TRAINING = ("distill", "mae", "finetune", "linprobe", "segment", "pipeline")
 # what every shrunk command also gets, so no evaluation reads a whole test split
-EVAL_LIMIT = {"finetune": "data.val_limit=64", "linprobe": "data.val_limit=64", "segment": "data.val_limit=2"}
+EVAL_LIMIT = {"finetune": "eval_limit=64", "linprobe": "eval_limit=64", "segment": "eval_limit=2"}
+EVAL_FLAG = ["--limit", "16"]  # tinymim eval's
 # tinymim paths named in the pages: `src/...`, `recipes/...`, ... (placeholders such as <layer> aside)
 REPO_PATH = re.compile(r"`((?:src|recipes|docs|benchmarks|tests|examples)/[^`\s<>{}*]*)`")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -161,9 +162,16 @@ def workspace(tmp_path_factory):
 
 
 @functools.cache
+def eval_flag_known() -> bool:
+    from tinymim.cli import build_parser
+
+    return not build_parser().parse_known_args(["eval", "RUN", "--data", "DIR", *EVAL_FLAG])[1]
+
+
+@functools.cache
 def eval_limits() -> dict[str, str]:
     """EVAL_LIMIT's overrides for the tasks whose config has the key (a speed-up only: no block's result
-    depends on it)."""
+    depends on it; shrunk `tinymim eval` lines get EVAL_FLAG the same way)."""
     from tinymim.core.config import ConfigError
     from tinymim.tasks import load_config
 
@@ -182,6 +190,8 @@ def shrunk(line: str, overrides: list[str]) -> str:
     words = shlex.split(line)
     if words[:2] == ["tinymim", "demo"]:
         return f"{shlex.quote(sys.executable)} tests/test_docs.py shrunk-demo {shlex.join(words[2:])}"
+    if words[:2] == ["tinymim", "eval"] and eval_flag_known():
+        return f"{line} {shlex.join(EVAL_FLAG)}"
     if words[0] != "tinymim" or len(words) < 2 or words[1] not in TRAINING:
         return line
     task = words[1]
