@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned run (plain, ImageNet-A/R subsets, corruptions), "
                                     "or mIoU of a segment run")
     p.add_argument("source", help="a tinymim finetune or segment run directory")
-    p.add_argument("--data", required=True, help="ImageFolder, 200-class subset folder, or corruption tree")
+    p.add_argument("--data", required=True, help="ImageFolder, 200-class subset folder, or corruption tree "
+                                                  "(or a tar of one)")
     p.add_argument("--protocol", default="auto", choices=["auto", "plain", "subset", "corruptions", "imagenet-c"],
                    help="imagenet-c: a corruption tree of all 15 at severities 1..5, and its mCE (AlexNet-normalized)")
     p.add_argument("--weights", default="best", choices=["best", "last"])
@@ -310,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("knn", help="weighted k-NN accuracy of a model's frozen features")
     p.add_argument("source", help="a run directory, a shipped teacher (builtin:NAME) or weights (then --model)")
-    p.add_argument("--data", required=True, help="labelled ImageFolder: the neighbour bank")
-    p.add_argument("--val", required=True, help="labelled ImageFolder: the queries")
+    p.add_argument("--data", required=True, help="labelled ImageFolder or a tar of one: the neighbour bank")
+    p.add_argument("--val", required=True, help="labelled ImageFolder or a tar of one: the queries")
     p.add_argument("--model", help="timm architecture of a bare weights file")
     p.add_argument("--block", type=int, help="the mean patch token entering this block (1-indexed) of the whole "
                                              "model, instead of --features")
