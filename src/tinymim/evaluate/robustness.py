@@ -13,8 +13,7 @@
   spaced over its sorted files (class folders in order, so every class in proportion), the same N in
   every corruption folder; the report says "N of M images".
 - `corrupt_folder` (evaluate/corruptions.py, `tinymim corrupt`) writes such a corruption tree from any
-  ImageFolder (8 of the 15 corruptions, those that need nothing beyond numpy and Pillow), so
-  CIFAR-10-C-style checks run anywhere.
+  ImageFolder (all 15 with the corruptions extra, six without it), so CIFAR-10-C-style checks run anywhere.
 """
 from __future__ import annotations
 
