@@ -16,7 +16,8 @@ exported as a timm folder (OUT/timm). The rules:
 - batch: at most 256, at most a quarter of the images (4 steps an epoch), and what fits the free
   memory (train/memory.py); loader workers: the cores but one;
 - epochs: about 100,000 images seen, 5 to 300 epochs; warmup: 5% of them;
-- time: two timed training steps; peak memory: train/memory.py's estimate.
+- time: two timed training steps at the batch; peak memory: train/memory.py's estimate before
+  anything is built, then the high-water mark of those steps.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import json
 import math
 import re
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from tinymim.core.rundir import RunDir
 from tinymim.models.checkpoint import BUILTIN_PREFIX, builtin_teacher, is_timm_weights, load_state_dict
 from tinymim.models.vit import HUB_PREFIXES, ModelConfig, vit_sizes
 from tinymim.train.memory import (
+    WORKER_BYTES,
     MemoryFitError,
     available_bytes,
     distill_estimate,
@@ -320,18 +323,25 @@ def plan(data: str, teacher: str, student: str, img_size: int | None = None, bat
     return cfg, p
 
 
-def timed_step_seconds(cfg, images: int = 16, repeats: int = 2) -> float:
-    """Seconds per image of one training step (teacher forward, student forward and backward, as the
-    engine runs them), timed on random images after one warm-up step."""
+def timed_steps(cfg, repeats: int = 1) -> tuple[float, float | None]:
+    """(seconds per training step, peak bytes) at the run's batch: teacher forward, student forward and
+    backward as the engine runs them, on random images, timed after one warm-up step. The peak is the
+    process's high-water mark (CPU) or the GPU's allocations; None where it cannot be read."""
+    import resource
+
     from tinymim.tasks.distill import build_distill_task
 
     device = torch.device("cpu" if runs_on_cpu(cfg.train.device) else "cuda")
+    if device.type == "cpu":
+        from tinymim.train.distributed import cpu_performance_settings
+
+        cpu_performance_settings()  # as the engine sets them: without, denormals slow the steps several-fold
     task = build_distill_task(cfg)
     task.to(device)
     task.prepare(device, cfg.train.precision)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-    t_img, s_img = cfg.teacher.model.img_size, cfg.data.img_size
-    x_t, x_s = torch.randn(images, 3, t_img, t_img, device=device), torch.randn(images, 3, s_img, s_img, device=device)
+    t_img, s_img, batch = cfg.teacher.model.img_size, cfg.data.img_size, cfg.train.batch_size // cfg.train.accum_steps
+    x_t, x_s = torch.rand(batch, 3, t_img, t_img, device=device), torch.rand(batch, 3, s_img, s_img, device=device)
     took = []
     for _ in range(1 + repeats):
         start = time.perf_counter()
@@ -341,8 +351,12 @@ def timed_step_seconds(cfg, images: int = 16, repeats: int = 2) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         took.append(time.perf_counter() - start)
-    del task
-    return min(took[1:]) / images
+    del task, losses
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return min(took[1:]) * cfg.train.accum_steps, peak
 
 
 def next_commands(run: Path, export: Path, cfg) -> list[str]:
@@ -374,13 +388,17 @@ def distill(data: str | Path, teacher: str, student: str, output: str | Path, *,
     cfg, p = plan(str(data), teacher, student, img_size, batch_size, epochs, list(overrides))
     for line in p.lines:
         say(f"  {line}", flush=True)
-    per_image = timed_step_seconds(cfg)
+    per_step, peak = timed_steps(cfg)
     steps = max(1, p.images // cfg.train.batch_size) * cfg.train.epochs
     if cfg.train.max_steps:
         steps = min(steps, cfg.train.max_steps)
-    seconds = steps * cfg.train.batch_size * per_image
-    say(f"  time: about {seconds / 60:.1f} min ({steps} steps of {cfg.train.batch_size} images at "
-        f"{1 / per_image:.0f} images/s, from two timed steps)", flush=True)
+    say(f"  time: about {steps * per_step / 60:.1f} min of training ({steps} steps of {per_step:.2f} s, "
+        f"{cfg.train.batch_size / per_step:.0f} images/s, from two timed steps)", flush=True)
+    if peak is not None:
+        workers = min(cfg.data.num_workers, usable_cores())
+        say(f"  measured in those steps: peak memory {gib(peak)}" + (
+            f" (+ about {gib(workers * WORKER_BYTES)} for {workers} loader workers)" if workers and runs_on_cpu(
+                cfg.train.device) else " on the GPU"), flush=True)
     output = Path(output)
     metrics = run("distill", cfg, output)
     export = output / "timm"
