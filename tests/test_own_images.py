@@ -171,3 +171,11 @@ def test_one_call_trains_prints_the_derived_settings_and_exports_a_timm_folder(t
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():  # the same features as tinymim's own loader gives for the run
         assert torch.allclose(model(x), tinymim.load_vit(out)(x), atol=1e-5)
+
+
+def test_loader_workers_are_capped_at_the_cores():
+    from tinymim.data.loader import build_loader
+    from tinymim.data.pretrain import DataConfig
+
+    loader, _ = build_loader(DataConfig(name="synthetic", img_size=32, num_workers=64, synthetic_size=16), 8)
+    assert loader.num_workers == min(64, memory.usable_cores())
