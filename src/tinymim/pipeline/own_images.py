@@ -267,7 +267,7 @@ def plan(data: str, teacher: str, student: str, img_size: int | None = None, bat
     # batch: what fits, at most a quarter of the images, at most MAX_BATCH
     on_cpu = runs_on_cpu(cfg.train.device)
     if free is None:
-        free = available_bytes() if on_cpu else torch.cuda.mem_get_info()[1]
+        free = available_bytes() if on_cpu else torch.cuda.mem_get_info()[0]
     est, _, _ = distill_estimate(cfg)
     fit = est.largest_batch(free) if free else MAX_BATCH
     where = "free memory" if on_cpu else "GPU memory"
