@@ -240,22 +240,30 @@ class Segmenter(nn.Module):
 
 
 @torch.no_grad()
-def slide_inference(model: nn.Module, img: torch.Tensor, num_classes: int, window: int, stride: int) -> torch.Tensor:
+def slide_inference(model: nn.Module, img: torch.Tensor, num_classes: int, window: int, stride: int,
+                    max_batch: int = 16) -> torch.Tensor:
     """Logits (B x C x H x W) averaged over windows of `window` pixels every `stride` pixels, the last
     window of a row or column moved back to end at the border (mmseg's `slide_inference`). An image
-    smaller than the window is inferred whole."""
+    smaller than the window is inferred whole. The windows go through the model together, up to
+    `max_batch` crops a pass (mmseg runs them one by one: the same logits, in fewer, fuller passes)."""
     b, _, h, w = img.shape
     if h <= window and w <= window:
         return model(img)
     rows = max(h - window + stride - 1, 0) // stride + 1
     cols = max(w - window + stride - 1, 0) // stride + 1
-    logits = img.new_zeros((b, num_classes, h, w))
-    count = img.new_zeros((1, 1, h, w))
+    boxes = []  # (y1, y2, x1, x2) of every window: all the same size, so they stack
     for r in range(rows):
         for c in range(cols):
             y2, x2 = min(r * stride + window, h), min(c * stride + window, w)
-            y1, x1 = max(y2 - window, 0), max(x2 - window, 0)
-            logits[:, :, y1:y2, x1:x2] += model(img[:, :, y1:y2, x1:x2])
+            boxes.append((max(y2 - window, 0), y2, max(x2 - window, 0), x2))
+    logits = img.new_zeros((b, num_classes, h, w))
+    count = img.new_zeros((1, 1, h, w))
+    per_pass = max(1, max_batch // b)  # windows a pass, each cut from all b images
+    for i in range(0, len(boxes), per_pass):
+        group = boxes[i:i + per_pass]
+        out = model(torch.cat([img[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group]))
+        for j, (y1, y2, x1, x2) in enumerate(group):
+            logits[:, :, y1:y2, x1:x2] += out[j * b:(j + 1) * b]
             count[:, :, y1:y2, x1:x2] += 1
     return logits / count
 

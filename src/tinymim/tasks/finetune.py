@@ -44,6 +44,8 @@ from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weigh
 from tinymim.models.vit import create_vit
 from tinymim.tasks.base import Task, TaskSpec, load_run_model
 from tinymim.tasks.finetune_config import DistillationConfig, FinetuneConfig, load, resolve, training_classes
+from tinymim.tasks.segment_eval import limit_split, limited_split_size
+from tinymim.train.bookkeeping import evaluation_bar
 
 log = logging.getLogger("tinymim")
 
@@ -68,6 +70,7 @@ class FinetuneTask(Task):
             self.criterion = nn.CrossEntropyLoss()
         self.ema = None
         self.eval_loader = None
+        self.eval_of: int | None = None  # the evaluation split's size, when eval_limit cuts it
         self.classes: list[str] | None = None  # the training data's, set with its loader
 
     def setup_model_ema(self) -> None:
@@ -120,11 +123,15 @@ class FinetuneTask(Task):
         if self.eval_loader is None or (epoch % self.cfg.eval_every and epoch != self.last_epoch):
             return None
         model = self.ema.module if self.ema is not None else self.model
-        sums = classification_sums(model, self.eval_loader, self.device)
+        batches = evaluation_bar(self.eval_loader, f"{self.name} eval", self.cfg.train.progress)
+        sums = classification_sums(model, batches, self.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         metrics = sums_to_metrics(sums)
-        metrics.pop("images")
+        if self.eval_of is None:
+            metrics.pop("images")
+        else:  # eval_limit: on N of the split's M images
+            metrics["of_images"] = self.eval_of
         return metrics
 
     def export(self, run_dir: Path) -> None:
@@ -264,7 +271,10 @@ def classify_loaders(task, batch: int, rank: int, world: int, seed: int):
     loader, sampler = build_classify_loaders(task.cfg.data, batch, rank, world, seed)
     classes = list(loader.dataset.source.classes)
     check_num_classes(task.num_classes, classes)
-    task.eval_loader = build_eval_loader(task.cfg.data, max(1, batch), rank, world)
+    split = "held-out training images" if task.cfg.data.holdout else "evaluation split"
+    task.eval_loader = limit_split(build_eval_loader(task.cfg.data, max(1, batch), rank, world), task.cfg.eval_limit,
+                                   rank, world)
+    task.eval_of = limited_split_size(task.eval_loader, task.cfg.eval_limit, split)
     check_classes(classes, task.eval_loader.dataset.dataset.source.classes,
                   f"the evaluation data ({task.cfg.data.val_root or task.cfg.data.name})",
                   "give data.val_root the class folders of the training data")

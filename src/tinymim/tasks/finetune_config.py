@@ -48,6 +48,9 @@ class FinetuneConfig:
     label_smoothing: float = 0.1  # label smoothing of the cross-entropy
     ema_decay: float | None = None  # e.g. 0.9999; None = no EMA
     eval_every: int = 1  # evaluate every N epochs (and at the end of the run)
+    # evaluate on this many images of the evaluation split, evenly spaced over it (the same ones every time,
+    # as tinymim eval --limit picks them); the metrics say "N of M". null: the whole split
+    eval_limit: int | None = None
     distillation: DistillationConfig = field(default_factory=DistillationConfig)  # needs model.dist_token
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -62,6 +65,7 @@ class FinetuneConfig:
             raise ValueError("mixup and cutmix must be 0 or more, label_smoothing in [0, 1)")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be 1 or more, got {self.eval_every}")
+        check_eval_limit(self.eval_limit)
         if self.distillation.teacher and not self.model.dist_token:
             raise ValueError(f"distillation.teacher={self.distillation.teacher} trains a distillation head, which "
                              "this model lacks: set model.dist_token=true (or distillation.teacher=null)")
@@ -72,6 +76,11 @@ def validate_classifier(cfg) -> None:
     check_input_size(cfg.model, cfg.data.img_size, "model")
     if cfg.num_classes is not None and cfg.num_classes < 1:
         raise ValueError(f"num_classes must be positive (or null: the training data's), got {cfg.num_classes}")
+
+
+def check_eval_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"eval_limit must be 1 or more (or null: the whole split), got {limit}")
 
 
 def resolve(cfg: FinetuneConfig) -> FinetuneConfig:

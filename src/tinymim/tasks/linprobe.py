@@ -15,7 +15,7 @@ from tinymim.core.config import checked_copy
 from tinymim.models.vit import ModelConfig
 from tinymim.tasks.base import TaskSpec
 from tinymim.tasks.finetune import ClassifyDataConfig, FinetuneTask, build_classifier, classify_loaders
-from tinymim.tasks.finetune_config import FinetuneConfig, training_classes, validate_classifier
+from tinymim.tasks.finetune_config import FinetuneConfig, check_eval_limit, training_classes, validate_classifier
 from tinymim.tasks.init_run import load_with_init
 from tinymim.train.config import TrainConfig
 
@@ -27,12 +27,16 @@ class LinearProbeConfig:
     num_classes: int | None = None  # null: the training data's class count
     # token: the class token (MAE's probe); avg: mean of the patch tokens
     global_pool: Literal["avg", "token"] = "token"
+    # evaluate on this many images of the evaluation split, evenly spaced over it (the same ones every time,
+    # as tinymim eval --limit picks them); the metrics say "N of M". null: the whole split
+    eval_limit: int | None = None
     data: ClassifyDataConfig = field(default_factory=lambda: ClassifyDataConfig(auto_augment=None, reprob=0.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=90, batch_size=16384, blr=0.1, warmup_epochs=10, weight_decay=0.0, optimizer="lars"))
 
     def validate(self) -> None:
         validate_classifier(self)
+        check_eval_limit(self.eval_limit)
         if self.model.drop_path_rate > 0:  # the frozen backbone runs in eval mode: it would never apply
             raise ValueError(f"model.drop_path_rate={self.model.drop_path_rate} cannot apply to a linear probe "
                              "(its backbone is frozen, in eval mode); set model.drop_path_rate=0")
@@ -91,7 +95,8 @@ def resolve(cfg: LinearProbeConfig) -> LinearProbeConfig:
 def build_linprobe_task(cfg: LinearProbeConfig) -> LinearProbeTask:
     cfg = resolve(cfg)
     ft = FinetuneConfig(model=cfg.model, init=cfg.init, num_classes=cfg.num_classes, global_pool=cfg.global_pool,
-                        mixup=0.0, cutmix=0.0, label_smoothing=0.0, data=cfg.data, train=cfg.train)
+                        mixup=0.0, cutmix=0.0, label_smoothing=0.0, eval_limit=cfg.eval_limit, data=cfg.data,
+                        train=cfg.train)
     backbone = build_classifier(ft, 0)
     return LinearProbeTask(ProbeModel(backbone, cfg.num_classes), ft, cfg.num_classes)
 

@@ -27,7 +27,13 @@ from tinymim.models.segmenter import Segmenter, add_relative_position_bias, mmse
 from tinymim.models.vit import ModelConfig, check_input_size, create_vit
 from tinymim.tasks.base import Task, TaskSpec, load_run_model
 from tinymim.tasks.init_run import load_with_init
-from tinymim.tasks.segment_eval import eval_loader, evaluate_segmenter, prediction_picture, spread_picks
+from tinymim.tasks.segment_eval import (
+    eval_loader,
+    evaluate_segmenter,
+    limited_split_size,
+    prediction_picture,
+    spread_picks,
+)
 from tinymim.train.config import TrainConfig
 
 log = logging.getLogger("tinymim")
@@ -60,6 +66,9 @@ class SegmentConfig:
     # "pytorch" (PyTorch's defaults)
     head_init: Literal["mmseg", "pytorch"] = "mmseg"
     eval_every: int = 1  # validate every N epochs (and at the end of the run)
+    # validate on this many images of the split, evenly spaced over it (the same ones every time, as
+    # tinymim eval --limit picks them); the metrics say "N of M". null: the whole split
+    eval_limit: int | None = None
     data: SegmentDataConfig = field(default_factory=SegmentDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=10_000, max_steps=160_000, batch_size=16, lr=1e-4, warmup_steps=1500, schedule="poly",
@@ -71,6 +80,10 @@ class SegmentConfig:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be 1 or more, got {self.eval_every}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(f"eval_limit must be 1 or more (or null: the whole split), got {self.eval_limit}")
+        if self.data.eval_batch_size < 1:
+            raise ValueError(f"data.eval_batch_size must be 1 or more, got {self.data.eval_batch_size}")
         if self.layer_scale is not None and self.layer_scale <= 0:
             raise ValueError(f"layer_scale must be positive (the release: 1.0) or null, got {self.layer_scale}")
         if not 0 <= self.data.hue_delta <= 90:
@@ -109,6 +122,7 @@ class SegmentTask(Task):
         super().__init__(model)
         self.model, self.cfg = model, cfg
         self.eval_loader = None
+        self.eval_of: int | None = None  # the evaluation split's size, when eval_limit cuts it
         self.classes: list[str] | None = None
         self.sync_bn = False
 
@@ -161,7 +175,10 @@ class SegmentTask(Task):
             # training forward, but the last step updated each process's own): evaluate rank 0's model
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, 0)
-        metrics = evaluate_segmenter(self.model, self.eval_loader, self.cfg.data, self.device)
+        metrics = evaluate_segmenter(self.model, self.eval_loader, self.cfg.data, self.device,
+                                     progress=self.cfg.train.progress)
+        if self.eval_of is not None:  # eval_limit: on N of the split's M images
+            metrics.update(images=self.cfg.eval_limit - metrics.get("skipped_images", 0), of_images=self.eval_of)
         return {k: v for k, v in metrics.items() if k != "per_class_iou"}
 
     def export(self, run_dir: Path) -> None:
@@ -222,7 +239,8 @@ def segment_loaders(task: SegmentTask, batch: int, rank: int, world: int, seed: 
     loader = tud.DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_segment,
                             worker_init_fn=worker_init, generator=torch.Generator().manual_seed(seed),
                             prefetch_factor=2 if cfg.num_workers else None)
-    task.eval_loader = eval_loader(cfg, cfg.val_split, rank, world)
+    task.eval_loader = eval_loader(cfg, cfg.val_split, rank, world, task.cfg.eval_limit)
+    task.eval_of = limited_split_size(task.eval_loader, task.cfg.eval_limit, f"{cfg.val_split} split")
     task.classes = train.folder.classes
     return loader, sampler
 

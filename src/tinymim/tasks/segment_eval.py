@@ -1,10 +1,12 @@
 """A segmenter's evaluation (tasks/segment.py trains it): class indices by sliding-window or
-whole-image inference, the one-image-at-a-time evaluation loader, mIoU, mAcc, aAcc and per-class IoU
-from a confusion matrix summed over processes, and a picture of its predictions.
+whole-image inference, the evaluation loader (cut to N evenly spaced images by
+`limit_split`, which fine-tuning's evaluation uses too), mIoU, mAcc, aAcc and per-class IoU from a
+confusion matrix summed over processes, and a picture of its predictions.
 """
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +23,13 @@ from tinymim.data.segmentation import (
     SegmentationDataset,
     SegmentationFolder,
     SegmentDataConfig,
-    collate_segment,
+    collate_segment_eval,
     eval_transform,
 )
 from tinymim.models.segmenter import confusion_matrix, segmentation_metrics, slide_inference
+from tinymim.train.bookkeeping import evaluation_bar
+
+log = logging.getLogger("tinymim")
 
 
 @torch.no_grad()
@@ -37,31 +42,47 @@ def predict(model: nn.Module, x: torch.Tensor, cfg: SegmentDataConfig, size) -> 
     return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False).argmax(1)
 
 
-def eval_loader(cfg: SegmentDataConfig, split: str, rank: int = 0, world: int = 1) -> tud.DataLoader:
-    """One image at a time (labels keep their own sizes), each process a strided shard of the split.
-    Its label maps are checked now: in training, before the first epoch, not after it."""
+def limited_split_size(loader: tud.DataLoader, limit: int | None, what: str) -> int | None:
+    """The split's size when `limit` cut `loader` (limit_split) to fewer images, said in one line; else None."""
+    size = len(loader.dataset.dataset)
+    if limit is None or limit >= size:
+        return None
+    log.info("evaluating on %d of the %d images of the %s (eval_limit), evenly spaced over it", limit, size, what)
+    return size
+
+
+def eval_loader(cfg: SegmentDataConfig, split: str, rank: int = 0, world: int = 1,
+                limit: int | None = None) -> tud.DataLoader:
+    """data.eval_batch_size images at a time (labels keep their own sizes: images of one size stack, others
+    go one by one), each process a strided shard of the split, or of `limit` images evenly spaced over
+    it. Its label maps are checked now: in training, before the first epoch, not after it."""
     folder = SegmentationFolder(cfg, split)
     folder.check_labels()
     val = SegmentationDataset(folder, cfg, train=False)
-    return tud.DataLoader(tud.Subset(val, range(rank, len(val), world)), batch_size=1, num_workers=cfg.num_workers,
-                          collate_fn=collate_segment, worker_init_fn=worker_init)
+    loader = tud.DataLoader(tud.Subset(val, range(rank, len(val), world)), batch_size=cfg.eval_batch_size,
+                            num_workers=cfg.num_workers, collate_fn=collate_segment_eval, worker_init_fn=worker_init)
+    return limit_split(loader, limit, rank, world)
 
 
 @torch.no_grad()
 def evaluate_segmenter(model: nn.Module, loader, cfg: SegmentDataConfig, device: torch.device,
-                       class_names=None) -> dict:
-    """Metrics over a loader of single images (labels at their own size); the confusion matrix is summed
-    over processes under torchrun."""
+                       class_names=None, progress: bool = False) -> dict:
+    """Metrics over an evaluation loader (eval_loader's batches, or single images; labels at their own
+    size); the confusion matrix is summed over processes under torchrun. progress: a bar over the images
+    while they are scored."""
     was_training = model.training
     model.eval()
     cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.int64, device=device)
     skipped = torch.zeros((), dtype=torch.int64, device=device)
-    for batch in loader:
-        skipped += int(batch.get("skipped", 0))
-        if batch.get("skipped"):  # an unreadable image: left out of the scores, counted
-            continue
-        x, label = batch["image"].to(device), batch["label"].to(device)
-        cm += confusion_matrix(predict(model, x, cfg, label.shape[-2:]), label, cfg.num_classes, cfg.ignore_index)
+    for batches in evaluation_bar(loader, "segment eval", progress):
+        for batch in batches if isinstance(batches, list) else [batches]:  # images of one size each
+            skipped += int(batch.get("skipped", 0))
+            if batch.get("skipped", 0) == len(batch["image"]):  # nothing readable: left out of the scores, counted
+                continue
+            # an unreadable image among readable ones: its label map is all ignored, it adds nothing
+            x, label = batch["image"].to(device), batch["label"].to(device)
+            cm += confusion_matrix(predict(model, x, cfg, label.shape[-2:]), label, cfg.num_classes,
+                                   cfg.ignore_index)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(cm)
         dist.all_reduce(skipped)
@@ -77,6 +98,20 @@ def spread_picks(n: int, count: int) -> list[int]:
     not neighbours (consecutive frames of a video look alike)."""
     count = min(count, n)
     return sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def limit_split(loader: tud.DataLoader, limit: int | None, rank: int = 0, world: int = 1) -> tud.DataLoader:
+    """An evaluation loader (this process's strided share of a split) cut to `limit` images of the split,
+    evenly spaced over it (spread_picks: the same images in every evaluation and run, every class of a
+    folder tree listed class by class), each process a strided share of them; without a limit, or with
+    one the split does not exceed, the loader as it is. Fine-tuning's evaluation is cut the same way."""
+    split = loader.dataset.dataset
+    if limit is None or limit >= len(split):
+        return loader
+    picks = spread_picks(len(split), limit)
+    return tud.DataLoader(tud.Subset(split, picks[rank::world]), batch_size=loader.batch_size,
+                          num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                          worker_init_fn=loader.worker_init_fn)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """The training loop's bookkeeping: its `Plan` (the run's length in optimizer steps) and `TrainState`
 (what a step advances and a checkpoint keeps), the log window and `RunLogs` (metrics.jsonl, the trackers,
-the progress bar), the `Checkpointer` (checkpoints/last.pt, with every process's RNG state) and the
-repair of a finished run whose final files went missing."""
+the progress bar), `evaluation_bar` (an evaluation's own), the `Checkpointer` (checkpoints/last.pt, with
+every process's RNG state) and the repair of a finished run whose final files went missing."""
 from __future__ import annotations
 
 import logging
@@ -133,6 +133,19 @@ class Checkpointer:
                         "best": state.best, "config": self.config, "data": self.data_id, "evaluated": evaluated},
                        self.run.checkpoint)
         self.saved_step = state.step
+
+
+def evaluation_bar(loader, desc: str, enabled: bool):
+    """The loader's batches, with a progress bar over its images while an evaluation reads them (beside the
+    training bar, gone when done): on the main process, when `enabled` (train.progress)."""
+    if not enabled or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        yield from loader
+        return
+    total, size = len(loader.dataset), loader.batch_size or 1
+    with tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True) as bar:
+        for batch in loader:
+            yield batch
+            bar.update(min(size, total - bar.n))
 
 
 def _repair_finished(task, run: RunDir, config: dict, resume: dict) -> None:
