@@ -184,7 +184,9 @@ def test_eval_limit_on_a_segment_run(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--data", str(root), "--workers", "0", "--limit", "3", "--json",
                  str(tmp_path / "limited.json")]) == 0
-    assert "(3 of 7 images of split val, evenly spaced: --limit 3)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "(3 of 7 images of split val, evenly spaced: --limit 3)" in out
+    assert "segment eval" in err and "0/3 " in err  # a progress bar over the 3 images
     assert main(["eval", str(tmp_path / "run"), "--data", str(root), "--split", "picked", "--workers", "0",
                  "--json", str(tmp_path / "picked.json")]) == 0
     limited, picked = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("limited", "picked"))

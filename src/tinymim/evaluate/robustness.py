@@ -141,7 +141,7 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
     if limit is not None and limit < 1:
         raise TinymimError(f"--limit must be a positive number of images, got {limit}")
     if RunDir(source).task() == "segment":
-        return evaluate_segmentation_run(source, data, split or "val", num_workers, limit)
+        return evaluate_segmentation_run(source, data, split or "val", num_workers, limit, progress)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg = load_classifier(source, weights)
     model.to(dev)

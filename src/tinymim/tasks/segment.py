@@ -32,7 +32,6 @@ from tinymim.tasks.segment_eval import (
     evaluate_segmenter,
     limited_split_size,
     prediction_picture,
-    spread_picks,
 )
 from tinymim.train.config import TrainConfig
 
@@ -259,19 +258,17 @@ SPEC = TaskSpec(task=SegmentTask, config=SegmentConfig, resolve=resolve, build=b
 
 
 def evaluate_segmentation_run(run_dir: str | Path, data_root: str | Path, split: str, num_workers: int = 2,
-                              limit: int | None = None) -> dict:
+                              limit: int | None = None, progress: bool = False) -> dict:
     """mIoU, mAcc, aAcc and per-class IoU of a segment run on `data_root`/images/`split` (its own settings);
-    with `limit`, on that many images evenly spaced over the split (tinymim eval --limit)."""
+    with `limit`, on that many images evenly spaced over the split (tinymim eval --limit, as eval_limit
+    picks them); with `progress`, a bar over the images."""
     trained = load_run_model(SPEC, run_dir)
     model, cfg = trained.model, trained.config
     data = replace(cfg.data, root=str(data_root), num_workers=num_workers)
-    loader = eval_loader(data, split)
+    loader = eval_loader(data, split, limit=limit)
     folder = loader.dataset.dataset.folder
-    if limit is not None and limit < len(folder):
-        loader = tud.DataLoader(tud.Subset(loader.dataset, spread_picks(len(folder), limit)), batch_size=1,
-                                num_workers=num_workers, collate_fn=collate_segment, worker_init_fn=worker_init)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = evaluate_segmenter(model.to(device), loader, data, device, folder.classes)
+    metrics = evaluate_segmenter(model.to(device), loader, data, device, folder.classes, progress=progress)
     skipped = metrics.pop("skipped_images", 0)
     images = len(loader.dataset) - skipped
     warn_unreadable(skipped, images)
