@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.utils.data as tud
 from timm.data import ImageNetInfo
 
 from tinymim.core.errors import TinymimError
@@ -39,7 +38,7 @@ from tinymim.models.vit import TokenFeatures
 from tinymim.tasks import TASKS
 from tinymim.tasks.base import load_run_model
 from tinymim.tasks.segment import evaluate_segmentation_run
-from tinymim.tasks.segment_eval import spread_picks
+from tinymim.tasks.segment_eval import limit_split
 from tinymim.train.knn import _sample, knn_loader_accuracy
 
 log = logging.getLogger(__name__)
@@ -101,15 +100,6 @@ def counted(loader, progress):
         yield batch
         if progress is not None:
             progress.update(len(batch["label"]) + int(batch.get("skipped", 0)))
-
-
-def limited(loader: tud.DataLoader, limit: int | None) -> tud.DataLoader:
-    """The loader over `limit` of its images, evenly spaced over its (sorted) dataset; itself without a limit."""
-    if limit is None or limit >= len(loader.dataset):
-        return loader
-    return tud.DataLoader(tud.Subset(loader.dataset, spread_picks(len(loader.dataset), limit)),
-                          batch_size=loader.batch_size, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                          worker_init_fn=loader.worker_init_fn)
 
 
 def is_imagenet_classifier(classes: list[str] | None, num_classes: int) -> bool:
@@ -175,7 +165,7 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
         dcfg = replace(cfg.data, name="folder", val_root=str(folder), num_workers=num_workers)
         loader = build_eval_loader(dcfg, batch_size)
         folder_images[str(folder)] = len(loader.dataset)
-        return limited(loader, limit)
+        return limit_split(loader, limit)  # the images fine-tuning's eval_limit picks
 
     def scored(loaders: dict, class_indices=None) -> dict:
         """name -> evaluate_folder of each loader, under one progress bar over all their images."""
