@@ -110,3 +110,14 @@ def test_a_stopped_short_run_resumes_on_the_same_schedule(tmp_path, monkeypatch)
     assert resumed == straight[4:]  # steps 5..12 again, each on the lr of the unstopped run
     assert [r["lr"] for r in RunDir(tmp_path / "stopped").read_metrics()] == [
         r["lr"] for r in RunDir(tmp_path / "straight").read_metrics()]
+
+
+def test_tinymim_config_explains_max_steps_and_the_warmup_rule(capsys):
+    from tinymim.cli import main
+
+    assert main(["config", "finetune"]) == 0
+    lines = {line.split(" = ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "whole lr schedule, warmup then cosine (or poly) down to min_lr, is fitted into them" in lines[
+        "train.max_steps"]
+    assert "keeps the same share of it" in lines["train.warmup_epochs"]
+    assert "cut to half the run at most" in lines["train.warmup_steps"]
