@@ -163,6 +163,21 @@ def test_eval_limit_scores_evenly_spaced_images_with_a_progress_bar(tmp_path, ca
     assert err.count("\n") == 1 and "--limit must be a positive number of images, got 0" in err
 
 
+def test_eval_scores_the_data_given_for_a_run_that_held_out_training_images(tmp_path, capsys):
+    """A run fine-tuned with data.holdout evaluated on held-out training images; tinymim eval --data scores
+    the folder it is given, not those."""
+    import json
+
+    from test_downstream import tiny_finetune_config
+
+    cfg = tiny_finetune_config(max_steps=2)
+    cfg.data.synthetic_classes, cfg.data.holdout = 3, 40
+    tasks.run("finetune", cfg, str(tmp_path / "run"))
+    assert main(["eval", str(tmp_path / "run"), "--data", str(_labelled_folder(tmp_path / "clean", 9)),
+                 "--workers", "0", "--json", str(tmp_path / "r.json")]) == 0
+    assert "(9 images)" in capsys.readouterr().out and json.loads((tmp_path / "r.json").read_text())["images"] == 9
+
+
 def test_eval_limit_on_a_segment_run(tmp_path, capsys):
     """A segment run's --limit N scores the N frames spread over the split: the same mIoU as a split of just those."""
     import json

@@ -162,7 +162,8 @@ def evaluate_path(source, data: str | Path, protocol: str = "auto", weights: str
     folder_images = {}  # each evaluated folder's images, before the limit
 
     def loader_for(folder):
-        dcfg = replace(cfg.data, name="folder", val_root=str(folder), num_workers=num_workers)
+        # holdout=0: a run that held out training images for its evaluations is scored on --data, not on them
+        dcfg = replace(cfg.data, name="folder", val_root=str(folder), num_workers=num_workers, holdout=0)
         loader = build_eval_loader(dcfg, batch_size)
         folder_images[str(folder)] = len(loader.dataset)
         return limit_split(loader, limit)  # the images fine-tuning's eval_limit picks
