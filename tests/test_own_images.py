@@ -179,3 +179,16 @@ def test_loader_workers_are_capped_at_the_cores():
 
     loader, _ = build_loader(DataConfig(name="synthetic", img_size=32, num_workers=64, synthetic_size=16), 8)
     assert loader.num_workers == min(64, memory.usable_cores())
+
+
+def test_an_indexed_shard_folder_and_a_brace_pattern_are_data_too(tmp_path):
+    from tinymim.data.shard_writer import write_shards
+    from tinymim.data.sources import FolderImages
+
+    write_images(tmp_path / "tree" / "things", n=12, nested=False)
+    write_shards(FolderImages(tmp_path / "tree"), tmp_path / "shards", 5, 0)  # 3 shards of 5, 5 and 2
+    cfg, plan = own_images.plan(str(tmp_path / "shards"), TEACHER, "dim64,depth2,heads2", free=16 * GiB)
+    assert (cfg.data.name, plan.images) == ("shards", 12)
+    cfg, plan = own_images.plan(str(tmp_path / "shards" / "shard-{000000..000001}.tar"), TEACHER,
+                                "dim64,depth2,heads2", free=16 * GiB)
+    assert (cfg.data.name, plan.images) == ("shards", 10)
