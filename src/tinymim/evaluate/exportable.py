@@ -212,8 +212,9 @@ def plain_timm_snippet(info: dict, weights: str) -> str | None:
 def vit_title(model: torch.nn.Module) -> str:
     """What the model is, from the model itself (a custom size rides on a timm name that is not it)."""
     blocks = len(model.blocks)
-    return (f"ViT, {blocks} block{'s' if blocks != 1 else ''} {model.embed_dim} wide, {model.blocks[0].attn.num_heads} heads, "
-            f"patch {model.patch_embed.patch_size[0]}, {model.patch_embed.img_size[0]}px")
+    return (f"ViT, {blocks} block{'s' if blocks != 1 else ''} {model.embed_dim} wide, "
+            f"{model.blocks[0].attn.num_heads} heads, patch {model.patch_embed.patch_size[0]}, "
+            f"{model.patch_embed.img_size[0]}px")
 
 
 def load_vit(spec: str | Path, model_name: str | None = None, features: str = "auto",

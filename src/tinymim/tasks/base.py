@@ -139,6 +139,10 @@ class TaskSpec:
     trained_state: Callable[[dict], dict] | None = None
     # where the trained module sits in the trainable module a checkpoint holds ("vit.": DistillStudent.vit)
     checkpoint_prefix: str = ""
+    # a resolved config -> None, or a one-line ConfigError: what must hold before a run builds anything
+    # (distill: the estimated peak memory fits the machine). Run by the engine only, not by build, so that
+    # building a task to inspect it (tests, tinymim.build_task) allocates without asking
+    fits: Callable[[Any], None] | None = None
 
     @property
     def name(self) -> str:

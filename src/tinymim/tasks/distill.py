@@ -233,7 +233,6 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
     """Build and check a teacher/student pair from `cfg` (resolved here: the caller's is not changed);
     errors name the mismatch and the fix."""
     cfg = resolve(cfg)
-    check_distill_fits(cfg)  # before anything is allocated: a run too big is refused, not killed unannounced
     k, t_heads = cfg.teacher.target_block, cfg.teacher.relation_heads
     teacher = build_teacher(cfg.teacher)
     t_depth, t_width = len(teacher.blocks), teacher.embed_dim
@@ -273,6 +272,6 @@ def _own_transforms(teacher: nn.Module, attn: nn.Module) -> str:
 
 SPEC = TaskSpec(task=DistillTask, config=DistillConfig, resolve=resolve, build=build_distill_task,
                 trained=lambda cfg: create_vit(cfg.student), checkpoint_prefix="vit.",
-                load=load, kind="pretrain",
+                load=load, kind="pretrain", fits=check_distill_fits,
                 upstream="teacher", exports="encoder",
                 help="TinyMIM relation-distillation pre-training of a student ViT")

@@ -435,6 +435,7 @@ class TaskDefinition(Protocol):
     build: Callable  # config -> the Task: models built, weights loaded
     loaders: Callable | None  # (task, global micro batch, rank, world, seed) -> (loader, sampler)
     optimizer_options: Callable  # config -> extra options of build_optimizer (e.g. layer_decay)
+    fits: Callable | None  # resolved config -> None or a one-line error: checked before anything is built
 
 
 def run_task(spec: TaskDefinition, cfg, output: str | Path):
@@ -448,6 +449,8 @@ def run_task(spec: TaskDefinition, cfg, output: str | Path):
     # the run directory is locked before anything is built: a second process refuses at once
     with locked(RunDir(output), ctx.is_main, ctx.distributed), HeldLogs() as held:
         cfg = spec.resolve(cfg)  # what the run directory records: every derived key filled
+        if spec.fits is not None:
+            spec.fits(cfg)  # before anything is allocated: a run too big is refused, not killed unannounced
         seed_everything(cfg.train.seed)
         task = spec.build(cfg)
 
