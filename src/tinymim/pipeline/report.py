@@ -52,9 +52,16 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[^\s`'\",;|)\]]+")
 
 
 def portable(text: str, out: Path) -> str:
-    """`text` with every absolute local path made relative to the report's folder: a report is read on
-    other machines (and may be published), so it names no local folders."""
-    return ABSOLUTE_PATH.sub(lambda m: os.path.relpath(m.group(0), Path(out).resolve()), text)
+    """`text` with every absolute local path made portable: a report is read on other machines (and may
+    be published), so it names no local folders. A path inside the report's folder (a stage's run) becomes
+    relative to it; any other (a teacher checkpoint, the data) is named by its last part only."""
+    home = Path(out).resolve()
+
+    def local(m) -> str:
+        path = Path(m.group(0))
+        return os.path.relpath(path, home) if path.is_relative_to(home) else path.name
+
+    return ABSOLUTE_PATH.sub(local, text)
 
 
 def _fmt(v, spec=".2f") -> str:
