@@ -107,7 +107,8 @@ def run_cli(argv, capsys):
 
 
 @pytest.mark.parametrize("case", ["empty folder", "not images", "grids cannot match", "unknown student",
-                                  "batch cannot fit", "no config, imagenet defaults"])
+                                  "batch cannot fit", "an override cannot fit", "no config, imagenet defaults",
+                                  "one-call flag with a recipe"])
 def test_bad_input_is_one_line_naming_the_fix_and_writes_nothing(case, tmp_path, images, capsys, monkeypatch):
     empty, junk = tmp_path / "empty", tmp_path / "junk"
     empty.mkdir()
@@ -124,7 +125,10 @@ def test_bad_input_is_one_line_naming_the_fix_and_writes_nothing(case, tmp_path,
         "unknown student": ["--data", str(images), "--teacher", TEACHER, "--student", "vit_tinyy_patch16_224"],
         "batch cannot fit": ["--data", str(images), "--teacher", TEACHER, "--student", "vit_tiny_patch16_224",
                              "--batch-size", "100000"],
+        "an override cannot fit": ["--data", str(images), "--teacher", TEACHER, "--student", "vit_tiny_patch16_224",
+                                   "train.batch_size=100000"],
         "no config, imagenet defaults": [],
+        "one-call flag with a recipe": ["--config", "cifar10/distill_micro", "--epochs", "3"],
     }[case]
     code, err = run_cli(["distill", *argv, "--output", str(out)], capsys)
     assert code == 1 and err.startswith("error: ") and "\n" not in err, err
@@ -132,10 +136,14 @@ def test_bad_input_is_one_line_naming_the_fix_and_writes_nothing(case, tmp_path,
     fix = {"empty folder": "no images in", "not images": "can be read",
            "grids cannot match": "give patch4 or an image size divisible by 5 (--img-size 40)",
            "unknown student": "timm.list_models('vit_*')", "batch cannot fit": "--batch-size",
-           "no config, imagenet defaults": "--config cifar10/distill_micro"}[case]
+           "an override cannot fit": "with the overrides given", "no config, imagenet defaults":
+           "--config cifar10/distill_micro", "one-call flag with a recipe": "give train.epochs=VALUE instead"}[case]
     assert fix in err, err
     if case == "batch cannot fit":
         fit = int(err.split("--batch-size ")[-1].split()[0])
+        assert 8 <= fit < 100000
+    if case == "an override cannot fit":
+        fit = int(err.split("train.batch_size=")[-1].split()[0])
         assert 8 <= fit < 100000
     if case == "no config, imagenet defaults":
         assert "train.batch_size=" in err and "ImageNet recipe's defaults" in err
@@ -160,7 +168,8 @@ def test_one_call_trains_prints_the_derived_settings_and_exports_a_timm_folder(t
                      "the teacher's block 6 of 6 split into 4 heads", "batch: 16", "epochs: 1 (4 steps each",
                      "loader workers:", "peak memory: about"):
         assert expected in before_training, expected
-    assert "tinymim knn" in printed and "tinymim finetune" in printed and "tinymim export" in printed
+    assert "tinymim knn" in printed and "tinymim export" in printed
+    assert "tinymim finetune --config cifar10/finetune_short" in printed  # 32 px: the short recipe, not ImageNet's
     # the export is a plain timm model: the student's architecture, its weights
     model = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
     assert model.patch_embed.patch_size == (4, 4) and model.embed_dim == 192
@@ -192,3 +201,13 @@ def test_an_indexed_shard_folder_and_a_brace_pattern_are_data_too(tmp_path):
     cfg, plan = own_images.plan(str(tmp_path / "shards" / "shard-{000000..000001}.tar"), TEACHER,
                                 "dim64,depth2,heads2", free=16 * GiB)
     assert (cfg.data.name, plan.images) == ("shards", 10)
+
+
+@pytest.mark.slow
+def test_the_python_call_trains_and_returns_the_run_its_export_and_the_next_commands(tmp_path):
+    images = write_images(tmp_path / "images", n=16)
+    result = tinymim.distill(data=images, teacher=TEACHER, student="dim32,depth2,heads2", output=tmp_path / "run",
+                             overrides=["train.max_steps=2"], verbose=False)
+    assert result.metrics is not None and result.metrics["step"] == 2
+    assert (tmp_path / "run" / "student.safetensors").is_file() and (result.export / "config.json").is_file()
+    assert any(c.startswith("k-NN") and str(tmp_path / "run") in c for c in result.next_commands)

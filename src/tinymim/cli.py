@@ -54,6 +54,13 @@ def cmd_train(args) -> int:
     """Load the task's config (recipe + overrides), train it, say what was written."""
     if any(getattr(args, k, None) is not None for k in ("data", "teacher", "student")):
         return cmd_own_images(args)
+    given = [(flag, key) for flag, attr, key in (("--img-size", "img_size", "data.img_size"),
+                                                 ("--batch-size", "batch_size", "train.batch_size"),
+                                                 ("--epochs", "epochs", "train.epochs"))
+             if getattr(args, attr, None) is not None]
+    if given:  # these belong to the one-call form: with a recipe they would be dropped without a word
+        raise TinymimError(f"{given[0][0]} goes with --data/--teacher/--student; with --config give "
+                           f"{given[0][1]}=VALUE instead")
     from tinymim import tasks  # the config is checked before the task modules (torch, timm) are imported
 
     try:

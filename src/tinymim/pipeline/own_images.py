@@ -294,6 +294,14 @@ def plan(data: str, teacher: str, student: str, img_size: int | None = None, bat
     warmup = round(0.05 * epochs, 2)
     keys += [f"train.batch_size={batch}", f"train.epochs={epochs}", f"train.warmup_epochs={warmup}"]
     cfg = resolve(load(None, [*keys, *overrides]))  # the user's overrides win over every derived key
+    if overrides:  # they may change what must fit (batch, image size, student): checked again, before any step
+        est, _, _ = distill_estimate(cfg)
+        if free and est.peak(cfg.train.batch_size) > free:
+            fit = est.largest_batch(free)
+            raise MemoryFitError(f"with the overrides given this run needs about {gib(est.peak(cfg.train.batch_size))}"
+                                 f" and this machine has {gib(free)} {where}: it would be killed; "
+                                 + (f"train.batch_size={fit} fits" if fit else "choose a smaller teacher, student "
+                                    "or --img-size"))
 
     p = Plan([*keys, *overrides], images=n, batch=cfg.train.batch_size, epochs=cfg.train.epochs,
              peak_bytes=est.peak(cfg.train.batch_size))
@@ -359,12 +367,19 @@ def timed_steps(cfg, repeats: int = 1) -> tuple[float, float | None]:
     return min(took[1:]) * cfg.train.accum_steps, peak
 
 
+def finetune_recipe(cfg) -> str:
+    """The fine-tuning recipe to suggest: small images get the short recipe's crop and flip (the defaults'
+    mixup, cutmix and RandAugment are ImageNet's, for 224 px and long schedules)."""
+    return "--config cifar10/finetune_short " if cfg.data.img_size <= 64 else ""
+
+
 def next_commands(run: Path, export: Path, cfg) -> list[str]:
     return [
         f"k-NN of its features:  tinymim knn {run} --data LABELLED_TRAIN_FOLDER --val LABELLED_VAL_FOLDER",
-        f"fine-tune it:          tinymim finetune --output {run}-finetune init={run} data.name=folder "
-        f"data.root=LABELLED_TRAIN_FOLDER data.val_root=LABELLED_VAL_FOLDER data.img_size={cfg.data.img_size} "
-        f"train.batch_size={cfg.train.batch_size} train.epochs=50 train.warmup_epochs=5",
+        f"fine-tune it:          tinymim finetune {finetune_recipe(cfg)}--output {run}-finetune init={run} "
+        f"data.name=folder data.root=LABELLED_TRAIN_FOLDER data.val_root=LABELLED_VAL_FOLDER "
+        f"data.img_size={cfg.data.img_size} train.batch_size={cfg.train.batch_size} train.epochs=50 "
+        "train.warmup_epochs=5",
         f"export it as ONNX:     tinymim export {run} --format onnx --output {run}/student.onnx",
         f"load it in plain timm: timm.create_model('local-dir:{export}', pretrained=True)",
     ]

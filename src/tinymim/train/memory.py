@@ -53,7 +53,26 @@ def available_bytes() -> int | None:
                 found.append(int(text) - int(Path(used).read_text()))
         except (OSError, ValueError):
             continue
-    return min(found) if found else None
+    return min(found) + heap_free_bytes() if found else None
+
+
+def heap_free_bytes() -> int:
+    """Bytes the process's glibc heap holds free: memory that cpu_performance_settings keeps in the process
+    after earlier work (timed steps, a k-NN) and that a run here reuses, though the kernel counts it as used;
+    0 where it cannot be read (not glibc)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+            "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        return int(libc.mallinfo2().fordblks)
+    except (OSError, AttributeError):
+        return 0
 
 
 @dataclass
