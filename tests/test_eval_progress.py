@@ -162,3 +162,19 @@ def test_images_of_one_size_are_scored_together_with_the_metrics_of_one_at_a_tim
     cfg.data.num_classes = 3
     (batch,) = eval_loader(cfg.data, "train")
     assert [tuple(b["label"].shape) for b in batch] == [(1, 12, 16), (1, 16, 20)]
+
+
+def test_knn_shows_a_bar_over_the_bank_and_the_queries_and_scores_as_without(capsys):
+    from torch.utils.data import DataLoader
+
+    from tinymim.train.knn import knn_loader_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 8, generator=g), torch.arange(24) % 3
+    items = [{"image": x[i], "label": y[i]} for i in range(24)]
+    bank, queries = DataLoader(items[:16], batch_size=4), DataLoader(items[16:], batch_size=4)
+    shown = knn_loader_accuracy(torch.nn.Identity(), bank, queries, torch.device("cpu"), k=3)
+    err = capsys.readouterr().err
+    assert "k-NN bank" in err and "/16 " in err and "k-NN queries" in err and "/8 " in err  # each over its images
+    quiet = knn_loader_accuracy(torch.nn.Identity(), bank, queries, torch.device("cpu"), k=3, progress=False)
+    assert capsys.readouterr().err == "" and quiet == shown and shown["bank"] == 16

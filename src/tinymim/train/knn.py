@@ -16,14 +16,17 @@ import torch.nn.functional as F
 
 from tinymim.data.classification import ClassifyDataConfig, build_eval_loader
 from tinymim.data.sources import fixed_sample
+from tinymim.train.bookkeeping import evaluation_bar
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (model(x) of a head-less timm ViT) and labels of a whole loader."""
+def extract_features(model: torch.nn.Module, loader, device: torch.device,
+                     desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (model(x) of a head-less timm ViT) and labels of a whole loader; with `desc`, a
+    progress bar over its images (main process)."""
     model.eval()
     feats, labels = [], []
-    for batch in loader:
+    for batch in evaluation_bar(loader, desc or "", desc is not None):
         feats.append(model(batch["image"].to(device)).float().cpu())
         labels.append(batch["label"])
     return torch.cat(feats), torch.cat(labels)
@@ -87,10 +90,11 @@ def _eval_crop_pct(img_size: int) -> float:
 
 
 def knn_loader_accuracy(features: torch.nn.Module, bank, queries, device: torch.device, k: int = 20,
-                        temperature: float = 0.07) -> dict:
-    """k-NN top-1 of `features` with `bank` as labelled neighbours and `queries` to classify."""
-    fb, yb = extract_features(features, bank, device)
-    fv, yv = extract_features(features, queries, device)
+                        temperature: float = 0.07, progress: bool = True) -> dict:
+    """k-NN top-1 of `features` with `bank` as labelled neighbours and `queries` to classify; a progress
+    bar over each while their features are computed."""
+    fb, yb = extract_features(features, bank, device, "k-NN bank" if progress else None)
+    fv, yv = extract_features(features, queries, device, "k-NN queries" if progress else None)
     num_classes = int(max(yb.max(), yv.max())) + 1
     return {"knn_top1": knn_accuracy(fb, yb, fv, yv, num_classes, k, temperature), "bank": len(fb),
             "queries": len(fv)}
