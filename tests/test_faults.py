@@ -272,11 +272,15 @@ def test_partial_metrics_line_and_truncated_config_resume(straight, interrupted,
 def test_without_config_yaml_the_checkpoint_config_still_guards_resume(interrupted, tmp_path):
     run_dir = copy_run(interrupted, tmp_path / "run")
     (run_dir / "config.yaml").unlink()
-    before = sorted((p.name, p.stat().st_size) for p in run_dir.rglob("*"))
+
+    def saved():  # what the run saved, byte for byte; .lock names whichever process last held it (its pid)
+        return sorted((p.name, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock")
+
+    before = saved()
     r = run(run_dir, args=[*DISTILL, "train.blr=1e-2"])
     assert r.returncode == 1 and "holds a run with a different config (train.blr: 0.002 -> 0.01)" in r.stderr
     assert r.stderr.count("\n") == 1
-    assert sorted((p.name, p.stat().st_size) for p in run_dir.rglob("*")) == before
+    assert saved() == before
 
 
 @pytest.mark.slow
