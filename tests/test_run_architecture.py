@@ -152,3 +152,20 @@ def test_export_knn_and_eval_rebuild_the_model_from_the_run(student_run, tmp_pat
     capsys.readouterr()
     assert main(["eval", str(ft), "--data", str(test), "--workers", "0", "--no-progress"]) == 0
     assert "top-1" in capsys.readouterr().out
+
+
+def test_a_template_of_another_size_takes_the_runs_image_size_unless_one_is_given(student_run, tmp_path):
+    # the run was trained at 32 px; a recipe of another size written for 64 px (the ImageNet defaults: 224)
+    template = finetune_recipe(tmp_path)
+    tree = yaml.safe_load(Path(template).read_text())
+    tree["data"]["img_size"] = 64
+    Path(template).write_text(yaml.safe_dump(tree))
+    assert load_config("finetune", template, [f"init={student_run}"]).data.img_size == 32
+    assert load_config("finetune", None, [f"init={student_run}"]).data.img_size == 32  # no recipe: not 224
+    assert load_config("finetune", template, [f"init={student_run}", "data.img_size=48"]).data.img_size == 48
+    # a recipe written for the run keeps its own size: fine-tuning at another resolution is a choice
+    own = finetune_recipe(tmp_path, **STUDENT)
+    tree = yaml.safe_load(Path(own).read_text())
+    tree["data"]["img_size"] = 64
+    Path(own).write_text(yaml.safe_dump(tree))
+    assert load_config("finetune", own, [f"init={student_run}"]).data.img_size == 64

@@ -10,7 +10,10 @@ The rule, in one place for both:
   moved to the same fractions of the run's depth;
 - a key given on the command line (or a stage's own overrides) is kept, but one that gives the model other
   weight shapes than the run's is refused in one line naming both values.
-The image size is not taken: it is the data's (a run's position embeddings are resampled to it).
+The image size: a recipe written for the run keeps its own (a run's position embeddings are resampled to
+it, e.g. fine-tuning at a higher resolution); a template of another size takes the run's `data.img_size`
+too (a 32 px student fine-tuned with the ImageNet defaults runs at 32 px, not 224), unless the command
+line gives one. Segmentation's crop is the data's own and is never taken.
 """
 from __future__ import annotations
 
@@ -88,6 +91,13 @@ def init_overrides(run_config: dict, section: str, requested: dict, given: dict,
     taken = {k: getattr(run, k) for k in TAKEN_KEYS if k not in given_model}
     out = [f"model.{k}={json.dumps(v)}" for k, v in taken.items()]
     changed = {k: v for k, v in taken.items() if getattr(wanted, k) != v}
+    run_img = (run_config.get("data") or {}).get("img_size")
+    data = requested.get("data") if isinstance(requested.get("data"), dict) else {}
+    given_data = given.get("data") if isinstance(given.get("data"), dict) else {}
+    if (run_img and "img_size" in data and data["img_size"] != run_img and "img_size" not in given_data
+            and given_model.get("img_size") is None):  # classification only: segmentation has no data.img_size
+        out.append(f"data.img_size={run_img}")
+        changed["data.img_size"] = run_img
     blocks = requested.get("blocks")
     if isinstance(blocks, list) and "blocks" not in given:
         final = run_model(merge(requested, parse_overrides(out)), "model")
