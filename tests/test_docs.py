@@ -6,7 +6,8 @@ How a block is run is said by an HTML comment on the line above it (no comment: 
     <!-- test: run -->                 run as written
     <!-- test: shrink K=V T:K=V ... --> run, with K=V appended to every training command (tinymim distill,
                                        mae, finetune, linprobe, segment, pipeline) and T:K=V to task T's
-                                       only; `tinymim demo` runs shrunk_demo() below (a few steps, few images)
+                                       only; `tinymim demo` runs shrunk_demo() below (a few steps, few images);
+                                       `tinymim eval` gets a --limit, `tinymim knn` a --bank-size
     <!-- test: config -->              not run (ImageNet, GPUs): torchrun's arguments are parsed by torchrun's
                                        own parser, tinymim's by its CLI parser, and the task's config (every
                                        stage's, for a pipeline) is resolved as a run would resolve it
@@ -193,6 +194,8 @@ def shrunk(line: str, overrides: list[str]) -> str:
         return f"{shlex.quote(sys.executable)} tests/test_docs.py shrunk-demo {shlex.join(words[2:])}"
     if words[:2] == ["tinymim", "eval"] and eval_flag_known():
         return f"{line} {shlex.join(EVAL_FLAG)}"
+    if words[:2] == ["tinymim", "knn"] and "--bank-size" not in words:
+        return f"{line} --bank-size 256"  # a sample of the bank: the same command, a fraction of the features
     if words[0] != "tinymim" or len(words) < 2 or words[1] not in TRAINING:
         return line
     task = words[1]
