@@ -27,9 +27,9 @@ FEATURES = ("auto", "final", "relation-input")
 POOLS = ("avg", "token")
 
 
-def untrained_parts(loss: Any, depth: int) -> list[str]:
-    """The parts of a distilled student after its last block's Q/K/V that none of the losses in
-    `loss` (a DistillLossConfig) reached, as the distill task freezes them (DistillStudent)."""
+def target_sites(loss: Any) -> set[str]:
+    """Block features the enabled targets of `loss` (a DistillLossConfig) read from the teacher's target
+    block and the student's last: the distill task builds and freezes by them, and exports judge by them."""
     sites = set()
     if loss.relation.weight > 0:
         sites.add("qkv")
@@ -37,6 +37,13 @@ def untrained_parts(loss: Any, depth: int) -> list[str]:
         sites.add(loss.feature.site)
     if loss.class_token.weight > 0:
         sites.add("block")
+    return sites
+
+
+def untrained_parts(loss: Any, depth: int) -> list[str]:
+    """The parts of a distilled student after its last block's Q/K/V that none of the losses in
+    `loss` (a DistillLossConfig) reached, as the distill task freezes them (DistillStudent)."""
+    sites = target_sites(loss)
     if loss.mae.weight > 0:  # the MAE decoder reads the final norm of the whole last block's output
         return []
     parts = []

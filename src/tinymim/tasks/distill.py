@@ -29,6 +29,7 @@ from tinymim.method.relations import RelationLoss, split_heads
 from tinymim.method.targets import ClassTokenLoss, FeatureLoss, block_parts
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.models.distillation import FrozenTeacher
+from tinymim.models.features import target_sites
 from tinymim.models.vit import (
     TEACHER_FAMILIES,
     TokenFeatures,
@@ -48,18 +49,6 @@ from tinymim.train.memory import check_distill_fits
 log = logging.getLogger("tinymim")
 
 
-def _sites(loss: DistillLossConfig) -> set[str]:
-    """Block features the enabled targets need from the teacher's target block / the student's last."""
-    sites = set()
-    if loss.relation.weight > 0:
-        sites.add("qkv")
-    if loss.feature.weight > 0:
-        sites.add(loss.feature.site)
-    if loss.class_token.weight > 0:
-        sites.add("block")
-    return sites
-
-
 class DistillStudent(nn.Module):
     """The trainable side: the student ViT plus the losses' projections and the optional MAE decoder.
 
@@ -73,7 +62,7 @@ class DistillStudent(nn.Module):
         # a teacher without a class token (SigLIP): the student's is left out of the targets' tokens
         self.skip_class_token = skip_class_token
         self.teacher_heads = teacher_heads
-        self.sites = _sites(cfg)
+        self.sites = target_sites(cfg)
         dim = vit.embed_dim
         self.relation = (RelationLoss(cfg.relation.relations, cfg.relation.weights, cfg.relation.softmax)
                          if cfg.relation.weight > 0 else None)
@@ -236,7 +225,7 @@ def build_distill_task(cfg: DistillConfig) -> DistillTask:
     k, t_heads = cfg.teacher.target_block, cfg.teacher.relation_heads
     teacher = build_teacher(cfg.teacher)
     t_depth, t_width = len(teacher.blocks), teacher.embed_dim
-    if "qkv" in _sites(cfg.loss):  # before anything reads its attention (FrozenTeacher checks it too)
+    if "qkv" in target_sites(cfg.loss):  # before anything reads its attention (FrozenTeacher checks it too)
         check_readable(teacher.blocks[k - 1], f"teacher block {k}")
         t_attn = teacher.blocks[k - 1].attn
         if t_heads != t_attn.num_heads and (rope_or_norm := _own_transforms(teacher, t_attn)):
