@@ -81,7 +81,25 @@ def is_timm_weights(spec) -> bool:
     if not spec or str(spec).startswith(BUILTIN_PREFIX) or Path(str(spec)).exists():
         return False
     name = str(spec)
-    return name.startswith(("hf-hub:", "hf_hub:")) or (timm.is_model(name.split(".")[0]) and "/" not in name)
+    return name.startswith(("hf-hub:", "hf_hub:")) or (timm.is_model(name.split(".")[0]) and not looks_like_path(name))
+
+
+WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
+
+
+def looks_like_path(spec) -> bool:
+    """Whether a checkpoint or teacher spec is written as a path (a separator, a leading . or ~, a weights
+    suffix), not as a timm/hub name: one that does not exist is a missing file, never a name to fetch."""
+    name = str(spec)
+    if name.startswith((BUILTIN_PREFIX, *HUB_NAME_PREFIXES)):
+        return False
+    return "/" in name or "\\" in name or name.startswith((".", "~")) or name.lower().endswith(WEIGHTS_SUFFIXES)
+
+
+def missing_path(spec, what: str = "teacher") -> str:
+    """The one line for a spec that looks like a path (looks_like_path) and names nothing on disk."""
+    tilde = " (~ is not expanded here: give the full path)" if str(spec).startswith("~") else ""
+    return (f"{what} {spec} does not exist{tilde}: give a run folder, a weights file, builtin:NAME or a timm name")
 
 
 def _refuse_unfetchable(name: str) -> None:
@@ -122,7 +140,8 @@ def load_weights(spec: str | Path) -> dict[str, torch.Tensor]:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise CheckpointError(f"could not fetch timm weights {name!r} ({type(e).__name__}: {first}); check the "
                                   "name (timm.list_pretrained()), or give the weights as a file") from e
-    raise CheckpointError(f"checkpoint {spec} does not exist (neither a file, a run directory nor a timm model name)")
+    raise CheckpointError(missing_path(spec, "checkpoint") if looks_like_path(spec) else
+                          f"checkpoint {spec} does not exist (neither a file, a run directory nor a timm model name)")
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:

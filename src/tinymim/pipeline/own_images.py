@@ -36,7 +36,14 @@ import torch
 from tinymim.core.config import ConfigError
 from tinymim.core.errors import DataError, TinymimError
 from tinymim.core.rundir import RunDir
-from tinymim.models.checkpoint import BUILTIN_PREFIX, builtin_teacher, is_timm_weights, load_state_dict
+from tinymim.models.checkpoint import (
+    BUILTIN_PREFIX,
+    builtin_teacher,
+    is_timm_weights,
+    load_state_dict,
+    looks_like_path,
+    missing_path,
+)
 from tinymim.models.vit import HUB_PREFIXES, ModelConfig, vit_sizes
 from tinymim.train.memory import (
     WORKER_BYTES,
@@ -129,6 +136,8 @@ def teacher_keys(teacher: str) -> tuple[list[str], dict, list[float] | None, lis
         data = (run.stored_config() or {}).get("data") or {}
         sizes = {**vit_sizes(ModelConfig(**{k: v for k, v in arch.items() if k != "block_heads"})), **arch}
         return keys, sizes, data.get("mean"), data.get("std")
+    if not Path(spec).exists() and looks_like_path(spec):  # a missing file, not a timm name to fetch
+        raise ConfigError(missing_path(spec))
     if is_timm_weights(spec):
         name = spec.split(":", 1)[1] if spec.startswith(HUB_PREFIXES) else spec
         pretrained = timm.get_pretrained_cfg(name) if not spec.startswith(HUB_PREFIXES) else None

@@ -40,7 +40,7 @@ from tinymim.data.classification import (  # noqa: F401
     collate_classify,
     sums_to_metrics,
 )
-from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
+from tinymim.models.checkpoint import load_vit_weights, load_weights, looks_like_path, missing_path, save_weights
 from tinymim.models.vit import create_vit
 from tinymim.tasks.base import Task, TaskSpec, load_run_model
 from tinymim.tasks.finetune_config import DistillationConfig, FinetuneConfig, load, resolve, training_classes
@@ -186,6 +186,8 @@ def build_teacher_classifier(cfg: DistillationConfig, num_classes: int, img_size
         teacher = create_vit(cfg.teacher_model, num_classes=state["head.weight"].shape[0], global_pool=pool,
                              fc_norm=pool == "avg")
         load_vit_weights(teacher, state, source=f"teacher {spec}")
+    elif looks_like_path(spec):  # a missing file, not a timm name to fetch
+        raise ConfigError(missing_path(spec, "distillation.teacher"))
     else:
         try:
             with hub_or_cache():
