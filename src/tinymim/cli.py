@@ -218,6 +218,8 @@ def cmd_corrupt(args) -> int:
 
     tree = corruptions.corrupt_folder(args.source, args.output, args.corruptions, args.severities, args.per_class)
     print(f"wrote {tree.written} images under {args.output}/<corruption>/<severity>/<class>/")
+    if tree.unreadable:
+        print(f"warning: {tree.unreadable_summary()}", file=sys.stderr)
     if tree.problems:
         print(f"warning: {tree.summary()}", file=sys.stderr)
     return 0
@@ -343,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cell", type=int, default=128, help="pixels per panel")
     p.set_defaults(func=cmd_visualize)
     p = sub.add_parser("corrupt", help="write an ImageNet-C style corruption tree from an ImageFolder")
-    p.add_argument("source", help="ImageFolder root (root/<class>/<image>)")
+    p.add_argument("source", help="ImageFolder root (root/<class>/<image>), or a tar of one; unreadable images "
+                                  "are skipped and named")
     p.add_argument("--output", required=True)
     p.add_argument("--corruptions", nargs="+", help="default: all available")
     p.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])

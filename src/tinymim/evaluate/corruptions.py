@@ -11,11 +11,19 @@ get them.
 
 `corrupt_folder` checks every image it writes: one of a single colour (the reference's spatter divides
 by zero on some small images and writes them all black) or with no pixels is counted and named by
-corruption and severity in CorruptedTree.problems, which `tinymim corrupt` prints.
+corruption and severity in CorruptedTree.problems, which `tinymim corrupt` prints. A source image that
+cannot be read (damaged, truncated, or a possible decompression bomb: more pixels than
+PIL.Image.MAX_IMAGE_PIXELS) is skipped and named in CorruptedTree.unreadable; when none can be read the
+command refuses. The tree is written into a staging folder beside the output and moved in at the end, so
+a failure (a full disk, an image too small for the reference) leaves the output as it was.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import io
+import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +33,7 @@ from PIL import Image
 
 from tinymim.core.errors import TinymimError
 from tinymim.data.images import to_rgb8
-from tinymim.data.sources import FolderImages
+from tinymim.data.sources import FolderImages, data_root
 
 IMAGENET_C = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
               "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
@@ -138,11 +146,13 @@ def degenerate(img: Image.Image) -> str | None:
 
 @dataclass
 class CorruptedTree:
-    """What corrupt_folder wrote: how many images, and the degenerate ones among them (constant or empty)
-    as "corruption/severity" -> their paths under the tree, with the kind of each."""
+    """What corrupt_folder wrote: how many images; the degenerate ones among them (constant or empty) as
+    "corruption/severity" -> their paths under the tree, with the kind of each; and the source images it
+    skipped as unreadable, as (path under the source, why)."""
 
     written: int = 0
     problems: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line naming each corruption and severity with constant or empty outputs; '' when none."""
@@ -156,11 +166,98 @@ class CorruptedTree:
         return (f"{count} of {self.written} written images are constant (one colour) or empty, useless for "
                 f"scoring: {'; '.join(parts)}; leave those corruptions out (--corruptions) or check the source images")
 
+    def unreadable_summary(self, limit: int = 5) -> str:
+        """One line naming the skipped source images (the first `limit`) and why; '' when none."""
+        if not self.unreadable:
+            return ""
+        named = "; ".join(f"{path} ({why})" for path, why in self.unreadable[:limit])
+        more = f"; and {len(self.unreadable) - limit} more" if len(self.unreadable) > limit else ""
+        return (f"{len(self.unreadable)} unreadable source images skipped, not in the tree: {named}{more}; "
+                "replace or remove them and run again for a complete tree")
+
+
+def _why_unreadable(e: Exception) -> str:
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"a possible decompression bomb, refused: {e}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _write_refused(e: OSError, dst: Path) -> TinymimError:
+    """The one-line error for a failed write of the staged tree beside `dst` (nothing of it is kept)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on its device"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "its file system is read-only" if e.errno == errno.EROFS else "permission denied"
+    else:
+        why = e.strerror or str(e)
+    return TinymimError(f"cannot write the corruption tree beside {dst}: {why}; nothing was written to {dst} "
+                        "(what was there is as it was): choose an --output folder with room that you can write to")
+
+
+def _remove_stale_staging(dst: Path) -> None:
+    """What an earlier corrupt_folder into `dst` left when it was killed: its staging folder (removed),
+    and an existing tree it was swapping out at that instant (put back when `dst` is missing)."""
+    for old in sorted(dst.parent.glob(f".{glob.escape(dst.name)}.*-*")):
+        kind, _, pid = old.name[len(dst.name) + 2:].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its process still runs
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # alive under another user
+        if kind == "old" and not dst.exists():
+            os.rename(old, dst)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_in(staging: Path, dst: Path) -> None:
+    """The staged tree becomes `dst`. When `dst` is absent or empty: one rename. Into an existing tree: its
+    files that the staged tree does not replace join it first (hard links, no copies), then the two
+    folders swap by two renames in one folder, so the tree is whole before and after."""
+    try:
+        os.rename(staging, dst)  # atomic; replaces an empty folder
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    for folder, dirs, files in os.walk(dst):  # symlinks to folders are listed in dirs, not followed
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            path = Path(folder) / name
+            target = staging / path.relative_to(dst)
+            if target.exists() or target.is_symlink():
+                continue  # written anew
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_symlink():
+                os.symlink(os.readlink(path), target)
+            else:
+                try:
+                    os.link(path, target)
+                except OSError:
+                    shutil.copy2(path, target)  # a file system without hard links
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    os.rename(dst, old)
+    try:
+        os.rename(staging, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
 
 def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severities=(1, 2, 3, 4, 5),
                    limit_per_class: int | None = None) -> CorruptedTree:
-    """Write dst/<corruption>/<severity>/<class>/<image>.png from the ImageFolder src; returns how many were
-    written and which came out constant or empty."""
+    """Write dst/<corruption>/<severity>/<class>/<image>.png from the ImageFolder src (or a tar of one);
+    returns how many were written, which came out constant or empty, and which source images were skipped
+    as unreadable (refused when none can be read).
+
+    No partial output: the tree is written into a staging folder beside `dst` (`.NAME.partial-PID`,
+    removed on failure, and by the next call when a kill left it) and moved in at the end (_move_in: a
+    rename; into an existing tree, whose other files are kept, a swap of two folders). A failure (a full
+    or read-only disk, an image too small for the reference, an interrupt) leaves `dst` as it was."""
     corruptions = list(corruptions or available())
     for c in corruptions:
         _check_name(c)
@@ -168,26 +265,61 @@ def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severitie
         raise TinymimError(f"severities must be 1..5, got {list(severities)}")
     if limit_per_class is not None and limit_per_class < 1:
         raise TinymimError(f"--per-class must be positive, got {limit_per_class}")
-    source = FolderImages(src)
+    source = FolderImages(data_root(str(src)))
     per_class: dict[int, int] = {}
     chosen = []
     for i, (path, label) in enumerate(source.samples):
         if limit_per_class is None or per_class.get(label, 0) < limit_per_class:
             per_class[label] = per_class.get(label, 0) + 1
             chosen.append(i)
+    dst = Path(dst).absolute()
+    if dst.exists() and not dst.is_dir():
+        raise TinymimError(f"--output {dst} is a file; give a folder for the corruption tree")
+    missing = [d for d in (dst.parent, *dst.parent.parents) if not d.exists()]
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     tree = CorruptedTree()
-    for i in chosen:
-        img, label = source.load(i)
-        name = Path(source.samples[i][0]).stem + ".png"
-        for c in corruptions:
-            for s in severities:
-                out = Path(dst) / c / str(s) / source.classes[label] / name
-                out.parent.mkdir(parents=True, exist_ok=True)
-                corrupted = corrupt_image(img, c, s, seed=i * 31 + s)
-                corrupted.save(out)
-                tree.written += 1
-                kind = degenerate(corrupted)
-                if kind:
-                    tree.problems.setdefault(f"{c} severity {s}", []).append(
-                        (f"{c}/{s}/{source.classes[label]}/{name}", kind))
+    try:
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_staging(dst)
+            staging.mkdir()
+        except OSError as e:
+            raise _write_refused(e, dst) from None
+        for i in chosen:
+            rel = os.path.relpath(source.samples[i][0], source.root)
+            try:
+                img, label = source.load(i)
+            except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and named
+                tree.unreadable.append((rel, _why_unreadable(e)))
+                continue
+            name = Path(source.samples[i][0]).stem + ".png"
+            for c in corruptions:
+                for s in severities:
+                    where = f"{c}/{s}/{source.classes[label]}/{name}"
+                    corrupted = corrupt_image(img, c, s, seed=i * 31 + s)
+                    try:
+                        (staging / where).parent.mkdir(parents=True, exist_ok=True)
+                        corrupted.save(staging / where)
+                    except OSError as e:
+                        raise _write_refused(e, dst) from None
+                    tree.written += 1
+                    kind = degenerate(corrupted)
+                    if kind:
+                        tree.problems.setdefault(f"{c} severity {s}", []).append((where, kind))
+        if chosen and not tree.written:
+            path, why = tree.unreadable[0]
+            raise TinymimError(f"none of the {len(chosen)} source images in {src} can be read (e.g. {path}: {why}); "
+                               "nothing was written: check the source folder")
+        try:
+            _move_in(staging, dst)
+        except OSError as e:
+            raise _write_refused(e, dst) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for d in missing:  # the parents this call made, deepest first, if still empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
     return tree
