@@ -30,10 +30,15 @@ The model these write (`build_exportable`): evaluate/exportable.py.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
+import os
+import re
+import secrets
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -41,7 +46,7 @@ import torch
 from timm.models import save_for_hf
 
 from tinymim.core.errors import TinymimError
-from tinymim.core.files import TMP_SUFFIX, atomic_write, write_error, write_text
+from tinymim.core.files import DiskFullError, RunDirError, _free_bytes, write_error, write_text
 from tinymim.core.rundir import RunDir
 from tinymim.evaluate.exportable import build_exportable, licence, plain_timm_snippet
 
@@ -77,24 +82,224 @@ def check_output(source, output, fmt: str = "timm", overwrite: bool = False) -> 
     return out
 
 
-def _write_files(out: Path, write, folder: bool = True) -> None:
-    """write(tmp) fills a temporary folder beside `out`; each file then reaches `out` (a folder, or
-    with folder=False the folder `out` is in) through the run directory's atomic writer: the umask's
-    mode (safetensors alone would make it 0600), and an export that fails half way (an ONNX model
-    that differs from PyTorch, a full disk) leaves the files already there whole."""
+# ---------------------------------------------------------------------------------------------
+# moving an export in: every file at once, or none
+
+
+def _export_error(e: BaseException, out: Path, existed: bool) -> TinymimError | None:
+    """The one line for a write of the export that failed (a full disk, a folder that cannot be written;
+    safetensors reports a full disk as a SafetensorError naming os error 28), or None for another failure."""
+    kept = (f"the earlier export in {out} is as it was" if existed else f"nothing was written to {out}")
+    for err in (e, e.__cause__, e.__context__):
+        if err is None:
+            continue
+        if isinstance(err, OSError):
+            code = err.errno
+        elif "No space left on device" in str(err) or "os error 28" in str(err) or "os error 122" in str(err):
+            code = errno.ENOSPC
+        else:
+            continue
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            free = _free_bytes(out)
+            return DiskFullError(
+                f"no space left on the device holding {out}"
+                f"{f' ({free / 2**20:.0f} MiB free)' if free is not None else ''} while writing the export; "
+                f"{kept}: free some space (or choose an --output on another device) and run the same command again")
+        if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            why = "the file system is read-only" if code == errno.EROFS else "permission denied"
+            return RunDirError(f"cannot write the export beside {out} ({why}); {kept}: choose an --output "
+                               "folder you can write to")
+        if isinstance(err, OSError):
+            return RunDirError(f"cannot write the export to {out} ({err.strerror or err}); {kept}")
+    return None
+
+
+def _export_name(out: Path, name: str) -> re.Match | None:
+    """A staging folder (`OUT.tmp-PID-HEX`) or an earlier export moved aside (`OUT.old-PID-HEX`) of `out`."""
+    return re.fullmatch(re.escape(out.name) + r"\.(tmp|old)-(\d+)-[0-9a-f]{8}", name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _recover(out: Path) -> None:
+    """Tidy what an export killed part way left beside `out` (only ever called under `_lock(out)`).
+
+    An export writes everything into `OUT.tmp-PID-HEX` beside `out`; replacing an earlier export, it
+    renames `out` to `OUT.old-PID-HEX`, renames the staging folder to `out`, then removes the old one.
+    A process killed between those two renames leaves no `out` and an `.old-` folder: this renames it
+    back, so the earlier export is whole again. An `.old-` folder beside an `out` that exists is the
+    earlier export after the new one moved in: removed. A staging folder whose process is gone is
+    removed (one whose process still runs is that export's, writing)."""
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return
+    found = [(m.group(1), int(m.group(2)), p) for p in entries if (m := _export_name(out, p.name))]
+    aside = [p for kind, _, p in found if kind == "old"]
+    if aside and not os.path.lexists(out):
+        keep = max(aside, key=lambda p: p.stat().st_ctime_ns)
+        os.rename(keep, out)
+        log.info("restored the earlier export in %s (an export replacing it was stopped part way)", out)
+        aside.remove(keep)
+    for p in aside:
+        _remove(p)
+    for kind, pid, p in found:
+        if kind == "tmp" and not _alive(pid):
+            _remove(p)
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    """An exclusive lock on exporting into `out` (flock on `.OUT.lock` beside it, removed afterwards):
+    a second export into the same place waits until the first has moved its files in, then checks
+    `out` afresh, so two exports never both write into it and the result is always one export's set."""
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise _export_error(e, out, out.exists()) or write_error(e, path) from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                log.info("waiting for the export into %s by process %s to finish", out, holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                log.warning("%s does not support file locks: nothing stops two exports into %s at once",
+                            out.parent, out)
+            # the holder before us removes the file when done: a lock on a removed file is no lock
+            same = os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
+        with contextlib.suppress(OSError):  # the holder's pid, for the message of one that waits
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: Path, staging: Path) -> None:
+    """What `old` holds that an export does not write (a hub clone's .git, a user's notes) into the
+    staging folder too, as hard links (no space needed): --overwrite replaces an export's files only."""
+    for entry in old.iterdir():
+        dst = staging / entry.name
+        if os.path.lexists(dst):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(dst))
+
+
+def _write_files(out: Path, write, folder: bool = True, check=None) -> None:
+    """Publish an export whole or not at all. write(staging) fills a new folder beside `out` (same file
+    system): with folder=True that folder becomes `out`, else it holds the one file `out`. Every file
+    gets the umask's mode and is synced; then, under `_lock(out)` (with check() run again there: another
+    export may have written `out` meanwhile), one rename moves the set in: a new `out` is the staging
+    folder renamed; an earlier export is renamed aside, the staging folder renamed to `out`, the old one
+    removed (a kill between the renames is undone by the next export: `_recover`). A failure anywhere (a
+    full disk on any file, an ONNX model that differs from PyTorch, a signal) leaves `out` as it was and
+    no staging folder; a full or read-only disk is one line saying so."""
+    existed = os.path.lexists(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=TMP_SUFFIX, dir=out.parent))
+        with _lock(out):
+            _recover(out)
+        staging = out.parent / f"{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir()
     except OSError as e:
-        raise write_error(e, out) from e
+        raise _export_error(e, out, existed) or write_error(e, out) from e
     try:
-        write(tmp)
-        dest = out if folder else out.parent
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            with f.open("rb") as src:
-                atomic_write(dest / f.relative_to(tmp), lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
+        try:
+            write(staging)
+            mode = _umask_mode()  # safetensors alone would make its file 0600
+            for f in sorted(p for p in staging.rglob("*") if p.is_file()):
+                os.chmod(f, mode)
+                _sync(f)
+            _sync(staging)
+        except Exception as e:  # noqa: BLE001 - a full disk reaches here as OSError, SafetensorError or ours
+            error = _export_error(e, out, existed)
+            if error is None:
+                raise
+            raise error from e
+        try:
+            with _lock(out):
+                _recover(out)
+                existed = os.path.lexists(out)
+                if check is not None:
+                    check()
+                if not folder:
+                    os.replace(staging / out.name, out)
+                elif existed:
+                    _carry_over(out, staging)
+                    with contextlib.suppress(OSError):
+                        os.chmod(staging, out.stat().st_mode & 0o7777)
+                    aside = out.parent / f"{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+                    os.rename(out, aside)
+                    os.rename(staging, out)
+                    _remove(aside)
+                else:
+                    os.rename(staging, out)
+                with contextlib.suppress(OSError):  # make the renames themselves durable
+                    _sync(out.parent)
+        except OSError as e:
+            raise _export_error(e, out, existed) or write_error(e, out) from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if staging.exists():
+            _remove(staging)
 
 
 def _what_features(info: dict) -> str:
@@ -241,7 +446,7 @@ def export_timm(source, output, model_name: str | None = None, features: str = "
                     safe_serialization=True, data_config=dict(info["data_config"]))
         write_text(tmp / "README.md", model_card(info))
 
-    _write_files(out, write)
+    _write_files(out, write, check=lambda: check_output(source, out, "timm", overwrite))
     return out
 
 
@@ -275,5 +480,5 @@ def export_onnx(source, output, model_name: str | None = None, atol: float = 1e-
         if diffs[0] > atol:
             raise TinymimError(f"ONNX model differs from PyTorch by {diffs[0]:.2e} (> {atol}): not written to {out}")
 
-    _write_files(out, write, folder=False)
+    _write_files(out, write, folder=False, check=lambda: check_output(source, out, "onnx", overwrite))
     return diffs[0]
