@@ -169,11 +169,7 @@ class SegmentTask(Task):
     def evaluate(self, epoch: int) -> dict | None:
         if self.eval_loader is None or (epoch % self.cfg.eval_every and epoch != self.last_epoch):
             return None
-        if dist.is_available() and dist.is_initialized():
-            # plain BatchNorm's running statistics are per process (DDP copies rank 0's before each
-            # training forward, but the last step updated each process's own): evaluate rank 0's model
-            for buffer in self.model.buffers():
-                dist.broadcast(buffer, 0)
+        # under torchrun the engine has made every process's BatchNorm statistics rank 0's (same_buffers)
         metrics = evaluate_segmenter(self.model, self.eval_loader, self.cfg.data, self.device,
                                      progress=self.cfg.train.progress)
         if self.eval_of is not None:  # eval_limit: on N of the split's M images

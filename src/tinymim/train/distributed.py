@@ -47,6 +47,20 @@ def setup_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank, world, local_rank, dev, launched)
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Every buffer of `module` (BatchNorm running statistics and counts, an EMA copy's, any registered
+    tensor) made process `src`'s, in place; nothing to do without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buffer in module.buffers():
+        if buffer.is_contiguous():
+            dist.broadcast(buffer, src)
+        else:  # a collective writes contiguous memory only
+            contiguous = buffer.contiguous()
+            dist.broadcast(contiguous, src)
+            buffer.copy_(contiguous)
+
+
 def cpu_performance_settings() -> None:
     """Two process-wide settings that make CPU training markedly faster (benchmarks/speed/distill_throughput.py):
 

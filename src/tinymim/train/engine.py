@@ -44,6 +44,7 @@ from tinymim.train.config import TrainConfig, lr_for, schedule_steps
 from tinymim.train.distributed import (
     DistContext,
     HeldLogs,
+    broadcast_buffers,
     cpu_performance_settings,
     seed_everything,
     set_rng_state,
@@ -117,7 +118,8 @@ def _train(task, config, data_loader_fn, run: RunDir, ctx: DistContext, optimize
     task.train()
     batches = None
     try:
-        if resume is not None and resume.get("evaluated") is False:  # stopped during its epoch's evaluation
+        # stopped during its epoch's evaluation: every process restored the same checkpoint, buffers included
+        if resume is not None and resume.get("evaluated") is False:
             logs.evaluation(_evaluate(task, state, cfg, ctx, run, plan))
             checkpointer.save()
         while state.step < plan.total:
@@ -141,6 +143,8 @@ def _train(task, config, data_loader_fn, run: RunDir, ctx: DistContext, optimize
                 logs.step(state.step, losses, optimizer)
                 epoch_end = state.step % plan.per_epoch == 0 or state.step == plan.total
                 saved = state.step % cfg.checkpoint_every == 0 or epoch_end
+                if saved or epoch_end or stopping:  # what is saved, evaluated or exported next
+                    same_buffers(task, ctx)
                 if saved:
                     # the epoch's training is saved before its evaluation: an evaluation that fails (a bad
                     # label, a killed worker) is redone on resume, the epoch is not
@@ -180,6 +184,19 @@ def _close_prefetch(batches) -> None:
     """Stop a Prefetcher's thread (a plain loader iterator: nothing to do)."""
     if isinstance(batches, Prefetcher):
         batches.close()
+
+
+def same_buffers(task, ctx: DistContext) -> None:
+    """Under torchrun, every buffer of the task made rank 0's, for every task, before anything looks at
+    the model (a checkpoint, an evaluation, an export). Why they differ: DDP (broadcast_buffers=True)
+    copies rank 0's buffers into every process at the start of each training forward, but that forward
+    then updates each process's BatchNorm running statistics with its own share of the batch, and an
+    evaluation or export never goes through DDP's forward (it runs the plain module, in eval mode): each
+    process would evaluate its own statistics (a linear probe's differed by up to 0.2) and the export
+    would hold rank 0's. After this, what every process evaluates is what rank 0 saves and exports; the
+    training itself is unchanged (the next forward would have copied rank 0's buffers anyway)."""
+    if ctx.distributed:
+        broadcast_buffers(task)
 
 
 def _save_before_data_error(e: DataError, checkpointer: Checkpointer, state: TrainState, ctx: DistContext,
