@@ -4,7 +4,9 @@
 [--pool avg|token] [--overwrite]`
 
 PATH must be a new or empty folder (timm) or a new file (onnx) unless --overwrite; a run folder never.
-The files get the umask's mode, as a run directory's do, and each is written atomically.
+The files get the umask's mode, as a run directory's do, and move in together: all are written and synced
+in a staging folder beside PATH, then renamed into place at once (`_write_files`), so a full disk or a kill
+leaves the earlier export whole, or no PATH; a second export into PATH waits for the first's lock.
 
 - timm: PATH/config.json (architecture, model_args, pretrained_cfg) + PATH/model.safetensors +
   PATH/README.md (a model card, with no local paths: a run or data folder appears by its name), written
