@@ -234,9 +234,10 @@ def cmd_shards(args) -> int:
 
         index = index_webdataset(args.index, None if args.label == "none" else args.label, args.output)
         remote = "://" in args.index
-        root = args.index.rpartition("/")[0] if remote else args.index
+        # a local index written to --output reads the tars where they are (the index records their folder)
+        root = args.index.rpartition("/")[0] if remote else (args.output or args.index)
         print(f"indexed {len(index['shards'])} shards ({index['total']} images, {len(index['classes'])} classes) "
-              f"in {args.output if remote else args.index}/index.json; "
+              f"in {args.output or args.index}/index.json; "
               + ("serve it beside the shards, then " if remote else "")
               + f"train on them with data.name=shards data.root={root}")
         return 0
@@ -358,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="a new folder for shard-NNNNNN.tar and index.json")
     p.add_argument("--index", metavar="DIR|URL", help="instead: write DIR/index.json for WebDataset tars another "
                    "tool wrote (webdataset's ShardWriter, public WebDataset sets); for tars at a URL, a brace "
-                   "pattern (https://host/train-{000000..000127}.tar) and --output DIR for the index")
+                   "pattern (https://host/train-{000000..000127}.tar) and --output DIR for the index; for a "
+                   "folder, --output OUT writes OUT/index.json and leaves the tars where they are (read-only "
+                   "storage)")
     p.add_argument("--label", default="cls", help="with --index: where a sample's class is: cls, txt, "
                                                  "json:FIELD, or none (pre-training)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (about 100 MiB of ImageNet)")

@@ -44,6 +44,7 @@ from tinymim.data.shard_download import _check_size, _download, _reason, _remote
 from tinymim.data.shard_format import FORMAT, INDEX, REWRITE_FIX, VERSION, WRITE_FIX, expand_braces
 
 URL_SCHEMES = ("http://", "https://", "file://")
+NAME_CODEC = ("utf-8", "surrogateescape")  # tar member names and keys: the tar's exact bytes, whatever they are
 MAX_OPEN_FILES = 64  # per process: a rank's epoch touches all of its shards
 
 
@@ -113,8 +114,9 @@ class ShardImages(tud.Dataset):
     def _parse_index(self, text: bytes):
         try:
             return json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise DataError(f"{self._where} is corrupt ({e}); {WRITE_FIX} again") from e
+        except (ValueError, RecursionError) as e:  # RecursionError: lists or objects nested thousands deep
+            reason = "nested too deep to be an index" if isinstance(e, RecursionError) else str(e)[:200]
+            raise DataError(f"{self._where} is corrupt ({reason}); {WRITE_FIX} again") from None
 
     def _load_index(self, index) -> None:
         try:
@@ -123,8 +125,10 @@ class ShardImages(tud.Dataset):
             if index.get("version") != VERSION:
                 raise ValueError(f"format version {index.get('version')}; this tinymim reads version {VERSION}")
             self.classes = [str(c) for c in index["classes"]]
-            # tinymim's own shards put each image's label member right after it; other tools' need not
+            # tinymim's own shards put each image's label member right after it, under a key naming its
+            # class; other tools' need neither
             self._label_members = index.get("source") != "webdataset"
+            self._tars = self._tars_folder(index.get("tars"))
             self.labelled = index.get("label") != "none"  # shards indexed for pre-training carry no classes
             shards, start, self._ends = [], 0, {}
             for s in index["shards"]:
@@ -136,22 +140,25 @@ class ShardImages(tud.Dataset):
                     raise DataError(f"{self._where} names shard {name} twice; {WRITE_FIX} again")
                 shards.append(Shard(name, n, int(s["bytes"]), start, start + n))
                 # the first and last sample, checked against the shard's tar headers when it is opened
+                # (an index of other tools' tars records where those samples' headers start: their whole names)
+                headers = [int(h) for h in s["header_offsets"]] if "header_offsets" in s else [None, None]
                 self._ends[name] = [(str(s["keys"][j]), str(s["exts"][j]), int(s["offsets"][j]), int(s["sizes"][j]),
-                                     int(s["labels"][j])) for j in sorted({0, n - 1}) if n]
+                                     int(s["labels"][j]), headers[min(j, 1)]) for j in sorted({0, n - 1}) if n]
                 start += n
             if not shards or start != index["total"]:
                 raise ValueError(f"its shards hold {start} samples, its total says {index['total']}")
             cols = {col: [v for s in index["shards"] for v in s[col]] for col in ("keys", "offsets", "sizes", "labels")}
             # numpy arrays, not lists of Python objects: forked loader workers share them without copies
-            self.keys = np.array([k.encode() for k in cols["keys"]], dtype=bytes)
+            self.keys = np.array([k.encode(*NAME_CODEC) for k in cols["keys"]], dtype=bytes)
             self.offsets = np.array(cols["offsets"], dtype=np.int64)
             self.sizes = np.array(cols["sizes"], dtype=np.int64)
             self.labels = np.array(cols["labels"], dtype=np.int64)
             if len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < len(self.classes):
                 raise ValueError(f"labels outside 0..{len(self.classes) - 1}")
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise DataError(f"{self._where} is not a readable shard index ({e}); {WRITE_FIX} again") from e
-        self._check_labels(cols["keys"])
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError) as e:
+            raise DataError(f"{self._where} is not a readable shard index ({str(e)[:200]}); {WRITE_FIX} again") from e
+        if self._label_members:  # keys name classes in tinymim's own shards only (`3/s00003` is just a key)
+            self._check_labels(cols["keys"])
         self.shards = shards
         self._starts = [s.start for s in shards]
         self._verified: set[str] = set()
@@ -179,6 +186,18 @@ class ShardImages(tud.Dataset):
                             f"to read or download it; {WRITE_FIX} again")
         return name
 
+    def _tars_folder(self, tars) -> Path | None:
+        """The folder of the shards: the index's own, or the one it names (`tinymim shards --index DIR
+        --output OUT` leaves the tars in DIR); shard names stay plain file names inside it."""
+        if tars is None:
+            return None if self.remote else Path(self.root)
+        if not isinstance(tars, str) or not tars or "\0" in tars:
+            raise ValueError(f"its tars folder {tars!r} is not a path")
+        if self.remote:
+            raise DataError(f"{self._where} reads its tars from the folder {tars}: serve the index beside its tars "
+                            f"(index them with `tinymim shards --index DIR` there), or read it from a local folder")
+        return Path(self.root) / tars
+
     def _check_labels(self, keys: list) -> None:
         """Each sample's label against the class its key names (`<class>/<name>`, see _keys): an index
         whose labels were shifted against its class list would train on wrong labels without a sign."""
@@ -195,7 +214,7 @@ class ShardImages(tud.Dataset):
         skipped images, so a missing one stops the run now, by name."""
         if not self.remote:
             for shard in self.shards:
-                path = Path(self.root) / shard.name
+                path = self._tars / shard.name
                 try:
                     size = path.stat().st_size
                 except OSError as e:
@@ -217,11 +236,12 @@ class ShardImages(tud.Dataset):
             return
         try:
             with open(path, "rb") as f:
-                for key, ext, offset, size, label in self._ends[shard.name]:
-                    found = _member_at(f, key, ext, offset, size, label if self._label_members else None)
+                for key, ext, offset, size, label, header in self._ends[shard.name]:
+                    found = (_member_at(f, key, ext, offset, size, label if self._label_members else None)
+                             if header is None else _named_member_at(f, header, f"{key}.{ext}", offset, size))
                     if found is not None:
                         raise DataError(f"shard {path} does not match {INDEX}: it holds {found} where the index puts "
-                                        f"{key}.{ext} (shards swapped, or written again since the index); "
+                                        f"{f'{key}.{ext}'!r} (shards swapped, or written again since the index); "
                                         f"{REWRITE_FIX}")
         except OSError as e:
             raise DataError(f"cannot read shard {path} ({e.strerror or e}); restore it, or {WRITE_FIX} again") from e
@@ -257,13 +277,14 @@ class ShardImages(tud.Dataset):
         return data, int(self.labels[i])
 
     def describe(self, i: int) -> str:
-        return f"{self.shard_of(i).name}:{self.keys[i].decode()}"
+        return f"{self.shard_of(i).name}:{self.keys[i].decode('utf-8', 'backslashreplace')}"
 
     def listing(self) -> list[str]:
         """What the set holds, wherever it is served from: its shards and, in index order, each
         sample's key and label (a resumed run must see the same samples at the same indices)."""
         return [*(f"{s.name} {s.samples}" for s in self.shards),
-                *(f"{k.decode()} {label}" for k, label in zip(self.keys, self.labels.tolist()))]
+                *(f"{k.decode('utf-8', 'backslashreplace')} {label}" for k, label in zip(self.keys,
+                                                                                           self.labels.tolist()))]
 
     # files
 
@@ -271,7 +292,7 @@ class ShardImages(tud.Dataset):
         return f"{self.root}/{shard.name}"
 
     def _path(self, shard: Shard) -> Path:
-        return self.cache / shard.name if self.remote else Path(self.root) / shard.name
+        return self.cache / shard.name if self.remote else self._tars / shard.name
 
     def _fd(self, shard: Shard) -> int:
         """An open file of the shard, per process: a loader worker forked with the parent's files
@@ -317,12 +338,16 @@ def _member_at(f, key: str, ext: str, offset: int, size: int, label: int | None)
     name = f"{key}.{ext}"
     try:
         f.seek(offset - tarfile.BLOCKSIZE)
-        info = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+        info = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), *NAME_CODEC)
     except (tarfile.HeaderError, ValueError, OSError):
         return f"no tar header before byte {offset}"
-    # the header's own name field: a name too long for it, or not ASCII, is cut short there (whole in a pax header)
-    if (info.name, info.size) != (name.encode("ascii", "replace")[:100].decode(), size) or not info.isreg():
-        return f"{info.name} ({info.size} bytes) at byte {offset}"
+    # the header's own name field, as bytes: the whole name (ustar: its prefix field joined), its first 100
+    # bytes (a GNU long-name header before it holds the rest), or, from Python's pax writer, '?' for each
+    # non-ASCII character (the name is whole in the pax header before it)
+    exact = name.encode(*NAME_CODEC)
+    spelled = {exact, exact[:100], name.encode("ascii", "replace")[:100]}
+    if info.name.encode(*NAME_CODEC) not in spelled or info.size != size or not info.isreg():
+        return f"{info.name!r} ({info.size} bytes) at byte {offset}"
     if label is None:
         return None
     f.seek(offset + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
@@ -335,3 +360,19 @@ def _member_at(f, key: str, ext: str, offset: int, size: int, label: int | None)
         return f"no label member after {name}"
     return None
 
+
+def _named_member_at(f, header: int, name: str, offset: int, size: int) -> str | None:
+    """None when the tar `f` holds a file named `name` (the same bytes), `size` long, whose headers start
+    at byte `header` and data at `offset`; else what it holds there. Its headers are read as tarfile reads
+    them (GNU long names, pax records), so the whole name is compared, however the writer spelled it."""
+    try:
+        f.seek(header)
+        with tarfile.open(fileobj=f, mode="r:", encoding=NAME_CODEC[0], errors=NAME_CODEC[1]) as tar:
+            member = tar.next()
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return f"no tar header at byte {header}"
+    if member is None:
+        return f"no member at byte {header}"
+    if (member.name, member.offset_data, member.size) != (name, offset, size) or not member.isreg():
+        return f"{member.name!r} ({member.size} bytes at byte {member.offset_data})"
+    return None
