@@ -42,9 +42,21 @@ def setup_distributed(device: str = "auto") -> DistContext:
         torch.cuda.set_device(dev)
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if launched and not dist.is_initialized():
+        if rank == 0 and (note := restart_store_warning(os.environ)):
+            log.warning(note)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                 device_id=dev if dev.type == "cuda" else None)
     return DistContext(rank, world, local_rank, dev, launched)
+
+
+def restart_store_warning(environ) -> str | None:
+    """A note when torchrun may restart the workers (--max-restarts) while they share the agents' store:
+    restarted workers then find the dead round's addresses there and hang in init_process_group
+    (pytorch/pytorch#135712; tests/test_multinode.py)."""
+    if int(environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("torchrun --max-restarts with the agents' shared store: a restart would hang; set "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment")
+    return None
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
