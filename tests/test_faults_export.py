@@ -230,3 +230,10 @@ def test_a_real_full_disk_during_an_overwrite(two_runs, tmp_path, capsys):
         assert "nothing was written" in _error_line(capsys.readouterr().err) and not (disk / "y").exists()
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_a_failed_export_into_new_folders_leaves_none_of_them(two_runs, tmp_path, monkeypatch, capsys):
+    _full_disk_at(monkeypatch, "model.safetensors")
+    assert main(["export", str(two_runs / "run_a"), "--output", str(tmp_path / "new" / "deeper" / "x")]) == 1
+    assert "nothing was written" in _error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []

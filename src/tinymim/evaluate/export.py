@@ -247,6 +247,21 @@ def _carry_over(old: Path, staging: Path) -> None:
 
 
 def _write_files(out: Path, write, folder: bool = True, check=None) -> None:
+    """`_publish`, and a failed one leaves no folder it made for --output's parents either."""
+    made, parent = [], out.parent
+    while not parent.exists() and parent != parent.parent:
+        made.append(parent)  # deepest first
+        parent = parent.parent
+    try:
+        _publish(out, write, folder, check)
+    except BaseException:
+        for folder_made in made:
+            with contextlib.suppress(OSError):
+                folder_made.rmdir()
+        raise
+
+
+def _publish(out: Path, write, folder: bool, check) -> None:
     """Publish an export whole or not at all. write(staging) fills a new folder beside `out` (same file
     system): with folder=True that folder becomes `out`, else it holds the one file `out`. Every file
     gets the umask's mode and is synced; then, under `_lock(out)` (with check() run again there: another
@@ -291,7 +306,12 @@ def _write_files(out: Path, write, folder: bool = True, check=None) -> None:
                         os.chmod(staging, out.stat().st_mode & 0o7777)
                     aside = out.parent / f"{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
                     os.rename(out, aside)
-                    os.rename(staging, out)
+                    try:
+                        os.rename(staging, out)
+                    except BaseException:  # an error or Ctrl-C between the renames: the earlier export back
+                        if not os.path.lexists(out):
+                            os.rename(aside, out)
+                        raise
                     _remove(aside)
                 else:
                     os.rename(staging, out)
