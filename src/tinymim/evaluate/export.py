@@ -113,6 +113,8 @@ def _export_error(e: BaseException, out: Path, existed: bool) -> TinymimError | 
                                "folder you can write to")
         if isinstance(err, OSError):
             return RunDirError(f"cannot write the export to {out} ({err.strerror or err}); {kept}")
+    if type(e).__name__ == "SafetensorError":  # another I/O failure of the weights file
+        return RunDirError(f"cannot write the export's model.safetensors for {out} ({e}); {kept}")
     return None
 
 
