@@ -279,7 +279,7 @@ def test_ade20k_recipes_have_the_papers_settings(size, channels, decay):
     cfg = load_config("segment", f"ade20k/segment_vit_{size}")
     assert (cfg.train.max_steps, cfg.train.batch_size, cfg.data.crop_size, cfg.train.lr) == (160_000, 16, 512, 1e-4)
     assert (cfg.train.schedule, cfg.train.warmup_steps, cfg.train.betas, cfg.train.weight_decay) == (
-        "poly", 1500, [0.9, 0.999], 0.05)
+        "poly_mmcv", 1500, [0.9, 0.999], 0.05)
     assert (cfg.layer_decay, cfg.channels, cfg.aux_channels, cfg.aux_weight) == (decay, channels, 256, 0.4)
     assert (cfg.data.num_classes, cfg.data.reduce_zero_label, cfg.data.eval_stride) == (150, True, 341)
     assert cfg.blocks == [4, 6, 8, 12] and cfg.model.drop_path_rate == 0.1

@@ -329,7 +329,7 @@ class _Scripted:
     """An rng whose random() gates only the hue step and whose uniform() returns its upper bound."""
 
     def __init__(self):
-        self.draws = iter([0.9, 0.9, 0.9, 0.9, 0.0])  # brightness, contrast order, contrast, saturation, hue
+        self.draws = iter([0.9, 0.9, 0.9, 0.0, 0.9])  # brightness, contrast last, saturation, hue, contrast
 
     def random(self):
         return next(self.draws)

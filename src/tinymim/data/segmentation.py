@@ -180,26 +180,43 @@ def _rescale_size(w: int, h: int, long: float, short: float) -> tuple[int, int]:
 
 
 def _photometric(img: np.ndarray, rng: np.random.Generator, hue_delta: int = 18) -> np.ndarray:
-    """mmseg's PhotoMetricDistortion: brightness +-32, contrast 0.5-1.5 (before or after), saturation
-    0.5-1.5 and hue by an integer in [-hue_delta, hue_delta) in HSV, each applied with probability 0.5.
-    mmseg shifts hue in OpenCV's units (0-179, 2 degrees each): its default 18 is -36..+34 degrees; PIL's
-    hue runs 0-255."""
-    x = img.astype(np.float32)
-    if rng.random() < 0.5:
-        x = x + rng.uniform(-32, 32)
-    contrast_first = rng.random() < 0.5
-    contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
-    if contrast_first and contrast is not None:
-        x = x * contrast
-    hsv = np.asarray(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).convert("HSV"), dtype=np.float32)
-    if rng.random() < 0.5:
-        hsv[..., 1] = hsv[..., 1] * rng.uniform(0.5, 1.5)
-    if rng.random() < 0.5:
-        hsv[..., 0] = (hsv[..., 0] + rng.integers(-hue_delta, hue_delta) * 256 / 180) % 256
-    x = np.asarray(Image.fromarray(np.clip(hsv, 0, 255).astype(np.uint8), "HSV").convert("RGB"), dtype=np.float32)
-    if not contrast_first and contrast is not None:
-        x = x * contrast
-    return np.clip(x, 0, 255).astype(np.uint8)
+    """mmseg 0.x's PhotoMetricDistortion, step by step and draw by draw: brightness +-32; a coin for
+    whether contrast (0.5-1.5) comes now or last; saturation 0.5-1.5; hue by an integer in
+    [-hue_delta, hue_delta) OpenCV units (0-179, 2 degrees each: mmseg's 18 is -36..+34 degrees); each
+    step taken with probability 0.5. Every step ends in 8 bits as mmseg's `convert` does (x * alpha + beta
+    in float32, clipped to 0..255, truncated to uint8): a brightened pixel is clipped before contrast
+    scales it. Saturation and hue each make their own HSV round trip, as mmseg's do; the HSV is PIL's
+    (hue 0-255, the shift scaled to it), not OpenCV's, which tinymim does not depend on."""
+    def convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(x.astype(np.float32) * np.float32(alpha) + np.float32(beta), 0, 255).astype(np.uint8)
+
+    def contrast(x: np.ndarray) -> np.ndarray:
+        return convert(x, alpha=rng.uniform(0.5, 1.5)) if rng.random() < 0.5 else x
+
+    def to_hsv(x: np.ndarray) -> np.ndarray:
+        return np.array(Image.fromarray(x).convert("HSV"), dtype=np.uint8)
+
+    def to_rgb(hsv: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"), dtype=np.uint8)
+
+    x = np.ascontiguousarray(img, dtype=np.uint8)
+    if rng.random() < 0.5:  # brightness
+        x = convert(x, beta=rng.uniform(-32, 32))
+    contrast_first = rng.random() < 0.5  # mmseg's mode == 1
+    if contrast_first:
+        x = contrast(x)
+    if rng.random() < 0.5:  # saturation
+        hsv = to_hsv(x)
+        hsv[..., 1] = convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
+        x = to_rgb(hsv)
+    if rng.random() < 0.5:  # hue
+        hsv = to_hsv(x)
+        shift = rng.integers(-hue_delta, hue_delta) * 256 / 180
+        hsv[..., 0] = ((hsv[..., 0] + shift) % 256).astype(np.uint8)
+        x = to_rgb(hsv)
+    if not contrast_first:
+        x = contrast(x)
+    return x
 
 
 def train_transform(image: Image.Image, label: np.ndarray, cfg: SegmentDataConfig, seed: int):

@@ -169,7 +169,7 @@ def _timm_layer_scale_name(key: str) -> str:
 
 def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
                      ignore_prefixes: tuple[str, ...] = _MAE_DECODER_PREFIXES,
-                     fresh: tuple[str, ...] = ()) -> list[str]:
+                     fresh: tuple[str, ...] = (), antialias: bool = True) -> list[str]:
     """Load a ViT state dict into a timm VisionTransformer; returns the keys set aside.
 
     Understands the official MAE layouts (pre-training: decoder keys and mask_token set aside;
@@ -181,7 +181,9 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     classifier head (head, head_dist) for another class count is set aside and keeps its init; a final
     `norm` the model does not have (global pooling, conv1x1) is set aside. Every key set aside is
     returned, every parameter left at its init is logged. Position embeddings are resized (bicubic,
-    prefix tokens kept apart) when the patch grid differs. Model keys containing one of `fresh`
+    prefix tokens kept apart) when the patch grid differs: antialiased as timm resizes them, or, with
+    `antialias=False`, plain bicubic as the MAE / BEiT / TinyMIM segmentation code does (segmentation's
+    init; the two differ by up to 5e-2 on a sin-cos table enlarged 14 -> 32). Model keys containing one of `fresh`
     (parameters a task adds, such as segmentation's relative position bias tables) may be missing:
     they keep their init and are reported as newly initialised; BEiT-style layer scale names
     (gamma_1/gamma_2) are read as timm's. Any other mismatch (a missing encoder key, a key of another
@@ -216,7 +218,7 @@ def load_vit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
             and pe.shape[-1] == own["pos_embed"].shape[-1]):
         prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
         state["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(model.patch_embed.grid_size),
-                                                    num_prefix_tokens=prefix)
+                                                    num_prefix_tokens=prefix, antialias=antialias)
     missing = sorted(set(own) - set(state))
     new = [k for k in missing if any(f in k for f in fresh)]
     if "dist_token" in own:  # a DistilledViT's additions to a plain ViT

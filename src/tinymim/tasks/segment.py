@@ -45,7 +45,9 @@ SYNC_BN_ON_CPU = ("sync_bn=true needs GPU processes (PyTorch's SyncBatchNorm run
 @dataclass
 class SegmentConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_base_patch16_224", drop_path_rate=0.1))
-    init: str | None = None  # pre-trained backbone weights (run directory, file, timm name); None = random init
+    # pre-trained backbone weights (run directory, file, timm name); None = random init. Position embeddings
+    # are resized to the crop's grid by plain bicubic (no antialiasing), as the release's backbone loads them
+    init: str | None = None
     blocks: list[int] = field(default_factory=lambda: [4, 6, 8, 12])  # backbone blocks (1-indexed) of the pyramid
     channels: int = 768  # UperNet head width (the release: 768; 192 for a light ViT-T head)
     aux_channels: int = 256  # auxiliary FCN head width
@@ -69,8 +71,10 @@ class SegmentConfig:
     # tinymim eval --limit picks them); the metrics say "N of M". null: the whole split
     eval_limit: int | None = None
     data: SegmentDataConfig = field(default_factory=SegmentDataConfig)
+    # the release's: poly_mmcv is mmcv's poly with linear warmup. It ran fp16 with loss scaling; tinymim keeps
+    # bf16 (fp32's exponent range, no loss scaling, no skipped steps); train.precision=fp16 is the release's
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=10_000, max_steps=160_000, batch_size=16, lr=1e-4, warmup_steps=1500, schedule="poly",
+        epochs=10_000, max_steps=160_000, batch_size=16, lr=1e-4, warmup_steps=1500, schedule="poly_mmcv",
         betas=[0.9, 0.999], weight_decay=0.05, checkpoint_every=2000))
 
     def validate(self) -> None:
@@ -205,10 +209,10 @@ def build_backbone(cfg: SegmentConfig) -> nn.Module:
             add_relative_position_bias(vit)
         except ValueError as e:
             raise ConfigError(f"rel_pos_bias=true: {e}") from e
-    if cfg.init:  # position embeddings are resized to the crop's grid by load_vit_weights
+    if cfg.init:  # position embeddings resized to the crop's grid by plain bicubic, as the release's backbone init
         ignored = load_vit_weights(vit, load_weights(cfg.init), source=f"init weights {cfg.init}",
                                    ignore_prefixes=("decoder_", "mask_token", "head.", "fc_norm."),
-                                   fresh=RELEASE_BACKBONE_KEYS)
+                                   fresh=RELEASE_BACKBONE_KEYS, antialias=False)
         if ignored:
             log.info("init weights: set aside %s", ", ".join(ignored[:6]))
     return vit

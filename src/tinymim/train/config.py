@@ -24,7 +24,9 @@ class TrainConfig:
     warmup_epochs: float = 15.0
     # linear warmup in optimizer steps, as given; overrides warmup_epochs. Either warmup is cut to half the run at most
     warmup_steps: int | None = None
-    schedule: Literal["cosine", "poly"] = "cosine"  # after warmup: half-cycle cosine, or poly (segmentation)
+    # after warmup: half-cycle cosine, or poly; poly_mmcv: the release's segmentation schedule (mmcv's
+    # PolyLrUpdaterHook): the poly counted from step 0 over the whole run, the warmup scaling it up from 1e-6 x
+    schedule: Literal["cosine", "poly", "poly_mmcv"] = "cosine"
     poly_power: float = 1.0  # poly schedule: lr x (1 - t/T)^power
     weight_decay: float = 0.05  # decoupled weight decay (none on biases and norms)
     optimizer: Literal["adamw", "lars", "sgd"] = "adamw"  # adamw (MAE/TinyMIM), lars (linear probe) or sgd

@@ -51,6 +51,7 @@ from tinymim.train.distributed import (
     setup_distributed,
 )
 from tinymim.train.loggers import preflight
+from tinymim.train.mmcv_schedule import MMCV_WARMUP_RATIO, MmcvPolyLR
 
 log = logging.getLogger("tinymim")
 
@@ -293,6 +294,8 @@ def build_scheduler(optimizer, cfg: TrainConfig, per_epoch: int):
     with _quiet("timm.scheduler.cosine_lr", "timm.scheduler.poly_lr"):
         if cfg.schedule == "poly":
             return timm.scheduler.PolyLRScheduler(optimizer, power=cfg.poly_power, **common)
+        if cfg.schedule == "poly_mmcv":
+            return MmcvPolyLR(optimizer, total=length, warmup=warmup, power=cfg.poly_power, min_lr=cfg.min_lr)
         return timm.scheduler.CosineLRScheduler(optimizer, **common)
 
 
@@ -319,6 +322,10 @@ def describe_schedule(cfg: TrainConfig, per_epoch: int) -> str:
     if plan.warmup < plan.warmup_asked:
         notes.append(f"warmup of {plan.warmup_asked} steps cut to half the run")
     shape = "cosine" if cfg.schedule == "cosine" else f"poly (power {cfg.poly_power:g})"
+    if cfg.schedule == "poly_mmcv":  # mmcv's: the poly runs from step 0, the warmup scales it
+        return (f"lr schedule over {plan.length} steps: mmcv's {shape} from {lr_for(cfg):.3g} at step 0 to min_lr "
+                f"{cfg.min_lr:g} after step {plan.length}, its first {plan.warmup} steps scaled up linearly from "
+                f"{MMCV_WARMUP_RATIO:g} x" + "".join(f"; {n}" for n in notes))
     return (f"lr schedule over {plan.length} steps: warmup {plan.warmup} steps from 0 to {lr_for(cfg):.3g}, then "
             f"{shape} to min_lr {cfg.min_lr:g} after step {plan.length}" + "".join(f"; {n}" for n in notes))
 
