@@ -372,10 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def one_line(message: str) -> str:
     """An error message on one line. An error raised inside a DataLoader worker arrives wrapped in the
-    worker's traceback: its last line holds the message."""
+    worker's traceback: the message starts at its last `Type: ` line (what follows it, such as the
+    engine's note that the state was saved, is kept)."""
     if "Original Traceback" in message:
-        last = [line for line in message.splitlines() if line.strip()][-1].strip()
-        message = re.sub(r"^[\w.]+: ", "", last, count=1)
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        at = max((i for i, line in enumerate(lines) if re.match(r"[\w.]+: ", line)), default=len(lines) - 1)
+        message = " ".join([re.sub(r"^[\w.]+: ", "", lines[at], count=1), *lines[at + 1:]])
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 

@@ -13,6 +13,11 @@ class DataError(TinymimError):
     """Data that cannot be read, with what to do about it (tinymim.data.pretrain and tinymim.data.shards raise it)."""
 
 
+class StorageError(DataError):
+    """A folder tinymim writes data into (the shard cache) is full or read-only: the machine's to fix, not
+    the data's, so it stops the run at once instead of skipping the image (another would fail the same)."""
+
+
 class LoaderWorkerDied(TinymimError):
     """A data-loading worker process ended without its batch (most often the out-of-memory killer)."""
 

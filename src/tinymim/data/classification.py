@@ -15,7 +15,7 @@ from timm.data import auto_augment as aa
 from timm.data import create_transform
 
 from tinymim.core.config import ConfigError
-from tinymim.core.errors import DataError
+from tinymim.core.errors import DataError, StorageError
 from tinymim.data.loader import batch_sampler, worker_init
 from tinymim.data.pretrain import DataConfig
 from tinymim.data.sources import SubsetImages, TorchvisionCIFAR, build_source, is_tar, split_holdout
@@ -102,6 +102,8 @@ class ClassifyDataset(tud.Dataset):
         if self.skip_unreadable:
             try:
                 img, label = self.source.load(index)
+            except StorageError:  # a full or read-only cache: every image would be left out
+                raise
             except Exception as e:  # noqa: BLE001 - any unreadable file is left out, not fatal
                 log.warning("skipping unreadable image %s: %s", self.source.describe(index), e)
                 # a placeholder of the transform's output shape, so that a batch of none still stacks

@@ -3,12 +3,13 @@ once per machine (`_download`, behind a lock file), with the size checks and one
 reading local shards uses too."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import urllib.request
 from pathlib import Path
 
-from tinymim.core.errors import DataError
+from tinymim.core.errors import DataError, StorageError
 from tinymim.core.files import RunDirError, atomic_write
 from tinymim.data.shard_format import WRITE_FIX
 
@@ -32,6 +33,20 @@ def _reason(e: Exception) -> str:
     return str(getattr(e, "reason", None) or getattr(e, "strerror", None) or e)
 
 
+def _cache_error(cache: Path, e: BaseException | None) -> StorageError:
+    """A shard cache that cannot take a shard, named as full or read-only: one line that stops the run
+    (every other shard would fail the same way, so no image is skipped for it)."""
+    code, reason = getattr(e, "errno", None), getattr(e, "strerror", None) or str(e)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        state = "is full (no space left)"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        state = f"is read-only ({reason})"
+    else:
+        state = f"cannot be written ({reason})"
+    return StorageError(f"the shard cache {cache} {state}: set data.shard_cache to a writable folder with room "
+                        "for the shards")
+
+
 def _remote_size(url: str) -> int | None:
     """The size of a remote file (None when the server does not say); a one-line error when it is not there."""
     try:
@@ -50,8 +65,7 @@ def _download(url: str, path: Path, expected: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(path.with_name(path.name + ".lock"), "a")
     except OSError as e:
-        raise DataError(f"cannot use the shard cache {path.parent} ({e.strerror}); set data.shard_cache to a "
-                        "folder you can write to") from e
+        raise _cache_error(path.parent, e) from e
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _size(path) == expected:  # another process fetched it meanwhile
@@ -74,10 +88,7 @@ def _download(url: str, path: Path, expected: int) -> None:
         try:
             with response:
                 atomic_write(path, copy)
-        except RunDirError as e:
-            cause = e.__cause__
-            raise DataError(f"cannot store shard {url} in the shard cache {path.parent} "
-                            f"({getattr(cause, 'strerror', None) or e}); set data.shard_cache to a folder "
-                            "with room for the shards") from e
+        except RunDirError as e:  # atomic_write's own one line, the OSError beneath it
+            raise _cache_error(path.parent, e.__cause__ or e) from e
     _check_size(url, _size(path) or 0, expected)
     log.info("downloaded %s into %s", url, path.parent)

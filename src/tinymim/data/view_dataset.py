@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from tinymim.core.errors import DataError
+from tinymim.core.errors import DataError, StorageError
 from tinymim.data.images import open_header, to_rgb8
 from tinymim.data.pretrain import DataConfig
 from tinymim.data.sources import SubsetImages
@@ -80,7 +80,7 @@ def load_or_substitute(source, index: int, length: int, fatal: tuple = ()) -> tu
         try:
             img, label = source.load(i)
             return img, label, int(attempt > 0)
-        except fatal:
+        except (StorageError, *fatal):  # a full or read-only cache: the next image cannot be stored either
             raise
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, not fatal
             (log.warning if attempt == 0 else log.debug)("skipping unreadable image %s: %s", source.describe(i), e)
