@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from test_segmentation import _seg_folder, tiny_segment_overrides
 
 # ---------------------------------------------------------------------------------------------
@@ -94,17 +93,9 @@ class Replay:
         return self._next("integers")
 
 
-def pil_hsv(rgb):
-    return np.array(Image.fromarray(rgb).convert("HSV"), dtype=np.uint8)
-
-
-def pil_rgb(hsv):
-    return np.array(Image.fromarray(hsv, "HSV").convert("RGB"), dtype=np.uint8)
-
-
-def mmseg_photometric(img, draws: MmsegDraws, hue_delta=18):
+def mmseg_photometric(img, draws: MmsegDraws, cv2, hue_delta=18):
     """mmseg 0.x PhotoMetricDistortion.__call__ (brightness_delta 32, contrast and saturation 0.5-1.5), its
-    HSV in PIL's space (hue 0-255, mmseg's OpenCV hue units scaled by 256/180) as tinymim's."""
+    HSV through OpenCV as mmcv.bgr2hsv / hsv2bgr (on RGB here: the same HSV as BGR's)."""
     def convert(x, alpha=1, beta=0):
         x = x.astype(np.float32) * alpha + beta
         return np.clip(x, 0, 255).astype(np.uint8)
@@ -118,30 +109,44 @@ def mmseg_photometric(img, draws: MmsegDraws, hue_delta=18):
     if mode == 1:
         img = contrast(img)
     if draws.gate("saturation"):
-        hsv = pil_hsv(img)
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
         hsv[:, :, 1] = convert(hsv[:, :, 1], alpha=draws.uniform(0.5, 1.5))
-        img = pil_rgb(hsv)
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if draws.gate("hue"):
-        hsv = pil_hsv(img)
-        hsv[:, :, 0] = (hsv[:, :, 0].astype(np.float64) + draws.randint(-hue_delta, hue_delta) * 256 / 180) % 256
-        img = pil_rgb(hsv)
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + draws.randint(-hue_delta, hue_delta)) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if mode == 0:
         img = contrast(img)
     return img
 
 
 def photo(seed):
-    return np.random.default_rng(seed).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    """64 pixels wide: every pixel of a row goes through OpenCV's vectorised loop, as in a 512 crop."""
+    return np.random.default_rng(seed).integers(0, 256, (24, 64, 3), dtype=np.uint8)
+
+
+def test_hsv_conversions_are_opencvs():
+    cv2 = pytest.importorskip("cv2", reason="OpenCV (the dev extra's imagecorruptions) is the reference")
+    from tinymim.data.segmentation import hsv_to_rgb_cv, rgb_to_hsv_cv
+
+    rgb = np.random.default_rng(0).integers(0, 256, (512, 256, 3), dtype=np.uint8)
+    rgb[0, :64] = [[v, v, v] for v in range(0, 256, 4)]  # greys: no hue, no saturation
+    assert np.array_equal(rgb_to_hsv_cv(rgb), cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV))
+    hsv = np.random.default_rng(1).integers(0, 256, (512, 256, 3), dtype=np.uint8)
+    hsv[..., 0] %= 180
+    assert np.array_equal(hsv_to_rgb_cv(hsv), cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
 
 
 @pytest.mark.parametrize("off", [("saturation", "hue"), ()], ids=["brightness_contrast", "every_step"])
 def test_photometric_distortion_is_mmsegs_draw_by_draw(off):
+    cv2 = pytest.importorskip("cv2", reason="OpenCV (the dev extra's imagecorruptions) is mmseg's HSV")
     from tinymim.data.segmentation import _photometric
 
     both = 0
     for seed in range(64):
         img, draws = photo(seed), MmsegDraws(seed, off)
-        expected = mmseg_photometric(img, draws)
+        expected = mmseg_photometric(img, draws, cv2)
         both += [v for k, v in draws.record if k == "gate"][:1] == [1] and len(draws.record) > 4
         assert np.array_equal(_photometric(img.copy(), Replay(draws.record)), expected), seed
     assert both > 5  # brightness and a contrast both drawn in many of them

@@ -179,25 +179,55 @@ def _rescale_size(w: int, h: int, long: float, short: float) -> tuple[int, int]:
     return max(1, int(w * factor + 0.5)), max(1, int(h * factor + 0.5))
 
 
+# OpenCV's 8-bit RGB <-> HSV (hue 0-179, 2 degrees a unit), the space mmseg's saturation and hue steps
+# work in (mmcv.bgr2hsv / hsv2bgr): RGB -> HSV by OpenCV's fixed-point tables, HSV -> RGB in float32 and
+# truncated, as OpenCV 4's vectorised loop computes every pixel of an image but a row's last few
+_HSV_SHIFT = 12
+_DIVISORS = np.maximum(np.arange(256, dtype=np.float64), 1)
+_SDIV = np.where(np.arange(256) > 0, np.rint((255 << _HSV_SHIFT) / _DIVISORS), 0).astype(np.int64)
+_HDIV = np.where(np.arange(256) > 0, np.rint((180 << _HSV_SHIFT) / (6 * _DIVISORS)), 0).astype(np.int64)
+_SECTORS = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])  # r, g, b of (v, p, q, t)
+
+
+def rgb_to_hsv_cv(rgb: np.ndarray) -> np.ndarray:
+    """cv2.cvtColor(rgb, COLOR_RGB2HSV) for uint8 images."""
+    x = rgb.astype(np.int64)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v, diff = x.max(-1), x.max(-1) - x.min(-1)
+    s = (diff * _SDIV[v] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
+    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * _HDIV[diff] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
+    return np.stack([np.where(h < 0, h + 180, h), s, v], -1).astype(np.uint8)
+
+
+def hsv_to_rgb_cv(hsv: np.ndarray) -> np.ndarray:
+    """cv2.cvtColor(hsv, COLOR_HSV2RGB) for uint8 images (hue 0-179), its vectorised loop's arithmetic."""
+    one = np.float32(1)
+    s = hsv[..., 1].astype(np.float32) * np.float32(1 / 255)
+    v = hsv[..., 2].astype(np.float32) * np.float32(1 / 255)
+    h = hsv[..., 0].astype(np.float32) * np.float32(6 / 180)
+    whole = np.trunc(h)
+    f = h - whole
+    def one_minus(a, b):  # 1 - a*b rounded once: the fused multiply-add OpenCV's x86 builds compile it to
+        return (1 - a.astype(np.float64) * b).astype(np.float32)
+
+    table = np.stack([v, v * (one - s), v * one_minus(s, f), v * one_minus(s, one - f)], -1)  # v, p, q, t
+    rgb = np.take_along_axis(table, _SECTORS[whole.astype(np.int64) % 6], -1)
+    return np.clip(np.trunc(rgb * np.float32(255)), 0, 255).astype(np.uint8)
+
+
 def _photometric(img: np.ndarray, rng: np.random.Generator, hue_delta: int = 18) -> np.ndarray:
     """mmseg 0.x's PhotoMetricDistortion, step by step and draw by draw: brightness +-32; a coin for
     whether contrast (0.5-1.5) comes now or last; saturation 0.5-1.5; hue by an integer in
     [-hue_delta, hue_delta) OpenCV units (0-179, 2 degrees each: mmseg's 18 is -36..+34 degrees); each
     step taken with probability 0.5. Every step ends in 8 bits as mmseg's `convert` does (x * alpha + beta
     in float32, clipped to 0..255, truncated to uint8): a brightened pixel is clipped before contrast
-    scales it. Saturation and hue each make their own HSV round trip, as mmseg's do; the HSV is PIL's
-    (hue 0-255, the shift scaled to it), not OpenCV's, which tinymim does not depend on."""
+    scales it. Saturation and hue each make their own round trip through OpenCV's 8-bit HSV, as mmseg's do."""
     def convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
         return np.clip(x.astype(np.float32) * np.float32(alpha) + np.float32(beta), 0, 255).astype(np.uint8)
 
     def contrast(x: np.ndarray) -> np.ndarray:
         return convert(x, alpha=rng.uniform(0.5, 1.5)) if rng.random() < 0.5 else x
-
-    def to_hsv(x: np.ndarray) -> np.ndarray:
-        return np.array(Image.fromarray(x).convert("HSV"), dtype=np.uint8)
-
-    def to_rgb(hsv: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"), dtype=np.uint8)
 
     x = np.ascontiguousarray(img, dtype=np.uint8)
     if rng.random() < 0.5:  # brightness
@@ -206,14 +236,13 @@ def _photometric(img: np.ndarray, rng: np.random.Generator, hue_delta: int = 18)
     if contrast_first:
         x = contrast(x)
     if rng.random() < 0.5:  # saturation
-        hsv = to_hsv(x)
+        hsv = rgb_to_hsv_cv(x)
         hsv[..., 1] = convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
-        x = to_rgb(hsv)
+        x = hsv_to_rgb_cv(hsv)
     if rng.random() < 0.5:  # hue
-        hsv = to_hsv(x)
-        shift = rng.integers(-hue_delta, hue_delta) * 256 / 180
-        hsv[..., 0] = ((hsv[..., 0] + shift) % 256).astype(np.uint8)
-        x = to_rgb(hsv)
+        hsv = rgb_to_hsv_cv(x)
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + int(rng.integers(-hue_delta, hue_delta))) % 180
+        x = hsv_to_rgb_cv(hsv)
     if not contrast_first:
         x = contrast(x)
     return x
