@@ -62,6 +62,7 @@ def test_corrupt_skips_a_bomb_and_a_truncated_jpeg_names_them_and_keeps_the_earl
     assert first["rc"] == 0 and "Traceback" not in first["stderr"], first["stderr"]
     before = _tree(out)
     assert len(before) == 2 * 2 * 2  # 4 readable images x 2 severities; the two unreadable ones left out
+    out.chmod(0o775)  # a folder shared by a group
     r = _corrupt(source, out, "contrast")
     assert r["rc"] == 0 and "Traceback" not in r["stderr"], r["stderr"]
     lines = r["stderr"].splitlines()
@@ -72,6 +73,7 @@ def test_corrupt_skips_a_bomb_and_a_truncated_jpeg_names_them_and_keeps_the_earl
     assert sorted(k for k in after if k.startswith("contrast/")) == sorted(
         f"contrast/{s}/{c}/{i}.png" for s in (1, 2) for c in "ab" for i in range(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staging folder left beside it
+    assert out.stat().st_mode & 0o777 == 0o775  # the new tree took the old one's place, and its mode
 
 
 def test_corrupt_of_nothing_readable_refuses_in_one_line_and_writes_nothing(source, tmp_path):

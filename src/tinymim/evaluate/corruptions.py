@@ -238,6 +238,9 @@ def _move_in(staging: Path, dst: Path) -> None:
                     os.link(path, target)
                 except OSError:
                     shutil.copy2(path, target)  # a file system without hard links
+        staged = staging / Path(folder).relative_to(dst)
+        if staged.is_dir():
+            shutil.copymode(folder, staged)  # a shared tree's folders keep their modes (group-writable ...)
     old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     os.rename(dst, old)
     try:
@@ -273,6 +276,8 @@ def corrupt_folder(src: str | Path, dst: str | Path, corruptions=None, severitie
             per_class[label] = per_class.get(label, 0) + 1
             chosen.append(i)
     dst = Path(dst).absolute()
+    if dst.is_symlink():  # a link to the folder: the tree goes where it points, the link stays
+        dst = dst.resolve()
     if dst.exists() and not dst.is_dir():
         raise TinymimError(f"--output {dst} is a file; give a folder for the corruption tree")
     missing = [d for d in (dst.parent, *dst.parent.parents) if not d.exists()]
