@@ -250,3 +250,5 @@ def test_segmentation_trains_in_fp16_on_request(tmp_path):
     run("segment", cfg, tmp_path / "run")
     weights = load_file(str(RunDir(tmp_path / "run").weights()))
     assert weights and all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["scaler"].get("scale", 0) > 0  # fp16 trained with its loss scaler (bf16 and fp32 have none)
