@@ -2,9 +2,17 @@
 and MLflow (`train.loggers`, each an optional extra). Only the main process logs.
 
 - W&B: `train.wandb_mode` offline by default (RUN_DIR/wandb, `wandb sync` uploads it later) or online;
-  the W&B run id is derived from the run directory, so a resumed run continues the same W&B run.
+  the W&B run id is derived from the run directory, so a resumed run continues the same W&B run. W&B's
+  service process writes the offline run's file (run-ID.wandb): it holds every record once the service has
+  closed the run, which it does on its own shortly after run.finish() returns and at the latest when the
+  process ends (wandb.teardown, W&B's exit hook, waits for it); read or sync it after that.
 - MLflow: the tracking URI `train.mlflow_uri`, by default a file store in RUN_DIR/mlruns; the MLflow run
   id is kept in RUN_DIR/mlflow_run_id, so a resumed run continues it.
+
+Closed while an error propagates (the engine closes them in a `finally`), the trackers record how the run
+ended: W&B gets the exit status the command will have (75 for a stop to resume, 130 for Ctrl-C, else 1;
+W&B shows the run as failed), MLflow the status KILLED (stopped) or FAILED; a run that completes, 0 and
+FINISHED.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +43,18 @@ def check_available(loggers) -> None:
         module, extra = _PACKAGES[name]
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"train.loggers has {name}, which needs its package: pip install 'tinymim[{extra}]'")
+
+
+def _ending() -> tuple[int, bool]:
+    """(exit status, stopped on request) of the run being closed: (0, False), or while an exception
+    propagates (a `finally`), the status the command line will exit with for it."""
+    e = sys.exc_info()[1]
+    if e is None:
+        return 0, False
+    if isinstance(e, KeyboardInterrupt):
+        return 130, True
+    code = int(getattr(e, "exit_code", 1) or 1)
+    return code, code != 1  # a TinymimError with its own status (Preempted: 75) is a requested stop
 
 
 def _scalars(record: dict) -> dict[str, float]:
@@ -69,7 +90,7 @@ class _Wandb:
         self.run.log(_scalars(record), step=record["step"])
 
     def close(self) -> None:
-        self.run.finish()
+        self.run.finish(exit_code=_ending()[0])
 
 
 class _MLflow:
@@ -92,6 +113,8 @@ class _MLflow:
             for key, value in _flatten(config).items():
                 self.client.log_param(self.run_id, key, json.dumps(value)[:500])
             write_text(id_file, self.run_id + "\n")
+        if self.client.get_run(self.run_id).info.status != "RUNNING":  # resumed: running again
+            self.client.update_run(self.run_id, status="RUNNING")
 
     def log(self, record: dict) -> None:
         from mlflow.entities import Metric  # lazy: optional dependency (tinymim[mlflow])
@@ -101,7 +124,8 @@ class _MLflow:
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+        code, stopped = _ending()
+        self.client.set_terminated(self.run_id, status="FINISHED" if code == 0 else "KILLED" if stopped else "FAILED")
 
 
 def preflight(cfg) -> None:
