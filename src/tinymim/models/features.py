@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from tinymim.method.targets import ATTENTION_OUTPUT, FINAL_NORM, MLP, STUDENT_PARTS, enabled_targets
 from tinymim.models.vit import tokens_before_block, vit_sizes
 
 FEATURES = ("auto", "final", "relation-input")
@@ -30,28 +31,22 @@ POOLS = ("avg", "token")
 def target_sites(loss: Any) -> set[str]:
     """Block features the enabled targets of `loss` (a DistillLossConfig) read from the teacher's target
     block and the student's last: the distill task builds and freezes by them, and exports judge by them."""
-    sites = set()
-    if loss.relation.weight > 0:
-        sites.add("qkv")
-    if loss.feature.weight > 0:
-        sites.add(loss.feature.site)
-    if loss.class_token.weight > 0:
-        sites.add("block")
-    return sites
+    return set().union(*(target.sites(section) for _, section, target in enabled_targets(loss)))
+
+
+def kept_parts(loss: Any) -> frozenset[str]:
+    """The student parts after its last block's Q/K/V (STUDENT_PARTS) that an enabled target of `loss`
+    (a DistillLossConfig) trains."""
+    return frozenset().union(*(target.keeps(section) for _, section, target in enabled_targets(loss)))
 
 
 def untrained_parts(loss: Any, depth: int) -> list[str]:
     """The parts of a distilled student after its last block's Q/K/V that none of the losses in
     `loss` (a DistillLossConfig) reached, as the distill task freezes them (DistillStudent)."""
-    sites = target_sites(loss)
-    if loss.mae.weight > 0:  # the MAE decoder reads the final norm of the whole last block's output
-        return []
-    parts = []
-    if not sites & {"block", "ffn", "ffn_residual"}:
-        if not sites & {"attn", "attn_residual"}:
-            parts.append(f"block {depth}'s attention projection")
-        parts.append(f"block {depth}'s MLP")
-    return [*parts, "the final norm"]
+    kept = kept_parts(loss)
+    names = {ATTENTION_OUTPUT: f"block {depth}'s attention projection", MLP: f"block {depth}'s MLP",
+             FINAL_NORM: "the final norm"}
+    return [names[part] for part in STUDENT_PARTS if part not in kept]
 
 
 def final_path_caveats(cfg: Any) -> list[str]:

@@ -24,12 +24,19 @@ import torch.nn as nn
 from tinymim.core.config import ConfigError
 from tinymim.data.pretrain import DataConfig, paired_views, with_device_images
 from tinymim.method.attention import block_qkv, check_readable
-from tinymim.method.mae import MAEDecoder, random_masking, reconstruction_loss
-from tinymim.method.relations import RelationLoss, split_heads
-from tinymim.method.targets import ClassTokenLoss, FeatureLoss, block_parts
+from tinymim.method.mae import random_masking
+from tinymim.method.targets import (
+    TARGETS,
+    Pairing,
+    Target,
+    TargetInputs,
+    block_parts,
+    enabled_targets,
+    student_part_modules,
+)
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.models.distillation import FrozenTeacher
-from tinymim.models.features import target_sites
+from tinymim.models.features import kept_parts, target_sites
 from tinymim.models.vit import (
     TEACHER_FAMILIES,
     TokenFeatures,
@@ -50,7 +57,8 @@ log = logging.getLogger("tinymim")
 
 
 class DistillStudent(nn.Module):
-    """The trainable side: the student ViT plus the losses' projections and the optional MAE decoder.
+    """The trainable side: the student ViT plus the enabled targets (method/targets.py: their
+    projections, the MAE decoder).
 
     forward(image, teacher features) -> dict of named losses and their weighted sum "loss".
     """
@@ -62,28 +70,23 @@ class DistillStudent(nn.Module):
         # a teacher without a class token (SigLIP): the student's is left out of the targets' tokens
         self.skip_class_token = skip_class_token
         self.teacher_heads = teacher_heads
-        self.sites = target_sites(cfg)
-        dim = vit.embed_dim
-        self.relation = (RelationLoss(cfg.relation.relations, cfg.relation.weights, cfg.relation.softmax)
-                         if cfg.relation.weight > 0 else None)
-        self.feature = (FeatureLoss(dim, teacher_dim, cfg.feature.beta, cfg.feature.teacher_norm,
-                                    parts=3 if cfg.feature.site == "qkv" else 1) if cfg.feature.weight > 0 else None)
-        self.class_token = (ClassTokenLoss(dim, teacher_dim, cfg.class_token.criterion, cfg.class_token.beta,
-                                           cfg.class_token.teacher_norm) if cfg.class_token.weight > 0 else None)
-        self.decoder = None
-        if cfg.mae.weight > 0:
-            self.decoder = MAEDecoder(dim, vit.patch_embed.grid_size, vit.patch_embed.patch_size[0], cfg.mae.decoder)
+        pairing = Pairing(vit.embed_dim, teacher_dim, vit.blocks[-1].attn.num_heads, teacher_heads,
+                          tuple(vit.patch_embed.grid_size), vit.patch_embed.patch_size[0])
+        enabled = enabled_targets(cfg)
+        self.targets: dict[str, Target] = {name: target(section, pairing) for name, section, target in enabled}
+        self.weights = {name: section.weight for name, section, _ in enabled}  # summed in TARGETS' order
+        for name, target in TARGETS.items():  # each where a checkpoint holds it; None when off
+            setattr(self, target.state_name or name, self.targets.get(name))
+        self.sites = target_sites(cfg)  # what the teacher computes
+        self.student_sites = set().union(*(target.student_sites(section) for _, section, target in enabled))
         # parts of the student that never reach a loss: frozen, so no optimizer state and no DDP
         # unused-parameter error (relations only need the last block's norm1 + qkv)
-        last = vit.blocks[-1]
-        unused = [vit.fc_norm, vit.head]
-        if self.decoder is None:
-            unused.append(vit.norm)
-            if not self.sites & {"block", "ffn", "ffn_residual"}:
-                unused += [last.norm2, last.mlp, last.ls2]
-                if not self.sites & {"attn", "attn_residual"}:
-                    unused += [last.attn.proj, getattr(last.attn, "norm", None), last.ls1]
-        for module in unused:
+        kept = kept_parts(cfg)
+        frozen = [vit.fc_norm, vit.head]
+        for part, modules in student_part_modules(vit).items():
+            if part not in kept:
+                frozen += modules
+        for module in frozen:
             if module is not None:
                 module.requires_grad_(False)
 
@@ -100,30 +103,16 @@ class DistillStudent(nn.Module):
             index = torch.cat([torch.arange(pt, device=x.device).expand(x.shape[0], -1), visible + pt], dim=1)
             teacher = {k: v.gather(1, index.unsqueeze(-1).expand(-1, -1, v.shape[-1])) for k, v in teacher.items()}
         tokens = run_blocks(vit, tokens, vit.blocks[:-1])
-        last = vit.blocks[-1]
-        sites = self.sites | ({"block"} if self.decoder is not None else set())
-        student = block_parts(last, tokens, sites)
+        student = block_parts(vit.blocks[-1], tokens, self.student_sites)
         matched = {k: v[:, 1:] for k, v in student.items()} if self.skip_class_token else student
+        inputs = TargetInputs(teacher, matched, student, x, mask, restore, vit.norm)
 
         losses, total = {}, 0.0
-        if self.relation is not None:
-            rel = self.relation(split_heads(teacher["qkv"], self.teacher_heads),
-                                split_heads(matched["qkv"], last.attn.num_heads))
-            losses.update({k: v for k, v in rel.items() if k != "loss"})
-            losses["loss_relation"] = rel["loss"]
-            total = total + self.cfg.relation.weight * rel["loss"]
-        if self.feature is not None:
-            site = self.cfg.feature.site
-            losses["loss_feature"] = self.feature(teacher[site], matched[site])
-            total = total + self.cfg.feature.weight * losses["loss_feature"]
-        if self.class_token is not None:
-            losses["loss_class_token"] = self.class_token(teacher["block"][:, 0], student["block"][:, 0])
-            total = total + self.cfg.class_token.weight * losses["loss_class_token"]
-        if self.decoder is not None:
-            pred = self.decoder(vit.norm(student["block"]), restore)
-            patch = vit.patch_embed.patch_size[0]
-            losses["loss_mae"] = reconstruction_loss(pred, x, mask, patch, self.cfg.mae.norm_pix_loss)
-            total = total + self.cfg.mae.weight * losses["loss_mae"]
+        for name, target in self.targets.items():
+            parts = target.loss(inputs)
+            losses.update({k: v for k, v in parts.items() if k != "loss"})
+            losses[f"loss_{name}"] = parts["loss"]
+            total = total + self.weights[name] * parts["loss"]
         losses["loss"] = total
         return losses
 

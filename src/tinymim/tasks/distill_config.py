@@ -16,6 +16,7 @@ from tinymim.core.rundir import RunDir, architecture_overrides
 from tinymim.data.pretrain import DataConfig
 from tinymim.method.mae import DecoderConfig
 from tinymim.method.relations import RELATION_NAMES
+from tinymim.method.targets import TARGETS, enabled_targets
 from tinymim.models.checkpoint import BUILTIN_PREFIX, builtin_teacher, is_timm_weights
 from tinymim.models.distillation import grid_matched_size
 from tinymim.models.vit import HUB_PREFIXES, TEACHER_FAMILIES, ModelConfig, check_input_size, vit_sizes
@@ -99,15 +100,19 @@ class MAELossConfig:
 
 @dataclass
 class DistillLossConfig:
+    """One section per target of method/targets.py's TARGETS, named as its row there."""
+
     relation: RelationLossConfig = field(default_factory=RelationLossConfig)
     class_token: ClassTokenLossConfig = field(default_factory=ClassTokenLossConfig)
     feature: FeatureLossConfig = field(default_factory=FeatureLossConfig)
     mae: MAELossConfig = field(default_factory=MAELossConfig)
 
     def validate(self) -> None:
-        if not any(t.weight > 0 for t in (self.relation, self.class_token, self.feature)):
-            raise ValueError("no distillation target: give loss.relation, loss.class_token or loss.feature a "
-                             "weight > 0")
+        # a target that reads no teacher feature (MAE reconstruction) distils nothing on its own
+        if not any(target.sites(section) for _, section, target in enabled_targets(self)):
+            distilling = [name for name, target in TARGETS.items() if target.sites(getattr(self, name))]
+            raise ValueError(f"no distillation target: give {', '.join(f'loss.{n}' for n in distilling[:-1])} "
+                             f"or loss.{distilling[-1]} a weight > 0")
 
 
 @dataclass
