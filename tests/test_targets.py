@@ -180,6 +180,48 @@ def test_unused_student_parts_are_frozen_per_target():
         assert not idle, idle
 
 
+MAE = ("relation + MAE", {"mae": {"weight": 1}})
+
+
+@pytest.mark.parametrize("name,loss", [*TARGETS, MAE], ids=[t[0] for t in [*TARGETS, MAE]])
+def test_exactly_the_parts_a_target_keeps_train(name, loss):
+    """What the targets declare (method/targets.py: sites read, parts kept) against the gradients: every
+    parameter left trainable gets one (DDP without find_unused_parameters), every frozen one would get
+    none, and untrained_parts (what exports report) names the frozen parts."""
+    from tinymim.models.features import untrained_parts
+
+    cfg = configure(tiny_distill_config(), loss)
+    if "mae" in loss:
+        cfg.loss.mae.decoder.embed_dim, cfg.loss.mae.decoder.depth, cfg.loss.mae.decoder.num_heads = 32, 1, 2
+        cfg.mask_ratio = 0.5
+    task = build_distill_task(cfg)
+    task.train()
+    params = dict(task.trainable_module.named_parameters())
+    # the frozen parts after the last block's Q/K/V (the position embedding is frozen for another reason)
+    frozen = {n for n, p in params.items() if not p.requires_grad and n.startswith(("vit.blocks.1.", "vit.norm."))}
+    for n in frozen:
+        params[n].requires_grad_(True)  # to see whether the loss would reach them
+    x = torch.randn(2, 3, 32, 32)
+    task.trainable_module(x, task.teacher(x))["loss"].backward()
+    idle = [n for n, p in params.items() if p.requires_grad and n not in frozen and p.grad is None]
+    assert not idle, idle
+    reached = [n for n in frozen if params[n].grad is not None and params[n].grad.abs().sum() > 0]
+    assert not reached, reached
+    parts = {"attention projection": "vit.blocks.1.attn.proj.weight", "MLP": "vit.blocks.1.mlp.fc1.weight",
+             "final norm": "vit.norm.weight"}
+    expected = [part for part, param in parts.items() if param in frozen]
+    assert [part.split("'s ")[-1].removeprefix("the ") for part in untrained_parts(cfg.loss, 2)] == expected
+
+
+def test_the_target_table_and_the_loss_config_name_the_same_targets():
+    from dataclasses import fields
+
+    from tinymim.method.targets import TARGETS as TABLE
+    from tinymim.tasks.distill_config import DistillLossConfig
+
+    assert set(TABLE) == {f.name for f in fields(DistillLossConfig)}
+
+
 def test_no_target_is_an_error():
     from dataclasses import asdict
 
