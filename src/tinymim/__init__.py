@@ -6,7 +6,8 @@ The public API (imported lazily: `import tinymim` stays cheap):
 - the method: `RelationLoss`, `relation_logits`, `relation_kl`, `split_heads` (method/relations), `block_qkv`
   (method/attention: Q, K, V as a block's attention uses them)
 - in your own loop: `RelationDistillation(teacher_vit, student_vit, target_block)`, `FrozenTeacher`,
-  `RelationStudent` (models/distillation)
+  `RelationStudent` (models/distillation); `RelationDistillationTask(student, teacher, target_block)`, the same
+  as a `timm.task.TrainingTask` for a timm training loop (models/timm_task)
 - models and weights: `ModelConfig`, `create_vit`, `load_vit` (a run directory, a shipped teacher
   `builtin:NAME`, or a file with its timm architecture), `load_weights`, `load_vit_weights`
 - whole tasks: `load_config(task, recipe, overrides)` and `run(task, config, output)`, as the command line
@@ -24,7 +25,7 @@ _EXPORTS = {
     "relation_kl": "tinymim.method.relations", "split_heads": "tinymim.method.relations",
     "block_qkv": "tinymim.method.attention", "RELATION_NAMES": "tinymim.method.relations",
     "RelationDistillation": "tinymim.models.distillation", "FrozenTeacher": "tinymim.models.distillation",
-    "RelationStudent": "tinymim.models.distillation",
+    "RelationStudent": "tinymim.models.distillation", "RelationDistillationTask": "tinymim.models.timm_task",
     "ModelConfig": "tinymim.models.vit", "create_vit": "tinymim.models.vit",
     "load_weights": "tinymim.models.checkpoint", "load_vit_weights": "tinymim.models.checkpoint",
     "load_vit": "tinymim.evaluate.exportable",
