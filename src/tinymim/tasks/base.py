@@ -17,12 +17,43 @@ from tinymim.core.config import from_run_config, load_config
 from tinymim.core.rundir import RunDir
 from tinymim.models.checkpoint import CheckpointError, load_state_dict
 from tinymim.models.features import default_features, feature_view
+from tinymim.train.bookkeeping import Loaders
 
 
 class Task(TrainingTask):
+    """What a tinymim task is to the training engine (tinymim.train.engine), its whole contract.
+
+    Build (once, before the first step), the engine calls, in this order:
+      attach(loaders, last_epoch)    the data the engine built from the task's loaders (eval loader, classes)
+      to(device), prepare(device, precision), set_grad_checkpointing(True) (train.activation_checkpointing),
+      compile(mode=...) (train.compile), prepare_distributed(device_ids) (under torchrun),
+      param_groups(weight_decay), else get_trainable_module() for timm's groups: what the optimizer updates
+      load_trainable_state(state)    on resume, the checkpoint's
+    Step (every optimizer step):
+      prefetch(batch)                in a background thread, when prefetch_depth > 0
+      forward(batch)                 a dict of losses: "loss" is optimized, every other "loss*" key logged
+      no_sync()                      around every micro step but the last of a gradient accumulation
+      after_step(step)               after the optimizer step (e.g. an EMA update)
+    End of an epoch, checkpoints and the end of the run:
+      evaluate(epoch)                in eval mode under no_grad: metrics, or None when there is none
+      export_best(run_dir)           on the main process, when evaluate()[best_metric] is a new best
+      trainable_state()              what a checkpoint keeps
+      export(run_dir)                on the main process, the run's final weights (`weights`)
+    It reads, and never writes: name, weights, model_section (recorded in the run directory), best_metric,
+    prefetch_depth, and classes (written to classes.json). It writes nothing into a task but through
+    attach(), which sets eval_loader, eval_of, classes and last_epoch.
+    """
+
     name = "task"
     weights = "model.safetensors"  # the file a finished run leaves in its directory
     model_section = "model"  # the config section of the model the task produces
+    # what attach() sets: the evaluation loader (None: the task evaluates nothing of its own), the split's
+    # full size when eval_limit cut that loader, the training data's class names (a classifier's), and the
+    # epoch the run ends in (a task evaluating every N epochs still evaluates the last)
+    eval_loader = None
+    eval_of: int | None = None
+    classes: list[str] | None = None
+    last_epoch: int | None = None
 
     def __init__(self, trainable: nn.Module):
         super().__init__(verbose=False)
@@ -30,6 +61,12 @@ class Task(TrainingTask):
         # runtime views of registered modules (compiled, DDP): a plain dict keeps them out of the module
         # tree, so the task's state_dict, .to() and parameters() see every weight once
         self.wrapped: dict[str, nn.Module] = {}
+
+    def attach(self, loaders: Loaders, last_epoch: int) -> None:
+        """What the engine hands the task before training: the evaluation side of its loaders and the
+        epoch the run ends in."""
+        self.eval_loader, self.eval_of, self.classes = loaders.eval, loaders.eval_of, loaders.classes
+        self.last_epoch = last_epoch
 
     def get_trainable_module(self, ema: bool = False) -> nn.Module:
         return self.trainable_module
@@ -101,7 +138,6 @@ class Task(TrainingTask):
 
     # evaluation at each epoch end (optional): a dict of metrics, reduced over processes
     best_metric: str | None = None  # a key of evaluate()'s dict; higher is better
-    last_epoch: int | None = None  # set by the engine: the epoch the run ends in
 
     def evaluate(self, epoch: int) -> dict | None:
         """Metrics after `epoch` epochs (1-based), or None when there is nothing to evaluate."""
@@ -130,8 +166,8 @@ class TaskSpec:
     upstream: Literal["teacher", "init"] | None  # what an earlier pipeline stage can give it
     exports: Literal["encoder", "classifier", "probe", "segmenter"]  # what `tinymim export` makes of them
     help: str
-    # (task, global micro batch, rank, world, seed) -> (loader, sampler); None: pre-training's paired views
-    loaders: Callable | None = None
+    # (task, global micro batch, rank, world, seed) -> Loaders; None: pre-training's paired views
+    loaders: Callable[..., Loaders] | None = None
     optimizer_options: Callable[[Any], dict] = field(default=_no_optimizer_options)  # config -> e.g. layer_decay
     # (recipe, overrides) -> config; None: defaults <- recipe <- overrides (tinymim.core.config.load_config)
     load: Callable | None = None

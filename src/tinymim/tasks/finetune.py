@@ -45,13 +45,15 @@ from tinymim.models.vit import create_vit
 from tinymim.tasks.base import Task, TaskSpec, load_run_model
 from tinymim.tasks.finetune_config import DistillationConfig, FinetuneConfig, load, resolve, training_classes
 from tinymim.tasks.segment_eval import limit_split, limited_split_size
-from tinymim.train.bookkeeping import evaluation_bar
+from tinymim.train.bookkeeping import Loaders, evaluation_bar
 
 log = logging.getLogger("tinymim")
 
 
 
 class FinetuneTask(Task):
+    """A ViT classifier trained on labelled images (MAE's fine-tuning recipe), evaluated on top-1/top-5."""
+
     name = "finetune"
     best_metric = "top1"
 
@@ -69,9 +71,6 @@ class FinetuneTask(Task):
         else:
             self.criterion = nn.CrossEntropyLoss()
         self.ema = None
-        self.eval_loader = None
-        self.eval_of: int | None = None  # the evaluation split's size, when eval_limit cuts it
-        self.classes: list[str] | None = None  # the training data's, set with its loader
 
     def setup_model_ema(self) -> None:
         if self.cfg.ema_decay:
@@ -268,20 +267,20 @@ def check_num_classes(num_classes: int, classes: list[str]) -> None:
                           "leave num_classes unset to take the data's count")
 
 
-def classify_loaders(task, batch: int, rank: int, world: int, seed: int):
-    """Training loader for the engine; the task gets the evaluation loader of the same data."""
+def classify_loaders(task: FinetuneTask, batch: int, rank: int, world: int, seed: int) -> Loaders:
+    """The training loader and the evaluation loader of the same data, its classes checked against the
+    training data's (which the run records in classes.json: evaluation checks its data against them)."""
     loader, sampler = build_classify_loaders(task.cfg.data, batch, rank, world, seed)
     classes = list(loader.dataset.source.classes)
     check_num_classes(task.num_classes, classes)
     split = "held-out training images" if task.cfg.data.holdout else "evaluation split"
-    task.eval_loader = limit_split(build_eval_loader(task.cfg.data, max(1, batch), rank, world), task.cfg.eval_limit,
-                                   rank, world)
-    task.eval_of = limited_split_size(task.eval_loader, task.cfg.eval_limit, split)
-    check_classes(classes, task.eval_loader.dataset.dataset.source.classes,
+    evaluation = limit_split(build_eval_loader(task.cfg.data, max(1, batch), rank, world), task.cfg.eval_limit,
+                             rank, world)
+    eval_of = limited_split_size(evaluation, task.cfg.eval_limit, split)
+    check_classes(classes, evaluation.dataset.dataset.source.classes,
                   f"the evaluation data ({task.cfg.data.val_root or task.cfg.data.name})",
                   "give data.val_root the class folders of the training data")
-    task.classes = classes  # recorded with the run (classes.json): evaluation checks its data against them
-    return loader, sampler
+    return Loaders(loader, sampler, evaluation, classes, eval_of)
 
 
 SPEC = TaskSpec(task=FinetuneTask, config=FinetuneConfig, resolve=resolve, build=build_finetune_task,

@@ -65,6 +65,8 @@ class ProbeModel(nn.Module):
 
 
 class LinearProbeTask(FinetuneTask):
+    """A linear head trained on a frozen backbone's features (MAE's linear probe), evaluated as fine-tuning."""
+
     name = "linprobe"
 
     def __init__(self, probe: ProbeModel, cfg: FinetuneConfig, num_classes: int):

@@ -47,6 +47,8 @@ class MAEConfig:
 
 
 class MAETask(Task):
+    """MAE pre-training of a ViT encoder (masked patches reconstructed), monitored by k-NN accuracy."""
+
     name = "mae"
     weights = "encoder.safetensors"
 

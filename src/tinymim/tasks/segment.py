@@ -33,6 +33,7 @@ from tinymim.tasks.segment_eval import (
     limited_split_size,
     prediction_picture,
 )
+from tinymim.train.bookkeeping import Loaders
 from tinymim.train.config import TrainConfig
 
 log = logging.getLogger("tinymim")
@@ -117,6 +118,8 @@ def release_param_groups(model: Segmenter, weight_decay: float, layer_decay: flo
 
 
 class SegmentTask(Task):
+    """UperNet on a ViT backbone trained on label maps (the release's recipe), evaluated on mIoU."""
+
     name = "segment"
     weights = "segmenter.safetensors"
     best_metric = "mIoU"
@@ -124,9 +127,6 @@ class SegmentTask(Task):
     def __init__(self, model: Segmenter, cfg: SegmentConfig):
         super().__init__(model)
         self.model, self.cfg = model, cfg
-        self.eval_loader = None
-        self.eval_of: int | None = None  # the evaluation split's size, when eval_limit cuts it
-        self.classes: list[str] | None = None
         self.sync_bn = False
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -231,17 +231,17 @@ def build_segment_task(cfg: SegmentConfig) -> SegmentTask:
     return SegmentTask(model, cfg)
 
 
-def segment_loaders(task: SegmentTask, batch: int, rank: int, world: int, seed: int):
+def segment_loaders(task: SegmentTask, batch: int, rank: int, world: int, seed: int) -> Loaders:
+    """The training split's loader and the evaluation split's, with the data's class names."""
     cfg = task.cfg.data
     train = SegmentationDataset(SegmentationFolder(cfg, cfg.train_split), cfg, train=True)
     sampler = GlobalBatchSampler(len(train), batch, rank, world, seed)
     loader = tud.DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_segment,
                             worker_init_fn=worker_init, generator=torch.Generator().manual_seed(seed),
                             prefetch_factor=2 if cfg.num_workers else None)
-    task.eval_loader = eval_loader(cfg, cfg.val_split, rank, world, task.cfg.eval_limit)
-    task.eval_of = limited_split_size(task.eval_loader, task.cfg.eval_limit, f"{cfg.val_split} split")
-    task.classes = train.folder.classes
-    return loader, sampler
+    evaluation = eval_loader(cfg, cfg.val_split, rank, world, task.cfg.eval_limit)
+    eval_of = limited_split_size(evaluation, task.cfg.eval_limit, f"{cfg.val_split} split")
+    return Loaders(loader, sampler, evaluation, train.folder.classes, eval_of)
 
 
 def _without_unused_norm(state: dict) -> dict:

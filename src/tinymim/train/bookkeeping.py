@@ -1,7 +1,8 @@
-"""The training loop's bookkeeping: its `Plan` (the run's length in optimizer steps) and `TrainState`
-(what a step advances and a checkpoint keeps), the log window and `RunLogs` (metrics.jsonl, the trackers,
-the progress bar), `evaluation_bar` (an evaluation's own), the `Checkpointer` (checkpoints/last.pt, with
-every process's RNG state) and the repair of a finished run whose final files went missing."""
+"""The training loop's bookkeeping: the `Loaders` a task's data gives, its `Plan` (the run's length in
+optimizer steps) and `TrainState` (what a step advances and a checkpoint keeps), the log window and
+`RunLogs` (metrics.jsonl, the trackers, the progress bar), `evaluation_bar` (an evaluation's own), the
+`Checkpointer` (checkpoints/last.pt, with every process's RNG state) and the repair of a finished run
+whose final files went missing."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +22,20 @@ from tinymim.train.distributed import DistContext, rng_state
 from tinymim.train.loggers import MetricsLogger
 
 log = logging.getLogger("tinymim")
+
+
+@dataclass
+class Loaders:
+    """What a task's loaders function returns to the engine: the training loader and its sampler (with
+    `set_epoch(epoch, start_step)` and `steps_per_epoch`, in micro steps), and for a task that evaluates
+    on data of its own, the evaluation loader, the training data's class names (recorded with the run) and
+    the evaluation split's full size when eval_limit cut the loader to fewer images (else None)."""
+
+    train: object
+    sampler: object
+    eval: object | None = None
+    classes: list[str] | None = None
+    eval_of: int | None = None
 
 
 @dataclass
@@ -154,7 +169,7 @@ def _repair_finished(task, run: RunDir, config: dict, resume: dict) -> None:
     if run.stored_config() is None:
         run.write_config(resume.get("config") or config)
         log.warning("%s was missing or unreadable: rewritten from the checkpoint", run.config)
-    if getattr(task, "classes", None) is not None and not run.classes_file.is_file():
+    if task.classes is not None and not run.classes_file.is_file():
         run.write_classes(task.classes)
     if run.weights() is None or not readable_weights(run.weights()):
         task.load_trainable_state(resume["model"])

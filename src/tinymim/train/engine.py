@@ -39,7 +39,7 @@ from tinymim.core.rundir import RunDir
 from tinymim.data.loader import build_loader
 from tinymim.data.prefetch import Prefetcher, prefetched
 from tinymim.data.sources import data_fingerprint
-from tinymim.train.bookkeeping import Checkpointer, LogWindow, Plan, RunLogs, TrainState, _repair_finished
+from tinymim.train.bookkeeping import Checkpointer, Loaders, LogWindow, Plan, RunLogs, TrainState, _repair_finished
 from tinymim.train.config import TrainConfig, lr_for, schedule_steps
 from tinymim.train.distributed import (
     DistContext,
@@ -72,8 +72,8 @@ def train(task, config, data_loader_fn, run_dir: str | Path, ctx: DistContext | 
     """Train `task` and write its run directory. `config` is the task's resolved config (a dataclass
     with a `train` section): the loop reads its `train` settings, the run directory records all of it.
 
-    data_loader_fn(global_micro_batch, rank, world, seed) -> (loader, sampler); the sampler has
-    `set_epoch(epoch, start_step)` and `steps_per_epoch` (micro steps).
+    data_loader_fn(global_micro_batch, rank, world, seed) -> Loaders (tinymim.train.bookkeeping), or a
+    plain (loader, sampler); the sampler has `set_epoch(epoch, start_step)` and `steps_per_epoch` (micro steps).
     Returns the final metrics record, or None when the run had already finished.
     """
     ctx = ctx or setup_distributed(config.train.device)
@@ -97,7 +97,7 @@ def _train(task, config, data_loader_fn, run: RunDir, ctx: DistContext, optimize
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.seed + ctx.rank)
-    loader, sampler, data_id, plan = _data(cfg, data_loader_fn, ctx, run, resume)
+    loader, sampler, data_id, plan = _data(task, cfg, data_loader_fn, ctx, run, resume)
     if ctx.is_main:
         preflight(cfg)  # a tracker that cannot start is said before anything is written
     checked()  # from here on the directory is written
@@ -109,7 +109,6 @@ def _train(task, config, data_loader_fn, run: RunDir, ctx: DistContext, optimize
         _restore(task, state, resume, cfg, ctx, run)
     scheduler.step_update(state.step)
     logs = RunLogs(run, ctx, cfg, record, plan, task.name, state.step)
-    task.last_epoch = -(-plan.total // plan.per_epoch)  # a task evaluating every N epochs still evaluates the end
     checkpointer = Checkpointer(task, state, run, ctx, record, data_id)
     checkpointer.saved_step = state.step if resume is not None else None
     if stop.received is not None:  # asked during start-up: nothing new to save, nothing lost
@@ -239,13 +238,17 @@ def _open_run(task, run: RunDir, config: dict, ctx: DistContext):
     return FINISHED
 
 
-def _data(cfg: TrainConfig, data_loader_fn, ctx: DistContext, run: RunDir, resume):
+def _data(task, cfg: TrainConfig, data_loader_fn, ctx: DistContext, run: RunDir, resume):
     """(loader, sampler, data fingerprint, plan): the sampler slices each global micro batch among
-    processes; a resumed run must see the data it was checkpointed with."""
+    processes; a resumed run must see the data it was checkpointed with. The task is handed the
+    evaluation side of its loaders and the epoch the run ends in (Task.attach)."""
     micro_global = cfg.batch_size // cfg.accum_steps
     if micro_global % ctx.world:
         raise ConfigError(f"train.batch_size / accum_steps = {micro_global} is not divisible by {ctx.world} processes")
-    loader, sampler = data_loader_fn(micro_global, ctx.rank, ctx.world, cfg.seed)
+    data = data_loader_fn(micro_global, ctx.rank, ctx.world, cfg.seed)
+    if isinstance(data, tuple):  # a plain (loader, sampler): nothing to evaluate on
+        data = Loaders(*data)
+    loader, sampler = data.train, data.sampler
     data_id = data_fingerprint(loader.dataset)
     if resume is not None and resume.get("data") not in (None, data_id):
         raise RunDirError(
@@ -257,7 +260,9 @@ def _data(cfg: TrainConfig, data_loader_fn, ctx: DistContext, run: RunDir, resum
         raise ConfigError(f"one epoch holds fewer than {cfg.accum_steps} batches of {micro_global}; "
                           "lower train.batch_size or accum_steps")
     total = per_epoch * cfg.epochs
-    return loader, sampler, data_id, Plan(per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total)
+    plan = Plan(per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total)
+    task.attach(data, last_epoch=-(-plan.total // plan.per_epoch))
+    return loader, sampler, data_id, plan
 
 
 def _write_run_files(task, run: RunDir, config: dict, resume) -> None:
@@ -266,7 +271,7 @@ def _write_run_files(task, run: RunDir, config: dict, resume) -> None:
     # an evaluation the checkpoint does not hold is redone on resume: its record goes too
     run.truncate_metrics(resume["global_step"] if resume is not None else 0,
                          evaluated=resume is None or resume.get("evaluated", True))
-    if getattr(task, "classes", None) is not None:
+    if task.classes is not None:
         run.write_classes(task.classes)
 
 
@@ -457,7 +462,7 @@ class TaskDefinition(Protocol):
 
     resolve: Callable  # config -> a copy with every derived key filled (nothing built)
     build: Callable  # config -> the Task: models built, weights loaded
-    loaders: Callable | None  # (task, global micro batch, rank, world, seed) -> (loader, sampler)
+    loaders: Callable | None  # (task, global micro batch, rank, world, seed) -> Loaders
     optimizer_options: Callable  # config -> extra options of build_optimizer (e.g. layer_decay)
     fits: Callable | None  # resolved config -> None or a one-line error: checked before anything is built
 
@@ -482,8 +487,8 @@ def run_task(spec: TaskDefinition, cfg, output: str | Path):
             if spec.loaders is not None:
                 return spec.loaders(task, batch, rank, world, seed)
             # a task that prefetches copies into pinned buffers it reuses (tinymim.data.prefetch) instead
-            return build_loader(cfg.data, batch, rank, world, seed, pin_memory=torch.cuda.is_available()
-                                and cfg.train.device != "cpu" and not getattr(task, "prefetch_depth", 0))
+            return Loaders(*build_loader(cfg.data, batch, rank, world, seed, pin_memory=torch.cuda.is_available()
+                                         and cfg.train.device != "cpu" and not task.prefetch_depth))
 
         return train(task, cfg, loader_fn, output, ctx, optimizer_kwargs=spec.optimizer_options(cfg),
                      checked=held.release)
