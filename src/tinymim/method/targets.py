@@ -181,6 +181,7 @@ class Target(nn.Module):
     - sites(cfg): the block features (FEATURE_SITES) it reads at the teacher's target block and the
       student's last; student_sites(cfg): those it reads from the student (default: the same);
     - keeps(cfg): the STUDENT_PARTS it trains (every other one is frozen unless another target keeps it);
+      default: the parts its student sites are computed through (SITE_PARTS);
     - loss(inputs): {"loss": its loss, and named parts of it to log}.
 
     Its parameters are saved under `state_name` (default: its config section's name) in the student.
