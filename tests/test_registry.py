@@ -59,6 +59,28 @@ def test_resolve_fills_derived_keys_and_leaves_its_input_alone():
     assert task.student.blocks[-1].attn.num_heads == 4 and len(task.teacher.vit.blocks) == 3
 
 
+def test_a_run_resolves_its_config_once(tmp_path, monkeypatch):
+    """The engine resolves; the builder trusts a resolved config that has not changed since, and resolves
+    again one that has."""
+    import tinymim.tasks.distill_config as distill_config
+
+    sizes_read = []
+    real_vit_sizes = distill_config.vit_sizes
+    monkeypatch.setattr(distill_config, "vit_sizes", lambda *a, **k: sizes_read.append(1) or real_vit_sizes(*a, **k))
+    tasks.run("distill", tiny_distill_config(max_steps=1), tmp_path / "run")
+    once = len(sizes_read)
+    assert once > 0
+    sizes_read.clear()
+    tasks.TASKS["distill"].resolve(tiny_distill_config())
+    assert len(sizes_read) == once  # a run reads the models' sizes as often as one resolve does
+    resolved = tasks.TASKS["distill"].resolve(tiny_distill_config())
+    assert tasks.TASKS["distill"].resolve(resolved) is resolved
+    changed = copy.deepcopy(resolved)
+    changed.student.img_size = None  # a derived key emptied after resolving: filled again
+    again = tasks.TASKS["distill"].resolve(changed)
+    assert again is not changed and again.student.img_size == 32 and changed.student.img_size is None
+
+
 def test_a_run_records_its_resolved_config(tmp_path):
     from tinymim.core.rundir import RunDir
 

@@ -4,6 +4,7 @@ declares about itself for the registry (tinymim.tasks)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -147,6 +148,26 @@ class Task(TrainingTask):
         """Called on the main process when evaluate()[best_metric] reaches a new best."""
 
 
+_RESOLVED_AS = "_resolved_as"  # set on a config its task's resolve returned: its repr at that moment
+
+
+def resolves_once(resolve: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A task's `resolve` that trusts its own work: the config it returns is marked, and a marked config
+    that has not changed since (the same repr: every field, nested ones too) comes back as it is. So a run
+    resolves once (the engine, before building), and a builder's own `cfg = resolve(cfg)`, there for
+    callers who pass a config as loaded, costs nothing on a resolved one."""
+
+    @functools.wraps(resolve)
+    def once(cfg):
+        if getattr(cfg, _RESOLVED_AS, None) == repr(cfg):
+            return cfg
+        resolved = resolve(cfg)
+        object.__setattr__(resolved, _RESOLVED_AS, repr(resolved))  # an instance attribute, not a field
+        return resolved
+
+    return once
+
+
 def _no_optimizer_options(cfg) -> dict:
     return {}
 
@@ -158,8 +179,10 @@ class TaskSpec:
 
     task: type[Task]  # its name, weights file and model section are the class's
     config: type  # the typed config (a dataclass with `data` and `train` sections)
-    resolve: Callable[[Any], Any]  # config -> a copy with every derived key filled; nothing is built
-    build: Callable[[Any], Task]  # config -> Task: models built, weights loaded (the config resolved first)
+    # config -> a copy with every derived key filled; nothing is built (resolves_once: a config it resolved
+    # comes back as it is)
+    resolve: Callable[[Any], Any]
+    build: Callable[[Any], Task]  # config -> Task: models built, weights loaded (an unresolved config resolved first)
     # a run's resolved config -> the module its weights file holds, built without loading any weights
     trained: Callable[[Any], nn.Module]
     kind: Literal["pretrain", "classify", "segment"]  # what its results are: losses and k-NN, top-1, mIoU

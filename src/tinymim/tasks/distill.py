@@ -118,6 +118,8 @@ class DistillStudent(nn.Module):
 
 
 class DistillTask(Task):
+    """A ViT student trained on a frozen teacher's token relations (TinyMIM), monitored by k-NN accuracy."""
+
     name = "distill"
     weights = "student.safetensors"
     model_section = "student"

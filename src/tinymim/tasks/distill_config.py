@@ -20,6 +20,7 @@ from tinymim.method.targets import TARGETS, enabled_targets
 from tinymim.models.checkpoint import BUILTIN_PREFIX, builtin_teacher, is_timm_weights
 from tinymim.models.distillation import grid_matched_size
 from tinymim.models.vit import HUB_PREFIXES, TEACHER_FAMILIES, ModelConfig, check_input_size, vit_sizes
+from tinymim.tasks.base import resolves_once
 from tinymim.train.config import TrainConfig
 from tinymim.train.knn import KNNMonitorConfig
 
@@ -139,6 +140,7 @@ class DistillConfig:
             raise ValueError("loss.mae needs masked student input to reconstruct: set mask_ratio (MAE uses 0.75)")
 
 
+@resolves_once
 def resolve(cfg: DistillConfig) -> DistillConfig:
     """A copy of `cfg` with every derived key filled, nothing built: the models' input size (the
     data's), the teacher's target block (the paper's for its pairs, else the last), the heads its

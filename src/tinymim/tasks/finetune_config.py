@@ -10,6 +10,7 @@ from typing import Literal
 from tinymim.core.config import checked_copy
 from tinymim.data.classification import ClassifyDataConfig, classify_source
 from tinymim.models.vit import ModelConfig, check_input_size
+from tinymim.tasks.base import resolves_once
 from tinymim.tasks.init_run import load_with_init
 from tinymim.train.config import TrainConfig
 
@@ -83,6 +84,7 @@ def check_eval_limit(limit: int | None) -> None:
         raise ValueError(f"eval_limit must be 1 or more (or null: the whole split), got {limit}")
 
 
+@resolves_once
 def resolve(cfg: FinetuneConfig) -> FinetuneConfig:
     """A copy of `cfg` with its derived keys filled: the model's (and a teacher file's) input size is
     the data's, the class count the training data's (its folders are listed, nothing is built)."""

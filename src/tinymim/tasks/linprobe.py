@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from tinymim.core.config import checked_copy
 from tinymim.models.vit import ModelConfig
-from tinymim.tasks.base import TaskSpec
+from tinymim.tasks.base import TaskSpec, resolves_once
 from tinymim.tasks.finetune import ClassifyDataConfig, FinetuneTask, build_classifier, classify_loaders
 from tinymim.tasks.finetune_config import FinetuneConfig, check_eval_limit, training_classes, validate_classifier
 from tinymim.tasks.init_run import load_with_init
@@ -83,6 +83,7 @@ class LinearProbeTask(FinetuneTask):
         return {"loss": self.criterion(logits, y)}
 
 
+@resolves_once
 def resolve(cfg: LinearProbeConfig) -> LinearProbeConfig:
     """A copy of `cfg` with its derived keys filled: the backbone's input size is the data's, the class
     count the training data's."""

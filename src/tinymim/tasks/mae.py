@@ -19,7 +19,7 @@ from tinymim.data.pretrain import DataConfig, plain_view, with_device_images
 from tinymim.method.mae import DecoderConfig, MaskedAutoencoder
 from tinymim.models.checkpoint import save_weights
 from tinymim.models.vit import ModelConfig, TokenFeatures, check_input_size, create_vit
-from tinymim.tasks.base import Task, TaskSpec
+from tinymim.tasks.base import Task, TaskSpec, resolves_once
 from tinymim.train.config import TrainConfig
 from tinymim.train.knn import KNNMonitor, KNNMonitorConfig
 
@@ -77,6 +77,7 @@ class MAETask(Task):
         save_weights(self.mae.encoder.state_dict(), Path(run_dir) / self.weights, meta)
 
 
+@resolves_once
 def resolve(cfg: MAEConfig) -> MAEConfig:
     """A copy of `cfg` with its derived key filled: the encoder's input size is the data's."""
     cfg = checked_copy(cfg)  # validated, as a loaded config is

@@ -25,7 +25,7 @@ from tinymim.data.segmentation import SegmentationDataset, SegmentationFolder, S
 from tinymim.models.checkpoint import load_vit_weights, load_weights, save_weights
 from tinymim.models.segmenter import Segmenter, add_relative_position_bias, mmseg_init_, release_layer_id
 from tinymim.models.vit import ModelConfig, check_input_size, create_vit
-from tinymim.tasks.base import Task, TaskSpec, load_run_model
+from tinymim.tasks.base import Task, TaskSpec, load_run_model, resolves_once
 from tinymim.tasks.init_run import load_with_init
 from tinymim.tasks.segment_eval import (
     eval_loader,
@@ -192,6 +192,7 @@ class SegmentTask(Task):
 RELEASE_BACKBONE_KEYS = ("attn.relative_position_bias_table", "ls1.gamma", "ls2.gamma")
 
 
+@resolves_once
 def resolve(cfg: SegmentConfig) -> SegmentConfig:
     """A copy of `cfg` with its derived key filled: the backbone's input size is the training crop's."""
     cfg = checked_copy(cfg)  # validated, as a loaded config is

@@ -461,7 +461,7 @@ class TaskDefinition(Protocol):
     """What the engine uses of a task's registry entry (tinymim.tasks.base.TaskSpec)."""
 
     resolve: Callable  # config -> a copy with every derived key filled (nothing built)
-    build: Callable  # config -> the Task: models built, weights loaded
+    build: Callable  # resolved config -> the Task: models built, weights loaded
     loaders: Callable | None  # (task, global micro batch, rank, world, seed) -> Loaders
     optimizer_options: Callable  # config -> extra options of build_optimizer (e.g. layer_decay)
     fits: Callable | None  # resolved config -> None or a one-line error: checked before anything is built
@@ -477,7 +477,8 @@ def run_task(spec: TaskDefinition, cfg, output: str | Path):
     ctx = setup_distributed(cfg.train.device)
     # the run directory is locked before anything is built: a second process refuses at once
     with locked(RunDir(output), ctx.is_main, ctx.distributed), HeldLogs() as held:
-        cfg = spec.resolve(cfg)  # what the run directory records: every derived key filled
+        # the run's one resolution (the builder trusts it): what the run directory records, every derived key filled
+        cfg = spec.resolve(cfg)
         if spec.fits is not None:
             spec.fits(cfg)  # before anything is allocated: a run too big is refused, not killed unannounced
         seed_everything(cfg.train.seed)
