@@ -148,10 +148,10 @@ def hold_prefetch(n: int, marker: str) -> None:
     DistillTask.prefetch = prefetch
     real_step = engine.train_step
 
-    def train_step(task, batches, cfg, ctx, state, window, stop, checkpoint):
-        if state.step == n - 2:  # step n-1 (1-based): the one that trains while batch n is prepared
-            batches = HeldAfterNext(batches, stop)
-        return real_step(task, batches, cfg, ctx, state, window, stop, checkpoint)
+    def train_step(loop, batches):
+        if loop.state.step == n - 2:  # step n-1 (1-based): the one that trains while batch n is prepared
+            batches = HeldAfterNext(batches, loop.stop)
+        return real_step(loop, batches)
 
     engine.train_step = train_step
 

@@ -112,3 +112,43 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_a_run_locks_its_directory_once(tmp_path, monkeypatch):
+    """run_task takes the lock before building the task; the loop does not take it again (under torchrun each
+    lock is a collective)."""
+    taken = []
+    real_lock = RunDir.lock
+    monkeypatch.setattr(RunDir, "lock", lambda self: taken.append(self.path) or real_lock(self))
+    tasks.run("distill", tiny_distill_config(max_steps=1), tmp_path / "run")
+    assert taken == [tmp_path / "run"]
+
+
+def test_the_engine_hands_the_task_its_evaluation_loader_classes_and_last_epoch(tmp_path):
+    """The loaders function returns what it makes (Loaders); the engine gives its evaluation side to the task
+    through Task.attach, before the run's files are written (classes.json)."""
+    import json
+
+    from tinymim.tasks.finetune import build_finetune_task, classify_loaders
+    from tinymim.train.bookkeeping import Loaders
+    from tinymim.train.engine import train
+
+    cfg = tasks.load_config("finetune", None, [
+        "model.name=vit_custom", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+        "data.name=synthetic", "data.img_size=32", "data.synthetic_size=64", "data.num_workers=0",
+        "train.batch_size=32", "train.epochs=3", "train.max_steps=5", "train.progress=false", "eval_every=10"])
+    task = build_finetune_task(cfg)
+    made = []
+
+    def loader_fn(batch, rank, world, seed):
+        made.append(classify_loaders(task, batch, rank, world, seed))
+        return made[-1]
+
+    train(task, tasks.TASKS["finetune"].resolve(cfg), loader_fn, tmp_path / "run")
+    (loaders,) = made
+    assert isinstance(loaders, Loaders) and loaders.eval is not None and len(loaders.classes) == 10
+    assert task.eval_loader is loaders.eval and task.classes == loaders.classes
+    assert task.last_epoch == 3  # 5 steps of 2 per epoch end in epoch 3: evaluated there despite eval_every=10
+    assert json.loads((tmp_path / "run" / "classes.json").read_text())["classes"] == loaders.classes
+    evaluated = [r for r in metrics(tmp_path / "run") if "val_top1" in r]
+    assert [r["step"] for r in evaluated] == [5]
