@@ -28,7 +28,7 @@ def test_lr_is_linear_warmup_then_half_cycle_cosine_per_step(tmp_path):
 
 
 def test_parameter_groups():
-    from tinymim.train.engine import build_optimizer
+    from tinymim.train.optim import build_optimizer
 
     cfg = tiny_distill_config(lr=1e-3, weight_decay=0.05, betas=[0.9, 0.95])
     task = build_distill_task(cfg)

@@ -58,7 +58,7 @@ def test_max_steps_fits_warmup_and_cosine_into_the_run(tmp_path, recwarn, caplog
 def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it_without_timm_warnings(caplog, recwarn):
     """The segmentation recipes' warmup_steps, 100 or 1500, in a run of 6 steps: 3 warm up, 3 decay (poly)
     to min_lr; timm's "will have no effect" warning for a one-step decay never shows either."""
-    from tinymim.train.engine import build_scheduler
+    from tinymim.train.optim import build_scheduler
 
     caplog.set_level(logging.INFO)
     for max_steps, poly in ((6, True), (2, False), (2, True), (1, False)):

@@ -119,7 +119,7 @@ def test_every_parameters_lr_is_the_release_constructors(depth, decay):
     from tinymim.core.config import from_dict
     from tinymim.tasks.segment import SegmentConfig, build_segment_task
     from tinymim.train.config import TrainConfig
-    from tinymim.train.engine import build_optimizer, build_scheduler
+    from tinymim.train.optim import build_optimizer, build_scheduler
 
     cfg = from_dict(SegmentConfig, {
         "model": {"name": "vit_custom", "patch_size": 8, "embed_dim": 32, "depth": depth, "num_heads": 2},

@@ -175,7 +175,7 @@ def mmcv_lr(base, t, total, warmup, power=1.0, min_lr=0.0, ratio=1e-6):
 @pytest.mark.parametrize("total,warmup,power", [(160_000, 1500, 1.0), (1200, 100, 1.0), (50, 7, 0.9)])
 def test_poly_mmcv_schedule_is_mmcvs_at_every_step(total, warmup, power):
     from tinymim.train.config import TrainConfig
-    from tinymim.train.engine import build_optimizer, build_scheduler
+    from tinymim.train.optim import build_optimizer, build_scheduler
 
     scales = [1.0, 0.75 ** 3]  # a head's group and a layer-decayed one
     groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.0, "lr_scale": s} for s in scales]
@@ -197,7 +197,7 @@ def test_poly_mmcv_schedule_is_mmcvs_at_every_step(total, warmup, power):
 
 def test_poly_mmcv_schedule_resumes_where_it_stopped():
     from tinymim.train.config import TrainConfig
-    from tinymim.train.engine import build_optimizer, build_scheduler
+    from tinymim.train.optim import build_optimizer, build_scheduler
 
     cfg = TrainConfig(lr=1e-3, epochs=1, max_steps=40, warmup_steps=10, schedule="poly_mmcv", betas=[0.9, 0.999])
 

@@ -81,7 +81,7 @@ def tinymim_step(batch: int, img: int, device: torch.device, compile_: bool = Fa
     from tinymim.tasks.distill import build_distill_task
     from tinymim.tasks.distill_config import DistillConfig, TeacherConfig
     from tinymim.train.config import TrainConfig
-    from tinymim.train.engine import build_optimizer
+    from tinymim.train.optim import build_optimizer
 
     if small:  # a CPU dry run of this script
         student = ModelConfig(name="vit_custom", patch_size=16, embed_dim=64, depth=2, num_heads=2,

@@ -1,8 +1,9 @@
 """The training loop's bookkeeping: the `Loaders` a task's data gives, its `Plan` (the run's length in
 optimizer steps) and `TrainState` (what a step advances and a checkpoint keeps), the log window and
 `RunLogs` (metrics.jsonl, the trackers, the progress bar), `evaluation_bar` (an evaluation's own), the
-`Checkpointer` (checkpoints/last.pt, with every process's RNG state) and the repair of a finished run
-whose final files went missing."""
+`Checkpointer` (checkpoints/last.pt, with every process's RNG state), and the run at start-up: its
+directory opened fresh, resumed or found finished (`open_run`, repairing a finished run whose final
+files went missing), its data and plan (`open_data`, checked against the checkpoint's), its files written."""
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,11 @@ import torch.distributed as dist
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from tinymim.core.files import save_torch
+from tinymim.core.config import ConfigError
+from tinymim.core.errors import DataError
+from tinymim.core.files import RunDirError, save_torch
 from tinymim.core.rundir import RunDir
+from tinymim.data.sources import data_fingerprint
 from tinymim.train.config import TrainConfig
 from tinymim.train.distributed import DistContext, rng_state
 from tinymim.train.loggers import MetricsLogger
@@ -149,6 +153,18 @@ class Checkpointer:
                        self.run.checkpoint)
         self.saved_step = state.step
 
+    def save_before_data_error(self, e: DataError) -> DataError | None:
+        """A batch the data path could not make (e.g. no image of it decodes): the state after the last
+        completed step is saved, as a stop signal would save it, and the error to raise instead says so.
+        None (raise `e` as it is): nothing trained yet, or several processes (the others wait for this one
+        in a collective and cannot join a checkpoint's; the last periodic checkpoint is kept)."""
+        if self.ctx.distributed or self.state.step == 0:
+            return None
+        if self.saved_step != self.state.step:
+            self.save()
+        return DataError(f"{e} (the state after step {self.state.step} is saved in {self.run.checkpoint}: once the "
+                         "data is repaired, the same command resumes from it)")
+
 
 def evaluation_bar(loader, desc: str, enabled: bool):
     """The loader's batches, with a progress bar over its images while an evaluation reads them (beside the
@@ -161,6 +177,82 @@ def evaluation_bar(loader, desc: str, enabled: bool):
         for batch in loader:
             yield batch
             bar.update(min(size, total - bar.n))
+
+
+FINISHED = "finished"  # open_run's answer for a run with nothing left to do
+
+
+def open_run(task, run: RunDir, config: dict, ctx: DistContext):
+    """The checkpoint to resume from, None for a fresh run, or FINISHED (then there is nothing to do).
+    The config must be the run's (the one inside last.pt rules)."""
+    if run.checkpoint.is_file():
+        resume = run.read_checkpoint()
+        run.check_config(config, resume)
+        if not resume.get("finished"):
+            return resume
+        if ctx.is_main:
+            _repair_finished(task, run, config, resume)
+            log.info("run in %s already finished (step %d); nothing to do", run.path, resume["global_step"])
+        return FINISHED
+    if run.weights() is None:
+        return None
+    # final weights without a checkpoint: finished, and checkpoints/ removed to save space
+    if run.stored_config() is None:
+        raise RunDirError(f"{run.path} holds final weights ({run.weights().name}) but neither checkpoints/last.pt "
+                          "nor a readable config.yaml, so it cannot be checked; choose a new --output, or move "
+                          "the weights away to train again here")
+    run.check_config(config)
+    if ctx.is_main:
+        log.info("run in %s already finished (its checkpoint was removed); nothing to do", run.path)
+    return FINISHED
+
+
+def open_data(task, cfg: TrainConfig, data_loader_fn, ctx: DistContext, run: RunDir, resume):
+    """The run's data at start-up: (loader, sampler, data fingerprint, plan). The sampler slices each
+    global micro batch among processes; a resumed run must see the data it was checkpointed with. The
+    task is handed the evaluation side of its loaders and the epoch the run ends in (Task.attach)."""
+    micro_global = cfg.batch_size // cfg.accum_steps
+    if micro_global % ctx.world:
+        raise ConfigError(f"train.batch_size / accum_steps = {micro_global} is not divisible by {ctx.world} processes")
+    data = data_loader_fn(micro_global, ctx.rank, ctx.world, cfg.seed)
+    if isinstance(data, tuple):  # a plain (loader, sampler): nothing to evaluate on
+        data = Loaders(*data)
+    loader, sampler = data.train, data.sampler
+    data_id = data_fingerprint(loader.dataset)
+    check_same_data(run, resume, data_id)
+    per_epoch = sampler.steps_per_epoch // cfg.accum_steps
+    if per_epoch < 1:
+        raise ConfigError(f"one epoch holds fewer than {cfg.accum_steps} batches of {micro_global}; "
+                          "lower train.batch_size or accum_steps")
+    total = per_epoch * cfg.epochs
+    plan = Plan(per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total)
+    task.attach(data, last_epoch=-(-plan.total // plan.per_epoch))
+    return loader, sampler, data_id, plan
+
+
+def check_same_data(run: RunDir, resume: dict | None, data_id: dict) -> None:
+    """A resumed run must see the data it was checkpointed with (its fingerprint: tinymim.data.sources)."""
+    if resume is not None and resume.get("data") not in (None, data_id):
+        raise RunDirError(
+            f"the data changed since {run.path} was checkpointed (it trained on {_describe(resume['data'])}, the "
+            f"data now gives {_describe(data_id)}): a different data source is a different run; restore the "
+            "data, or choose a new --output")
+
+
+def _describe(data: dict) -> str:
+    classes = f" of {data['classes']} classes" if data.get("classes") else ""
+    return f"{data.get('images')} images{classes}"
+
+
+def write_run_files(task, run: RunDir, config: dict, resume) -> None:
+    """What a run directory says of its run: its task, config, metrics (cut back to the checkpoint's) and classes."""
+    run.write_info(task.name, task.model_section)
+    run.write_config(config)
+    # an evaluation the checkpoint does not hold is redone on resume: its record goes too
+    run.truncate_metrics(resume["global_step"] if resume is not None else 0,
+                         evaluated=resume is None or resume.get("evaluated", True))
+    if task.classes is not None:
+        run.write_classes(task.classes)
 
 
 def _repair_finished(task, run: RunDir, config: dict, resume: dict) -> None:

@@ -26,22 +26,28 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
-import timm.optim
-import timm.scheduler
 import torch
 import torch.distributed as dist
 
-from tinymim.core.config import ConfigError, plain
+from tinymim.core.config import plain
 from tinymim.core.errors import WORKER_DEATH, DataError, NonFiniteLossError, loader_worker_death
-from tinymim.core.files import RunDirError
 from tinymim.core.guards import locked
 from tinymim.core.preempt import Preempted, StopSignals, signal_name
 from tinymim.core.rundir import RunDir
 from tinymim.data.loader import build_loader
 from tinymim.data.prefetch import Prefetcher, prefetched
-from tinymim.data.sources import data_fingerprint
-from tinymim.train.bookkeeping import Checkpointer, Loaders, Plan, RunLogs, TrainState, _repair_finished
-from tinymim.train.config import TrainConfig, lr_for, schedule_steps
+from tinymim.train.bookkeeping import (
+    FINISHED,
+    Checkpointer,
+    Loaders,
+    Plan,
+    RunLogs,
+    TrainState,
+    open_data,
+    open_run,
+    write_run_files,
+)
+from tinymim.train.config import TrainConfig
 from tinymim.train.distributed import (
     DistContext,
     HeldLogs,
@@ -52,7 +58,7 @@ from tinymim.train.distributed import (
     setup_distributed,
 )
 from tinymim.train.loggers import preflight
-from tinymim.train.mmcv_schedule import MMCV_WARMUP_RATIO, MmcvPolyLR
+from tinymim.train.optim import build_optimizer, build_scheduler, describe_schedule
 
 log = logging.getLogger("tinymim")
 
@@ -97,9 +103,6 @@ def _train(task, config, data_loader_fn, run: RunDir, ctx: DistContext, optimize
         return loop.logs.final()
 
 
-FINISHED = "finished"
-
-
 class TrainingLoop:
     """One run's training in three phases: `start` (the run directory opened fresh, resumed or found
     finished; the data, optimizer, logs and checkpointer), `steps` (the loop) and `close` (its threads,
@@ -113,18 +116,18 @@ class TrainingLoop:
     def start(self, data_loader_fn, optimizer_kwargs, on_first_write) -> bool:
         """Start-up: False when the run had already finished (nothing to do)."""
         task, cfg, ctx, run = self.task, self.cfg, self.ctx, self.run
-        self.resume = resume = _open_run(task, run, self.record, ctx)
+        self.resume = resume = open_run(task, run, self.record, ctx)
         if resume == FINISHED:
             return False
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.seed + ctx.rank)
-        self.loader, self.sampler, data_id, self.plan = _data(task, cfg, data_loader_fn, ctx, run, resume)
+        self.loader, self.sampler, data_id, self.plan = open_data(task, cfg, data_loader_fn, ctx, run, resume)
         if ctx.is_main:
             preflight(cfg)  # a tracker that cannot start is said before anything is written
         on_first_write()
         if ctx.is_main:
-            _write_run_files(task, run, self.record, resume)
+            write_run_files(task, run, self.record, resume)
         self.state = state = TrainState(*_prepare(task, cfg, ctx, self.plan, optimizer_kwargs))
         if resume is not None:
             self.restore(resume)
@@ -166,7 +169,7 @@ class TrainingLoop:
         try:
             losses, stopping = train_step(self, self.batches)
         except DataError as e:
-            kept = _save_before_data_error(e, checkpointer, state, self.ctx, self.run)
+            kept = checkpointer.save_before_data_error(e)
             if kept is None:
                 raise
             raise kept from e
@@ -329,142 +332,6 @@ def same_buffers(task, ctx: DistContext) -> None:
         broadcast_buffers(task)
 
 
-def _save_before_data_error(e: DataError, checkpointer: Checkpointer, state: TrainState, ctx: DistContext,
-                            run: RunDir) -> DataError | None:
-    """A batch the data path could not make (e.g. no image of it decodes): the state after the last
-    completed step is saved, as a stop signal would save it, and the error to raise instead says so.
-    None (raise `e` as it is): nothing trained yet, or several processes (the others wait for this one
-    in a collective and cannot join a checkpoint's; the last periodic checkpoint is kept)."""
-    if ctx.distributed or state.step == 0:
-        return None
-    if checkpointer.saved_step != state.step:
-        checkpointer.save()
-    return DataError(f"{e} (the state after step {state.step} is saved in {run.checkpoint}: once the data is "
-                     "repaired, the same command resumes from it)")
-
-
-def _open_run(task, run: RunDir, config: dict, ctx: DistContext):
-    """The checkpoint to resume from, None for a fresh run, or FINISHED (then there is nothing to do).
-    The config must be the run's (the one inside last.pt rules)."""
-    if run.checkpoint.is_file():
-        resume = run.read_checkpoint()
-        run.check_config(config, resume)
-        if not resume.get("finished"):
-            return resume
-        if ctx.is_main:
-            _repair_finished(task, run, config, resume)
-            log.info("run in %s already finished (step %d); nothing to do", run.path, resume["global_step"])
-        return FINISHED
-    if run.weights() is None:
-        return None
-    # final weights without a checkpoint: finished, and checkpoints/ removed to save space
-    if run.stored_config() is None:
-        raise RunDirError(f"{run.path} holds final weights ({run.weights().name}) but neither checkpoints/last.pt "
-                          "nor a readable config.yaml, so it cannot be checked; choose a new --output, or move "
-                          "the weights away to train again here")
-    run.check_config(config)
-    if ctx.is_main:
-        log.info("run in %s already finished (its checkpoint was removed); nothing to do", run.path)
-    return FINISHED
-
-
-def _data(task, cfg: TrainConfig, data_loader_fn, ctx: DistContext, run: RunDir, resume):
-    """(loader, sampler, data fingerprint, plan): the sampler slices each global micro batch among
-    processes; a resumed run must see the data it was checkpointed with. The task is handed the
-    evaluation side of its loaders and the epoch the run ends in (Task.attach)."""
-    micro_global = cfg.batch_size // cfg.accum_steps
-    if micro_global % ctx.world:
-        raise ConfigError(f"train.batch_size / accum_steps = {micro_global} is not divisible by {ctx.world} processes")
-    data = data_loader_fn(micro_global, ctx.rank, ctx.world, cfg.seed)
-    if isinstance(data, tuple):  # a plain (loader, sampler): nothing to evaluate on
-        data = Loaders(*data)
-    loader, sampler = data.train, data.sampler
-    data_id = data_fingerprint(loader.dataset)
-    if resume is not None and resume.get("data") not in (None, data_id):
-        raise RunDirError(
-            f"the data changed since {run.path} was checkpointed (it trained on {_describe(resume['data'])}, the "
-            f"data now gives {_describe(data_id)}): a different data source is a different run; restore the "
-            "data, or choose a new --output")
-    per_epoch = sampler.steps_per_epoch // cfg.accum_steps
-    if per_epoch < 1:
-        raise ConfigError(f"one epoch holds fewer than {cfg.accum_steps} batches of {micro_global}; "
-                          "lower train.batch_size or accum_steps")
-    total = per_epoch * cfg.epochs
-    plan = Plan(per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total)
-    task.attach(data, last_epoch=-(-plan.total // plan.per_epoch))
-    return loader, sampler, data_id, plan
-
-
-def _write_run_files(task, run: RunDir, config: dict, resume) -> None:
-    run.write_info(task.name, task.model_section)
-    run.write_config(config)
-    # an evaluation the checkpoint does not hold is redone on resume: its record goes too
-    run.truncate_metrics(resume["global_step"] if resume is not None else 0,
-                         evaluated=resume is None or resume.get("evaluated", True))
-    if task.classes is not None:
-        run.write_classes(task.classes)
-
-
-def build_optimizer(trainable: torch.nn.Module, cfg: TrainConfig, optimizer_kwargs: dict | None = None):
-    """timm's optimizer with its parameter groups: no weight decay on biases and 1-D (norm) parameters;
-    the trainable module has no no_weight_decay() list, so cls_token/pos_embed are decayed, as in MAE
-    and TinyMIM. optimizer_kwargs: e.g. layer_decay for fine-tuning. `trainable` may instead be a list
-    of parameter groups (each with its weight_decay and lr_scale) a task built itself."""
-    opt_args = {"betas": tuple(cfg.betas)} if cfg.optimizer == "adamw" else {"momentum": cfg.momentum}
-    params = ([p for g in trainable for p in g["params"]] if isinstance(trainable, list)
-              else list(trainable.parameters()))
-    if cfg.optimizer == "adamw" and all(p.is_cuda for p in params):
-        opt_args["fused"] = True  # one kernel for the whole update on CUDA, not several per tensor
-    return timm.optim.create_optimizer_v2(trainable, opt=cfg.optimizer, lr=lr_for(cfg), weight_decay=cfg.weight_decay,
-                                          **opt_args, **(optimizer_kwargs or {}))
-
-
-def build_scheduler(optimizer, cfg: TrainConfig, per_epoch: int):
-    """Linear warmup from 0, then a half-cycle cosine (or poly) to min_lr, updated every optimizer step and
-    fitted into the run's length (max_steps when it ends the run before the epochs do): schedule_steps."""
-    length, warmup, _, _ = schedule_steps(cfg, per_epoch)
-    common = dict(t_initial=max(1, length - warmup), lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
-                  warmup_prefix=True, t_in_epochs=False)
-    # timm warns that a one-step decay "will have no effect"; over one step it still ends at min_lr, as meant
-    with _quiet("timm.scheduler.cosine_lr", "timm.scheduler.poly_lr"):
-        if cfg.schedule == "poly":
-            return timm.scheduler.PolyLRScheduler(optimizer, power=cfg.poly_power, **common)
-        if cfg.schedule == "poly_mmcv":
-            return MmcvPolyLR(optimizer, total=length, warmup=warmup, power=cfg.poly_power, min_lr=cfg.min_lr)
-        return timm.scheduler.CosineLRScheduler(optimizer, **common)
-
-
-@contextlib.contextmanager
-def _quiet(*loggers: str):
-    """The named loggers' warnings dropped for the block."""
-    levels = {name: logging.getLogger(name).level for name in loggers}
-    for name in loggers:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
-def describe_schedule(cfg: TrainConfig, per_epoch: int) -> str:
-    """The schedule in one line, as the run will follow it."""
-    plan = schedule_steps(cfg, per_epoch)
-    notes = []
-    if plan.length < plan.planned:
-        notes.append(f"train.max_steps={cfg.max_steps} ends the run before the {plan.planned} steps of its "
-                     f"{cfg.epochs} epochs" + ("; warmup_epochs keeps its share" if cfg.warmup_steps is None else ""))
-    if plan.warmup < plan.warmup_asked:
-        notes.append(f"warmup of {plan.warmup_asked} steps cut to half the run")
-    shape = "cosine" if cfg.schedule == "cosine" else f"poly (power {cfg.poly_power:g})"
-    if cfg.schedule == "poly_mmcv":  # mmcv's: the poly runs from step 0, the warmup scales it
-        return (f"lr schedule over {plan.length} steps: mmcv's {shape} from {lr_for(cfg):.3g} at step 0 to min_lr "
-                f"{cfg.min_lr:g} after step {plan.length}, its first {plan.warmup} steps scaled up linearly from "
-                f"{MMCV_WARMUP_RATIO:g} x" + "".join(f"; {n}" for n in notes))
-    return (f"lr schedule over {plan.length} steps: warmup {plan.warmup} steps from 0 to {lr_for(cfg):.3g}, then "
-            f"{shape} to min_lr {cfg.min_lr:g} after step {plan.length}" + "".join(f"; {n}" for n in notes))
-
-
 def _prepare(task, cfg: TrainConfig, ctx: DistContext, plan: Plan, optimizer_kwargs):
     """The task on its device (compiled, wrapped for DDP), its optimizer, schedule and grad scaler."""
     if ctx.device.type == "cpu":
@@ -483,11 +350,6 @@ def _prepare(task, cfg: TrainConfig, ctx: DistContext, plan: Plan, optimizer_kwa
     if ctx.is_main:
         log.info("%s", describe_schedule(cfg, plan.per_epoch))
     return optimizer, scheduler, torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
-
-
-def _describe(data: dict) -> str:
-    classes = f" of {data['classes']} classes" if data.get("classes") else ""
-    return f"{data.get('images')} images{classes}"
 
 
 class TaskDefinition(Protocol):
