@@ -125,7 +125,7 @@ class TrainingLoop:
         self.loader, self.sampler, data_id, self.plan = open_data(task, cfg, data_loader_fn, ctx, run, resume)
         if ctx.is_main:
             preflight(cfg)  # a tracker that cannot start is said before anything is written
-        on_first_write()
+        on_first_write()  # from here on the directory is written
         if ctx.is_main:
             write_run_files(task, run, self.record, resume)
         self.state = state = TrainState(*_prepare(task, cfg, ctx, self.plan, optimizer_kwargs))
