@@ -245,12 +245,11 @@ def _encoder_only(state: dict, model: nn.Module) -> dict:
 
 def build_finetune_task(cfg: FinetuneConfig) -> FinetuneTask:
     cfg = resolve(cfg)
-    classes = None
     teacher = None
     if cfg.distillation.teacher:
         teacher = build_teacher_classifier(cfg.distillation, cfg.num_classes, cfg.data.img_size)
         if getattr(teacher, "classes", None):  # a finetune run's: its labels must mean the same classes
-            check_classes(teacher.classes, classes or training_classes(cfg.data), "the training data",
+            check_classes(teacher.classes, training_classes(cfg.data), "the training data",
                           f"distill from a teacher fine-tuned on these classes, not {cfg.distillation.teacher}")
         log.info("distillation: head_dist learns the predicted classes of %s (%s), alpha %g",
                  cfg.distillation.teacher, type(teacher).__name__, cfg.distillation.alpha)

@@ -52,11 +52,11 @@ class MAETask(Task):
     name = "mae"
     weights = "encoder.safetensors"
 
-    def __init__(self, mae: MaskedAutoencoder, data_cfg: DataConfig, config: MAEConfig | None = None):
+    def __init__(self, mae: MaskedAutoencoder, config: MAEConfig):
         super().__init__(mae)
-        self.mae, self.data_cfg, self.config = mae, data_cfg, config
-        self.prefetch_depth = data_cfg.prefetch  # the next batch's images built while this one trains
-        self.knn = KNNMonitor(config.knn, data_cfg) if config is not None and config.knn.every_epochs else None
+        self.mae, self.data_cfg, self.config = mae, config.data, config
+        self.prefetch_depth = config.data.prefetch  # the next batch's images built while this one trains
+        self.knn = KNNMonitor(config.knn, config.data) if config.knn.every_epochs else None
 
     def prefetch(self, batch: dict) -> dict:
         return with_device_images(batch, self.data_cfg, self.device)
@@ -71,9 +71,7 @@ class MAETask(Task):
         return self.knn(TokenFeatures(self.mae.encoder), self.device)
 
     def export(self, run_dir: Path) -> None:
-        meta = {"format": "timm.VisionTransformer"}
-        if self.config is not None:
-            meta["model"] = json.dumps(asdict(self.config.model))
+        meta = {"format": "timm.VisionTransformer", "model": json.dumps(asdict(self.config.model))}
         save_weights(self.mae.encoder.state_dict(), Path(run_dir) / self.weights, meta)
 
 
@@ -89,7 +87,7 @@ def resolve(cfg: MAEConfig) -> MAEConfig:
 def build_mae_task(cfg: MAEConfig) -> MAETask:
     cfg = resolve(cfg)
     encoder = create_vit(cfg.model)
-    return MAETask(MaskedAutoencoder(encoder, cfg.decoder, cfg.mask_ratio, cfg.norm_pix_loss), cfg.data, cfg)
+    return MAETask(MaskedAutoencoder(encoder, cfg.decoder, cfg.mask_ratio, cfg.norm_pix_loss), cfg)
 
 
 SPEC = TaskSpec(task=MAETask, config=MAEConfig, resolve=resolve, build=build_mae_task,
